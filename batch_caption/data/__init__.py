@@ -1,0 +1,1 @@
+"""Datasets: synthetic scenes, readers, record codecs."""

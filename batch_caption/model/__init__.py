@@ -1,0 +1,1 @@
+"""Show-and-Tell model core: vocabulary, encoder, decoder, beam search, bundle."""
