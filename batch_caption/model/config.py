@@ -1,0 +1,116 @@
+"""Frozen, validated configuration of the model and of caption decoding.
+
+`ModelConfig` is saved in the bundle (`config.json`) and is everything needed, with the
+vocabulary, to rebuild the network before loading its weights. `DecodeConfig` is chosen
+per run (the job's flags) and recorded in every caption record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+# Encoder names accepted by `encoder.build_backbone` (kept here so configs validate
+# without importing TensorFlow).
+ENCODERS = (
+    "small_cnn",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "inception_v3",
+    "resnet50",
+)
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Show-and-Tell captioner.
+
+    Attributes:
+      vocab_size: number of tokens including the 4 special ones.
+      encoder: CNN backbone name, one of `ENCODERS`.
+      image_size: side of the square uint8 RGB input, pixels.
+      encoder_weights: None (random init), "imagenet" (Keras downloads them: needs
+        network), or a local / FileSystems path to a backbone `.weights.h5` file.
+        Only used when a model is first built for training; a bundle always carries
+        its own trained weights.
+      train_encoder: whether the backbone's weights are trainable (fine-tuning).
+      embedding_size: size of the image embedding and of the word embeddings.
+      lstm_units: LSTM state size.
+      dropout: dropout rate on the LSTM inputs and outputs during training.
+      max_length: maximum caption length in tokens (without start/end) seen in training.
+    """
+
+    vocab_size: int
+    encoder: str = "small_cnn"
+    image_size: int = 96
+    encoder_weights: str | None = None
+    train_encoder: bool = True
+    embedding_size: int = 256
+    lstm_units: int = 512
+    dropout: float = 0.3
+    max_length: int = 20
+
+    def __post_init__(self):
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
+        if self.vocab_size < 5:
+            raise ValueError(f"vocab_size must be >= 5 (4 special tokens + a word), got {self.vocab_size}")
+        if not 32 <= self.image_size <= 1024:
+            raise ValueError(f"image_size must be in [32, 1024], got {self.image_size}")
+        for name in ("embedding_size", "lstm_units", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        data = dict(data)
+        version = data.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"unsupported model config format_version {version!r} (this code reads {FORMAT_VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """How captions are searched for.
+
+    Attributes:
+      beam_size: hypotheses kept per image (k). k=1 is greedy decoding.
+      max_length: maximum caption length in tokens, the end token included.
+      num_alternatives: how many finished captions to return per image (n-best), <= k.
+      length_normalization: alpha in score = logprob / length**alpha, where length
+        counts the caption's tokens including the end token. 0 ranks by raw log-prob
+        (favours short captions); 1 ranks by mean log-prob per token.
+    """
+
+    beam_size: int = 3
+    max_length: int = 20
+    num_alternatives: int = 3
+    length_normalization: float = 0.7
+
+    def __post_init__(self):
+        if not 1 <= self.beam_size <= 64:
+            raise ValueError(f"beam_size must be in [1, 64], got {self.beam_size}")
+        if not 1 <= self.max_length <= 100:
+            raise ValueError(f"max_length must be in [1, 100], got {self.max_length}")
+        if not 1 <= self.num_alternatives <= self.beam_size:
+            raise ValueError(
+                f"num_alternatives must be in [1, beam_size={self.beam_size}], got {self.num_alternatives}"
+            )
+        if not 0.0 <= self.length_normalization <= 2.0:
+            raise ValueError(f"length_normalization must be in [0, 2], got {self.length_normalization}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,95 @@
+"""CNN encoder factory: uint8 RGB images -> pooled feature vectors.
+
+Every backbone takes raw uint8 pixels and does its own preprocessing inside the model,
+so callers (the Beam job, dataset preparation, training) never need to know which
+normalisation a backbone expects. The projection to the embedding size lives in the
+decoder (`ShowAndTell.image_projection`), so pooled backbone features can be precomputed
+once and reused to train the decoder alone.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import keras
+from keras import layers, ops
+
+from batch_caption.model.config import ModelConfig
+
+# name -> (keras.applications constructor, preprocessing of float pixels in [0, 255]).
+#   "none":  the application does it itself (MobileNetV3 / EfficientNet include it).
+#   "tf":    scale to [-1, 1] (InceptionV3).
+#   "caffe": RGB->BGR and ImageNet mean subtraction (ResNet50).
+_APPLICATIONS = {
+    "mobilenet_v3_small": ("MobileNetV3Small", "none"),
+    "mobilenet_v3_large": ("MobileNetV3Large", "none"),
+    "efficientnet_b0": ("EfficientNetB0", "none"),
+    "inception_v3": ("InceptionV3", "tf"),
+    "resnet50": ("ResNet50", "caffe"),
+}
+
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+def _preprocess(x, mode: str):
+    if mode == "tf":
+        return x / 127.5 - 1.0
+    if mode == "caffe":
+        return ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_MEAN_BGR, dtype=x.dtype)
+    return x
+
+
+def _small_cnn(x):
+    """A 4-block conv net for tests and small data: [B, S, S, 3] in [0, 255] -> [B, 256]."""
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
+    for i, filters in enumerate((32, 64, 128, 256)):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv")(x)
+        x = layers.BatchNormalization(name=f"block{i}_bn")(x)
+        x = layers.ReLU(name=f"block{i}_relu")(x)
+        x = layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
+    return layers.GlobalAveragePooling2D(name="pool")(x)
+
+
+def build_backbone(config: ModelConfig, load_weights: bool = True) -> keras.Model:
+    """Builds the CNN: uint8 [B, S, S, 3] -> float32 [B, F] (global-average pooled).
+
+    Weights follow `config.encoder_weights`: None (random), "imagenet" (downloaded by
+    Keras; needs network), or a path (local or any Beam FileSystems scheme) to a
+    `.weights.h5` file of this backbone. `load_weights=False` skips them (random init),
+    for when trained weights of the whole model are loaded next.
+    """
+    weights = config.encoder_weights if load_weights else None
+    size = config.image_size
+    images = keras.Input((size, size, 3), dtype="uint8", name="images")
+    x = ops.cast(images, "float32")
+    if config.encoder == "small_cnn":
+        features = _small_cnn(x)
+        backbone = keras.Model(images, features, name="small_cnn")
+        if weights == "imagenet":
+            raise ValueError("small_cnn has no imagenet weights; use a weights file or None")
+    else:
+        ctor_name, mode = _APPLICATIONS[config.encoder]
+        ctor = getattr(keras.applications, ctor_name)
+        imagenet = "imagenet" if weights == "imagenet" else None
+        app = ctor(include_top=False, weights=imagenet, input_shape=(size, size, 3), pooling="avg")
+        features = app(_preprocess(x, mode))
+        backbone = keras.Model(images, features, name=config.encoder)
+    if weights not in (None, "imagenet"):
+        _load_weights_file(backbone, weights)
+    backbone.trainable = config.train_encoder
+    return backbone
+
+
+def _load_weights_file(backbone: keras.Model, path: str) -> None:
+    from batch_caption.model import bundle  # local: bundle imports the model modules
+
+    data = bundle.read_bytes(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "backbone.weights.h5")
+        with open(local, "wb") as f:
+            f.write(data)
+        try:
+            backbone.load_weights(local)
+        except Exception as e:  # h5py/keras raise many types for a wrong file
+            raise ValueError(f"cannot load encoder weights from {path}: {e}") from e

@@ -1,0 +1,107 @@
+"""The Show-and-Tell network (Vinyals et al. 2015) in Keras 3.
+
+    image --CNN--> features [B, F] --Dense--> image embedding [B, E]
+    LSTM inputs:  [image embedding, emb(<start>), emb(w1), ..., emb(wn)]
+    LSTM outputs after <start>, w1, ..., wn predict w1, ..., wn, <end>.
+
+The image is the LSTM's first input only; the output at that position is not scored.
+Training uses teacher forcing over whole sequences (`call`); inference advances one
+token at a time (`step`) with the same LSTM weights, driven by the beam search.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import layers
+
+from batch_caption.model import vocab as V
+from batch_caption.model.config import ModelConfig
+from batch_caption.model.encoder import build_backbone
+
+
+class ShowAndTell(keras.Model):
+    """CNN encoder + LSTM decoder.
+
+    Inputs of `call`: a dict with "tokens" int32 [B, T] (<start> w1 .. wn, then <pad>)
+    and either "images" uint8 [B, S, S, 3] or precomputed "features" float32 [B, F].
+    Output: logits float32 [B, T, vocab_size]; position t predicts token t+1.
+
+    Args:
+      config: the architecture.
+      initial_encoder_weights: load `config.encoder_weights` into the backbone; False
+        when trained weights of the whole model are loaded next (a bundle).
+    """
+
+    def __init__(self, config: ModelConfig, initial_encoder_weights: bool = True, **kwargs):
+        # Fixed names: Keras writes them into the weights file, and auto-generated ones
+        # ("dropout_3") would make the bundle id depend on process history.
+        kwargs.setdefault("name", "show_and_tell")
+        super().__init__(**kwargs)
+        self.config = config
+        self.backbone = build_backbone(config, load_weights=initial_encoder_weights)
+        self.image_projection = layers.Dense(config.embedding_size, name="image_projection")
+        self.word_embedding = layers.Embedding(config.vocab_size, config.embedding_size, name="word_embedding")
+        # No mask on the LSTM: padding only ever follows the caption, and outputs are
+        # causal, so padded positions cannot change the scored ones (and cuDNN stays on).
+        self.lstm = layers.LSTM(config.lstm_units, return_sequences=True, name="lstm")
+        self.dropout = layers.Dropout(config.dropout, name="dropout")
+        self.output_projection = layers.Dense(config.vocab_size, name="output_projection")
+        # Never produce <pad> or <start>: their logits are pinned to -inf at inference.
+        self._forbidden = tf.constant(
+            [-float("inf") if i in (V.PAD_ID, V.START_ID) else 0.0 for i in range(config.vocab_size)]
+        )
+
+    @property
+    def feature_size(self) -> int:
+        return int(self.backbone.output.shape[-1])
+
+    def encode(self, images, training=False):
+        """uint8 [B, S, S, 3] -> pooled features float32 [B, F]."""
+        return self.backbone(images, training=training)
+
+    def embed_image(self, features, training=False):
+        """features [B, F] -> image embedding [B, E]."""
+        return self.image_projection(features)
+
+    def call(self, inputs, training=False):
+        features = inputs["features"] if "features" in inputs else self.encode(inputs["images"], training)
+        image_emb = self.embed_image(features, training)[:, None, :]
+        words = self.word_embedding(inputs["tokens"])
+        seq = self.dropout(tf.concat([image_emb, tf.cast(words, image_emb.dtype)], axis=1), training=training)
+        outputs = self.lstm(seq, training=training)[:, 1:]
+        return self.output_projection(self.dropout(outputs, training=training))
+
+    # --- inference, one step at a time -----------------------------------------------
+    def initial_state(self, features):
+        """features [B, F] -> LSTM state (h, c), each [B, units], after the image input."""
+        image_emb = self.embed_image(features)
+        batch = tf.shape(image_emb)[0]
+        zeros = tf.zeros([batch, self.config.lstm_units], image_emb.dtype)
+        _, (h, c) = self.lstm.cell(image_emb, [zeros, zeros], training=False)
+        return h, c
+
+    def step(self, tokens, state):
+        """tokens int32 [N], state (h, c) [N, units] -> (log-probs [N, vocab], state)."""
+        words = self.word_embedding(tokens)
+        out, (h, c) = self.lstm.cell(words, list(state), training=False)
+        logits = tf.cast(self.output_projection(out), tf.float32) + self._forbidden
+        return tf.nn.log_softmax(logits), (h, c)
+
+    def build_all(self):
+        """Creates every weight by running one dummy batch (needed before loading)."""
+        s = self.config.image_size
+        self({"images": tf.zeros([1, s, s, 3], tf.uint8), "tokens": tf.zeros([1, 2], tf.int32)})
+        self.lstm.cell.built = True
+
+
+def caption_loss(targets, logits):
+    """Masked cross-entropy over real tokens.
+
+    targets int32 [B, T] (w1 .. wn <end>, then <pad>), logits [B, T, vocab].
+    Returns (sum of token losses, number of real tokens), so that a distributed trainer
+    can normalise by the global token count rather than per replica.
+    """
+    mask = tf.cast(tf.not_equal(targets, V.PAD_ID), tf.float32)
+    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=tf.cast(logits, tf.float32))
+    return tf.reduce_sum(losses * mask), tf.reduce_sum(mask)

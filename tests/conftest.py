@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny models and bundles, a local GCS emulator."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A gcp-storage-emulator on 127.0.0.1 (in memory) with bucket 'test-bucket'.
+
+    Sets STORAGE_EMULATOR_HOST for this process and its children; yields the bucket name.
+    """
+    exe = shutil.which("gcp-storage-emulator", path=os.path.dirname(sys.executable)) or shutil.which(
+        "gcp-storage-emulator"
+    )
+    if exe is None:
+        pytest.fail("gcp-storage-emulator is not installed (pip install -e .[test])")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", "test-bucket", "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    host = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{host}/storage/v1/b", timeout=1).read()
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("gcs emulator did not start")
+            time.sleep(0.2)
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = host
+    from batch_caption import gcs
+
+    gcs.configure_for_emulator()
+    try:
+        yield "test-bucket"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab():
+    from batch_caption.model.vocab import Vocabulary
+
+    return Vocabulary.build(
+        ["a red circle", "a blue square", "a green triangle to the left of a red circle", "two shapes"]
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_vocab):
+    """A randomly initialised small_cnn Show-and-Tell model, 64 px, built."""
+    import keras
+
+    from batch_caption.model.config import ModelConfig
+    from batch_caption.model.show_and_tell import ShowAndTell
+
+    keras.utils.set_random_seed(1)
+    config = ModelConfig(vocab_size=len(tiny_vocab), image_size=64, embedding_size=32, lstm_units=48, dropout=0.0)
+    model = ShowAndTell(config)
+    model.build_all()
+    # Sharpen the random projections so different images get different captions
+    # (a freshly initialised model says the same thing for everything).
+    for layer in (model.image_projection, model.output_projection):
+        layer.kernel.assign(layer.kernel * 6.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_model, tiny_vocab, tmp_path_factory):
+    """Path of a saved bundle of `tiny_model`."""
+    from batch_caption.model.bundle import save_bundle
+
+    path = str(tmp_path_factory.mktemp("bundle") / "tiny")
+    save_bundle(tiny_model, tiny_vocab, path)
+    return path
+

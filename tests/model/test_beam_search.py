@@ -1,0 +1,205 @@
+"""Beam search against independent references: exhaustive search, greedy, hand cases."""
+
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from batch_caption.model.beam_search import beam_search
+
+PAD, START, END = 0, 1, 2
+
+
+class TinyRnn:
+    """A random 1-layer RNN over a tiny vocabulary, runnable in TF (the search) and numpy
+    (the reference). Pad and start are never produced (log-prob -inf)."""
+
+    def __init__(self, vocab=5, hidden=4, seed=0):
+        rng = np.random.default_rng(seed)
+        self.emb = rng.normal(size=(vocab, hidden)).astype(np.float32)
+        self.rec = rng.normal(size=(hidden, hidden)).astype(np.float32)
+        self.out = (2.0 * rng.normal(size=(hidden, vocab))).astype(np.float32)
+        self.vocab = vocab
+
+    def step_tf(self, tokens, h):
+        h = tf.tanh(tf.gather(self.emb, tokens) + tf.matmul(h, self.rec))
+        logits = tf.matmul(h, self.out)
+        mask = np.zeros(self.vocab, np.float32)
+        mask[[PAD, START]] = -np.inf
+        return tf.nn.log_softmax(logits + mask), h
+
+    def step_np(self, token, h):
+        h = np.tanh(self.emb[token] + h @ self.rec)
+        logits = (h @ self.out).astype(np.float64)
+        logits[[PAD, START]] = -np.inf
+        logits -= logits.max()
+        return logits - np.log(np.exp(logits).sum()), h
+
+    def sequence_logprob(self, h0, seq):
+        h, total, prev = h0, 0.0, START
+        for tok in seq:
+            logp, h = self.step_np(prev, h)
+            total += logp[tok]
+            prev = tok
+        return total
+
+
+def exhaustive(model, h0, max_length, alpha):
+    """All captions (ended by END within max_length, or cut at max_length), best first."""
+    words = [t for t in range(model.vocab) if t not in (PAD, START, END)]
+    seqs = []
+    for n in range(1, max_length + 1):
+        seqs += [p + (END,) for p in itertools.product(words, repeat=n - 1)]
+    seqs += list(itertools.product(words, repeat=max_length))
+    scored = []
+    for s in seqs:
+        lp = model.sequence_logprob(h0, s)
+        scored.append((lp / len(s) ** alpha, lp, s))
+    scored.sort(key=lambda x: -x[0])
+    return scored
+
+
+def greedy(model, h0, max_length):
+    h, prev, seq, total = h0, START, [], 0.0
+    for _ in range(max_length):
+        logp, h = model.step_np(prev, h)
+        prev = int(np.argmax(logp))
+        seq.append(prev)
+        total += logp[prev]
+        if prev == END:
+            break
+    return tuple(seq), total
+
+
+def run(model, h0, **kw):
+    return beam_search(model.step_tf, tf.constant(h0), start_id=START, end_id=END, **kw)
+
+
+def captions(result, b):
+    toks, lens = result.tokens.numpy()[b], result.lengths.numpy()[b]
+    return [tuple(int(x) for x in toks[i, : lens[i]]) for i in range(len(lens))]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.7, 1.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_wide_beam_equals_exhaustive_search(alpha, seed):
+    model = TinyRnn(vocab=5, seed=seed)
+    h0 = np.random.default_rng(100 + seed).normal(size=(2, 4)).astype(np.float32)
+    max_length = 4
+    # 2 words -> at most 2**(L-1) = 8 alive prefixes: k=8 never prunes.
+    result = run(model, h0, beam_size=8, max_length=max_length, num_results=8, alpha=alpha)
+    for b in range(2):
+        ref = exhaustive(model, h0[b], max_length, alpha)[:8]
+        assert captions(result, b) == [s for _, _, s in ref]
+        np.testing.assert_allclose(result.scores.numpy()[b], [sc for sc, _, _ in ref], rtol=1e-4)
+        np.testing.assert_allclose(result.logprobs.numpy()[b], [lp for _, lp, _ in ref], rtol=1e-4)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+@pytest.mark.parametrize("seed", range(5))
+def test_beam_of_one_is_greedy(alpha, seed):
+    model = TinyRnn(vocab=7, hidden=6, seed=seed)
+    h0 = np.random.default_rng(seed).normal(size=(3, 6)).astype(np.float32)
+    result = run(model, h0, beam_size=1, max_length=6, alpha=alpha)
+    for b in range(3):
+        seq, total = greedy(model, h0[b], 6)
+        assert captions(result, b) == [seq]
+        np.testing.assert_allclose(result.logprobs.numpy()[b, 0], total, rtol=1e-4)
+
+
+class TableModel:
+    """Next-token distribution depends only on the previous token (state = one-hot of it)."""
+
+    def __init__(self, table, vocab):
+        self.logp = np.full((vocab, vocab), -np.inf, np.float32)
+        for prev, dist in table.items():
+            for tok, p in dist.items():
+                self.logp[prev, tok] = np.log(p)
+
+    def step_tf(self, tokens, state):
+        return tf.gather(self.logp, tokens), state
+
+
+def test_beam_of_two_beats_greedy_on_constructed_case():
+    a, b = 3, 4
+    table = {
+        START: {a: 0.6, b: 0.4},
+        a: {END: 0.4, a: 0.3, b: 0.3},  # greedy: a, end -> 0.24
+        b: {END: 0.9, a: 0.05, b: 0.05},  # beam finds b, end -> 0.36
+    }
+    model = TableModel(table, vocab=5)
+    state = tf.zeros([1, 1])
+    kw = dict(start_id=START, end_id=END, max_length=5, alpha=0.0)
+    greedy_r = beam_search(model.step_tf, state, beam_size=1, **kw)
+    beam_r = beam_search(model.step_tf, state, beam_size=2, num_results=2, **kw)
+    assert captions(greedy_r, 0) == [(a, END)]
+    assert captions(beam_r, 0) == [(b, END), (a, END)]
+    np.testing.assert_allclose(np.exp(beam_r.logprobs.numpy()[0]), [0.36, 0.24], rtol=1e-5)
+
+
+def test_top_k_selection_keeps_the_most_probable_words():
+    """The im2txt failure mode: the kept words must be the k most probable ones."""
+    rng = np.random.default_rng(7)
+    vocab = 12
+    probs = rng.dirichlet(np.ones(vocab - 2))
+    table = {START: {t + 2: p for t, p in enumerate(probs)}}  # END and words 3..11
+    model = TableModel(table, vocab)
+    # max_length=1: every first token finishes, so the n-best list is the top-k words.
+    r = beam_search(model.step_tf, tf.zeros([1, 1]), start_id=START, end_id=END, beam_size=4,
+                    num_results=4, max_length=1)
+    expected = (np.argsort(-probs, kind="stable")[:4] + 2).tolist()
+    assert [c[0] for c in captions(r, 0)] == expected
+    np.testing.assert_allclose(np.exp(r.logprobs.numpy()[0]), np.sort(probs)[::-1][:4], rtol=1e-5)
+
+
+def test_second_step_expands_the_surviving_beams():
+    # State-independent distribution over two steps: best pairs are products of marginals.
+    a, b, c = 3, 4, 5
+    dist = {a: 0.5, b: 0.3, c: 0.15, END: 0.05}
+    model = TableModel({START: dist, a: dist, b: dist, c: dist}, vocab=6)
+    r = beam_search(model.step_tf, tf.zeros([1, 1]), start_id=START, end_id=END, beam_size=3,
+                    num_results=3, max_length=2)
+    # Cut at length 2: (a,a)=.25, (a,b)=(b,a)=.15; ties keep the lower beam first.
+    assert captions(r, 0) == [(a, a), (a, b), (b, a)]
+
+
+def test_ties_break_deterministically_toward_lower_token_ids():
+    dist = {3: 0.25, 4: 0.25, 5: 0.25, END: 0.25}
+    model = TableModel({START: dist, 3: dist, 4: dist, 5: dist}, vocab=6)
+    r = beam_search(model.step_tf, tf.zeros([1, 1]), start_id=START, end_id=END, beam_size=3,
+                    num_results=3, max_length=1)
+    assert captions(r, 0) == [(END,), (3,), (4,)]
+
+
+def test_batched_search_matches_each_image_alone():
+    model = TinyRnn(vocab=9, hidden=8, seed=3)
+    h0 = np.random.default_rng(5).normal(size=(5, 8)).astype(np.float32)
+    kw = dict(beam_size=3, max_length=7, num_results=3, alpha=0.7)
+    together = run(model, h0, **kw)
+    for b in range(5):
+        alone = run(model, h0[b : b + 1], **kw)
+        assert captions(alone, 0) == captions(together, b)
+        np.testing.assert_allclose(alone.scores.numpy()[0], together.scores.numpy()[b], rtol=1e-5)
+
+
+def test_runs_inside_one_tf_function_with_fixed_shapes():
+    model = TinyRnn(vocab=6, hidden=4, seed=4)
+    traces = []
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+    def search(h0):
+        traces.append(1)
+        return beam_search(model.step_tf, h0, start_id=START, end_id=END, beam_size=3,
+                           max_length=5, num_results=2, alpha=0.7)
+
+    for n in (1, 4, 4, 2):
+        out = search(tf.random.normal([n, 4]))
+        assert out.tokens.shape == (n, 2, 5)
+    assert len(traces) == 1
+
+
+def test_argument_validation():
+    with pytest.raises(ValueError, match="num_results"):
+        beam_search(lambda t, s: (t, s), tf.zeros([1, 1]), start_id=1, end_id=2, beam_size=2,
+                    num_results=3, max_length=3)

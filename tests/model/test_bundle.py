@@ -1,0 +1,90 @@
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from helpers import varied_images
+
+from batch_caption.model import bundle as B
+from batch_caption.model.captioner import Captioner
+from batch_caption.model.config import DecodeConfig
+
+DECODE = DecodeConfig(beam_size=3, max_length=8, num_alternatives=2)
+
+
+def _images():
+    return varied_images(5, 64, seed=11)
+
+
+def _texts(captioner):
+    return [[(c.text, round(c.score, 4)) for c in row] for row in captioner.caption(_images())]
+
+
+def test_local_round_trip_gives_identical_captions_and_id(tiny_model, tiny_vocab, tmp_path):
+    bundle_id = B.save_bundle(tiny_model, tiny_vocab, str(tmp_path / "b"))
+    assert sorted(os.listdir(tmp_path / "b")) == sorted(B.CONTENT_FILES + (B.MANIFEST,))
+    loaded = B.load_bundle(str(tmp_path / "b"))
+    assert loaded.bundle_id == bundle_id and loaded.config == tiny_model.config
+    assert _texts(Captioner(loaded.model, loaded.vocabulary, DECODE)) == _texts(Captioner(tiny_model, tiny_vocab, DECODE))
+    # Saving the loaded model again reproduces the id (the id is content, not history).
+    assert B.save_bundle(loaded.model, loaded.vocabulary, str(tmp_path / "again")) == bundle_id
+
+
+def test_gcs_round_trip_through_filesystems(tiny_model, tiny_vocab, tmp_path, gcs_emulator):
+    path = f"gs://{gcs_emulator}/models/tiny"
+    bundle_id = B.save_bundle(tiny_model, tiny_vocab, path)
+    loaded = B.load_bundle(path)
+    assert loaded.bundle_id == bundle_id
+    assert _texts(Captioner(loaded.model, loaded.vocabulary, DECODE)) == _texts(Captioner(tiny_model, tiny_vocab, DECODE))
+    assert B.save_bundle(tiny_model, tiny_vocab, str(tmp_path / "local")) == bundle_id
+
+
+def test_different_weights_give_a_different_id(tiny_model, tiny_vocab, tmp_path):
+    from batch_caption.model.show_and_tell import ShowAndTell
+
+    other = ShowAndTell(tiny_model.config)
+    other.build_all()
+    assert B.save_bundle(other, tiny_vocab, str(tmp_path / "o")) != B.save_bundle(tiny_model, tiny_vocab, str(tmp_path / "t"))
+
+
+@pytest.mark.parametrize("name", B.CONTENT_FILES + (B.MANIFEST,))
+def test_missing_file_is_named(tiny_bundle, tmp_path, name):
+    path = str(tmp_path / "b")
+    shutil.copytree(tiny_bundle, path)
+    os.remove(os.path.join(path, name))
+    with pytest.raises(B.BundleError, match=f"{name}.*cannot be read"):
+        B.load_bundle(path)
+
+
+@pytest.mark.parametrize("name", B.CONTENT_FILES)
+def test_corrupted_file_is_named(tiny_bundle, tmp_path, name):
+    path = str(tmp_path / "b")
+    shutil.copytree(tiny_bundle, path)
+    target = os.path.join(path, name)
+    data = bytearray(open(target, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(target, "wb").write(bytes(data))
+    with pytest.raises(B.BundleError, match=f"{name} is corrupted"):
+        B.load_bundle(path)
+
+
+def test_invalid_manifest_is_named(tiny_bundle, tmp_path):
+    path = str(tmp_path / "b")
+    shutil.copytree(tiny_bundle, path)
+    with open(os.path.join(path, B.MANIFEST), "w") as f:
+        json.dump({"format": "something else"}, f)
+    with pytest.raises(B.BundleError, match="bundle.json is invalid"):
+        B.load_bundle(path)
+
+
+def test_missing_bundle_directory(tmp_path):
+    with pytest.raises(B.BundleError, match="bundle.json cannot be read"):
+        B.load_bundle(str(tmp_path / "nope"))
+
+
+def test_vocab_size_must_match(tiny_model, tmp_path):
+    from batch_caption.model.vocab import Vocabulary
+
+    with pytest.raises(ValueError, match="vocabulary has"):
+        B.save_bundle(tiny_model, Vocabulary.build(["x"]), str(tmp_path / "b"))

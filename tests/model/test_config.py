@@ -1,0 +1,45 @@
+import pytest
+
+from batch_caption.model.config import DecodeConfig, ModelConfig
+
+
+def test_model_config_round_trips_through_dict():
+    c = ModelConfig(vocab_size=50, encoder="mobilenet_v3_small", image_size=128, encoder_weights="gs://b/w.weights.h5")
+    assert ModelConfig.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(encoder="vgg"), "unknown encoder"),
+        (dict(vocab_size=3), "vocab_size"),
+        (dict(image_size=8), "image_size"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(lstm_units=0), "lstm_units"),
+    ],
+)
+def test_model_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**{"vocab_size": 50, **kwargs})
+
+
+def test_model_config_rejects_unknown_version_and_keys():
+    d = ModelConfig(vocab_size=50).to_dict()
+    with pytest.raises(ValueError, match="format_version"):
+        ModelConfig.from_dict({**d, "format_version": 99})
+    with pytest.raises(ValueError, match="unknown model config keys: colour"):
+        ModelConfig.from_dict({**d, "colour": 1})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(beam_size=0), "beam_size"),
+        (dict(beam_size=2, num_alternatives=3), "num_alternatives"),
+        (dict(max_length=0), "max_length"),
+        (dict(length_normalization=-1), "length_normalization"),
+    ],
+)
+def test_decode_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DecodeConfig(**kwargs)

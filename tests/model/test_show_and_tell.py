@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from batch_caption.model import vocab as V
+from batch_caption.model.config import ENCODERS, ModelConfig
+from batch_caption.model.encoder import build_backbone
+from batch_caption.model.show_and_tell import ShowAndTell, caption_loss
+
+
+def _images(n, size, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_step_by_step_decoding_matches_teacher_forcing(tiny_model):
+    """The inference path (initial_state + step) computes the training path's distribution."""
+    images = _images(2, 64)
+    tokens = np.array([[V.START_ID, 4, 5, 6], [V.START_ID, 7, 4, 0]], np.int32)
+    logits = tiny_model({"images": images, "tokens": tokens}).numpy()
+    forbidden = tiny_model._forbidden.numpy()
+    expected = tf.nn.log_softmax(logits + forbidden).numpy()
+
+    state = tiny_model.initial_state(tiny_model.encode(images))
+    for t in range(tokens.shape[1]):
+        log_probs, state = tiny_model.step(tf.constant(tokens[:, t]), state)
+        np.testing.assert_allclose(log_probs.numpy(), expected[:, t], atol=1e-4)
+        assert np.all(np.isneginf(log_probs.numpy()[:, [V.PAD_ID, V.START_ID]]))
+
+
+def test_precomputed_features_give_the_same_logits(tiny_model):
+    images = _images(3, 64, seed=1)
+    tokens = np.array([[V.START_ID, 4, 5]] * 3, np.int32)
+    from_images = tiny_model({"images": images, "tokens": tokens})
+    from_features = tiny_model({"features": tiny_model.encode(images), "tokens": tokens})
+    np.testing.assert_allclose(from_images.numpy(), from_features.numpy(), atol=1e-5)
+
+
+def test_loss_is_masked_over_padding():
+    targets = tf.constant([[4, 5, V.END_ID, 0, 0], [4, V.END_ID, 0, 0, 0]])
+    logits = tf.random.stateless_normal([2, 5, 9], seed=[1, 2])
+    total, count = caption_loss(targets, logits)
+    assert float(count) == 5.0
+    # Garbage at padded positions must not change the loss.
+    noisy = tf.where(tf.equal(targets, 0)[:, :, None], logits * 100.0, logits)
+    np.testing.assert_allclose(float(caption_loss(targets, noisy)[0]), float(total), rtol=1e-6)
+    manual = -sum(
+        tf.nn.log_softmax(logits[b, t])[targets[b, t]].numpy() for b in range(2) for t in range(5) if targets[b, t] != 0
+    )
+    np.testing.assert_allclose(float(total), manual, rtol=1e-5)
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_every_encoder_takes_uint8_and_pools(encoder):
+    size = 75 if encoder == "inception_v3" else 64
+    config = ModelConfig(vocab_size=10, encoder=encoder, image_size=size, train_encoder=False)
+    backbone = build_backbone(config)
+    features = backbone(_images(2, size))
+    assert features.shape[0] == 2 and features.shape.rank == 2
+    assert np.all(np.isfinite(features.numpy()))
+    assert not backbone.trainable
+
+
+def test_encoder_weights_from_a_file(tmp_path):
+    config = ModelConfig(vocab_size=10, image_size=64)
+    first = build_backbone(config)
+    path = str(tmp_path / "cnn.weights.h5")
+    first.save_weights(path)
+    second = build_backbone(ModelConfig(vocab_size=10, image_size=64, encoder_weights=path))
+    images = _images(2, 64)
+    np.testing.assert_allclose(first(images).numpy(), second(images).numpy(), atol=1e-6)
+    with pytest.raises(Exception, match="cnn.weights.h5|No such file|cannot"):
+        build_backbone(ModelConfig(vocab_size=10, image_size=64, encoder_weights=str(tmp_path / "missing.h5")))
+
+
+def test_small_cnn_has_no_imagenet_weights():
+    with pytest.raises(ValueError, match="imagenet"):
+        ShowAndTell(ModelConfig(vocab_size=10, encoder_weights="imagenet"))
