@@ -1,0 +1,65 @@
+"""The job's output contracts: caption records, error records, the run manifest.
+
+Caption record (one JSON object a line, keys sorted, no NaN), `captions-*.jsonl`:
+    path, caption, score, logprob, alternatives [{caption, score, logprob}] (the n-best
+    after the first), width, height, format, bytes, sha256, model, run_id,
+    decode {beam_size, max_length, num_alternatives, length_normalization}
+Error record, `errors-*.jsonl`:
+    path, stage (match | read | decode | infer | write), error (exception class name),
+    message, run_id
+Manifest, `manifest.json`, written last: a run directory without it is incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+STAGES = ("match", "read", "decode", "infer", "write")
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "batch_caption.run/1"
+
+
+def _finite(x: float) -> float:
+    # JSON has no NaN/inf; a non-finite score means the model is broken, not the image.
+    if not math.isfinite(x):
+        raise ValueError(f"non-finite score {x}")
+    return round(float(x), 6)
+
+
+def caption_record(example, captions, *, model_id: str, run_id: str, decode: dict[str, Any]) -> dict[str, Any]:
+    """Record for one image: `example` an images.ImageExample, `captions` its n-best list."""
+    if not captions:
+        raise ValueError("no caption was produced")
+    best = captions[0]
+    return {
+        "path": example.path,
+        "caption": best.text,
+        "score": _finite(best.score),
+        "logprob": _finite(best.logprob),
+        "alternatives": [
+            {"caption": c.text, "score": _finite(c.score), "logprob": _finite(c.logprob)} for c in captions[1:]
+        ],
+        "width": example.width,
+        "height": example.height,
+        "format": example.format,
+        "bytes": example.size_bytes,
+        "sha256": example.sha256,
+        "model": model_id,
+        "run_id": run_id,
+        "decode": decode,
+    }
+
+
+def error_record(path: str, stage: str, error: BaseException | str, message: str | None = None, *, run_id: str) -> dict[str, Any]:
+    """Record for one input that produced no caption, and why."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    name = error if isinstance(error, str) else type(error).__name__
+    text = message if message is not None else (str(error) or name)
+    return {"path": path, "stage": stage, "error": name, "message": text, "run_id": run_id}
+
+
+def to_json_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False)

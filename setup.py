@@ -1,0 +1,45 @@
+"""batch_caption: batch image captioning (Show and Tell) on Apache Beam.
+
+Runtime requirements come from requirements.txt (one list for pip, Docker images and
+Dataflow's --setup_file), extras from here.
+"""
+
+import pathlib
+import re
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).parent
+
+
+def _requirements():
+    lines = (HERE / "requirements.txt").read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def _version():
+    text = (HERE / "batch_caption" / "__init__.py").read_text()
+    return re.search(r'__version__ = "([^"]+)"', text).group(1)
+
+
+setup(
+    name="batch_caption",
+    version=_version(),
+    description="Batch image captioning (Show and Tell: CNN encoder + LSTM beam search) on Apache Beam",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["batch_caption", "batch_caption.*"]),
+    include_package_data=True,
+    package_data={"batch_caption": ["default_model/*", "default_model/*/*", "samples/*"]},
+    install_requires=_requirements(),
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            "gcp-storage-emulator>=2024.8,<2027",
+            "pycocoevalcap>=1.2,<1.3",
+        ],
+        "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
+    },
+    entry_points={"console_scripts": ["batch-caption=batch_caption.run:main"]},
+)
