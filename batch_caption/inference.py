@@ -10,6 +10,7 @@ process (Beam's `Shared` handle), never pickled with the pipeline.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -35,6 +36,23 @@ class ImageExample:
     format: str
     sha256: str
     size_bytes: int
+
+
+class _DropBeamResourceWarning(logging.Filter):
+    """Beam 2.77 disables its memory probe when torch is absent (model_manager imports
+    torch in the same try block as `resource`) and then warns on every model load."""
+
+    def filter(self, record):
+        return "Resource module is not available" not in record.getMessage()
+
+
+_RESOURCE_FILTER = _DropBeamResourceWarning()
+
+
+def _quiet_beam_memory_warning():
+    root = logging.getLogger()
+    if _RESOURCE_FILTER not in root.filters:
+        root.addFilter(_RESOURCE_FILTER)
 
 
 class _ImageBatchHandler(ModelHandler[ImageExample, PredictionResult, Any]):
@@ -81,6 +99,7 @@ class CaptionModelHandler(_ImageBatchHandler):
         from batch_caption.model.bundle import load_captioner
 
         gcs.configure_for_emulator()
+        _quiet_beam_memory_warning()
         return load_captioner(self._model_path, self._decode)
 
     def run_inference(self, batch: Sequence[ImageExample], model, inference_args: dict | None = None) -> Iterable[PredictionResult]:
@@ -108,6 +127,7 @@ class FeatureModelHandler(_ImageBatchHandler):
         from batch_caption.model.encoder import build_backbone
 
         gcs.configure_for_emulator()
+        _quiet_beam_memory_warning()
         backbone = build_backbone(self._config)
         size = self._config.image_size
         return _FeatureFunction(

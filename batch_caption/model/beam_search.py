@@ -57,6 +57,7 @@ def beam_search(
     num_results: int = 1,
     alpha: float = 0.0,
     pad_id: int = 0,
+    min_words: int = 0,
 ) -> BeamSearchResult:
     """Finds the n-best token sequences for every row of `initial_state`.
 
@@ -70,6 +71,8 @@ def beam_search(
       max_length: maximum caption length, end token included.
       num_results: n <= k captions returned per image.
       alpha: length-normalisation exponent (>= 0).
+      min_words: the end token is not allowed before this many words (1 = never an
+        empty caption).
 
     Returns:
       A `BeamSearchResult`.
@@ -89,6 +92,9 @@ def beam_search(
         log_probs, new_state = step_fn(tf.reshape(prev, [-1]), state)
         vocab = tf.shape(log_probs)[-1]
         log_probs = tf.reshape(log_probs, [batch, k, vocab])
+        if min_words > 0:
+            too_early = tf.logical_and(t < min_words, tf.equal(tf.range(vocab), end_id))
+            log_probs = tf.where(too_early, _NEG_INF, log_probs)
         # Each hypothesis proposes its own top-k words: [B, k, k].
         words_logp, words = tf.math.top_k(alive_logp[:, :, None] + log_probs, k=tf.minimum(k, vocab))
         per_beam = tf.shape(words)[2]

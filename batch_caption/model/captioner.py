@@ -70,6 +70,7 @@ class Captioner:
             max_length=d.max_length,
             num_results=d.num_alternatives,
             alpha=d.length_normalization,
+            min_words=1,  # an empty caption is never an answer
         )
 
     def search(self, images: np.ndarray) -> BeamSearchResult:

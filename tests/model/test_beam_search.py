@@ -203,3 +203,12 @@ def test_argument_validation():
     with pytest.raises(ValueError, match="num_results"):
         beam_search(lambda t, s: (t, s), tf.zeros([1, 1]), start_id=1, end_id=2, beam_size=2,
                     num_results=3, max_length=3)
+
+
+def test_min_words_forbids_an_early_end():
+    dist = {END: 0.7, 3: 0.2, 4: 0.1}
+    model = TableModel({START: dist, 3: dist, 4: dist}, vocab=5)
+    kw = dict(start_id=START, end_id=END, beam_size=2, num_results=2, max_length=4)
+    assert captions(beam_search(model.step_tf, tf.zeros([1, 1]), **kw), 0)[0] == (END,)
+    r = beam_search(model.step_tf, tf.zeros([1, 1]), min_words=1, **kw)
+    assert captions(r, 0) == [(3, END), (4, END)]

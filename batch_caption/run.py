@@ -1,0 +1,333 @@
+"""`python -m batch_caption.run`: caption image collections with a Beam pipeline.
+
+    python -m batch_caption.run --input photos/ --output out/ [--model BUNDLE] [Beam options]
+
+Writes OUTPUT/run=<run_id>/captions-*.jsonl, errors-*.jsonl and, last, manifest.json.
+With no input flags it captions the package's bundled sample images into ./captions/.
+Exit codes: 0 the run completed (per-image errors are data, in errors-*.jsonl);
+2 bad flags / missing model / input matching nothing (nothing was started);
+1 the pipeline itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+import time
+from typing import Any
+
+from batch_caption import gcs, records
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_MODEL = os.path.join(PACKAGE_DIR, "default_model")
+SAMPLES_DIR = os.path.join(PACKAGE_DIR, "samples")
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_GLOB_CHARS = set("*?[")
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs, found before any work."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    """The job's own options (Beam's live in PipelineOptions).
+
+    inputs: patterns after resolution (directories become recursive globs).
+    """
+
+    inputs: tuple[str, ...]
+    input_lists: tuple[str, ...]
+    output: str
+    model: str
+    run_id: str
+    beam_size: int = 3
+    max_caption_length: int = 20
+    num_alternatives: int = 3
+    length_normalization: float = 0.7
+    batch_size: int = 32
+    max_image_pixels: int = 100_000_000
+    max_file_bytes: int = 256 * 1024 * 1024
+    share_model: bool = False
+
+    def __post_init__(self):
+        if not self.inputs and not self.input_lists:
+            raise UsageError("no input: give --input or --input_list")
+        if not self.output:
+            raise UsageError("--output must not be empty")
+        if not _RUN_ID_RE.match(self.run_id):
+            raise UsageError(f"--run_id {self.run_id!r} must be letters, digits, '.', '_' or '-' (max 128)")
+        for name in ("batch_size", "max_image_pixels", "max_file_bytes"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        try:
+            self.decode
+        except ValueError as e:
+            raise UsageError(str(e).replace("max_length", "max_caption_length")) from e
+
+    @property
+    def decode(self):
+        from batch_caption.model.config import DecodeConfig
+
+        return DecodeConfig(
+            beam_size=self.beam_size,
+            max_length=self.max_caption_length,
+            num_alternatives=self.num_alternatives,
+            length_normalization=self.length_normalization,
+        )
+
+    @property
+    def run_dir(self) -> str:
+        return join(self.output, f"run={self.run_id}")
+
+
+def join(base: str, name: str) -> str:
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems.join(base, name)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, like every other usage error
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m batch_caption.run",
+        description="Caption images in batch (Show and Tell: CNN encoder + LSTM beam search) with Apache Beam. "
+        "Every input gets a caption record or an error record.",
+        epilog="Any Apache Beam pipeline option may be added, e.g. --runner=DataflowRunner --project=... "
+        "--region=... --temp_location=gs://..., or --direct_num_workers=2 --direct_running_mode=multi_processing. "
+        "Default runner: DirectRunner.",
+    )
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--input", action="append", default=[], metavar="PATH",
+                    help="image file, glob, or directory (read recursively); local, gs:// or any Beam filesystem. Repeatable.")
+    io.add_argument("--input_list", action="append", default=[], metavar="FILE",
+                    help="text file of image paths, one a line ('#' comments allowed). Repeatable.")
+    io.add_argument("--output", default=None, help="output directory; the run goes to OUTPUT/run=<run_id>/ (default ./captions)")
+    io.add_argument("--run_id", default=None, help="run name (default: UTC timestamp). Re-using one replaces that run's files.")
+    m = p.add_argument_group("model and decoding")
+    m.add_argument("--model", default=None, help="model bundle directory (default: the bundled model)")
+    m.add_argument("--beam_size", type=int, default=3, help="beam width k; 1 = greedy (default 3)")
+    m.add_argument("--max_caption_length", type=int, default=20, help="max tokens per caption incl. the end token (default 20)")
+    m.add_argument("--num_alternatives", type=int, default=None,
+                   help="n-best captions kept per image, <= beam_size (default min(3, beam_size))")
+    m.add_argument("--length_normalization", type=float, default=0.7,
+                   help="alpha in score = logprob / length**alpha (default 0.7; 0 = raw log-prob)")
+    r = p.add_argument_group("resources")
+    r.add_argument("--batch_size", type=int, default=32, help="images per model call (default 32)")
+    r.add_argument("--max_image_pixels", type=int, default=100_000_000,
+                   help="decoded pixel limit per image, against decompression bombs (default 100M)")
+    r.add_argument("--max_file_bytes", type=int, default=256 * 1024 * 1024, help="larger files are errors (default 256 MiB)")
+    r.add_argument("--share_model", action="store_true",
+                   help="one model copy per machine shared by all worker processes (large models)")
+    return p
+
+
+def parse(argv: list[str] | None):
+    """argv -> (JobConfig, beam PipelineOptions). Raises UsageError on any bad flag."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    options = PipelineOptions(beam_args)
+    known = options.get_all_options(retain_unknown_options=False)
+    every = options.get_all_options(retain_unknown_options=True)
+    unknown = sorted(set(every) - set(known))
+    if unknown:
+        raise UsageError(f"unknown option(s): {', '.join('--' + u for u in unknown)} (see --help)")
+    if not args.input and not args.input_list:
+        args.input = [SAMPLES_DIR]
+    output = args.output or "captions"
+    beam_size = args.beam_size
+    n_alt = args.num_alternatives if args.num_alternatives is not None else max(1, min(3, beam_size))
+    config = JobConfig(
+        inputs=tuple(args.input),
+        input_lists=tuple(args.input_list),
+        output=output,
+        model=args.model or DEFAULT_MODEL,
+        run_id=args.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
+        beam_size=beam_size,
+        max_caption_length=args.max_caption_length,
+        num_alternatives=n_alt,
+        length_normalization=args.length_normalization,
+        batch_size=args.batch_size,
+        max_image_pixels=args.max_image_pixels,
+        max_file_bytes=args.max_file_bytes,
+        share_model=args.share_model,
+    )
+    return config, options
+
+
+def resolve_inputs(config: JobConfig) -> JobConfig:
+    """Checks every input before work starts; directories become recursive globs."""
+    from apache_beam.io.filesystems import FileSystems
+
+    resolved = []
+    for pattern in config.inputs:
+        candidates = [pattern]
+        if pattern.endswith("/"):
+            candidates = [pattern + "**"]
+        elif not (set(pattern) & _GLOB_CHARS):
+            if "://" not in pattern and os.path.isdir(pattern):
+                candidates = [os.path.join(pattern, "**")]
+            elif "://" in pattern:
+                candidates = [pattern, pattern.rstrip("/") + "/**"]  # an object, or a prefix
+        for candidate in candidates:
+            try:
+                found = FileSystems.match([candidate], limits=[1])[0].metadata_list
+            except Exception as e:
+                raise UsageError(f"cannot list --input {pattern}: {e}") from e
+            if found:
+                resolved.append(candidate)
+                break
+        else:
+            raise UsageError(f"--input {pattern} matches no file")
+    for list_file in config.input_lists:
+        if not FileSystems.exists(list_file):
+            raise UsageError(f"--input_list {list_file} does not exist")
+    return dataclasses.replace(config, inputs=tuple(resolved))
+
+
+def check_model(path: str) -> tuple[str, Any]:
+    """(bundle id, ModelConfig) of the bundle at `path`, read without building it."""
+    from batch_caption.model import bundle
+    from batch_caption.model.config import ModelConfig
+
+    if path == DEFAULT_MODEL and not os.path.isdir(path):
+        raise UsageError("no --model given and this installation has no bundled default model")
+    try:
+        manifest = bundle.read_manifest(path)
+        config = ModelConfig.from_dict(json.loads(bundle.read_bytes(join(path, bundle.CONFIG))))
+    except (bundle.BundleError, ValueError, OSError) as e:
+        raise UsageError(f"--model {path}: {e}") from e
+    return manifest["bundle_id"], config
+
+
+def clear_run_dir(run_dir: str) -> None:
+    """Removes an earlier attempt of the same run_id: manifest first (marks it incomplete)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    manifest = join(run_dir, records.MANIFEST_NAME)
+    if FileSystems.exists(manifest):
+        FileSystems.delete([manifest])
+    old = [m.path for m in FileSystems.match([join(run_dir, "**")])[0].metadata_list]
+    if old:
+        FileSystems.delete(old)
+
+
+def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, report_progress: bool):
+    """Adds the whole job to `pipeline`; returns the manifest PCollection."""
+    from batch_caption import images, pipeline as P
+    from batch_caption.inference import CaptionModelHandler
+
+    decode = config.decode
+    info = P.RunInfo(
+        run_id=config.run_id,
+        run_dir=config.run_dir,
+        model=model_id,
+        model_path=config.model,
+        options={k: v for k, v in dataclasses.asdict(config).items() if k not in ("output", "model", "run_id")},
+        start_time=time.time(),
+    )
+    image_config = images.ImageConfig(image_size=image_size, max_image_pixels=config.max_image_pixels)
+    handler = CaptionModelHandler(config.model, decode, config.batch_size, config.share_model)
+    matched = pipeline | "MatchImages" >> P.MatchImages(config.inputs, config.input_lists, config.run_id)
+    read = matched["paths"] | "ReadImages" >> P.ReadImages(image_config, config.max_file_bytes, config.run_id)
+    captioned = read["images"] | "CaptionImages" >> P.CaptionImages(handler, decode, config.run_id, report_progress)
+    import apache_beam as beam
+
+    errors = (matched[P.ERRORS], read[P.ERRORS], captioned[P.ERRORS]) | "FlattenErrors" >> beam.Flatten()
+    outputs = {"captions": captioned["captions"], P.ERRORS: errors, "paths": matched["paths"]}
+    return outputs | "WriteRun" >> P.WriteRun(info)
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Runs the job; returns the manifest. Raises UsageError before any work on bad input."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    from batch_caption import progress
+
+    config, options = parse(argv)
+    gcs.configure_for_emulator()
+    model_id, model_config = check_model(config.model)
+    config = resolve_inputs(config)
+    standard = options.view_as(StandardOptions)
+    if not standard.runner:
+        standard.runner = "DirectRunner"
+    single_process = standard.runner in ("DirectRunner", "BundleBasedDirectRunner") and (
+        options.view_as(DirectOptions).direct_running_mode in (None, "in_memory")
+    )
+    progress.reset()
+    clear_run_dir(config.run_dir)
+    started = time.time()
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, config, model_id, model_config.image_size, report_progress=single_process)
+    result = pipeline.run()
+    result.wait_until_finish()
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(join(config.run_dir, records.MANIFEST_NAME)) as f:
+        manifest = json.loads(f.read())
+    manifest["elapsed_seconds"] = round(time.time() - started, 3)
+    manifest["metrics"] = job_metrics(result)
+    return manifest
+
+
+def job_metrics(result) -> dict[str, int]:
+    """The job's Beam counters, plus how many times a model was loaded."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from batch_caption.pipeline import NAMESPACE
+
+    metrics = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    out: dict[str, int] = {}
+    for c in metrics["counters"]:
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + (c.committed or c.attempted or 0)
+    for d in metrics["distributions"]:
+        if d.key.metric.name.endswith("load_model_latency_milli_secs"):
+            value = d.committed or d.attempted
+            out["model_loads"] = out.get("model_loads", 0) + (value.count if value else 0)
+    return out
+
+
+def summary(manifest: dict) -> str:
+    c = manifest["counts"]
+    rate = c["inputs"] / manifest["elapsed_seconds"] if manifest.get("elapsed_seconds") else 0.0
+    failed = ", ".join(f"{s} {n}" for s, n in c["failed_by_stage"].items() if n)
+    return (
+        f"run={manifest['run_id']}: {c['inputs']:,} inputs, {c['captioned']:,} captioned, {c['failed']:,} failed"
+        f"{f' ({failed})' if failed else ''} in {manifest.get('elapsed_seconds', 0):.1f} s ({rate:.1f} img/s), "
+        f"model {manifest['model']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        manifest = run(argv)
+    except UsageError as e:
+        print(f"batch_caption.run: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("batch_caption.run: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # the pipeline failed as a whole: say so in one line, keep the trace in the log
+        logging.getLogger("batch_caption").debug("pipeline failed", exc_info=True)
+        print(f"batch_caption.run: pipeline failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+              file=sys.stderr)
+        return 1
+    print(summary(manifest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

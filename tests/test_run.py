@@ -1,0 +1,318 @@
+"""The captioning job end to end: every input accounted for, on every runner mode."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import varied_images
+from PIL import Image
+
+from batch_caption import images, run
+from batch_caption.model.bundle import load_captioner
+from batch_caption.model.config import DecodeConfig
+from batch_caption.progress import Reporter
+
+BROKEN = {  # name -> expected stage
+    "zero.jpg": "decode",
+    "truncated.jpg": "decode",
+    "text.jpg": "decode",
+    "random.bin": "decode",
+    "bomb.png": "decode",
+}
+
+
+def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def make_mixed_folder(root) -> tuple[dict[str, str], list[str]]:
+    """Writes valid images of many formats, modes and sizes plus broken files.
+
+    Returns ({path: 'valid'|stage}, the valid paths).
+    """
+    os.makedirs(root, exist_ok=True)
+    px = varied_images(12, 120, seed=42)
+    rgb = [Image.fromarray(p) for p in px]
+    files: dict[str, bytes] = {
+        "plain.jpg": _encode(rgb[0], "JPEG"),
+        "with space.png": _encode(rgb[1], "PNG"),
+        "ünïcødé-图像.png": _encode(rgb[2].convert("L"), "PNG"),
+        "new\nline.png": _encode(rgb[3].convert("P"), "PNG"),
+        "alpha.png": _encode(rgb[4].convert("RGBA"), "PNG"),
+        "grey-alpha.png": _encode(rgb[5].convert("LA"), "PNG"),
+        "cmyk.jpg": _encode(rgb[6].convert("CMYK"), "JPEG"),
+        "photo.webp": _encode(rgb[7], "WEBP"),
+        "old.bmp": _encode(rgb[8], "BMP"),
+        "scan.tiff": _encode(rgb[9], "TIFF"),
+        "anim.gif": _encode(rgb[10], "GIF", save_all=True, append_images=[rgb[11]], duration=100, loop=0),
+        "deep16.png": _encode(Image.fromarray((px[0][:, :, 0].astype(np.uint16) * 257)), "PNG"),
+        "tall.jpg": _encode(rgb[1].resize((30, 400)), "JPEG"),
+        "big.jpg": _encode(rgb[2].resize((2400, 1600)), "JPEG", quality=80),
+        "tiny.png": _encode(rgb[3].resize((1, 1)), "PNG"),
+        "copy_a.png": _encode(rgb[5], "PNG"),
+        "copy_b.png": _encode(rgb[5], "PNG"),
+        "sub/dir/nested.jpg": _encode(rgb[6], "JPEG"),
+        "photo.jpg/inside.png": _encode(rgb[7], "PNG"),  # a directory named like an image
+        # broken
+        "zero.jpg": b"",
+        "truncated.jpg": _encode(rgb[8], "JPEG")[:300],
+        "text.jpg": b"this is not an image\n",
+        "random.bin": np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+        "bomb.png": _encode(Image.new("1", (12000, 12000)), "PNG"),  # 144 MP, ~20 KB
+    }
+    expected = {}
+    for name, data in files.items():
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        expected[path] = BROKEN.get(name, "valid")
+    valid = [p for p, s in expected.items() if s == "valid"]
+    return expected, valid
+
+
+def read_run(run_dir):
+    captions, errors = [], []
+    for path in sorted(glob.glob(os.path.join(glob.escape(run_dir), "captions-*.jsonl"))):
+        captions += [json.loads(line) for line in open(path, encoding="utf-8")]
+    for path in sorted(glob.glob(os.path.join(glob.escape(run_dir), "errors-*.jsonl"))):
+        errors += [json.loads(line) for line in open(path, encoding="utf-8")]
+    with open(os.path.join(run_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    return captions, errors, manifest
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("mixed") / "in")
+    return (root, *make_mixed_folder(root))
+
+
+@pytest.fixture(scope="module")
+def in_memory_run(mixed, tiny_bundle, tmp_path_factory):
+    root, _, _ = mixed
+    out = str(tmp_path_factory.mktemp("out"))
+    manifest = run.run(["--input", root, "--output", out, "--model", tiny_bundle, "--run_id", "mem", "--batch_size", "4"])
+    return out, manifest
+
+
+def test_every_input_path_appears_exactly_once(mixed, in_memory_run):
+    _, expected, valid = mixed
+    out, manifest = in_memory_run
+    captions, errors, written = read_run(os.path.join(out, "run=mem"))
+    paths = [r["path"] for r in captions] + [r["path"] for r in errors]
+    assert sorted(paths) == sorted(expected)
+    assert {r["path"] for r in captions} == set(valid)
+    for r in errors:
+        assert r["stage"] == expected[r["path"]]
+        assert r["error"] and r["message"] and r["run_id"] == "mem"
+    for r in captions:
+        assert r["caption"].strip()
+        assert r["width"] > 0 and r["height"] > 0 and len(r["sha256"]) == 64
+    by_path = {r["path"]: r for r in captions}
+    assert by_path[os.path.join(mixed[0], "big.jpg")]["width"] == 2400
+    assert by_path[os.path.join(mixed[0], "copy_a.png")]["sha256"] == by_path[os.path.join(mixed[0], "copy_b.png")]["sha256"]
+    assert written == {k: v for k, v in manifest.items() if k not in ("elapsed_seconds", "metrics")}
+    counts = manifest["counts"]
+    assert counts["captioned"] == len(captions) and counts["failed"] == len(errors)
+    assert counts["inputs"] == counts["matched"] == len(expected)
+    assert counts["failed_by_stage"]["decode"] == len(BROKEN)
+
+
+def test_error_records_say_what_went_wrong(mixed, in_memory_run):
+    out, _ = in_memory_run
+    _, errors, _ = read_run(os.path.join(out, "run=mem"))
+    kinds = {os.path.basename(r["path"]): r["error"] for r in errors}
+    assert kinds == {
+        "zero.jpg": "EmptyImageError",
+        "truncated.jpg": "TruncatedImageError",
+        "text.jpg": "UnsupportedImageError",
+        "random.bin": "UnsupportedImageError",
+        "bomb.png": "ImageTooLargeError",
+    }
+
+
+def test_model_is_loaded_once_per_process(in_memory_run):
+    _, manifest = in_memory_run
+    m = manifest["metrics"]
+    assert m["captioned"] == manifest["counts"]["captioned"] > 4  # several batches of 4
+    assert m["model_loads"] == 1
+
+
+def test_job_captions_equal_the_captioners(mixed, in_memory_run, tiny_bundle):
+    _, _, valid = mixed
+    out, _ = in_memory_run
+    captions, _, _ = read_run(os.path.join(out, "run=mem"))
+    captioner = load_captioner(tiny_bundle, DecodeConfig())
+    config = images.ImageConfig(image_size=captioner.image_size)
+    pixels = np.stack([images.decode_image(open(p, "rb").read(), config).pixels for p in valid])
+    direct = {p: row for p, row in zip(valid, captioner.caption(pixels))}
+    for r in captions:
+        best, *alts = direct[r["path"]]
+        assert r["caption"] == best.text
+        assert r["score"] == pytest.approx(best.score, abs=1e-4)
+        assert [a["caption"] for a in r["alternatives"]] == [a.text for a in alts]
+
+
+@pytest.mark.slow
+def test_multi_processing_runner_gives_the_same_records(mixed, in_memory_run, tiny_bundle, tmp_path):
+    root, _, _ = mixed
+    out, _ = in_memory_run
+    run.run(["--input", root, "--output", str(tmp_path), "--model", tiny_bundle, "--run_id", "mp", "--batch_size", "4",
+             "--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    mem_caps, mem_errs, _ = read_run(os.path.join(out, "run=mem"))
+    mp_caps, mp_errs, manifest = read_run(str(tmp_path / "run=mp"))
+
+    def key(records, *fields):
+        return sorted(tuple(r[f] for f in fields) for r in records)
+
+    assert key(mp_caps, "path", "caption", "sha256") == key(mem_caps, "path", "caption", "sha256")
+    assert key(mp_errs, "path", "stage", "error") == key(mem_errs, "path", "stage", "error")
+    assert manifest["counts"]["inputs"] == len(mp_caps) + len(mp_errs)
+
+
+def test_rerun_with_the_same_run_id_leaves_no_stale_shards(tiny_bundle, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, px in enumerate(varied_images(5, 64, seed=9)):
+        Image.fromarray(px).save(src / f"{i}.png")
+    args = ["--input", str(src), "--output", str(tmp_path / "out"), "--model", tiny_bundle, "--run_id", "same"]
+    run.run(args)
+    run_dir = tmp_path / "out" / "run=same"
+    # An earlier attempt with another shard count, and a crashed write's temp dir.
+    (run_dir / "captions-00001-of-00002.jsonl").write_text('{"path": "stale"}\n')
+    (run_dir / "beam-temp-captions-x").mkdir()
+    (run_dir / "beam-temp-captions-x" / "part").write_text("junk")
+    (src / "0.png").unlink()
+    manifest = run.run(args)
+    captions, errors, _ = read_run(str(run_dir))
+    assert sorted(r["path"] for r in captions) == sorted(str(p) for p in src.iterdir())
+    on_disk = sorted(f for f in os.listdir(run_dir) if os.path.isfile(run_dir / f) and f != "manifest.json")
+    assert on_disk == sorted(manifest["files"]["captions"] + manifest["files"]["errors"])
+    assert manifest["counts"]["captioned"] == len(captions) == 4 and not errors
+    assert not list(glob.glob(str(run_dir / "beam-temp-*" / "*")))
+
+
+def test_another_run_id_never_touches_earlier_runs(tiny_bundle, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(varied_images(1, 64)[0]).save(src / "a.png")
+    out = str(tmp_path / "out")
+    run.run(["--input", str(src), "--output", out, "--model", tiny_bundle, "--run_id", "one"])
+    before = {f: open(f, "rb").read() for f in glob.glob(os.path.join(out, "run=one", "*"))}
+    run.run(["--input", str(src), "--output", out, "--model", tiny_bundle, "--run_id", "two"])
+    assert {f: open(f, "rb").read() for f in glob.glob(os.path.join(out, "run=one", "*"))} == before
+
+
+def test_input_lists_and_globs_are_deduplicated(tiny_bundle, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, px in enumerate(varied_images(3, 64, seed=2)):
+        Image.fromarray(px).save(src / f"{i}.png")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# a comment\n{src / '0.png'}\n{src / '1.png'}\n\n{src / 'missing.png'}\n")
+    manifest = run.run(["--input", str(src / "*.png"), "--input", str(src / "0.png"), "--input_list", str(listing),
+                        "--output", str(tmp_path / "out"), "--model", tiny_bundle, "--run_id", "d"])
+    captions, errors, _ = read_run(str(tmp_path / "out" / "run=d"))
+    assert sorted(r["path"] for r in captions) == sorted(str(src / f"{i}.png") for i in range(3))
+    assert [(r["path"], r["stage"], r["error"]) for r in errors] == [(str(src / "missing.png"), "read", "FileNotFoundError")]
+    assert manifest["counts"]["matched"] == 4
+
+
+def test_a_glob_that_matches_a_directory_reports_it(tiny_bundle, tmp_path):
+    (tmp_path / "in" / "x.jpg").mkdir(parents=True)
+    Image.fromarray(varied_images(1, 64)[0]).save(tmp_path / "in" / "y.jpg")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tmp_path / 'in' / 'x.jpg'}\n{tmp_path / 'in' / 'y.jpg'}\n")
+    run.run(["--input_list", str(listing), "--output", str(tmp_path / "out"), "--model", tiny_bundle, "--run_id", "g"])
+    captions, errors, _ = read_run(str(tmp_path / "out" / "run=g"))
+    assert [r["path"] for r in captions] == [str(tmp_path / "in" / "y.jpg")]
+    assert [(r["path"], r["stage"]) for r in errors] == [(str(tmp_path / "in" / "x.jpg"), "read")]
+
+
+def test_gcs_in_and_out_through_the_emulator(gcs_emulator, tiny_bundle, tmp_path):
+    from google.cloud import storage
+
+    client = storage.Client.create_anonymous_client()
+    bucket = client.bucket(gcs_emulator)
+    names = []
+    for i, px in enumerate(varied_images(4, 64, seed=5)):
+        blob = bucket.blob(f"photos/day1/{i}.png")
+        blob.upload_from_string(_encode(Image.fromarray(px), "PNG"), content_type="image/png")
+        names.append(f"gs://{gcs_emulator}/photos/day1/{i}.png")
+    bucket.blob("photos/broken.jpg").upload_from_string(b"nope")
+    bucket.blob("lists/paths.txt").upload_from_string(f"{names[0]}\ngs://{gcs_emulator}/photos/broken.jpg\n")
+    out = f"gs://{gcs_emulator}/captions"
+    manifest = run.run(["--input", f"gs://{gcs_emulator}/photos/day1/", "--input_list", f"gs://{gcs_emulator}/lists/paths.txt",
+                        "--output", out, "--model", tiny_bundle, "--run_id", "gcs"])
+    assert manifest["counts"] == {**manifest["counts"], "captioned": 4, "failed": 1, "matched": 5}
+    blobs = {b.name: b for b in client.list_blobs(gcs_emulator, prefix="captions/run=gcs/")}
+    manifest_blob = blobs.pop("captions/run=gcs/manifest.json")
+    shard_names = sorted(n.rsplit("/", 1)[1] for n in blobs)
+    assert shard_names == sorted(manifest["files"]["captions"] + manifest["files"]["errors"])
+    assert all(manifest_blob.updated >= b.updated for b in blobs.values())  # written last
+    lines = [json.loads(x) for n, b in blobs.items() if "/captions-" in n for x in b.download_as_text().splitlines()]
+    assert sorted(r["path"] for r in lines) == sorted(names)
+
+
+# --- the command line ------------------------------------------------------------------
+
+
+def _cli(*args, timeout=120):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", "batch_caption.run", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--beam_sise", "3"], "unknown option(s): --beam_sise"),
+        (["--runner=DirectRunner", "--no_such_beam_flag=1"], "unknown option(s): --no_such_beam_flag"),
+        (["--model", "/nonexistent/bundle"], "--model /nonexistent/bundle"),
+        (["--input", "/nonexistent/*.jpg"], "matches no file"),
+        (["--beam_size", "0"], "beam_size"),
+        (["--beam_size", "two"], "invalid int value"),
+        (["--run_id", "a/b"], "--run_id"),
+        (["--input_list", "/nonexistent/list.txt"], "does not exist"),
+    ],
+)
+def test_bad_command_lines_fail_fast_with_one_line(args, message, tiny_bundle, tmp_path, capsys):
+    full = ["--output", str(tmp_path / "out")] + (["--model", tiny_bundle] if "--model" not in args else []) + args
+    if "--input" not in args and "--input_list" not in args:
+        full += ["--input", str(tmp_path)]
+        Image.fromarray(varied_images(1, 32)[0]).save(tmp_path / "a.png")
+    assert run.main(full) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "out").exists()  # no work started
+
+
+def test_cli_process_exit_codes_and_help(tiny_bundle, tmp_path):
+    helped = _cli("--help")
+    assert helped.returncode == 0 and "--input" in helped.stdout and "--runner" in helped.stdout
+    bad = _cli("--model", str(tmp_path / "nothing"), "--input", str(tmp_path))
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("batch_caption.run: error: --model")
+    Image.fromarray(varied_images(1, 64)[0]).save(tmp_path / "ok.png")
+    good = _cli("--model", tiny_bundle, "--input", str(tmp_path / "ok.png"), "--output", str(tmp_path / "o"), "--run_id", "x")
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.strip().splitlines()[-1].startswith("run=x: 1 inputs, 1 captioned, 0 failed")
+
+
+def test_progress_line_reports_done_rate_and_eta():
+    stream = io.StringIO()
+    r = Reporter(total=10, interval=0.0, stream=stream)
+    r.add(4)
+    line = stream.getvalue().strip()
+    assert line.startswith("[batch_caption] 4/10 images captioned") and "img/s" in line and "ETA" in line
+    assert "ETA" not in Reporter(total=None).line()
