@@ -17,6 +17,8 @@ import math
 from typing import Any
 
 STAGES = ("match", "read", "decode", "infer", "write")
+# Dataset preparation also rejects captions (empty after tokenisation, unknown image).
+PREPARE_STAGES = STAGES + ("caption",)
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "batch_caption.run/1"
 
@@ -54,7 +56,7 @@ def caption_record(example, captions, *, model_id: str, run_id: str, decode: dic
 
 def error_record(path: str, stage: str, error: BaseException | str, message: str | None = None, *, run_id: str) -> dict[str, Any]:
     """Record for one input that produced no caption, and why."""
-    if stage not in STAGES:
+    if stage not in PREPARE_STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     name = error if isinstance(error, str) else type(error).__name__
     text = message if message is not None else (str(error) or name)
