@@ -103,8 +103,10 @@ class CaptionModelHandler(_ImageBatchHandler):
         return load_captioner(self._model_path, self._decode)
 
     def run_inference(self, batch: Sequence[ImageExample], model, inference_args: dict | None = None) -> Iterable[PredictionResult]:
+        # Only methods: with --share_model, `model` is a proxy to another process.
         captions = model.caption(self._stack(batch))
-        return [PredictionResult(e, c, model.model_id) for e, c in zip(batch, captions)]
+        model_id = model.get_model_id()
+        return [PredictionResult(e, c, model_id) for e, c in zip(batch, captions)]
 
     def get_metrics_namespace(self) -> str:
         return "batch_caption"

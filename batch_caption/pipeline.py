@@ -235,9 +235,24 @@ class _FailedBatchToErrorsFn(beam.DoFn):
 
     def process(self, failure):
         batch, exc = failure
+        name, message = _describe_failure(exc)
         for example in batch:
             counter("failed_infer").inc()
-            yield records.error_record(example.path, "infer", exc, run_id=self._run_id)
+            yield records.error_record(example.path, "infer", name, message, run_id=self._run_id)
+
+
+def _describe_failure(exc) -> tuple[str, str]:
+    """RunInference's dead letters carry (exception type, repr, traceback lines), not the
+    exception itself (it may not pickle): recover the class name and the message."""
+    if isinstance(exc, BaseException):
+        return type(exc).__name__, str(exc) or type(exc).__name__
+    if isinstance(exc, tuple) and exc and isinstance(exc[0], type):
+        name = exc[0].__name__
+        lines = exc[2] if len(exc) > 2 and isinstance(exc[2], (list, tuple)) else []
+        last = lines[-1].strip() if lines else ""
+        message = last.split(": ", 1)[1] if last.startswith(name + ": ") else (str(exc[1]) if len(exc) > 1 else name)
+        return name, message
+    return type(exc).__name__, str(exc)
 
 
 class CaptionImages(beam.PTransform):

@@ -316,3 +316,12 @@ def test_progress_line_reports_done_rate_and_eta():
     line = stream.getvalue().strip()
     assert line.startswith("[batch_caption] 4/10 images captioned") and "img/s" in line and "ETA" in line
     assert "ETA" not in Reporter(total=None).line()
+
+
+@pytest.mark.slow
+def test_share_model_across_processes(tiny_bundle, tmp_path):
+    Image.fromarray(varied_images(1, 64)[0]).save(tmp_path / "a.png")
+    manifest = run.run(["--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "o"), "--model", tiny_bundle,
+                        "--run_id", "s", "--share_model"])
+    captions, errors, _ = read_run(str(tmp_path / "o" / "run=s"))
+    assert manifest["counts"]["captioned"] == 1 and not errors and captions[0]["model"] == manifest["model"]

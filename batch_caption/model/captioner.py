@@ -53,6 +53,10 @@ class Captioner:
     def image_size(self) -> int:
         return self.model.config.image_size
 
+    def get_model_id(self) -> str:
+        """The bundle id (a method, so it also works through Beam's cross-process proxy)."""
+        return self.model_id
+
     def with_decode(self, decode: DecodeConfig) -> "Captioner":
         """A Captioner sharing this one's model, with other search settings."""
         return Captioner(self.model, self.vocabulary, decode, self.model_id)
