@@ -55,6 +55,10 @@ def _quiet_beam_memory_warning():
         root.addFilter(_RESOURCE_FILTER)
 
 
+# Beam warns before load_model runs, so install the filter wherever handlers are unpickled.
+_quiet_beam_memory_warning()
+
+
 class _ImageBatchHandler(ModelHandler[ImageExample, PredictionResult, Any]):
     """Batching and sharing shared by the handlers below."""
 

@@ -113,7 +113,7 @@ class MatchImages(beam.PTransform):
             (from_patterns.paths, from_lists.paths)
             | "FlattenPaths" >> beam.Flatten()
             | "DedupePaths" >> beam.Distinct()
-            | "CountMatched" >> beam.Map(_count, "matched")
+            | "CountMatched" >> beam.Map(_count_matched)
             # Python MatchAll does not rebalance: without this, one worker reads everything.
             | "SpreadPaths" >> beam.Reshuffle()
         )
@@ -121,9 +121,12 @@ class MatchImages(beam.PTransform):
         return {"paths": paths, ERRORS: errors}
 
 
-def _count(element, name: str):
-    counter(name).inc()
-    return element
+def _count_matched(path: str) -> str:
+    counter("matched").inc()
+    # On the in-memory DirectRunner matching finishes (Reshuffle is a barrier) before
+    # any image is captioned, in this process: the progress line then knows the total.
+    progress.reporter().expect(1)
+    return path
 
 
 # --- ReadImages ------------------------------------------------------------------------

@@ -27,6 +27,11 @@ class Reporter:
         self._last = self._start
         self._lock = threading.Lock()
 
+    def expect(self, n: int = 1) -> None:
+        """Adds n to the known total."""
+        with self._lock:
+            self.total = (self.total or 0) + n
+
     def add(self, n: int = 1) -> None:
         with self._lock:
             self.done += n
