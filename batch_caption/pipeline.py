@@ -24,7 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import RunInference
 
-from batch_caption import gcs, images, progress, records
+from batch_caption import gcs, images, progress, quality, records
 from batch_caption.inference import CaptionModelHandler, ImageExample
 from batch_caption.model.config import DecodeConfig
 
@@ -204,9 +204,10 @@ class ReadImages(beam.PTransform):
 class _ToCaptionRecordFn(beam.DoFn):
     """PredictionResult(example, n-best, model id) -> caption record."""
 
-    def __init__(self, run_id: str, decode: DecodeConfig, report_progress: bool):
+    def __init__(self, run_id: str, decode: DecodeConfig, low_score_threshold: float, report_progress: bool):
         self._run_id = run_id
         self._decode = decode.to_dict()
+        self._threshold = low_score_threshold
         self._report = report_progress
 
     def setup(self):
@@ -218,7 +219,12 @@ class _ToCaptionRecordFn(beam.DoFn):
         example = result.example
         try:
             record = records.caption_record(
-                example, result.inference, model_id=result.model_id, run_id=self._run_id, decode=self._decode
+                example,
+                result.inference,
+                model_id=result.model_id,
+                run_id=self._run_id,
+                decode=self._decode,
+                low_score_threshold=self._threshold,
             )
         except ValueError as e:  # no caption, or a non-finite score: the model's failure
             self._failed.inc()
@@ -261,17 +267,25 @@ def _describe_failure(exc) -> tuple[str, str]:
 class CaptionImages(beam.PTransform):
     """PCollection[ImageExample] -> caption records; tag 'errors' for inference failures."""
 
-    def __init__(self, handler: CaptionModelHandler, decode: DecodeConfig, run_id: str, report_progress: bool = False):
+    def __init__(
+        self,
+        handler: CaptionModelHandler,
+        decode: DecodeConfig,
+        run_id: str,
+        low_score_threshold: float = quality.DEFAULT_LOW_SCORE,
+        report_progress: bool = False,
+    ):
         super().__init__()
         self._handler = handler
         self._decode = decode
         self._run_id = run_id
+        self._threshold = low_score_threshold
         self._report = report_progress
 
     def expand(self, examples):
         predictions, dead = examples | "RunInference" >> RunInference(self._handler).with_exception_handling()
         out = predictions | "ToCaptionRecords" >> beam.ParDo(
-            _ToCaptionRecordFn(self._run_id, self._decode, self._report)
+            _ToCaptionRecordFn(self._run_id, self._decode, self._threshold, self._report)
         ).with_outputs(ERRORS, main="captions")
         failed = dead.failed_inferences | "FailedBatchesToErrors" >> beam.ParDo(_FailedBatchToErrorsFn(self._run_id))
         errors = (out[ERRORS], failed) | "FlattenInferErrors" >> beam.Flatten()
@@ -300,9 +314,10 @@ class _WriteManifestFn(beam.DoFn):
     def setup(self):
         gcs.configure_for_emulator()
 
-    def process(self, _, caption_files, error_files, n_captions, error_stages, n_matched):
+    def process(self, _, caption_files, error_files, n_captions, error_stages, n_matched, flag_counts):
         info = self._info
         failed = {stage: n for stage, n in error_stages}
+        flagged = dict(flag_counts)
         manifest = {
             "format": records.MANIFEST_FORMAT,
             "run_id": info.run_id,
@@ -315,6 +330,7 @@ class _WriteManifestFn(beam.DoFn):
                 "inputs": n_captions + sum(failed.values()),
                 "matched": n_matched,
                 "skipped": 0,
+                "flagged": {f: flagged.get(f, 0) for f in quality.FLAGS},
             },
             "options": info.options,
             "files": {
@@ -386,5 +402,10 @@ class WriteRun(beam.PTransform):
                 beam.pvalue.AsSingleton(n_captions),
                 beam.pvalue.AsList(error_stages),
                 beam.pvalue.AsSingleton(outputs["paths"] | "CountMatched" >> beam.combiners.Count.Globally()),
+                beam.pvalue.AsList(
+                    outputs["captions"]
+                    | "Flags" >> beam.FlatMap(lambda r: r["flags"])
+                    | "CountFlags" >> beam.combiners.Count.PerElement()
+                ),
             )
         )

@@ -2,8 +2,8 @@
 
 Caption record (one JSON object a line, keys sorted, no NaN), `captions-*.jsonl`:
     path, caption, score, logprob, alternatives [{caption, score, logprob}] (the n-best
-    after the first), width, height, format, bytes, sha256, model, run_id,
-    decode {beam_size, max_length, num_alternatives, length_normalization}
+    after the first), flags (quality.py), width, height, format, bytes, sha256, model,
+    run_id, decode {beam_size, max_length, num_alternatives, length_normalization}
 Error record, `errors-*.jsonl`:
     path, stage (match | read | decode | infer | write), error (exception class name),
     message, run_id
@@ -30,8 +30,12 @@ def _finite(x: float) -> float:
     return round(float(x), 6)
 
 
-def caption_record(example, captions, *, model_id: str, run_id: str, decode: dict[str, Any]) -> dict[str, Any]:
-    """Record for one image: `example` an images.ImageExample, `captions` its n-best list."""
+def caption_record(
+    example, captions, *, model_id: str, run_id: str, decode: dict[str, Any], low_score_threshold: float
+) -> dict[str, Any]:
+    """Record for one image: `example` an inference.ImageExample, `captions` its n-best."""
+    from batch_caption import quality
+
     if not captions:
         raise ValueError("no caption was produced")
     best = captions[0]
@@ -43,6 +47,7 @@ def caption_record(example, captions, *, model_id: str, run_id: str, decode: dic
         "alternatives": [
             {"caption": c.text, "score": _finite(c.score), "logprob": _finite(c.logprob)} for c in captions[1:]
         ],
+        "flags": quality.caption_flags(best.text, best.score, low_score_threshold),
         "width": example.width,
         "height": example.height,
         "format": example.format,

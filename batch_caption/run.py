@@ -54,6 +54,7 @@ class JobConfig:
     max_image_pixels: int = 100_000_000
     max_file_bytes: int = 256 * 1024 * 1024
     share_model: bool = False
+    low_score_threshold: float = -1.5
 
     def __post_init__(self):
         if not self.inputs and not self.input_lists:
@@ -121,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="n-best captions kept per image, <= beam_size (default min(3, beam_size))")
     m.add_argument("--length_normalization", type=float, default=0.7,
                    help="alpha in score = logprob / length**alpha (default 0.7; 0 = raw log-prob)")
+    m.add_argument("--low_score_threshold", type=float, default=-1.5,
+                   help="captions scoring below this get the low_score flag (default -1.5)")
     r = p.add_argument_group("resources")
     r.add_argument("--batch_size", type=int, default=32, help="images per model call (default 32)")
     r.add_argument("--max_image_pixels", type=int, default=100_000_000,
@@ -162,6 +165,7 @@ def parse(argv: list[str] | None):
         max_image_pixels=args.max_image_pixels,
         max_file_bytes=args.max_file_bytes,
         share_model=args.share_model,
+        low_score_threshold=args.low_score_threshold,
     )
     return config, options
 
@@ -241,7 +245,9 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
     handler = CaptionModelHandler(config.model, decode, config.batch_size, config.share_model)
     matched = pipeline | "MatchImages" >> P.MatchImages(config.inputs, config.input_lists, config.run_id)
     read = matched["paths"] | "ReadImages" >> P.ReadImages(image_config, config.max_file_bytes, config.run_id)
-    captioned = read["images"] | "CaptionImages" >> P.CaptionImages(handler, decode, config.run_id, report_progress)
+    captioned = read["images"] | "CaptionImages" >> P.CaptionImages(
+        handler, decode, config.run_id, config.low_score_threshold, report_progress
+    )
     import apache_beam as beam
 
     errors = (matched[P.ERRORS], read[P.ERRORS], captioned[P.ERRORS]) | "FlattenErrors" >> beam.Flatten()

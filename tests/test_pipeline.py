@@ -45,7 +45,7 @@ def test_a_failed_inference_batch_becomes_one_error_record_per_image():
         out = (
             p
             | beam.Create([_example(x) for x in paths])
-            | P.CaptionImages(handler, DecodeConfig(), run_id="r")
+            | P.CaptionImages(handler, DecodeConfig(), run_id="r", low_score_threshold=-1.5)
         )
         done = (
             (out["captions"] | "C" >> beam.Map(lambda r: (r["path"], "captioned", r["caption"])),

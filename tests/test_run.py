@@ -126,6 +126,8 @@ def test_every_input_path_appears_exactly_once(mixed, in_memory_run):
     assert counts["captioned"] == len(captions) and counts["failed"] == len(errors)
     assert counts["inputs"] == counts["matched"] == len(expected)
     assert counts["failed_by_stage"]["decode"] == len(BROKEN)
+    for flag, n in counts["flagged"].items():
+        assert n == sum(flag in r["flags"] for r in captions)
 
 
 def test_error_records_say_what_went_wrong(mixed, in_memory_run):
