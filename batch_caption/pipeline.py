@@ -236,7 +236,7 @@ class _ToCaptionRecordFn(beam.DoFn):
         yield record
 
 
-class _FailedBatchToErrorsFn(beam.DoFn):
+class FailedBatchToErrorsFn(beam.DoFn):
     """(failed batch, exception) from RunInference's dead letters -> one record per image."""
 
     def __init__(self, run_id: str):
@@ -287,7 +287,7 @@ class CaptionImages(beam.PTransform):
         out = predictions | "ToCaptionRecords" >> beam.ParDo(
             _ToCaptionRecordFn(self._run_id, self._decode, self._threshold, self._report)
         ).with_outputs(ERRORS, main="captions")
-        failed = dead.failed_inferences | "FailedBatchesToErrors" >> beam.ParDo(_FailedBatchToErrorsFn(self._run_id))
+        failed = dead.failed_inferences | "FailedBatchesToErrors" >> beam.ParDo(FailedBatchToErrorsFn(self._run_id))
         errors = (out[ERRORS], failed) | "FlattenInferErrors" >> beam.Flatten()
         return {"captions": out.captions, ERRORS: errors}
 
