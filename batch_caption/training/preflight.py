@@ -1,0 +1,179 @@
+"""Checks made before TensorFlow starts: the dataset, the model config, the output directory.
+
+A prepared dataset (see `batch_caption.data.tfrecord`) is read here as plain files, so
+that a missing or inconsistent dataset, or flags that do not fit it, fail in one line
+before the strategy is created and before any training work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from collections.abc import Mapping
+
+from batch_caption.data.tfrecord import INFO_NAME, VOCAB_NAME, DatasetInfo
+from batch_caption.model.config import ModelConfig
+from batch_caption.model.vocab import Vocabulary
+from batch_caption.training.config import TrainConfig, UsageError, join
+
+TRAIN_CONFIG_NAME = "train_config.json"
+# Fields that fix the shapes of the checkpointed variables: a resumed run must match them.
+_ARCHITECTURE = ("vocab_size", "encoder", "image_size", "embedding_size", "lstm_units")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """A prepared dataset, read and checked.
+
+    files: split name -> its TFRecord shard paths, sorted.
+    """
+
+    path: str
+    info: DatasetInfo
+    vocabulary: Vocabulary
+    files: Mapping[str, tuple[str, ...]]
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _read_text(path: str) -> str:
+    if not _is_remote(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return f.read().decode("utf-8")
+
+
+def _exists(path: str) -> bool:
+    if not _is_remote(path):
+        return os.path.exists(path)
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems.exists(path)
+
+
+def _glob(pattern: str) -> list[str]:
+    if not _is_remote(pattern):
+        return glob.glob(pattern)
+    from apache_beam.io.filesystems import FileSystems
+
+    return [m.path for r in FileSystems.match([pattern]) for m in r.metadata_list]
+
+
+def read_dataset(path: str) -> DatasetSpec:
+    """Reads dataset.json and vocab.json and lists every split's shards; UsageError if unfit."""
+    info_path = join(path, INFO_NAME)
+    if not _exists(info_path):
+        raise UsageError(f"no prepared dataset at {path} ({INFO_NAME} not found; make one with python -m batch_caption.prepare)")
+    try:
+        info = DatasetInfo.from_json(_read_text(info_path))
+    except (ValueError, TypeError, KeyError) as e:
+        raise UsageError(f"{info_path} is invalid: {e}") from e
+    vocab_path = join(path, VOCAB_NAME)
+    try:
+        vocabulary = Vocabulary.from_json(_read_text(vocab_path))
+    except OSError as e:
+        raise UsageError(f"cannot read {vocab_path}: {e}") from e
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{vocab_path} is invalid: {e}") from e
+    if len(vocabulary) != info.vocab_size:
+        raise UsageError(f"{vocab_path} has {len(vocabulary)} tokens but {INFO_NAME} says vocab_size {info.vocab_size}")
+    files = {}
+    for split, meta in info.splits.items():
+        names = (meta or {}).get("files")
+        if names:
+            paths = [n if _is_remote(n) or os.path.isabs(n) else join(path, n) for n in names]
+            missing = [p for p in paths if not _exists(p)]
+            if missing:
+                raise UsageError(f"split {split!r} of {path}: shard {missing[0]} is missing ({len(missing)} of {len(paths)})")
+        else:
+            paths = _glob(join(path, f"{split}-*.tfrecord"))
+        files[split] = tuple(sorted(paths))
+    return DatasetSpec(path, info, vocabulary, files)
+
+
+def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, ModelConfig, list[str]]:
+    """Fills the options the dataset decides and builds the model config.
+
+    Returns (config with encoder / image_size / train_encoder / encoder_weights / eval
+    resolved, the ModelConfig, notes to print). Raises UsageError when flags and dataset
+    disagree.
+    """
+    info, notes = spec.info, []
+    if not spec.files.get(config.train_split):
+        have = ", ".join(s for s, f in spec.files.items() if f) or "none"
+        raise UsageError(f"dataset {spec.path} has no {config.train_split!r} shards (splits with shards: {have})")
+    if (info.splits.get(config.train_split) or {}).get("captions") == 0:
+        raise UsageError(f"split {config.train_split!r} of {spec.path} has no captions to train on")
+    if config.image_size is not None and config.image_size != info.image_size:
+        raise UsageError(f"--image_size {config.image_size} does not match the dataset's images ({info.image_size} px)")
+    changes: dict = {"image_size": info.image_size}
+    if info.mode == "features":
+        if config.encoder is not None and config.encoder != info.encoder:
+            raise UsageError(f"--encoder {config.encoder} does not match the encoder that made the features ({info.encoder})")
+        if config.train_encoder or config.fine_tune_after_steps:
+            raise UsageError("a features dataset trains the decoder only: drop --train_encoder / --fine_tune_after_steps "
+                             "(prepare an images dataset to fine-tune the CNN)")
+        weights = config.encoder_weights or info.source.get("encoder_weights")
+        if not weights:
+            raise UsageError(
+                f"a features dataset needs --encoder_weights: the {info.encoder} weights that computed the features "
+                "(the exported bundle pairs the decoder with that backbone)"
+            )
+        changes.update(encoder=info.encoder, train_encoder=False, encoder_weights=weights)
+    else:
+        changes.update(encoder=config.encoder or info.encoder or "small_cnn",
+                       train_encoder=True if config.train_encoder is None else config.train_encoder)
+    if config.eval_every and not spec.files.get(config.eval_split):
+        notes.append(f"no {config.eval_split!r} split in {spec.path}: periodic evaluation is off")
+        changes.update(eval_every=0)
+    config = dataclasses.replace(config, **changes)
+    try:
+        model_config = ModelConfig(
+            vocab_size=len(spec.vocabulary),
+            encoder=config.encoder,
+            image_size=config.image_size,
+            encoder_weights=config.encoder_weights,
+            train_encoder=config.train_encoder,
+            embedding_size=config.embedding_size,
+            lstm_units=config.lstm_units,
+            dropout=config.dropout,
+            max_length=info.max_length,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if model_config.encoder_weights == "imagenet" and model_config.encoder == "small_cnn":
+        raise UsageError("small_cnn has no imagenet weights; use a weights file or none")
+    if model_config.encoder_weights not in (None, "imagenet") and not _exists(model_config.encoder_weights):
+        raise UsageError(f"--encoder_weights file {model_config.encoder_weights} does not exist")
+    return config, model_config, notes
+
+
+def check_output(config: TrainConfig, model_config: ModelConfig) -> bool:
+    """Refuses an output directory whose checkpoints belong to another architecture.
+
+    Returns True when OUTPUT already holds a run (it will be resumed).
+    """
+    path = join(config.output, TRAIN_CONFIG_NAME)
+    if not _exists(path):
+        return False
+    try:
+        previous = json.loads(_read_text(path))["model"]
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise UsageError(f"{path} is unreadable ({e}); use a new --output") from e
+    current = model_config.to_dict()
+    diffs = [f"{k} {previous.get(k)!r} -> {current[k]!r}" for k in _ARCHITECTURE if previous.get(k) != current[k]]
+    if diffs:
+        raise UsageError(f"{config.output} holds checkpoints of another model ({'; '.join(diffs)}); use a new --output")
+    return True
+
+
+def train_config_json(config: TrainConfig, model_config: ModelConfig) -> str:
+    """What OUTPUT/train_config.json records: the options and the model they built."""
+    return json.dumps({"train": config.to_dict(), "model": model_config.to_dict()}, indent=2, sort_keys=True)
