@@ -57,7 +57,8 @@ from batch_caption.data.sources import CaptionedImage, SourceProblem
 from batch_caption.model import vocab as vocab_lib
 from batch_caption.model.config import ENCODERS, ModelConfig
 from batch_caption.pipeline import ERRORS, NAMESPACE, ReadImages
-from batch_caption.run import UsageError
+from batch_caption import cli
+from batch_caption.cli import UsageError
 
 SOURCES = ("coco", "karpathy", "flickr8k", "synthetic")
 DEFAULT_SYNTHETIC_COUNTS = "train=4000,val=200,test=500,compositional=500"
@@ -225,13 +226,8 @@ def _basename(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other usage error
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = cli.ArgumentParser(
         prog="python -m batch_caption.prepare",
         description=textwrap.fill(
             "Prepare a captioning dataset for batch_caption.train: decode and resize every image with the "

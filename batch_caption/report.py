@@ -37,7 +37,8 @@ import sys
 import time
 from typing import Any, Iterator
 
-from batch_caption import gcs, records
+from batch_caption import cli, gcs, records
+from batch_caption.cli import UsageError
 
 REPORT_NAME = "report.html"
 DEFAULT_MAX_IMAGES = 2000
@@ -62,10 +63,6 @@ table{border-collapse:collapse;background:#fff}td,th{border:1px solid #ddd;paddi
 .path{font-family:ui-monospace,monospace;font-size:.85em;overflow-wrap:anywhere;word-break:break-all}
 .errors td.message{max-width:40em;overflow-wrap:anywhere}
 """
-
-
-class UsageError(Exception):
-    """A bad flag or a run directory that does not exist."""
 
 
 def _e(value: Any) -> str:
@@ -340,13 +337,8 @@ def render(run_dir: str, thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE,
 # --- CLI -------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other usage error
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = cli.ArgumentParser(
         prog="python -m batch_caption.report",
         description="Write a static, self-contained HTML page for one run: its manifest counts, a card per "
         "captioned image (thumbnail, caption, score, alternatives, flags) and every error record.",

@@ -21,17 +21,14 @@ import sys
 import time
 from typing import Any
 
-from batch_caption import gcs, records
+from batch_caption import cli, gcs, records
+from batch_caption.cli import UsageError
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(PACKAGE_DIR, "default_model")
 SAMPLES_DIR = os.path.join(PACKAGE_DIR, "samples")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _GLOB_CHARS = set("*?[")
-
-
-class UsageError(Exception):
-    """A problem with the command line or its inputs, found before any work."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,13 +90,8 @@ def join(base: str, name: str) -> str:
     return FileSystems.join(base, name)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other usage error
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = cli.ArgumentParser(
         prog="python -m batch_caption.run",
         description="Caption images in batch (Show and Tell: CNN encoder + LSTM beam search) with Apache Beam. "
         "Every input gets a caption record or an error record.",

@@ -34,6 +34,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from batch_caption import cli
 from batch_caption.model.config import ENCODERS
 from batch_caption.training import preflight
 from batch_caption.training import strategy as strategies
@@ -50,13 +51,8 @@ from batch_caption.training.config import (
 PROG = "python -m batch_caption.train"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2 (see main), not usage + message
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = cli.ArgumentParser(
         prog=PROG,
         description="Train a Show-and-Tell captioner (CNN encoder + LSTM decoder) on a prepared dataset with "
         "tf.distribute; checkpoints, resume, TensorBoard; exports a model bundle.",

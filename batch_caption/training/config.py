@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any
 
+from batch_caption.cli import UsageError  # noqa: F401  (re-exported: raised by TrainConfig)
 from batch_caption.model.config import ENCODERS
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
@@ -22,10 +23,6 @@ LR_SCHEDULES = ("constant", "cosine", "exponential")
 # sysexits.h, "temporary failure, retry": rerunning the same command resumes. Not 0, so that
 # `train && evaluate` does not evaluate a half-trained model.
 EXIT_PREEMPTED = 75
-
-
-class UsageError(ValueError):
-    """Bad flags or inputs, reported as one line before any work (CLI exit code 2)."""
 
 
 class TrainingError(RuntimeError):
