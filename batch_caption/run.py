@@ -193,16 +193,15 @@ def resolve_inputs(config: JobConfig) -> JobConfig:
 
 
 def check_model(path: str) -> tuple[str, Any]:
-    """(bundle id, ModelConfig) of the bundle at `path`, read without building it."""
+    """(bundle id, ModelConfig) of the bundle at `path`: every file read and checked
+    against its hash here, so a broken bundle stops the run before any work."""
     from batch_caption.model import bundle
-    from batch_caption.model.config import ModelConfig
 
     if path == DEFAULT_MODEL and not os.path.isdir(path):
         raise UsageError("no --model given and this installation has no bundled default model")
     try:
-        manifest = bundle.read_manifest(path)
-        config = ModelConfig.from_dict(json.loads(bundle.read_bytes(join(path, bundle.CONFIG))))
-    except (bundle.BundleError, ValueError, OSError) as e:
+        manifest, config = bundle.verify_bundle(path)
+    except (bundle.BundleError, OSError) as e:
         raise UsageError(f"--model {path}: {e}") from e
     return manifest["bundle_id"], config
 

@@ -327,3 +327,19 @@ def test_share_model_across_processes(tiny_bundle, tmp_path):
                         "--run_id", "s", "--share_model"])
     captions, errors, _ = read_run(str(tmp_path / "o" / "run=s"))
     assert manifest["counts"]["captioned"] == 1 and not errors and captions[0]["model"] == manifest["model"]
+
+
+def test_a_corrupted_model_stops_the_run_before_any_work(tiny_bundle, tmp_path, capsys):
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    weights = bundle / "model.weights.h5"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    Image.fromarray(varied_images(1, 32)[0]).save(tmp_path / "a.png")
+    assert run.main(["--model", str(bundle), "--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.weights.h5 is corrupted" in err
+    assert not (tmp_path / "o").exists()

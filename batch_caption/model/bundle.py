@@ -133,14 +133,29 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
-def load_bundle(path: str) -> Bundle:
-    """Reads, verifies and builds the model of the bundle at `path` (no network)."""
+def verify_bundle(path: str) -> tuple[dict, ModelConfig]:
+    """Checks every file of the bundle at `path` without building the model (no
+    TensorFlow work): returns (bundle.json contents, ModelConfig). Raises BundleError."""
+    manifest, files = _read_verified(path)
+    return manifest, _parse_config(path, files[CONFIG])
+
+
+def _read_verified(path: str) -> tuple[dict, dict[str, bytes]]:
     manifest = read_manifest(path)
-    files = {name: _read_checked(path, name, manifest["files"][name]) for name in CONTENT_FILES}
+    return manifest, {name: _read_checked(path, name, manifest["files"][name]) for name in CONTENT_FILES}
+
+
+def _parse_config(path: str, raw: bytes) -> ModelConfig:
     try:
-        config = ModelConfig.from_dict(json.loads(files[CONFIG]))
+        return ModelConfig.from_dict(json.loads(raw))
     except (ValueError, TypeError) as e:
         raise BundleError(f"model bundle file {FileSystems.join(path, CONFIG)} is invalid: {e}") from e
+
+
+def load_bundle(path: str) -> Bundle:
+    """Reads, verifies and builds the model of the bundle at `path` (no network)."""
+    manifest, files = _read_verified(path)
+    config = _parse_config(path, files[CONFIG])
     try:
         vocabulary = Vocabulary.from_json(files[VOCAB].decode())
     except (ValueError, KeyError, TypeError) as e:
