@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ class ImageExample:
 
     pixels: uint8 [S, S, 3], squashed to the model's input size.
     width, height: original size as displayed (after EXIF orientation).
+    sources: every input file holding these exact bytes (pipeline.SourceFile: path,
+      size, modified); empty means just `path`. Each gets its own record.
     """
 
     path: str
@@ -36,6 +39,11 @@ class ImageExample:
     format: str
     sha256: str
     size_bytes: int
+    sources: tuple = ()
+
+    def source_paths(self) -> list[tuple[str, float | None]]:
+        """(path, modification time or None) of every file with these bytes."""
+        return [(s.path, s.modified) for s in self.sources] or [(self.path, None)]
 
 
 class _DropBeamResourceWarning(logging.Filter):
@@ -86,11 +94,23 @@ class _ImageBatchHandler(ModelHandler[ImageExample, PredictionResult, Any]):
         return np.stack([e.pixels for e in batch])
 
 
+# Stands for the package's bundled model: the driver's absolute path to it means nothing
+# on a Dataflow worker, where the package is installed elsewhere.
+BUNDLED_MODEL = "bundled:default_model"
+
+
+def resolve_model_path(path: str) -> str:
+    """BUNDLED_MODEL -> this installation's default_model directory; other paths as given."""
+    if path == BUNDLED_MODEL:
+        return os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+    return path
+
+
 class CaptionModelHandler(_ImageBatchHandler):
     """Loads a model bundle and captions batches: PredictionResult(example, n-best).
 
     Args:
-      model_path: bundle directory (local or any FileSystems path).
+      model_path: bundle directory (local or any FileSystems path), or BUNDLED_MODEL.
       decode: beam search settings.
     """
 
@@ -104,7 +124,7 @@ class CaptionModelHandler(_ImageBatchHandler):
 
         gcs.configure_for_emulator()
         _quiet_beam_memory_warning()
-        return load_captioner(self._model_path, self._decode)
+        return load_captioner(resolve_model_path(self._model_path), self._decode)
 
     def run_inference(self, batch: Sequence[ImageExample], model, inference_args: dict | None = None) -> Iterable[PredictionResult]:
         # Only methods: with --share_model, `model` is a proxy to another process.

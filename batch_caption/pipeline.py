@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -39,8 +39,19 @@ def counter(name: str):
 # --- MatchImages -----------------------------------------------------------------------
 
 
+class SourceFile(NamedTuple):
+    """One input file. size and modified (seconds since the epoch) come from matching and
+    are None for paths read from list files; previous_sha256 is set in incremental runs
+    to the content captioned before (unchanged content is then skipped after reading)."""
+
+    path: str
+    size: int | None = None
+    modified: float | None = None
+    previous_sha256: str | None = None
+
+
 class _MatchPatternFn(beam.DoFn):
-    """pattern -> every file path it matches (an empty match is an error record)."""
+    """pattern -> every file it matches (an empty match is an error record)."""
 
     def __init__(self, run_id: str):
         self._run_id = run_id
@@ -59,11 +70,11 @@ class _MatchPatternFn(beam.DoFn):
                 ERRORS, records.error_record(pattern, "match", "NoMatch", "pattern matched no file", run_id=self._run_id)
             )
         for m in metadata:
-            yield m.path
+            yield SourceFile(m.path, m.size_in_bytes, m.last_updated_in_seconds)
 
 
 class _ReadPathListFn(beam.DoFn):
-    """list file -> the paths it names, one a line (blank lines and # comments skipped)."""
+    """list file -> the files it names, one a line (blank lines and # comments skipped)."""
 
     def __init__(self, run_id: str):
         self._run_id = run_id
@@ -81,11 +92,16 @@ class _ReadPathListFn(beam.DoFn):
         for line in text.splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
-                yield line
+                yield SourceFile(line)
+
+
+def _best_known(files) -> SourceFile:
+    """The same path from a pattern and from a list: keep the one with metadata."""
+    return max(files, key=lambda f: (f.size is not None, f.modified or 0.0))
 
 
 class MatchImages(beam.PTransform):
-    """PBegin -> paths (str), each once, spread across workers; tag 'errors' for failures.
+    """PBegin -> SourceFile per distinct path, spread across workers; tag 'errors'.
 
     Args:
       patterns: file paths, globs or recursive directory globs ("dir/**"), any scheme.
@@ -102,79 +118,207 @@ class MatchImages(beam.PTransform):
         from_patterns = (
             pbegin
             | "CreatePatterns" >> beam.Create(self._patterns)
-            | "MatchPatterns" >> beam.ParDo(_MatchPatternFn(self._run_id)).with_outputs(ERRORS, main="paths")
+            | "MatchPatterns" >> beam.ParDo(_MatchPatternFn(self._run_id)).with_outputs(ERRORS, main="files")
         )
         from_lists = (
             pbegin
             | "CreateListFiles" >> beam.Create(self._lists)
-            | "ReadListFiles" >> beam.ParDo(_ReadPathListFn(self._run_id)).with_outputs(ERRORS, main="paths")
+            | "ReadListFiles" >> beam.ParDo(_ReadPathListFn(self._run_id)).with_outputs(ERRORS, main="files")
         )
-        paths = (
-            (from_patterns.paths, from_lists.paths)
-            | "FlattenPaths" >> beam.Flatten()
-            | "DedupePaths" >> beam.Distinct()
+        files = (
+            (from_patterns.files, from_lists.files)
+            | "FlattenFiles" >> beam.Flatten()
+            | "KeyByPath" >> beam.Map(lambda f: (f.path, f))
+            | "DedupePaths" >> beam.CombinePerKey(_best_known)
+            | "DropPathKey" >> beam.Values()
             | "CountMatched" >> beam.Map(_count_matched)
             # Python MatchAll does not rebalance: without this, one worker reads everything.
-            | "SpreadPaths" >> beam.Reshuffle()
+            | "SpreadFiles" >> beam.Reshuffle()
         )
         errors = (from_patterns[ERRORS], from_lists[ERRORS]) | "FlattenMatchErrors" >> beam.Flatten()
-        return {"paths": paths, ERRORS: errors}
+        return {"files": files, ERRORS: errors}
 
 
-def _count_matched(path: str) -> str:
+def _count_matched(f: SourceFile) -> SourceFile:
     counter("matched").inc()
     # On the in-memory DirectRunner matching finishes (Reshuffle is a barrier) before
     # any image is captioned, in this process: the progress line then knows the total.
     progress.reporter().expect(1)
-    return path
+    return f
+
+
+# --- SelectChanged (incremental runs) --------------------------------------------------
+
+
+class _ParsePreviousFn(beam.DoFn):
+    """caption JSONL line of an earlier run -> (path, (run end time, record))."""
+
+    def __init__(self, end_times: dict[str, str]):
+        self._end_times = end_times
+
+    def process(self, line: str):
+        try:
+            r = json.loads(line)
+            yield r["path"], (self._end_times.get(r["run_id"], ""), r)
+        except (ValueError, KeyError, TypeError):
+            counter("previous_records_unreadable").inc()
+
+
+def _newest(pairs):
+    return max(pairs, key=lambda p: (p[0], p[1].get("run_id", "")))
+
+
+class _DecideFn(beam.DoFn):
+    """(path, {files, previous}) -> the file to caption, or a skip (tag 'skipped')."""
+
+    def __init__(self, model_id: str, any_model: bool):
+        self._model_id = model_id
+        self._any_model = any_model
+
+    def process(self, item):
+        path, grouped = item
+        files, previous = list(grouped["files"]), list(grouped["previous"])
+        if not files:  # captioned before, gone now
+            return
+        f = files[0]
+        if not previous:
+            yield f
+            return
+        _, prev = _newest(previous)
+        if prev.get("model") != self._model_id and not self._any_model:
+            yield f  # another model: caption again
+            return
+        if f.size is not None and f.size == prev.get("bytes") and f.modified is not None and f.modified == prev.get("modified"):
+            counter("skipped").inc()
+            yield beam.pvalue.TaggedOutput("skipped", path)
+            return
+        yield f._replace(previous_sha256=prev.get("sha256"))  # changed, or unknown: compare content
+
+
+class SelectChanged(beam.PTransform):
+    """SourceFiles -> those new or changed since earlier runs; tag 'skipped' for the rest.
+
+    A file is unchanged when the newest earlier caption record of its path has the same
+    model id and the same size and modification time; files without that metadata (from
+    list files) are read and skipped if their sha256 is unchanged (see ReadImages).
+
+    Args:
+      previous_files: caption JSONL files of earlier complete runs.
+      end_times: run id -> that run's end time (ISO), to find the newest record per path.
+    """
+
+    def __init__(self, previous_files, end_times, model_id: str, any_model: bool = False):
+        super().__init__()
+        self._previous = list(previous_files)
+        self._end_times = dict(end_times)
+        self._model_id = model_id
+        self._any_model = any_model
+
+    def expand(self, files):
+        previous = (
+            files.pipeline
+            | "CreatePreviousFiles" >> beam.Create(self._previous)
+            | "ReadPreviousRuns" >> beam.io.ReadAllFromText()
+            | "ParsePrevious" >> beam.ParDo(_ParsePreviousFn(self._end_times))
+        )
+        decided = (
+            {"files": files | "KeyFilesByPath" >> beam.Map(lambda f: (f.path, f)), "previous": previous}
+            | "JoinPrevious" >> beam.CoGroupByKey()
+            | "Decide" >> beam.ParDo(_DecideFn(self._model_id, self._any_model)).with_outputs("skipped", main="files")
+        )
+        return {"files": decided.files, "skipped": decided.skipped}
 
 
 # --- ReadImages ------------------------------------------------------------------------
 
 
-class _ReadAndDecodeFn(beam.DoFn):
-    """path -> ImageExample, or an error record (stage read or decode)."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class FileData:
+    """A file's bytes on their way to decoding; `sources` are every path holding them."""
 
-    def __init__(self, image_config: images.ImageConfig, max_file_bytes: int, run_id: str):
-        self._config = image_config
+    sources: tuple[SourceFile, ...]
+    data: bytes
+    sha256: str
+
+
+class _ReadFileFn(beam.DoFn):
+    """SourceFile (or path) -> FileData, an error record (stage read), or a skip (tag
+    'skipped') when the content equals previous_sha256."""
+
+    def __init__(self, max_file_bytes: int, run_id: str):
         self._max_bytes = max_file_bytes
         self._run_id = run_id
 
     def setup(self):
         gcs.configure_for_emulator()
         self._bytes_read = counter("bytes_read")
-        self._decoded = counter("decoded")
-        self._failed = {s: counter(f"failed_{s}") for s in ("read", "decode")}
+        self._failed = counter("failed_read")
+        self._skipped = counter("skipped")
 
-    def _error(self, path, stage, error, message=None):
-        self._failed[stage].inc()
-        return beam.pvalue.TaggedOutput(ERRORS, records.error_record(path, stage, error, message, run_id=self._run_id))
+    def _error(self, path, error, message=None):
+        self._failed.inc()
+        return beam.pvalue.TaggedOutput(ERRORS, records.error_record(path, "read", error, message, run_id=self._run_id))
 
-    def process(self, path: str):
+    def process(self, source):
+        if isinstance(source, str):
+            source = SourceFile(source)
+        path = source.path
         try:
             with FileSystems.open(path, compression_type="uncompressed") as f:
                 data = f.read(self._max_bytes + 1)
         except Exception as e:  # missing, a directory, permissions, network: all data
-            yield self._error(path, "read", _root_cause(e))
+            yield self._error(path, _root_cause(e))
             return
         self._bytes_read.inc(len(data))
         if len(data) > self._max_bytes:
-            yield self._error(path, "read", "FileTooLargeError", f"file is larger than the limit of {self._max_bytes:,} bytes")
+            yield self._error(path, "FileTooLargeError", f"file is larger than the limit of {self._max_bytes:,} bytes")
             return
+        sha = hashlib.sha256(data).hexdigest()
+        if source.previous_sha256 == sha:
+            self._skipped.inc()
+            yield beam.pvalue.TaggedOutput("skipped", path)
+            return
+        yield FileData((source,), data, sha)
+
+
+def _merge_same_content(item) -> FileData:
+    """(sha256, [FileData]) -> one FileData naming every path (decoded once)."""
+    _, group = item
+    group = sorted(group, key=lambda d: d.sources[0].path)
+    if len(group) > 1:
+        counter("duplicate_content").inc(len(group) - 1)
+    return FileData(tuple(s for d in group for s in d.sources), group[0].data, group[0].sha256)
+
+
+class _DecodeFn(beam.DoFn):
+    """FileData -> ImageExample, or an error record (stage decode) for each of its paths."""
+
+    def __init__(self, image_config: images.ImageConfig, run_id: str):
+        self._config = image_config
+        self._run_id = run_id
+
+    def setup(self):
+        self._decoded = counter("decoded")
+        self._failed = counter("failed_decode")
+
+    def process(self, fd: FileData):
         try:
-            decoded = images.decode_image(data, self._config)
+            decoded = images.decode_image(fd.data, self._config)
         except images.ImageDecodeError as e:
-            yield self._error(path, "decode", e)
+            for source in fd.sources:
+                self._failed.inc()
+                yield beam.pvalue.TaggedOutput(ERRORS, records.error_record(source.path, "decode", e, run_id=self._run_id))
             return
         self._decoded.inc()
         yield ImageExample(
-            path=path,
+            path=fd.sources[0].path,
             pixels=decoded.pixels,
             width=decoded.width,
             height=decoded.height,
             format=decoded.format,
-            sha256=hashlib.sha256(data).hexdigest(),
-            size_bytes=len(data),
+            sha256=fd.sha256,
+            size_bytes=len(fd.data),
+            sources=fd.sources,
         )
 
 
@@ -187,15 +331,36 @@ def _root_cause(e: BaseException) -> BaseException:
 
 
 class ReadImages(beam.PTransform):
-    """PCollection[path] -> PCollection[ImageExample]; tag 'errors' for failures."""
+    """PCollection[SourceFile | path] -> PCollection[ImageExample]; tags 'errors' and
+    'skipped' (paths whose content equals their previous_sha256).
 
-    def __init__(self, image_config: images.ImageConfig, max_file_bytes: int, run_id: str):
+    Args:
+      dedupe: decode identical bytes once (grouped by sha256; the bytes are shuffled);
+        the example then names every path in `sources`, and each gets its own record.
+    """
+
+    def __init__(self, image_config: images.ImageConfig, max_file_bytes: int, run_id: str, dedupe: bool = False):
         super().__init__()
-        self._fn = _ReadAndDecodeFn(image_config, max_file_bytes, run_id)
+        self._config = image_config
+        self._max_bytes = max_file_bytes
+        self._run_id = run_id
+        self._dedupe = dedupe
 
-    def expand(self, paths):
-        out = paths | "ReadAndDecode" >> beam.ParDo(self._fn).with_outputs(ERRORS, main="images")
-        return {"images": out.images, ERRORS: out[ERRORS]}
+    def expand(self, files):
+        read = files | "ReadFiles" >> beam.ParDo(_ReadFileFn(self._max_bytes, self._run_id)).with_outputs(
+            ERRORS, "skipped", main="data"
+        )
+        data = read.data
+        if self._dedupe:
+            data = (
+                data
+                | "KeyByContent" >> beam.Map(lambda d: (d.sha256, d))
+                | "GroupSameContent" >> beam.GroupByKey()
+                | "MergeSameContent" >> beam.Map(_merge_same_content)
+            )
+        decoded = data | "Decode" >> beam.ParDo(_DecodeFn(self._config, self._run_id)).with_outputs(ERRORS, main="images")
+        errors = (read[ERRORS], decoded[ERRORS]) | "FlattenReadErrors" >> beam.Flatten()
+        return {"images": decoded.images, ERRORS: errors, "skipped": read.skipped}
 
 
 # --- CaptionImages ---------------------------------------------------------------------
@@ -217,23 +382,26 @@ class _ToCaptionRecordFn(beam.DoFn):
 
     def process(self, result):
         example = result.example
-        try:
-            record = records.caption_record(
-                example,
-                result.inference,
-                model_id=result.model_id,
-                run_id=self._run_id,
-                decode=self._decode,
-                low_score_threshold=self._threshold,
-            )
-        except ValueError as e:  # no caption, or a non-finite score: the model's failure
-            self._failed.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, records.error_record(example.path, "infer", e, run_id=self._run_id))
-            return
-        self._captioned.inc()
-        if self._progress:
-            self._progress.add(1)
-        yield record
+        for path, modified in example.source_paths():
+            try:
+                record = records.caption_record(
+                    example,
+                    result.inference,
+                    model_id=result.model_id,
+                    run_id=self._run_id,
+                    decode=self._decode,
+                    low_score_threshold=self._threshold,
+                    path=path,
+                    modified=modified,
+                )
+            except ValueError as e:  # no caption, or a non-finite score: the model's failure
+                self._failed.inc()
+                yield beam.pvalue.TaggedOutput(ERRORS, records.error_record(path, "infer", e, run_id=self._run_id))
+                continue
+            self._captioned.inc()
+            if self._progress:
+                self._progress.add(1)
+            yield record
 
 
 class FailedBatchToErrorsFn(beam.DoFn):
@@ -246,8 +414,9 @@ class FailedBatchToErrorsFn(beam.DoFn):
         batch, exc = failure
         name, message = _describe_failure(exc)
         for example in batch:
-            counter("failed_infer").inc()
-            yield records.error_record(example.path, "infer", name, message, run_id=self._run_id)
+            for path, _ in example.source_paths():
+                counter("failed_infer").inc()
+                yield records.error_record(path, "infer", name, message, run_id=self._run_id)
 
 
 def _describe_failure(exc) -> tuple[str, str]:
@@ -305,6 +474,7 @@ class RunInfo:
     model_path: str
     options: dict[str, Any]
     start_time: float
+    previous_runs: tuple[str, ...] = ()  # incremental: the earlier runs compared against
 
 
 class _WriteManifestFn(beam.DoFn):
@@ -314,7 +484,7 @@ class _WriteManifestFn(beam.DoFn):
     def setup(self):
         gcs.configure_for_emulator()
 
-    def process(self, _, caption_files, error_files, n_captions, error_stages, n_matched, flag_counts):
+    def process(self, _, caption_files, error_files, n_captions, error_stages, n_matched, flag_counts, n_skipped):
         info = self._info
         failed = {stage: n for stage, n in error_stages}
         flagged = dict(flag_counts)
@@ -329,10 +499,11 @@ class _WriteManifestFn(beam.DoFn):
                 "failed_by_stage": {s: failed.get(s, 0) for s in records.STAGES},
                 "inputs": n_captions + sum(failed.values()),
                 "matched": n_matched,
-                "skipped": 0,
+                "skipped": n_skipped,
                 "flagged": {f: flagged.get(f, 0) for f in quality.FLAGS},
             },
             "options": info.options,
+            "previous_runs": list(info.previous_runs),
             "files": {
                 "captions": sorted(_basename(f) for f in caption_files),
                 "errors": sorted(_basename(f) for f in error_files),
@@ -367,7 +538,8 @@ class WriteRun(beam.PTransform):
         self._info = info
 
     def expand(self, outputs):
-        """outputs: {"captions", "errors", "paths"} (paths: every distinct matched path)."""
+        """outputs: {"captions", "errors", "files" (every distinct matched file), "skipped"
+        (paths left out as unchanged)}."""
         run_dir = self._info.run_dir
 
         def write(pcoll, name):
@@ -401,11 +573,12 @@ class WriteRun(beam.PTransform):
                 beam.pvalue.AsList(error_files),
                 beam.pvalue.AsSingleton(n_captions),
                 beam.pvalue.AsList(error_stages),
-                beam.pvalue.AsSingleton(outputs["paths"] | "CountMatched" >> beam.combiners.Count.Globally()),
+                beam.pvalue.AsSingleton(outputs["files"] | "CountMatched" >> beam.combiners.Count.Globally()),
                 beam.pvalue.AsList(
                     outputs["captions"]
                     | "Flags" >> beam.FlatMap(lambda r: r["flags"])
                     | "CountFlags" >> beam.combiners.Count.PerElement()
                 ),
+                beam.pvalue.AsSingleton(outputs["skipped"] | "CountSkipped" >> beam.combiners.Count.Globally()),
             )
         )

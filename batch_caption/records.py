@@ -2,8 +2,9 @@
 
 Caption record (one JSON object a line, keys sorted, no NaN), `captions-*.jsonl`:
     path, caption, score, logprob, alternatives [{caption, score, logprob}] (the n-best
-    after the first), flags (quality.py), width, height, format, bytes, sha256, model,
-    run_id, decode {beam_size, max_length, num_alternatives, length_normalization}
+    after the first), flags (quality.py), width, height, format, bytes, sha256,
+    modified (file time, seconds since the epoch, null when unknown), model, run_id,
+    decode {beam_size, max_length, num_alternatives, length_normalization}
 Error record, `errors-*.jsonl`:
     path, stage (match | read | decode | infer | write), error (exception class name),
     message, run_id
@@ -31,16 +32,26 @@ def _finite(x: float) -> float:
 
 
 def caption_record(
-    example, captions, *, model_id: str, run_id: str, decode: dict[str, Any], low_score_threshold: float
+    example,
+    captions,
+    *,
+    model_id: str,
+    run_id: str,
+    decode: dict[str, Any],
+    low_score_threshold: float,
+    path: str | None = None,
+    modified: float | None = None,
 ) -> dict[str, Any]:
-    """Record for one image: `example` an inference.ImageExample, `captions` its n-best."""
+    """Record for one file: `example` an inference.ImageExample, `captions` its n-best;
+    `path`/`modified` name one of the example's files (default: example.path)."""
     from batch_caption import quality
 
     if not captions:
         raise ValueError("no caption was produced")
     best = captions[0]
     return {
-        "path": example.path,
+        "path": path or example.path,
+        "modified": modified,
         "caption": best.text,
         "score": _finite(best.score),
         "logprob": _finite(best.logprob),

@@ -27,6 +27,7 @@ from batch_caption.cli import UsageError
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(PACKAGE_DIR, "default_model")
 SAMPLES_DIR = os.path.join(PACKAGE_DIR, "samples")
+LATEST_NAME = "LATEST"  # OUTPUT/LATEST: the run id of the newest complete run
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _GLOB_CHARS = set("*?[")
 
@@ -52,6 +53,9 @@ class JobConfig:
     max_file_bytes: int = 256 * 1024 * 1024
     share_model: bool = False
     low_score_threshold: float = -1.5
+    dedupe: bool = True
+    incremental: bool = False
+    incremental_any_model: bool = False
 
     def __post_init__(self):
         if not self.inputs and not self.input_lists:
@@ -116,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="alpha in score = logprob / length**alpha (default 0.7; 0 = raw log-prob)")
     m.add_argument("--low_score_threshold", type=float, default=-1.5,
                    help="captions scoring below this get the low_score flag (default -1.5)")
+    n = p.add_argument_group("incremental runs and duplicates")
+    n.add_argument("--incremental", action="store_true",
+                   help="caption only files that are new or changed since the earlier complete runs under --output "
+                   "(same path with another size or modification time, or other content); the rest are counted "
+                   "as skipped. Earlier runs of another model do not count unless --incremental_any_model.")
+    n.add_argument("--incremental_any_model", action="store_true",
+                   help="with --incremental: keep captions made by any model (default: a model change re-captions)")
+    n.add_argument("--dedupe", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode and caption identical bytes under several paths once; every path still gets "
+                   "its record (default on; the bytes are grouped by sha256 through a shuffle)")
     r = p.add_argument_group("resources")
     r.add_argument("--batch_size", type=int, default=32, help="images per model call (default 32)")
     r.add_argument("--max_image_pixels", type=int, default=100_000_000,
@@ -158,6 +172,9 @@ def parse(argv: list[str] | None):
         max_file_bytes=args.max_file_bytes,
         share_model=args.share_model,
         low_score_threshold=args.low_score_threshold,
+        dedupe=args.dedupe,
+        incremental=args.incremental,
+        incremental_any_model=args.incremental_any_model,
     )
     return config, options
 
@@ -218,10 +235,33 @@ def clear_run_dir(run_dir: str) -> None:
         FileSystems.delete(old)
 
 
-def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, report_progress: bool):
-    """Adds the whole job to `pipeline`; returns the manifest PCollection."""
+def previous_runs(config: JobConfig) -> list[dict]:
+    """Manifests of the complete runs under --output other than this run_id, oldest first."""
+    from apache_beam.io.filesystems import FileSystems
+
+    found = FileSystems.match([join(config.output, "run=*/" + records.MANIFEST_NAME)])[0].metadata_list
+    manifests = []
+    for m in found:
+        run_dir = m.path[: -len(records.MANIFEST_NAME) - 1]
+        if run_dir.rstrip("/").endswith(f"run={config.run_id}"):
+            continue
+        with FileSystems.open(m.path) as f:
+            manifest = json.loads(f.read())
+        manifest["run_dir"] = run_dir
+        manifests.append(manifest)
+    return sorted(manifests, key=lambda x: x.get("end_time", ""))
+
+
+def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, report_progress: bool,
+                   previous: list[dict] = ()):
+    """Adds the whole job to `pipeline`; returns the manifest PCollection.
+
+    previous: manifests of earlier complete runs (with --incremental).
+    """
+    import apache_beam as beam
+
     from batch_caption import images, pipeline as P
-    from batch_caption.inference import CaptionModelHandler
+    from batch_caption.inference import BUNDLED_MODEL, CaptionModelHandler
 
     decode = config.decode
     info = P.RunInfo(
@@ -231,18 +271,31 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
         model_path=config.model,
         options={k: v for k, v in dataclasses.asdict(config).items() if k not in ("output", "model", "run_id")},
         start_time=time.time(),
+        previous_runs=tuple(m["run_id"] for m in previous),
     )
     image_config = images.ImageConfig(image_size=image_size, max_image_pixels=config.max_image_pixels)
-    handler = CaptionModelHandler(config.model, decode, config.batch_size, config.share_model)
+    model_path = BUNDLED_MODEL if config.model == DEFAULT_MODEL else config.model
+    handler = CaptionModelHandler(model_path, decode, config.batch_size, config.share_model)
     matched = pipeline | "MatchImages" >> P.MatchImages(config.inputs, config.input_lists, config.run_id)
-    read = matched["paths"] | "ReadImages" >> P.ReadImages(image_config, config.max_file_bytes, config.run_id)
+    to_read, skipped = matched["files"], []
+    if config.incremental:
+        caption_files = [join(m["run_dir"], name) for m in previous for name in m["files"]["captions"]]
+        end_times = {m["run_id"]: m.get("end_time", "") for m in previous}
+        selected = to_read | "SelectChanged" >> P.SelectChanged(
+            caption_files, end_times, model_id, config.incremental_any_model
+        )
+        to_read, skipped = selected["files"], [selected["skipped"]]
+    read = to_read | "ReadImages" >> P.ReadImages(image_config, config.max_file_bytes, config.run_id, config.dedupe)
     captioned = read["images"] | "CaptionImages" >> P.CaptionImages(
         handler, decode, config.run_id, config.low_score_threshold, report_progress
     )
-    import apache_beam as beam
-
     errors = (matched[P.ERRORS], read[P.ERRORS], captioned[P.ERRORS]) | "FlattenErrors" >> beam.Flatten()
-    outputs = {"captions": captioned["captions"], P.ERRORS: errors, "paths": matched["paths"]}
+    outputs = {
+        "captions": captioned["captions"],
+        P.ERRORS: errors,
+        "files": matched["files"],
+        "skipped": tuple(skipped) + (read["skipped"],) | "FlattenSkipped" >> beam.Flatten(),
+    }
     return outputs | "WriteRun" >> P.WriteRun(info)
 
 
@@ -264,16 +317,20 @@ def run(argv: list[str] | None = None) -> dict:
         options.view_as(DirectOptions).direct_running_mode in (None, "in_memory")
     )
     progress.reset()
+    previous = previous_runs(config) if config.incremental else []
     clear_run_dir(config.run_dir)
     started = time.time()
     pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, config, model_id, model_config.image_size, report_progress=single_process)
+    build_pipeline(pipeline, config, model_id, model_config.image_size, single_process, previous)
     result = pipeline.run()
     result.wait_until_finish()
     from apache_beam.io.filesystems import FileSystems
 
     with FileSystems.open(join(config.run_dir, records.MANIFEST_NAME)) as f:
         manifest = json.loads(f.read())
+    # The run is complete: point LATEST at it (written after its manifest).
+    with FileSystems.create(join(config.output, LATEST_NAME)) as f:
+        f.write((config.run_id + "\n").encode())
     manifest["elapsed_seconds"] = round(time.time() - started, 3)
     manifest["metrics"] = job_metrics(result)
     return manifest

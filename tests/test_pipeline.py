@@ -80,6 +80,19 @@ def test_match_images_dedupes_and_reports_empty_patterns(tmp_path):
     listing.write_text(f"{tmp_path / 'a.png'}\n")
     with BeamTestPipeline() as p:
         out = p | P.MatchImages([str(tmp_path / "*.png"), str(tmp_path / "none-*.jpg")], [str(listing)], "r")
-        assert_that(out["paths"], equal_to([str(tmp_path / "a.png"), str(tmp_path / "b.png")]), label="Paths")
+        paths = out["files"] | beam.Map(lambda f: (f.path, f.size))
+        # a.png came from the glob and the list: one file, with the glob's metadata.
+        assert_that(paths, equal_to([(str(tmp_path / "a.png"), 1), (str(tmp_path / "b.png"), 1)]), label="Paths")
         assert_that(out[P.ERRORS] | beam.Map(lambda r: (r["path"], r["stage"], r["error"])),
                     equal_to([(str(tmp_path / "none-*.jpg"), "match", "NoMatch")]), label="Errors")
+
+
+def test_the_bundled_model_is_resolved_on_the_worker_not_the_driver():
+    import os
+
+    import batch_caption
+    from batch_caption.inference import BUNDLED_MODEL, resolve_model_path
+
+    here = os.path.join(os.path.dirname(batch_caption.__file__), "default_model")
+    assert resolve_model_path(BUNDLED_MODEL) == os.path.abspath(here)
+    assert resolve_model_path("gs://b/m") == "gs://b/m"

@@ -343,3 +343,64 @@ def test_a_corrupted_model_stops_the_run_before_any_work(tiny_bundle, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.weights.h5 is corrupted" in err
     assert not (tmp_path / "o").exists()
+
+
+# --- incremental runs and duplicate content ---------------------------------------------
+
+
+def _write_pngs(folder, names, seed):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, px in zip(names, varied_images(len(names), 64, seed=seed)):
+        Image.fromarray(px).save(folder / name)
+
+
+def test_incremental_runs_caption_only_new_or_changed_files(tiny_model, tiny_vocab, tiny_bundle, tmp_path):
+    from batch_caption.model.bundle import save_bundle
+    from batch_caption.model.show_and_tell import ShowAndTell
+
+    src, out = tmp_path / "archive", str(tmp_path / "out")
+    _write_pngs(src, [f"{i}.png" for i in range(6)], seed=1)
+    base = ["--input", str(src), "--output", out, "--incremental"]
+    first = run.run(base + ["--model", tiny_bundle, "--run_id", "night1"])
+    assert first["counts"]["captioned"] == 6 and first["counts"]["skipped"] == 0
+    assert open(os.path.join(out, "LATEST")).read().strip() == "night1"
+
+    _write_pngs(src, ["new1.png", "new2.png", "new3.png"], seed=2)  # 3 new
+    Image.fromarray(varied_images(1, 64, seed=3)[0]).save(src / "0.png")  # 1 modified
+    os.utime(src / "0.png", (os.stat(src / "0.png").st_atime, os.stat(src / "0.png").st_mtime + 10))
+    (src / "5.png").unlink()  # 1 deleted
+    second = run.run(base + ["--model", tiny_bundle, "--run_id", "night2"])
+    captions, errors, _ = read_run(os.path.join(out, "run=night2"))
+    assert sorted(os.path.basename(r["path"]) for r in captions) == ["0.png", "new1.png", "new2.png", "new3.png"]
+    assert not errors
+    assert second["counts"]["skipped"] == 4 and second["counts"]["matched"] == 8
+    assert second["previous_runs"] == ["night1"]
+    assert open(os.path.join(out, "LATEST")).read().strip() == "night2"
+
+    # A file touched but unchanged is read, found identical, and skipped.
+    os.utime(src / "1.png", (0, os.stat(src / "1.png").st_mtime + 20))
+    third = run.run(base + ["--model", tiny_bundle, "--run_id", "night3"])
+    assert third["counts"]["captioned"] == 0 and third["counts"]["skipped"] == 8
+
+    # Another model: everything is captioned again.
+    other = ShowAndTell(tiny_model.config)
+    other.build_all()
+    other_bundle = str(tmp_path / "other_model")
+    save_bundle(other, tiny_vocab, other_bundle)
+    fourth = run.run(base + ["--model", other_bundle, "--run_id", "night4"])
+    assert fourth["counts"]["captioned"] == 8 and fourth["counts"]["skipped"] == 0
+
+
+def test_identical_bytes_are_decoded_and_captioned_once(tiny_bundle, tmp_path):
+    src = tmp_path / "copies"
+    src.mkdir()
+    data = _encode(Image.fromarray(varied_images(1, 64, seed=4)[0]), "PNG")
+    for i in range(10):
+        (src / f"copy {i}.png").write_bytes(data)
+    manifest = run.run(["--input", str(src), "--output", str(tmp_path / "out"), "--model", tiny_bundle, "--run_id", "d"])
+    captions, errors, _ = read_run(str(tmp_path / "out" / "run=d"))
+    assert sorted(r["path"] for r in captions) == sorted(str(p) for p in src.iterdir()) and not errors
+    assert len({r["caption"] for r in captions}) == 1
+    m = manifest["metrics"]
+    assert m["decoded"] == 1 and m["num_inferences"] == 1 and m["captioned"] == 10
+    assert m["duplicate_content"] == 9

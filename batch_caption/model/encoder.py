@@ -43,15 +43,16 @@ def _preprocess(x, mode: str):
 def _small_cnn(x):
     """A 4-block conv net for tests and small data: [B, S, S, 3] in [0, 255] -> [B, 2048].
 
-    Pooled to a 4x4 grid rather than globally: captions state where things are ("to
-    the left of"), and a global average throws position away.
+    Strided convolutions rather than max pooling: on CPU, max-pool gradients made
+    training ~5x slower for the same depth. Pooled to a 4x4 grid rather than globally:
+    captions state where things are ("to the left of"), and a global average throws
+    position away.
     """
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
-    for i, filters in enumerate((16, 32, 64, 128)):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv")(x)
+    for i, filters in enumerate((32, 64, 128, 128)):
+        x = layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"block{i}_conv")(x)
         x = layers.BatchNormalization(name=f"block{i}_bn")(x)
         x = layers.ReLU(name=f"block{i}_relu")(x)
-        x = layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
     x = layers.AdaptiveAveragePooling2D((4, 4), name="grid_pool")(x)
     return layers.Flatten(name="flatten")(x)
 

@@ -1,0 +1,206 @@
+"""The built wheel works on its own: it holds the bundled model and sample images, and the
+job runs from an installation of it (not from the checkout).
+
+The wheel goes into a fresh virtualenv that sees this environment's third-party packages
+(TensorFlow, Beam, ...) but not its editable install of batch_caption: the parent's
+site-packages is appended to the child's sys.path with its .pth files processed, except
+the editable install's (its import finder would map `batch_caption` back to the checkout).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PKG = REPO / "batch_caption"
+BUNDLE_FILES = ("bundle.json", "config.json", "vocab.json", "model.weights.h5")
+NO_DEFAULT_MODEL = "the repo has no batch_caption/default_model/bundle.json yet (trained by jobs/train_default_model.sh)"
+
+pytestmark = pytest.mark.slow
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env["PYTHONNOUSERSITE"] = "1"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def _samples() -> list[str]:
+    return sorted(p.name for p in (PKG / "samples").iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _has_default_model() -> bool:
+    return (PKG / "default_model" / "bundle.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("packaging")
+
+
+@pytest.fixture(scope="module")
+def wheel(work) -> Path:
+    """A wheel built from a copy of the build inputs (the checkout gets no build/ or egg-info)."""
+    src = work / "src"
+    src.mkdir()
+    for entry in REPO.iterdir():
+        if entry.is_file():
+            shutil.copy2(entry, src / entry.name)
+    shutil.copytree(PKG, src / "batch_caption", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    out = work / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+         "--disable-pip-version-check", "-q", "-w", str(out), str(src)],
+        check=True, cwd=work, env=_clean_env(), timeout=300,
+    )
+    (whl,) = out.glob("batch_caption-*.whl")
+    return whl
+
+
+_PARENT_SITE = '''"""Written by tests/test_packaging.py: appends the parent environment's site-packages,
+processing its .pth files except those of an editable batch_caption install."""
+import os
+import site
+import sys
+
+PARENTS = {parents!r}
+REPO = {repo!r}
+
+
+def install():
+    for d in PARENTS:
+        if d in sys.path or not os.path.isdir(d):
+            continue
+        sys.path.append(d)
+        for name in sorted(os.listdir(d)):
+            if not name.endswith(".pth") or name.startswith("__editable__"):
+                continue
+            with open(os.path.join(d, name), encoding="utf-8", errors="replace") as f:
+                if REPO in f.read():
+                    continue
+            site.addpackage(d, name, None)
+'''
+
+
+def _parent_install_files(site_dirs) -> dict[str, float]:
+    """{path: mtime} of the parent environment's batch_caption install files."""
+    found = {}
+    for d in site_dirs:
+        for path in glob.glob(os.path.join(d, "*batch_caption*")) + glob.glob(os.path.join(d, "batch_caption*", "*")):
+            found[path] = os.stat(path).st_mtime
+    return found
+
+
+@pytest.fixture(scope="module")
+def child(work, wheel) -> dict:
+    """A fresh virtualenv with the wheel installed: {'python', 'bin', 'site'}."""
+    parent_sites = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    root = work / "venv"
+    venv.EnvBuilder(with_pip=False, symlinks=os.name != "nt").create(root)
+    bindir = root / ("Scripts" if os.name == "nt" else "bin")
+    python = str(bindir / ("python.exe" if os.name == "nt" else "python"))
+    env = _clean_env()
+    site_dir = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True, env=env, cwd=work).stdout.strip()
+    Path(site_dir, "_bc_parent_site.py").write_text(_PARENT_SITE.format(parents=parent_sites, repo=str(REPO)))
+    Path(site_dir, "_bc_parent_site.pth").write_text("import _bc_parent_site; _bc_parent_site.install()\n")
+    before = _parent_install_files(parent_sites)
+    # --force-reinstall: pip sees the parent's batch_caption too; it never uninstalls outside
+    # the child's prefix ("Not uninstalling ... outside environment"), which is checked below.
+    subprocess.run([python, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--no-index",
+                    "--disable-pip-version-check", "-q", str(wheel)],
+                   check=True, env=env, cwd=work, timeout=300)
+    assert _parent_install_files(parent_sites) == before, "pip touched the parent environment's batch_caption"
+    return {"python": python, "bin": bindir, "site": site_dir}
+
+
+def test_wheel_contents(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    samples = _samples()
+    assert any(s.endswith(".png") for s in samples)
+    missing = [s for s in samples if f"batch_caption/samples/{s}" not in names]
+    assert not missing, f"samples missing from the wheel: {missing}"
+    assert not [n for n in names if "__pycache__" in n or n.startswith("tests/")]
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    assert "batch-caption = batch_caption.run:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    if not _has_default_model():
+        pytest.skip(f"bundled model not checked: {NO_DEFAULT_MODEL}")
+    missing = [f for f in BUNDLE_FILES if f"batch_caption/default_model/{f}" not in names]
+    assert not missing, f"bundled model files missing from the wheel: {missing}"
+
+
+def test_sdist_for_dataflow_setup_file(wheel, work):
+    """Dataflow workers install the sdist Beam builds from --setup_file (`setup.py sdist`,
+    as Beam 2.77's stager does without the `build` package): it must carry the samples
+    and the bundled model too."""
+    src, out = work / "src", work / "sdist"
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(out)], check=True, cwd=src,
+                   env=_clean_env(), capture_output=True, timeout=300)
+    (sdist,) = out.glob("batch_caption-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    assert {"setup.py", "requirements.txt", "README.md"} <= names
+    missing = [s for s in _samples() if f"batch_caption/samples/{s}" not in names]
+    assert not missing, f"samples missing from the sdist: {missing}"
+    if not _has_default_model():
+        pytest.skip(f"bundled model not checked: {NO_DEFAULT_MODEL}")
+    missing = [f for f in BUNDLE_FILES if f"batch_caption/default_model/{f}" not in names]
+    assert not missing, f"bundled model files missing from the sdist: {missing}"
+
+
+def test_child_imports_the_wheel_not_the_checkout(child, work):
+    probe = ("import json, batch_caption, batch_caption.run as r, apache_beam;"
+             "print(json.dumps([batch_caption.__file__, r.SAMPLES_DIR, r.DEFAULT_MODEL]))")
+    done = subprocess.run([child["python"], "-c", probe], capture_output=True, text=True, env=_clean_env(),
+                          cwd=work, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    package_file, samples_dir, _ = json.loads(done.stdout.strip().splitlines()[-1])
+    site_dir = os.path.realpath(child["site"])
+    assert os.path.realpath(package_file).startswith(site_dir + os.sep), package_file
+    assert not os.path.realpath(package_file).startswith(str(REPO) + os.sep)
+    assert sorted(os.listdir(samples_dir)) == _samples()
+    script = child["bin"] / "batch-caption"
+    helped = subprocess.run([str(script), "--help"], capture_output=True, text=True, env=_clean_env(), cwd=work,
+                            timeout=120)
+    assert helped.returncode == 0 and "--input" in helped.stdout, helped.stderr[-2000:]
+
+
+def test_installed_job_captions_bundled_samples(child, work, request):
+    """`python -m batch_caption.run --output OUT`: bundled samples, bundled model, from the
+    installed wheel. Until the repo has its default model, the same run with a tiny test
+    bundle still checks the installed job and samples; the bundled-model part is skipped."""
+    out = work / "out"
+    argv = [child["python"], "-m", "batch_caption.run", "--output", str(out), "--run_id", "pkg"]
+    expected_model = None
+    if _has_default_model():
+        expected_model = json.loads((PKG / "default_model" / "bundle.json").read_text())["bundle_id"]
+    else:
+        argv += ["--model", request.getfixturevalue("tiny_bundle")]
+    done = subprocess.run(argv, capture_output=True, text=True, env=_clean_env(), cwd=work, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = out / "run=pkg"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    records = [json.loads(line) for f in sorted(run_dir.glob("captions-*.jsonl")) for line in f.read_text().splitlines()]
+    errors = [line for f in run_dir.glob("errors-*.jsonl") for line in f.read_text().splitlines()]
+    assert not errors
+    assert sorted(os.path.basename(r["path"]) for r in records) == _samples()
+    samples_dir = os.path.realpath(os.path.join(child["site"], "batch_caption", "samples"))
+    assert all(os.path.realpath(os.path.dirname(r["path"])) == samples_dir for r in records)
+    assert all(r["caption"] for r in records)
+    assert manifest["counts"]["captioned"] == len(_samples()) and manifest["counts"]["failed"] == 0
+    if expected_model is None:
+        pytest.skip(f"bundled-model run not checked: {NO_DEFAULT_MODEL}")
+    assert manifest["model"] == expected_model and {r["model"] for r in records} == {expected_model}
