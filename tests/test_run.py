@@ -404,3 +404,13 @@ def test_identical_bytes_are_decoded_and_captioned_once(tiny_bundle, tmp_path):
     m = manifest["metrics"]
     assert m["decoded"] == 1 and m["num_inferences"] == 1 and m["captioned"] == 10
     assert m["duplicate_content"] == 9
+
+
+def test_no_flags_captions_the_bundled_samples_with_the_bundled_model(tmp_path, monkeypatch):
+    samples = sorted(os.listdir(run.SAMPLES_DIR))
+    assert samples and os.path.isfile(os.path.join(run.DEFAULT_MODEL, "bundle.json"))
+    monkeypatch.chdir(tmp_path)
+    manifest = run.run(["--run_id", "samples"])
+    captions, errors, _ = read_run(str(tmp_path / "captions" / "run=samples"))
+    assert sorted(os.path.basename(r["path"]) for r in captions) == samples and not errors
+    assert all(r["caption"] for r in captions) and manifest["model_path"] == run.DEFAULT_MODEL
