@@ -63,7 +63,8 @@ def _quiet_beam_memory_warning():
         root.addFilter(_RESOURCE_FILTER)
 
 
-# Beam warns before load_model runs, so install the filter wherever handlers are unpickled.
+# Beam warns before load_model runs, so the filter goes in at import: every process that
+# unpickles a handler (workers, the --share_model server) imports this module first.
 _quiet_beam_memory_warning()
 
 
@@ -123,7 +124,6 @@ class CaptionModelHandler(_ImageBatchHandler):
         from batch_caption.model.bundle import load_captioner
 
         gcs.configure_for_emulator()
-        _quiet_beam_memory_warning()
         return load_captioner(resolve_model_path(self._model_path), self._decode)
 
     def run_inference(self, batch: Sequence[ImageExample], model, inference_args: dict | None = None) -> Iterable[PredictionResult]:
@@ -153,7 +153,6 @@ class FeatureModelHandler(_ImageBatchHandler):
         from batch_caption.model.encoder import build_backbone
 
         gcs.configure_for_emulator()
-        _quiet_beam_memory_warning()
         backbone = build_backbone(self._config)
         size = self._config.image_size
         return _FeatureFunction(

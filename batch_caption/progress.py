@@ -51,17 +51,17 @@ class Reporter:
         return text
 
 
-def reporter(total: int | None = None) -> Reporter:
-    """This process's reporter (created on first use)."""
+def reporter() -> Reporter:
+    """This process's reporter (created on first use; the total grows with `expect`)."""
     global _reporter
     with _lock:
         if _reporter is None:
-            _reporter = Reporter(total)
+            _reporter = Reporter()
         return _reporter
 
 
-def reset(total: int | None = None) -> None:
+def reset() -> None:
     """Starts a fresh count (the driver calls this before each run)."""
     global _reporter
     with _lock:
-        _reporter = Reporter(total)
+        _reporter = Reporter()

@@ -17,6 +17,8 @@ import json
 import math
 from typing import Any
 
+from batch_caption import quality
+
 STAGES = ("match", "read", "decode", "infer", "write")
 # Dataset preparation also rejects captions (empty after tokenisation, unknown image).
 PREPARE_STAGES = STAGES + ("caption",)
@@ -44,8 +46,6 @@ def caption_record(
 ) -> dict[str, Any]:
     """Record for one file: `example` an inference.ImageExample, `captions` its n-best;
     `path`/`modified` name one of the example's files (default: example.path)."""
-    from batch_caption import quality
-
     if not captions:
         raise ValueError("no caption was produced")
     best = captions[0]
