@@ -11,13 +11,13 @@ and the ratio k=3 / greedy (the issue's target: <= 1.6).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
 import numpy as np
+from _common import write_report
 
 
 def main(argv=None) -> int:
@@ -51,9 +51,6 @@ def main(argv=None) -> int:
 
     b, g = statistics.median(times["beam3"]), statistics.median(times["greedy"])
     report = {
-        "command": "python bench/beam_vs_greedy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": beam.model_id,
         "settings": vars(args),
         "seconds_per_batch": times,
@@ -62,9 +59,7 @@ def main(argv=None) -> int:
     }
     print(f"| decoding | s / batch of {args.batch} (median of {args.rounds}) |\n| --- | --- |")
     print(f"| beam k=3 | {b:.4f} |\n| greedy | {g:.4f} |\n\nbeam3 / greedy = {b / g:.2f}x")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_report(args.out, argv, "beam_vs_greedy.py", report)
     return 0
 
 

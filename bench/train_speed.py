@@ -18,7 +18,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
+
+from _common import write_report
 
 
 def _run(cmd: list[str]) -> str:
@@ -67,9 +68,6 @@ def main(argv=None) -> int:
 
     images, features = statistics.median(rates["images"]), statistics.median(rates["features"])
     report = {
-        "command": "python bench/train_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": vars(args),
         "examples_per_second": rates,
         "median": {"images": images, "features": features},
@@ -78,9 +76,7 @@ def main(argv=None) -> int:
     print(f"\n| mode | examples/s (median of {args.rounds}) |\n| --- | --- |")
     print(f"| end to end (images) | {images:.1f} |\n| precomputed features | {features:.1f} |")
     print(f"\nfeatures / images = {features / images:.2f}x")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_report(args.out, argv, "train_speed.py", report)
     return 0
 
 
