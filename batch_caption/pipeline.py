@@ -13,10 +13,12 @@ come back from RunInference's dead-letter output per element.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -115,18 +117,23 @@ class MatchImages(beam.PTransform):
         self._run_id = run_id
 
     def expand(self, pbegin):
-        from_patterns = (
-            pbegin
-            | "CreatePatterns" >> beam.Create(self._patterns)
-            | "MatchPatterns" >> beam.ParDo(_MatchPatternFn(self._run_id)).with_outputs(ERRORS, main="files")
-        )
-        from_lists = (
-            pbegin
-            | "CreateListFiles" >> beam.Create(self._lists)
-            | "ReadListFiles" >> beam.ParDo(_ReadPathListFn(self._run_id)).with_outputs(ERRORS, main="files")
-        )
+        # A branch only for inputs that exist: every transform costs time to build and
+        # set up on every run, even with nothing to do.
+        sources = []
+        if self._patterns or not self._lists:
+            sources.append(
+                pbegin
+                | "CreatePatterns" >> beam.Create(self._patterns)
+                | "MatchPatterns" >> beam.ParDo(_MatchPatternFn(self._run_id)).with_outputs(ERRORS, main="files")
+            )
+        if self._lists:
+            sources.append(
+                pbegin
+                | "CreateListFiles" >> beam.Create(self._lists)
+                | "ReadListFiles" >> beam.ParDo(_ReadPathListFn(self._run_id)).with_outputs(ERRORS, main="files")
+            )
         files = (
-            (from_patterns.files, from_lists.files)
+            tuple(source.files for source in sources)
             | "FlattenFiles" >> beam.Flatten()
             | "KeyByPath" >> beam.Map(lambda f: (f.path, f))
             | "DedupePaths" >> beam.CombinePerKey(_best_known)
@@ -135,7 +142,7 @@ class MatchImages(beam.PTransform):
             # Python MatchAll does not rebalance: without this, one worker reads everything.
             | "SpreadFiles" >> beam.Reshuffle()
         )
-        errors = (from_patterns[ERRORS], from_lists[ERRORS]) | "FlattenMatchErrors" >> beam.Flatten()
+        errors = tuple(source[ERRORS] for source in sources) | "FlattenMatchErrors" >> beam.Flatten()
         return {"files": files, ERRORS: errors}
 
 
@@ -259,26 +266,77 @@ class _ReadFileFn(beam.DoFn):
         self._failed.inc()
         return beam.pvalue.TaggedOutput(ERRORS, records.error_record(path, "read", error, message, run_id=self._run_id))
 
+    def _load(self, f) -> tuple[bytes, int, str]:
+        """An open file -> (its bytes, its size, sha256); size > max_bytes: stop early."""
+        data = f.read(self._max_bytes + 1)
+        return data, len(data), hashlib.sha256(data).hexdigest()
+
     def process(self, source):
         if isinstance(source, str):
             source = SourceFile(source)
         path = source.path
         try:
             with FileSystems.open(path, compression_type="uncompressed") as f:
-                data = f.read(self._max_bytes + 1)
+                data, size, sha = self._load(f)
         except Exception as e:  # missing, a directory, permissions, network: all data
             yield self._error(path, _root_cause(e))
             return
-        self._bytes_read.inc(len(data))
-        if len(data) > self._max_bytes:
+        self._bytes_read.inc(size)
+        if size > self._max_bytes:
             yield self._error(path, "FileTooLargeError", f"file is larger than the limit of {self._max_bytes:,} bytes")
             return
-        sha = hashlib.sha256(data).hexdigest()
         if source.previous_sha256 == sha:
             self._skipped.inc()
             yield beam.pvalue.TaggedOutput("skipped", path)
             return
         yield FileData((source,), data, sha)
+
+
+HASH_CHUNK_BYTES = 1 << 20
+
+
+class _HashFileFn(_ReadFileFn):
+    """Like _ReadFileFn, but streams the file through sha256 and keeps no bytes
+    (FileData.data is b""): what goes through the dedupe shuffle is paths and hashes,
+    never file contents (the in-memory runner holds a GroupByKey's whole output at once)."""
+
+    def _load(self, f) -> tuple[bytes, int, str]:
+        digest, size = hashlib.sha256(), 0
+        while size <= self._max_bytes:
+            chunk = f.read(HASH_CHUNK_BYTES)
+            if not chunk:
+                break
+            digest.update(chunk)
+            size += len(chunk)
+        return b"", size, digest.hexdigest()
+
+
+class _ReadContentFn(beam.DoFn):
+    """FileData without bytes (after the dedupe shuffle) -> the same FileData with the
+    bytes of its first path, or an error record (stage read) for each of its paths."""
+
+    def __init__(self, max_file_bytes: int, run_id: str):
+        self._max_bytes = max_file_bytes
+        self._run_id = run_id
+
+    def setup(self):
+        gcs.configure_for_emulator()
+        self._failed = counter("failed_read")
+
+    def process(self, fd: FileData):
+        try:
+            with FileSystems.open(fd.sources[0].path, compression_type="uncompressed") as f:
+                data = f.read(self._max_bytes + 1)
+            if len(data) > self._max_bytes:
+                raise OSError(f"file is larger than the limit of {self._max_bytes:,} bytes")
+        except Exception as e:  # deleted or changed since it was hashed: all data
+            for source in fd.sources:
+                self._failed.inc()
+                yield beam.pvalue.TaggedOutput(
+                    ERRORS, records.error_record(source.path, "read", _root_cause(e), run_id=self._run_id))
+            return
+        # A file rewritten since it was hashed keeps its group; its record gets the new hash.
+        yield FileData(fd.sources, data, hashlib.sha256(data).hexdigest())
 
 
 def _merge_same_content(item) -> FileData:
@@ -290,35 +348,84 @@ def _merge_same_content(item) -> FileData:
     return FileData(tuple(s for d in group for s in d.sources), group[0].data, group[0].sha256)
 
 
-class _DecodeFn(beam.DoFn):
-    """FileData -> ImageExample, or an error record (stage decode) for each of its paths."""
+# Decoding runs in a small thread pool, ahead of the model: Pillow releases the GIL while
+# it decodes and resizes, and TensorFlow while it runs a batch, so the next images decode
+# while the current batch is captioned (on the in-memory DirectRunner every step of a
+# fused stage otherwise runs one after the other in one thread).
+DECODE_THREADS = 2
+DECODE_LOOKAHEAD = 32  # images in flight per DoFn instance; >= the batch size hides decoding
 
-    def __init__(self, image_config: images.ImageConfig, run_id: str):
+
+class _DecodeFn(beam.DoFn):
+    """FileData -> ImageExample, or an error record (stage decode) for each of its paths.
+
+    Up to `lookahead` images of a bundle are decoded ahead by `threads` threads (0: decode
+    inline); outputs keep the input order and each keeps its input's window and timestamp.
+    """
+
+    def __init__(self, image_config: images.ImageConfig, run_id: str, threads: int = DECODE_THREADS,
+                 lookahead: int = DECODE_LOOKAHEAD):
         self._config = image_config
         self._run_id = run_id
+        self._threads = threads
+        self._lookahead = max(1, lookahead)
 
     def setup(self):
         self._decoded = counter("decoded")
         self._failed = counter("failed_decode")
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="decode") if self._threads > 0 else None
 
-    def process(self, fd: FileData):
+    def start_bundle(self):
+        self._pending = collections.deque()
+
+    def _decode(self, data):
+        """Runs in a pool thread: data errors come back as values (Beam metrics and
+        outputs belong to the bundle's thread); anything else is a bug and propagates."""
         try:
-            decoded = images.decode_image(fd.data, self._config)
+            return images.decode_image(data, self._config)
         except images.ImageDecodeError as e:
+            return e
+
+    # WindowParam makes Beam call process once per window, so each kept element (and the
+    # output made from it later) carries exactly one window.
+    def process(self, fd: FileData, element=beam.DoFn.WindowedValueParam, _window=beam.DoFn.WindowParam):
+        if self._pool is None:
+            yield from self._emit(fd, self._decode(fd.data), element)
+            return
+        self._pending.append((fd, self._pool.submit(self._decode, fd.data), element))
+        while len(self._pending) > self._lookahead:
+            fd, future, element = self._pending.popleft()
+            yield from self._emit(fd, future.result(), element)
+
+    def finish_bundle(self):
+        while self._pending:
+            fd, future, element = self._pending.popleft()
+            yield from self._emit(fd, future.result(), element)
+
+    def teardown(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _emit(self, fd: FileData, decoded, element):
+        """Outputs as WindowedValues of the element they came from (finish_bundle has none)."""
+        if isinstance(decoded, images.ImageDecodeError):
             for source in fd.sources:
                 self._failed.inc()
-                yield beam.pvalue.TaggedOutput(ERRORS, records.error_record(source.path, "decode", e, run_id=self._run_id))
+                record = records.error_record(source.path, "decode", decoded, run_id=self._run_id)
+                yield beam.pvalue.TaggedOutput(ERRORS, element.with_value(record))
             return
         self._decoded.inc()
-        yield ImageExample(
-            path=fd.sources[0].path,
-            pixels=decoded.pixels,
-            width=decoded.width,
-            height=decoded.height,
-            format=decoded.format,
-            sha256=fd.sha256,
-            size_bytes=len(fd.data),
-            sources=fd.sources,
+        yield element.with_value(
+            ImageExample(
+                path=fd.sources[0].path,
+                pixels=decoded.pixels,
+                width=decoded.width,
+                height=decoded.height,
+                format=decoded.format,
+                sha256=fd.sha256,
+                size_bytes=len(fd.data),
+                sources=fd.sources,
+            )
         )
 
 
@@ -335,31 +442,45 @@ class ReadImages(beam.PTransform):
     'skipped' (paths whose content equals their previous_sha256).
 
     Args:
-      dedupe: decode identical bytes once (grouped by sha256; the bytes are shuffled);
-        the example then names every path in `sources`, and each gets its own record.
+      dedupe: decode identical bytes once: files are hashed (streamed), grouped by sha256
+        (only paths and hashes are shuffled) and one file of each group is read again and
+        decoded; the example then names every path in `sources`, and each gets its own record.
+      lookahead: images decoded ahead of the consumer (give the model's batch size, so a
+        whole batch decodes while the previous one is captioned).
+      decode_threads: threads decoding per DoFn instance (0: decode inline).
     """
 
-    def __init__(self, image_config: images.ImageConfig, max_file_bytes: int, run_id: str, dedupe: bool = False):
+    def __init__(self, image_config: images.ImageConfig, max_file_bytes: int, run_id: str, dedupe: bool = False,
+                 lookahead: int = DECODE_LOOKAHEAD, decode_threads: int = DECODE_THREADS):
         super().__init__()
         self._config = image_config
         self._max_bytes = max_file_bytes
         self._run_id = run_id
         self._dedupe = dedupe
+        self._lookahead = lookahead
+        self._threads = decode_threads
 
     def expand(self, files):
-        read = files | "ReadFiles" >> beam.ParDo(_ReadFileFn(self._max_bytes, self._run_id)).with_outputs(
-            ERRORS, "skipped", main="data"
-        )
-        data = read.data
+        # With dedupe, files are hashed (streamed, no bytes kept), grouped by hash, and one
+        # file of each group is read again for decoding: only paths and hashes are shuffled.
+        read_fn = (_HashFileFn if self._dedupe else _ReadFileFn)(self._max_bytes, self._run_id)
+        read = files | "ReadFiles" >> beam.ParDo(read_fn).with_outputs(ERRORS, "skipped", main="data")
+        data, read_errors = read.data, [read[ERRORS]]
         if self._dedupe:
-            data = (
+            content = (
                 data
                 | "KeyByContent" >> beam.Map(lambda d: (d.sha256, d))
                 | "GroupSameContent" >> beam.GroupByKey()
                 | "MergeSameContent" >> beam.Map(_merge_same_content)
+                | "ReadContent" >> beam.ParDo(_ReadContentFn(self._max_bytes, self._run_id)).with_outputs(
+                    ERRORS, main="data")
             )
-        decoded = data | "Decode" >> beam.ParDo(_DecodeFn(self._config, self._run_id)).with_outputs(ERRORS, main="images")
-        errors = (read[ERRORS], decoded[ERRORS]) | "FlattenReadErrors" >> beam.Flatten()
+            data = content.data
+            read_errors.append(content[ERRORS])
+        decoded = data | "Decode" >> beam.ParDo(
+            _DecodeFn(self._config, self._run_id, self._threads, self._lookahead)
+        ).with_outputs(ERRORS, main="images")
+        errors = (*read_errors, decoded[ERRORS]) | "FlattenReadErrors" >> beam.Flatten()
         return {"images": decoded.images, ERRORS: errors, "skipped": read.skipped}
 
 
@@ -484,10 +605,14 @@ class _WriteManifestFn(beam.DoFn):
     def setup(self):
         gcs.configure_for_emulator()
 
-    def process(self, _, caption_files, error_files, n_captions, error_stages, n_matched, flag_counts, n_skipped):
+    def process(self, _, caption_files, error_files, tallies):
         info = self._info
-        failed = {stage: n for stage, n in error_stages}
-        flagged = dict(flag_counts)
+        tally = {key: n for key, n in tallies}  # (kind, name) -> count; absent = 0
+        n_captions = tally.get(("captioned", ""), 0)
+        n_matched = tally.get(("matched", ""), 0)
+        n_skipped = tally.get(("skipped", ""), 0)
+        failed = {name: n for (kind, name), n in tally.items() if kind == "failed"}
+        flagged = {name: n for (kind, name), n in tally.items() if kind == "flagged"}
         manifest = {
             "format": records.MANIFEST_FORMAT,
             "run_id": info.run_id,
@@ -556,29 +681,32 @@ class WriteRun(beam.PTransform):
 
         caption_files = write(outputs["captions"], "captions")
         error_files = write(outputs[ERRORS], "errors")
-        n_captions = outputs["captions"] | "CountCaptions" >> beam.combiners.Count.Globally()
-        error_stages = (
-            outputs[ERRORS]
-            | "ErrorStage" >> beam.Map(lambda r: r["stage"])
-            | "CountErrorsByStage" >> beam.combiners.Count.PerElement()
+        # Every count of the manifest from one combine over (kind, name) keys: one
+        # Count.Globally per count cost ~9 transforms each, and pipeline construction and
+        # stage setup are a fixed cost per transform on every run.
+        tallies = (
+            (
+                outputs["captions"] | "TallyCaptions" >> beam.FlatMap(_caption_tallies),
+                outputs[ERRORS] | "TallyErrors" >> beam.Map(lambda r: ("failed", r["stage"])),
+                outputs["files"] | "TallyMatched" >> beam.Map(lambda _: ("matched", "")),
+                outputs["skipped"] | "TallySkipped" >> beam.Map(lambda _: ("skipped", "")),
+            )
+            | "FlattenTallies" >> beam.Flatten()
+            | "CountTallies" >> beam.combiners.Count.PerElement()
         )
         pbegin = outputs["captions"].pipeline
         return (
             pbegin
-            | "ManifestTrigger" >> beam.Create([None])
+            | "ManifestTrigger" >> beam.Impulse()  # one element, so the manifest is written once
             | "WriteManifest"
             >> beam.ParDo(
                 _WriteManifestFn(self._info),
                 beam.pvalue.AsList(caption_files),
                 beam.pvalue.AsList(error_files),
-                beam.pvalue.AsSingleton(n_captions),
-                beam.pvalue.AsList(error_stages),
-                beam.pvalue.AsSingleton(outputs["files"] | "CountMatched" >> beam.combiners.Count.Globally()),
-                beam.pvalue.AsList(
-                    outputs["captions"]
-                    | "Flags" >> beam.FlatMap(lambda r: r["flags"])
-                    | "CountFlags" >> beam.combiners.Count.PerElement()
-                ),
-                beam.pvalue.AsSingleton(outputs["skipped"] | "CountSkipped" >> beam.combiners.Count.Globally()),
+                beam.pvalue.AsList(tallies),
             )
         )
+
+
+def _caption_tallies(record) -> list[tuple[str, str]]:
+    return [("captioned", "")] + [("flagged", flag) for flag in record["flags"]]

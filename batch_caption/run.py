@@ -51,6 +51,7 @@ class JobConfig:
     batch_size: int = 32
     max_image_pixels: int = 100_000_000
     max_file_bytes: int = 256 * 1024 * 1024
+    draft: bool = True
     share_model: bool = False
     low_score_threshold: float = -1.5
     dedupe: bool = True
@@ -129,12 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --incremental: keep captions made by any model (default: a model change re-captions)")
     n.add_argument("--dedupe", action=argparse.BooleanOptionalAction, default=True,
                    help="decode and caption identical bytes under several paths once; every path still gets "
-                   "its record (default on; the bytes are grouped by sha256 through a shuffle)")
+                   "its record (default on: files are hashed, only paths and hashes are shuffled, and one file per "
+                   "hash is read again)")
     r = p.add_argument_group("resources")
     r.add_argument("--batch_size", type=int, default=32, help="images per model call (default 32)")
     r.add_argument("--max_image_pixels", type=int, default=100_000_000,
                    help="decoded pixel limit per image, against decompression bombs (default 100M)")
     r.add_argument("--max_file_bytes", type=int, default=256 * 1024 * 1024, help="larger files are errors (default 256 MiB)")
+    r.add_argument("--draft", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode JPEGs at a reduced DCT scale (>= 2x the model's input size) before resizing; "
+                   "--no-draft decodes every pixel (slower, nearly identical pixels; default on)")
     r.add_argument("--share_model", action="store_true",
                    help="one model copy per machine shared by all worker processes (large models)")
     return p
@@ -170,6 +175,7 @@ def parse(argv: list[str] | None):
         batch_size=args.batch_size,
         max_image_pixels=args.max_image_pixels,
         max_file_bytes=args.max_file_bytes,
+        draft=args.draft,
         share_model=args.share_model,
         low_score_threshold=args.low_score_threshold,
         dedupe=args.dedupe,
@@ -273,7 +279,7 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
         start_time=time.time(),
         previous_runs=tuple(m["run_id"] for m in previous),
     )
-    image_config = images.ImageConfig(image_size=image_size, max_image_pixels=config.max_image_pixels)
+    image_config = images.ImageConfig(image_size=image_size, max_image_pixels=config.max_image_pixels, draft=config.draft)
     model_path = BUNDLED_MODEL if config.model == DEFAULT_MODEL else config.model
     handler = CaptionModelHandler(model_path, decode, config.batch_size, config.share_model)
     matched = pipeline | "MatchImages" >> P.MatchImages(config.inputs, config.input_lists, config.run_id)
@@ -285,7 +291,10 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
             caption_files, end_times, model_id, config.incremental_any_model
         )
         to_read, skipped = selected["files"], [selected["skipped"]]
-    read = to_read | "ReadImages" >> P.ReadImages(image_config, config.max_file_bytes, config.run_id, config.dedupe)
+    # Decoding runs a batch ahead of the model (positional: tests stand in for ReadImages).
+    read = to_read | "ReadImages" >> P.ReadImages(
+        image_config, config.max_file_bytes, config.run_id, config.dedupe, config.batch_size
+    )
     captioned = read["images"] | "CaptionImages" >> P.CaptionImages(
         handler, decode, config.run_id, config.low_score_threshold, report_progress
     )
@@ -337,7 +346,9 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def job_metrics(result) -> dict[str, int]:
-    """The job's Beam counters, plus how many times a model was loaded."""
+    """The job's Beam counters, how many times a model was loaded and how long the loads
+    took (model_load_ms, summed over processes; the handler traces the graph while loading,
+    so this is the job's whole one-time model cost)."""
     from apache_beam.metrics.metric import MetricsFilter
 
     from batch_caption.pipeline import NAMESPACE
@@ -350,6 +361,7 @@ def job_metrics(result) -> dict[str, int]:
         if d.key.metric.name.endswith("load_model_latency_milli_secs"):
             value = d.committed or d.attempted
             out["model_loads"] = out.get("model_loads", 0) + (value.count if value else 0)
+            out["model_load_ms"] = out.get("model_load_ms", 0) + (value.sum if value else 0)
     return out
 
 

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+
 import apache_beam as beam
 import numpy as np
+import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import IntervalWindow
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
+from helpers import varied_images
+from PIL import Image
 
+from batch_caption import images
 from batch_caption import pipeline as P
 from batch_caption.inference import CaptionModelHandler, ImageExample
 from batch_caption.model.captioner import Caption
@@ -96,3 +106,99 @@ def test_the_bundled_model_is_resolved_on_the_worker_not_the_driver():
     here = os.path.join(os.path.dirname(batch_caption.__file__), "default_model")
     assert resolve_model_path(BUNDLED_MODEL) == os.path.abspath(here)
     assert resolve_model_path("gs://b/m") == "gs://b/m"
+
+
+def _file_data(name: str, data: bytes) -> P.FileData:
+    return P.FileData((P.SourceFile(name),), data, hashlib.sha256(data).hexdigest())
+
+
+def _decode_bundle(fn: P._DecodeFn, files) -> list:
+    """Runs one bundle through the DoFn by hand; input i gets timestamp i, window [i, i+1)."""
+    fn.setup()
+    fn.start_bundle()
+    out = []
+    for i, f in enumerate(files):
+        out.extend(fn.process(f, WindowedValue(f, Timestamp(i), [IntervalWindow(i, i + 1)])))
+    out.extend(fn.finish_bundle())
+    fn.teardown()
+    return out
+
+
+def _summary(output):
+    tag = output.tag if isinstance(output, beam.pvalue.TaggedOutput) else None
+    wv = output.value if tag else output
+    value = wv.value
+    what = (value["path"], value["error"]) if tag else (value.path, value.pixels.tobytes(), value.width, value.format)
+    return tag, what, wv.timestamp, tuple(wv.windows)
+
+
+def test_decoding_ahead_in_threads_keeps_order_windows_and_errors():
+    buf = []
+    for i, pixels in enumerate(varied_images(6, 40, seed=5)):
+        b = io.BytesIO()
+        Image.fromarray(pixels).save(b, format="JPEG" if i % 2 else "PNG")
+        buf.append(b.getvalue())
+    files = [_file_data(f"img{i}", data) for i, data in enumerate(buf)]
+    files.insert(2, _file_data("broken", b"not an image at all"))
+    files.insert(5, _file_data("empty", b""))
+    config = images.ImageConfig(image_size=16)
+    inline = [_summary(o) for o in _decode_bundle(P._DecodeFn(config, "r", threads=0), files)]
+    # lookahead 3 < 8 files: outputs leave both from process and from finish_bundle.
+    ahead = [_summary(o) for o in _decode_bundle(P._DecodeFn(config, "r", threads=2, lookahead=3), files)]
+    assert ahead == inline
+    assert [s[1][0] for s in ahead] == [f.sources[0].path for f in files]  # input order
+    for i, (tag, what, timestamp, windows) in enumerate(ahead):
+        assert timestamp == Timestamp(i) and windows == (IntervalWindow(i, i + 1),)
+        assert (tag == P.ERRORS) == (what[0] in ("broken", "empty"))
+    assert dict(s[1] for s in ahead if s[0]) == {"broken": "UnsupportedImageError", "empty": "EmptyImageError"}
+
+
+def test_a_bug_while_decoding_ahead_fails_the_bundle():
+    fn = P._DecodeFn(images.ImageConfig(image_size=16), "r", threads=1, lookahead=4)
+    bad = P.FileData((P.SourceFile("x"),), "text, not bytes", "0" * 64)  # TypeError: a bug, not data
+    with pytest.raises(TypeError):
+        _decode_bundle(fn, [bad])
+
+
+def test_decoding_ahead_gives_each_window_its_own_output():
+    buf = io.BytesIO()
+    Image.fromarray(varied_images(1, 40, seed=2)[0]).save(buf, format="PNG")
+    files = [_file_data(f"img{i}", buf.getvalue()) for i in range(4)]
+
+    class Where(beam.DoFn):
+        def process(self, example, window=beam.DoFn.WindowParam):
+            yield example.path, float(window.start)
+
+    with BeamTestPipeline() as p:
+        decoded = (
+            p
+            | beam.Create([(i, f) for i, f in enumerate(files)])
+            | beam.Map(lambda kv: beam.window.TimestampedValue(kv[1], kv[0]))
+            | beam.WindowInto(beam.window.SlidingWindows(size=2, period=1))  # 2 windows each
+            | beam.ParDo(P._DecodeFn(images.ImageConfig(image_size=8), "r", threads=2, lookahead=2))
+            | beam.ParDo(Where())
+        )
+        assert_that(decoded, equal_to([(f"img{i}", float(start)) for i in range(4) for start in (i - 1, i)]))
+
+
+def test_dedupe_shuffles_hashes_not_bytes_and_reads_each_content_once(tmp_path):
+    data = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(data, format="PNG")
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(data.getvalue())
+    (tmp_path / "c.png").write_bytes(b"not an image")
+    paths = sorted(str(p) for p in tmp_path.iterdir())
+
+    # The hashing read keeps no bytes: only paths and hashes go through the GroupByKey.
+    hash_fn = P._HashFileFn(1 << 20, "r")
+    hash_fn.setup()
+    hashed = list(hash_fn.process(P.SourceFile(paths[0])))
+    assert hashed[0].data == b"" and hashed[0].sha256 == hashlib.sha256(data.getvalue()).hexdigest()
+
+    config = images.ImageConfig(image_size=32)
+    with BeamTestPipeline() as p:
+        out = p | beam.Create([P.SourceFile(x) for x in paths]) | P.ReadImages(config, 1 << 20, "r", dedupe=True)
+        examples = out["images"] | beam.Map(lambda e: (sorted(s.path for s in e.sources), e.size_bytes, e.pixels.shape))
+        assert_that(examples, equal_to([(paths[:2], len(data.getvalue()), (32, 32, 3))]), label="images")
+        assert_that(out[P.ERRORS] | beam.Map(lambda r: (r["path"], r["stage"])),
+                    equal_to([(paths[2], "decode")]), label="errors")

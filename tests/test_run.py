@@ -148,6 +148,7 @@ def test_model_is_loaded_once_per_process(in_memory_run):
     m = manifest["metrics"]
     assert m["captioned"] == manifest["counts"]["captioned"] > 4  # several batches of 4
     assert m["model_loads"] == 1
+    assert 0 < m["model_load_ms"] < manifest["elapsed_seconds"] * 1000  # load + trace, for benchmarks
 
 
 def test_job_captions_equal_the_captioners(mixed, in_memory_run, tiny_bundle):
@@ -297,6 +298,30 @@ def test_bad_command_lines_fail_fast_with_one_line(args, message, tiny_bundle, t
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "out").exists()  # no work started
+
+
+def test_draft_flag_turns_jpeg_draft_decoding_off(tmp_path, monkeypatch):
+    import apache_beam as beam
+
+    from batch_caption import pipeline as P
+
+    assert run.parse(["--input", str(tmp_path)])[0].draft is True
+    assert run.parse(["--input", str(tmp_path), "--draft"])[0].draft is True
+    config = run.parse(["--input", str(tmp_path), "--no-draft"])[0]
+    assert config.draft is False
+    seen = []
+
+    class Built(Exception):
+        pass
+
+    def read_images(image_config, *args):  # only the ImageConfig the job builds matters here
+        seen.append(image_config)
+        raise Built
+
+    monkeypatch.setattr(P, "ReadImages", read_images)
+    with pytest.raises(Built):
+        run.build_pipeline(beam.Pipeline(), config, "id", 128, False)
+    assert seen[0].draft is False and seen[0].image_size == 128
 
 
 def test_cli_process_exit_codes_and_help(tiny_bundle, tmp_path):

@@ -56,3 +56,14 @@ def test_rejects_wrong_image_shape_or_dtype(captioner):
         captioner.search(np.zeros((1, 64, 64, 3), np.float32))
     with pytest.raises(ValueError, match="64, 64, 3"):
         captioner.search(np.zeros((1, 32, 32, 3), np.uint8))
+
+
+def test_warm_up_traces_once_and_every_batch_reuses_that_trace(tiny_model, tiny_vocab):
+    fresh = Captioner(tiny_model, tiny_vocab, DecodeConfig(beam_size=3, max_length=8, num_alternatives=3))
+    fresh.warm_up()
+    assert fresh._search.experimental_get_tracing_count() == 1
+    images = _images(5, seed=9)
+    warmed = fresh.caption(images)
+    assert fresh._search.experimental_get_tracing_count() == 1
+    cold = Captioner(tiny_model, tiny_vocab, fresh.decode).caption(images)  # no warm-up
+    assert [[c.text for c in row] for row in warmed] == [[c.text for c in row] for row in cold]

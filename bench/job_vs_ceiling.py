@@ -1,0 +1,153 @@
+"""Throughput of the captioning job against the model's own ceiling, on the bundled model.
+
+    python bench/job_vs_ceiling.py [--images 2000] [--size 256] [--rounds 3] [--batches 16,32,64,128]
+                                   [--job_args "--batch_size 64"] [--out bench/results/job_vs_ceiling.json]
+
+One process. The job is the real one: `batch_caption.run.run` on the DirectRunner (in
+memory) with the default bundled model over the fixed small corpus (`corpora.small_images`:
+synthetic scenes, JPEG q90), writing its real output to a temp dir. The ceiling is the same
+bundle's Captioner called directly on pre-decoded uint8 arrays (decoded beforehand with the
+job's own `images.decode_image`), texts included (`Captioner.caption`), at the best batch
+size of a sweep. After the sweep, job and ceiling rounds alternate (J C J C ...) so both
+see the same machine load; medians are reported.
+
+Job throughput is given two ways:
+  job (steady)  images / (the job's elapsed_seconds - its model_load_ms): everything the job
+                does per run (pipeline start, matching, reading, decoding, batching,
+                inference, records, writing, manifest) except the one-time model load
+                and graph trace, which the job's own metrics report;
+  job (wall)    images / the wall time of the whole `run.run` call (flag checks, model
+                verification, pipeline construction, model load and trace included).
+The target is job (steady) / ceiling >= 0.85. Also reported: CPU seconds per image of
+each (all threads of the process), which, unlike wall time, barely depends on what else
+the machine is running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+from _common import write_report
+
+import corpora
+
+
+def ceiling_pass(captioner, pixels: np.ndarray, batch: int) -> tuple[float, float]:
+    """(wall, CPU) seconds to caption every image of `pixels` in batches of `batch`
+    (the last one partial)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    for i in range(0, len(pixels), batch):
+        captioner.caption(pixels[i : i + batch])  # a slice is a view: no copy
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def job_round(input_dir: str, out_dir: str, run_id: str, extra: list[str]) -> dict:
+    """One real job run; returns its timings and counts."""
+    from batch_caption import run
+
+    argv = ["--input", input_dir, "--output", out_dir, "--run_id", run_id, *extra]
+    start, cpu = time.perf_counter(), time.process_time()
+    manifest = run.run(argv)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    counts, metrics = manifest["counts"], manifest["metrics"]
+    if counts["failed"] or counts["captioned"] != counts["matched"]:
+        raise SystemExit(f"job round {run_id} did not caption every image: {counts}")
+    load_s = metrics.get("model_load_ms", 0) / 1000.0
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,  # every thread of this process: a load-independent measure of work
+        "elapsed_s": manifest["elapsed_seconds"],
+        "model_load_s": load_s,
+        "captioned": counts["captioned"],
+        "batch_size": manifest["options"]["batch_size"],
+        "num_inferences": metrics.get("num_inferences", 0),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--size", type=int, default=256, help="corpus image side in pixels")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batches", default="16,32,64,128", help="ceiling batch sizes to sweep")
+    p.add_argument("--job_args", default="", help="extra batch_caption.run flags, one string")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "job_vs_ceiling.json"))
+    args = p.parse_args(argv)
+
+    from batch_caption import images, run
+    from batch_caption.model.bundle import load_captioner
+
+    paths = corpora.small_images(args.images, args.size)
+    input_dir = os.path.dirname(paths[0])
+    extra = shlex.split(args.job_args)
+    job_config = run.parse(["--input", input_dir, *extra])[0]
+    captioner = load_captioner(job_config.model, job_config.decode)  # the job's model and search
+    config = images.ImageConfig(image_size=captioner.image_size)
+    pixels = np.stack([images.decode_image(open(path, "rb").read(), config).pixels for path in paths])
+    n = len(paths)
+
+    batches = [int(b) for b in args.batches.split(",")]
+    captioner.caption(pixels[: batches[0]])  # trace once; the signature's batch axis is None
+    sweep = {b: n / ceiling_pass(captioner, pixels, b)[0] for b in batches}
+    best = max(sweep, key=sweep.get)
+
+    work = tempfile.mkdtemp(prefix="bench_job_")
+    jobs: list[dict] = []
+    ceiling: list[float] = []
+    ceiling_cpu: list[float] = []
+    try:
+        for r in range(args.rounds):
+            jobs.append(job_round(input_dir, work, f"r{r}", extra))
+            shutil.rmtree(os.path.join(work, f"run=r{r}"))
+            wall_s, cpu_s = ceiling_pass(captioner, pixels, best)
+            ceiling.append(n / wall_s)
+            ceiling_cpu.append(cpu_s / n)
+            j = jobs[-1]
+            print(f"round {r}: job {j['captioned'] / (j['elapsed_s'] - j['model_load_s']):.1f} img/s steady, "
+                  f"{j['captioned'] / j['wall_s']:.1f} wall; ceiling {ceiling[-1]:.1f} img/s", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    steady = statistics.median(j["captioned"] / (j["elapsed_s"] - j["model_load_s"]) for j in jobs)
+    wall = statistics.median(j["captioned"] / j["wall_s"] for j in jobs)
+    top = statistics.median(ceiling)
+    report = {
+        "model": captioner.model_id,
+        "settings": vars(args),
+        "images": n,
+        "corpus": input_dir,
+        "ceiling_sweep_images_per_s": sweep,
+        "ceiling_batch": best,
+        "job_batch_size": jobs[0]["batch_size"],
+        "rounds": {"job": jobs, "ceiling_images_per_s": ceiling, "ceiling_cpu_s_per_image": ceiling_cpu},
+        "median_images_per_s": {"job_steady": steady, "job_wall": wall, "ceiling": top},
+        "job_steady_over_ceiling": steady / top,
+        "job_wall_over_ceiling": wall / top,
+        "job_model_load_s_median": statistics.median(j["model_load_s"] for j in jobs),
+        "cpu_ms_per_image_median": {"job": 1000 * statistics.median(j["cpu_s"] / j["captioned"] for j in jobs),
+                                    "ceiling": 1000 * statistics.median(ceiling_cpu)},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    print("ceiling sweep (img/s, one pass each): " + ", ".join(f"batch {b}: {v:.1f}" for b, v in sweep.items()))
+    print(f"\n| {n} images, {args.size} px JPEG | images/s (median of {args.rounds}) | / ceiling |\n| --- | --- | --- |")
+    print(f"| ceiling: Captioner, pre-decoded, batch {best} | {top:.1f} | 1.00 |")
+    print(f"| job, steady (excl. model load + trace, {report['job_model_load_s_median']:.1f} s) | {steady:.1f} | {steady / top:.2f} |")
+    print(f"| job, wall (whole run.run call) | {wall:.1f} | {wall / top:.2f} |")
+    cpu = report["cpu_ms_per_image_median"]
+    print(f"\nCPU ms per image (all threads; the job's whole run.run call): job {cpu['job']:.2f}, "
+          f"ceiling {cpu['ceiling']:.2f}")
+    write_report(args.out, argv, "job_vs_ceiling.py", report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

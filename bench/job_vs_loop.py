@@ -1,0 +1,141 @@
+"""The captioning job against a hand-written per-image loop, on the bundled model.
+
+    python bench/job_vs_loop.py [--images 2000] [--loop_images 200] [--size 256] [--rounds 3]
+                                [--corpus small|large] [--job_args "..."] [--out FILE]
+
+One process, alternating rounds (J L J L ...) so both see the same machine load. The job
+is the real one (`batch_caption.run.run`, DirectRunner in memory, default bundled model,
+real output to a temp dir) over the fixed small corpus (`corpora.small_images`). The loop
+is what one writes by hand in the im2txt style: for each file, open it with PIL, decode it
+fully, resize it to the model's input size (BICUBIC, as the job), and caption it alone
+(batch 1, the same Captioner and beam search settings). The loop runs on the first
+`--loop_images` files of the same corpus (it is slow), so both are compared per image.
+`--corpus large` uses the 12 MP photos of `corpora.large_photos` instead (e.g. `--images 200
+--loop_images 20`), where the job's JPEG draft decoding also counts; the loop's captions
+then come from other pixels and may differ from the job's.
+
+Reported: images/s of the job (steady: excluding its one-time model load and trace, which
+its own metrics give; and wall: the whole `run.run` call), images/s of the loop (the
+model loaded once beforehand, as the job's load is excluded), and job / loop (the issue's
+target: >= 10x). The loop's captions are checked against the job's for the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+from _common import write_report
+from PIL import Image
+
+import corpora
+from job_vs_ceiling import job_round
+
+
+def loop_pass(captioner, paths: list[str]) -> tuple[float, dict[str, str]]:
+    """Seconds to caption `paths` one by one, and each path's best caption."""
+    size = captioner.image_size
+    captions = {}
+    start = time.perf_counter()
+    for path in paths:
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
+        captions[path] = captioner.caption(pixels[None])[0][0].text
+    return time.perf_counter() - start, captions
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=2000, help="job corpus size")
+    p.add_argument("--loop_images", type=int, default=200, help="the loop captions the first N of them")
+    p.add_argument("--size", type=int, default=256, help="corpus image side in pixels (small corpus)")
+    p.add_argument("--corpus", choices=("small", "large"), default="small",
+                   help="small: synthetic scenes of --size px; large: 4000x3000 photos")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--job_args", default="", help="extra batch_caption.run flags, one string")
+    p.add_argument("--out", default=None,
+                   help="JSON report (default bench/results/job_vs_loop.json, job_vs_loop_large.json for --corpus large)")
+    args = p.parse_args(argv)
+    if args.out is None:
+        name = "job_vs_loop.json" if args.corpus == "small" else "job_vs_loop_large.json"
+        args.out = os.path.join(os.path.dirname(__file__), "results", name)
+
+    from batch_caption import run
+    from batch_caption.model.bundle import load_captioner
+
+    if args.corpus == "small":
+        paths = corpora.small_images(args.images, args.size)
+    else:
+        paths = corpora.large_photos(args.images)
+    input_dir = os.path.dirname(paths[0])
+    loop_paths = paths[: args.loop_images]
+    extra = shlex.split(args.job_args)
+    job_config = run.parse(["--input", input_dir, *extra])[0]
+    captioner = load_captioner(job_config.model, job_config.decode)  # the job's model and search
+    captioner.warm_up()
+
+    work = tempfile.mkdtemp(prefix="bench_job_")
+    jobs: list[dict] = []
+    loop: list[float] = []
+    same = None
+    try:
+        for r in range(args.rounds):
+            jobs.append(job_round(input_dir, work, f"r{r}", extra))
+            if same is None:  # the job's and the loop's captions of the loop's files
+                run_dir = os.path.join(work, f"run=r{r}")
+                job_captions = {}
+                for name in os.listdir(run_dir):
+                    if name.startswith("captions-"):
+                        with open(os.path.join(run_dir, name)) as f:
+                            job_captions.update((rec["path"], rec["caption"]) for rec in map(json.loads, f))
+            shutil.rmtree(os.path.join(work, f"run=r{r}"))
+            seconds, loop_captions = loop_pass(captioner, loop_paths)
+            loop.append(len(loop_paths) / seconds)
+            if same is None:
+                same = sum(job_captions.get(path) == text for path, text in loop_captions.items())
+            j = jobs[-1]
+            print(f"round {r}: job {j['captioned'] / (j['elapsed_s'] - j['model_load_s']):.1f} img/s steady, "
+                  f"{j['captioned'] / j['wall_s']:.1f} wall; loop {loop[-1]:.1f} img/s", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    steady = statistics.median(j["captioned"] / (j["elapsed_s"] - j["model_load_s"]) for j in jobs)
+    wall = statistics.median(j["captioned"] / j["wall_s"] for j in jobs)
+    per_image = statistics.median(loop)
+    report = {
+        "model": captioner.model_id,
+        "settings": vars(args),
+        "images": len(paths),
+        "loop_images": len(loop_paths),
+        "corpus": input_dir,
+        "job_batch_size": jobs[0]["batch_size"],
+        "rounds": {"job": jobs, "loop_images_per_s": loop},
+        "median_images_per_s": {"job_steady": steady, "job_wall": wall, "loop": per_image},
+        "job_steady_over_loop": steady / per_image,
+        "job_wall_over_loop": wall / per_image,
+        "loop_seconds_per_image": 1 / per_image,
+        "loop_captions_equal_to_job": f"{same}/{len(loop_paths)}",
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    what = f"{args.size} px JPEG" if args.corpus == "small" else "4000x3000 JPEG"
+    print(f"| {what} | images/s (median of {args.rounds}) | job / loop |\n| --- | --- | --- |")
+    print(f"| loop: PIL full decode + resize, batch 1 ({len(loop_paths)} images) | {per_image:.1f} "
+          f"({1000 / per_image:.1f} ms/image) | |")
+    print(f"| job, steady (excl. model load + trace; {len(paths)} images) | {steady:.1f} | {steady / per_image:.1f}x |")
+    print(f"| job, wall (whole run.run call; {len(paths)} images) | {wall:.1f} | {wall / per_image:.1f}x |")
+    print(f"\nloop captions equal to the job's: {same}/{len(loop_paths)}")
+    write_report(args.out, argv, "job_vs_loop.py", report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Profile the captioning job with py-spy, and summarise the profile.
+
+    pip install py-spy        # into the dev venv only; not a project dependency
+    py-spy record --idle --format raw --rate 100 -o /tmp/job.prof -- \
+        python bench/profile_job.py run --images 300
+    python bench/profile_job.py summary /tmp/job.prof [--under Captioner.search] [--top 40]
+
+`run` runs the real job (`batch_caption.run.run`, DirectRunner in memory, bundled model)
+twice in one process over `corpora.small_images`: `warm_up_run` first (imports, first
+TensorFlow use), then `measured_run`, the one to read. `summary` keeps the samples of
+`measured_run`, leaves out the model load (`_RunInferenceDoFn.setup`) unless --with_load,
+and prints, per function, the share of samples with it on the stack (inclusive), then the
+share by the function at the top of the stack (self). With --idle, waiting (for a lock, for
+TensorFlow's threads) counts too, so the main thread's samples add up to its wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import shlex
+import sys
+import tempfile
+import time
+
+import corpora
+
+
+def _job(input_dir: str, out: str, run_id: str, extra: list[str]) -> dict:
+    from batch_caption import run
+
+    return run.run(["--input", input_dir, "--output", out, "--run_id", run_id, *extra])
+
+
+def warm_up_run(input_dir: str, out: str, extra: list[str]) -> None:
+    _job(input_dir, out, "warm", extra)
+
+
+def measured_run(input_dir: str, out: str, extra: list[str]) -> None:
+    start = time.perf_counter()
+    manifest = _job(input_dir, out, "measured", extra)
+    load = manifest["metrics"].get("model_load_ms", 0) / 1000
+    print(f"measured run: {time.perf_counter() - start:.2f} s wall, elapsed {manifest['elapsed_seconds']:.2f} s, "
+          f"model load + trace {load:.2f} s", file=sys.stderr)
+
+
+def summary(path: str, under: str | None, top: int, with_load: bool) -> None:
+    inclusive: collections.Counter = collections.Counter()
+    own: collections.Counter = collections.Counter()
+    total = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip().rpartition(" ")
+            if "measured_run (" not in stack or (not with_load and "_RunInferenceDoFn.setup" in stack):
+                continue
+            if under and under not in stack:
+                continue
+            n = int(count)
+            total += n
+            frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
+            for frame in set(frames):
+                inclusive[frame] += n
+            own[frames[-1]] += n
+    print(f"{total} samples")
+    for title, counter in (("inclusive", inclusive), ("self", own)):
+        print(f"--- {title}")
+        for frame, n in counter.most_common(top):
+            print(f"{n:7d} {100 * n / max(total, 1):5.1f}%  {frame[:160]}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the job twice in this process (profile it with py-spy)")
+    r.add_argument("--images", type=int, default=300)
+    r.add_argument("--size", type=int, default=256)
+    r.add_argument("--job_args", default="", help="extra batch_caption.run flags, one string")
+    s = sub.add_parser("summary", help="summarise a py-spy raw profile of `run`")
+    s.add_argument("profile")
+    s.add_argument("--under", default=None, help="only samples with this text on the stack")
+    s.add_argument("--top", type=int, default=40)
+    s.add_argument("--with_load", action="store_true", help="keep the model load and trace")
+    args = p.parse_args(argv)
+    if args.command == "summary":
+        summary(args.profile, args.under, args.top, args.with_load)
+        return 0
+    input_dir = os.path.dirname(corpora.small_images(args.images, args.size)[0])
+    extra = shlex.split(args.job_args)
+    with tempfile.TemporaryDirectory(prefix="profile_job_") as out:
+        warm_up_run(input_dir, out, extra)
+        measured_run(input_dir, out, extra)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
