@@ -1,0 +1,31 @@
+"""The bundled default model: its committed evaluation report is what it really does."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import batch_caption
+from batch_caption.data import facts as F
+from batch_caption.data import scenes
+
+MODEL = os.path.join(os.path.dirname(batch_caption.__file__), "default_model")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(MODEL, "EVALUATION.json")), reason="no default model yet")
+def test_content_accuracy_in_the_report_is_reproduced_on_the_test_split():
+    from batch_caption.model.bundle import load_captioner
+
+    report = json.load(open(os.path.join(MODEL, "EVALUATION.json")))["test"]["content_accuracy"]
+    captioner = load_captioner(MODEL)  # the job's default decoding
+    # The synthetic test split exactly as `prepare --source synthetic --seed 0` renders it
+    # (the PNGs decode to these pixels unchanged, see tests/test_scene_encoder.py).
+    config = scenes.SceneConfig(image_size=captioner.image_size)
+    test = scenes.generate_scenes("test", report["n"], seed=0, config=config)
+    pixels = np.stack([np.asarray(scenes.render_scene(s, config)) for s in test])
+    texts = [c[0].text for i in range(0, len(pixels), 100) for c in captioner.caption(pixels[i : i + 100])]
+    correct = [F.check_caption(text, scene.to_facts()).correct for text, scene in zip(texts, test)]
+    assert sum(correct) == report["n_correct"]
