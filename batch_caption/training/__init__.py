@@ -6,6 +6,8 @@
     input.py     tf.data: records -> (image | features, caption) pairs -> padded batches
     optim.py     learning-rate schedule, optimizers that do not re-aggregate, clipping
     loop.py      the custom loop: distributed step, checkpoints, eval, summaries, export
+    scene_encoder.py  CNN pretraining on synthetic scenes' facts (the offline stand-in for
+                 ImageNet): `python -m batch_caption.training.scene_encoder`
 
 Only `config.py`, `preflight.py` and `strategy.py` are imported before the strategy exists
 (and they import no TensorFlow), so bad flags and a missing dataset are reported at once.
