@@ -38,7 +38,7 @@ from _common import write_report
 from PIL import Image
 
 import corpora
-from job_vs_ceiling import job_round
+from job_vs_ceiling import job_rates, job_round
 
 
 def loop_pass(captioner, paths: list[str]) -> tuple[float, dict[str, str]]:
@@ -103,13 +103,13 @@ def main(argv=None) -> int:
             if same is None:
                 same = sum(job_captions.get(path) == text for path, text in loop_captions.items())
             j = jobs[-1]
-            print(f"round {r}: job {j['captioned'] / (j['elapsed_s'] - j['model_load_s']):.1f} img/s steady, "
-                  f"{j['captioned'] / j['wall_s']:.1f} wall; loop {loop[-1]:.1f} img/s", file=sys.stderr)
+            print(f"round {r}: job %.1f img/s steady, %.1f wall; loop {loop[-1]:.1f} img/s" % job_rates(j),
+                  file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    steady = statistics.median(j["captioned"] / (j["elapsed_s"] - j["model_load_s"]) for j in jobs)
-    wall = statistics.median(j["captioned"] / j["wall_s"] for j in jobs)
+    steady = statistics.median(job_rates(j)[0] for j in jobs)
+    wall = statistics.median(job_rates(j)[1] for j in jobs)
     per_image = statistics.median(loop)
     report = {
         "model": captioner.model_id,
