@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-default_model_work}
-STEPS=${STEPS:-8000}
+STEPS=${STEPS:-14000}
 ENCODER_EPOCHS=${ENCODER_EPOCHS:-6}
 IMAGE_SIZE=128
 
@@ -34,7 +34,7 @@ python -m batch_caption.prepare --source coco "${splits[@]}" --image_root "$WORK
 python -m batch_caption.train --data "$WORK/features" --output "$WORK/train" \
   --embedding_size 128 --lstm_units 256 --dropout 0.2 \
   --global_batch_size 64 --steps "$STEPS" --learning_rate 2e-3 --lr_schedule cosine --warmup_steps 100 \
-  --clip_norm 5 --checkpoint_every 1000 --eval_every 2000 --log_every 200 --seed 0
+  --clip_norm 5 --checkpoint_every 2000 --eval_every 2000 --log_every 500 --seed 0
 
 bundle="$WORK/train/export"
 for split in test compositional; do
