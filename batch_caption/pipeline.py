@@ -311,23 +311,16 @@ class _HashFileFn(_ReadFileFn):
         return b"", size, digest.hexdigest()
 
 
-class _ReadContentFn(beam.DoFn):
+class _ReadContentFn(_ReadFileFn):
     """FileData without bytes (after the dedupe shuffle) -> the same FileData with the
-    bytes of its first path, or an error record (stage read) for each of its paths."""
-
-    def __init__(self, max_file_bytes: int, run_id: str):
-        self._max_bytes = max_file_bytes
-        self._run_id = run_id
-
-    def setup(self):
-        gcs.configure_for_emulator()
-        self._failed = counter("failed_read")
+    bytes of its first path (read as _ReadFileFn reads), or an error record (stage read)
+    for each of its paths."""
 
     def process(self, fd: FileData):
         try:
             with FileSystems.open(fd.sources[0].path, compression_type="uncompressed") as f:
-                data = f.read(self._max_bytes + 1)
-            if len(data) > self._max_bytes:
+                data, size, sha = self._load(f)
+            if size > self._max_bytes:
                 raise OSError(f"file is larger than the limit of {self._max_bytes:,} bytes")
         except Exception as e:  # deleted or changed since it was hashed: all data
             for source in fd.sources:
@@ -336,7 +329,7 @@ class _ReadContentFn(beam.DoFn):
                     ERRORS, records.error_record(source.path, "read", _root_cause(e), run_id=self._run_id))
             return
         # A file rewritten since it was hashed keeps its group; its record gets the new hash.
-        yield FileData(fd.sources, data, hashlib.sha256(data).hexdigest())
+        yield FileData(fd.sources, data, sha)
 
 
 def _merge_same_content(item) -> FileData:
