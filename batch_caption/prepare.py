@@ -90,7 +90,8 @@ class PrepareConfig:
     synthetic_counts: (split, number of scenes) for --source synthetic.
     min_word_count: tokens seen fewer times in the vocab split's captions become <unk>.
     num_shards: shards per split; 0 lets the runner decide.
-    encoder / encoder_weights: the backbone that computes features (features mode).
+    encoder / encoder_weights / small_cnn_grid: the backbone that computes features
+      (features mode; the grid only for small_cnn).
     """
 
     source: str
@@ -110,6 +111,7 @@ class PrepareConfig:
     precompute_features: bool = False
     encoder: str | None = None
     encoder_weights: str | None = None
+    small_cnn_grid: int | None = None
     batch_size: int = 32
     max_image_pixels: int = 100_000_000
     max_file_bytes: int = 256 * 1024 * 1024
@@ -144,8 +146,12 @@ class PrepareConfig:
                 raise UsageError("--precompute_features needs --encoder_weights (imagenet or a .weights.h5 file)")
             if self.encoder == "small_cnn" and self.encoder_weights == "imagenet":
                 raise UsageError("small_cnn has no imagenet weights: give --encoder_weights a .weights.h5 file")
-        elif self.encoder or self.encoder_weights:
-            raise UsageError("--encoder and --encoder_weights only apply with --precompute_features")
+            if self.small_cnn_grid is not None and self.encoder != "small_cnn":
+                raise UsageError(f"--small_cnn_grid only applies to --encoder small_cnn, not {self.encoder}")
+            if self.small_cnn_grid is not None and not 1 <= self.small_cnn_grid <= 8:
+                raise UsageError(f"--small_cnn_grid must be in [1, 8], got {self.small_cnn_grid}")
+        elif self.encoder or self.encoder_weights or self.small_cnn_grid is not None:
+            raise UsageError("--encoder, --encoder_weights and --small_cnn_grid only apply with --precompute_features")
 
     def _check_splits(self):
         names = [n for n, _ in self.splits]
@@ -205,7 +211,8 @@ class PrepareConfig:
         """The backbone's config (features mode). vocab_size is a placeholder: the backbone
         does not use it, and the vocabulary is not known until the job has run."""
         return ModelConfig(vocab_size=len(vocab_lib.SPECIAL_TOKENS) + 1, encoder=self.encoder,
-                           image_size=self.image_size, encoder_weights=self.encoder_weights, train_encoder=False)
+                           image_size=self.image_size, encoder_weights=self.encoder_weights, train_encoder=False,
+                           small_cnn_grid=self.small_cnn_grid or 4)
 
     @property
     def synthetic_dir(self) -> str:
@@ -272,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--encoder", default=None, help=f"backbone: {', '.join(ENCODERS)} (default small_cnn)")
     f.add_argument("--encoder_weights", default=None,
                    help="'imagenet' (Keras downloads them) or a backbone .weights.h5 file (local or gs://); required")
+    f.add_argument("--small_cnn_grid", type=int, default=None,
+                   help="small_cnn: side of the grid its features are pooled to, F = grid*grid*128 (default 4; "
+                   "3 matches the synthetic scenes' 3x3 layout); recorded in dataset.json for train")
     f.add_argument("--batch_size", type=int, default=32, help="images per encoder call (default 32)")
     r = p.add_argument_group("resources")
     r.add_argument("--max_image_pixels", type=int, default=100_000_000, help="decoded pixel limit per image (default 100M)")
@@ -339,6 +349,7 @@ def parse(argv: list[str] | None):
         precompute_features=precompute,
         encoder=args.encoder or ("small_cnn" if precompute else None),
         encoder_weights=args.encoder_weights,
+        small_cnn_grid=args.small_cnn_grid,
         batch_size=args.batch_size,
         max_image_pixels=args.max_image_pixels,
         max_file_bytes=args.max_file_bytes,
@@ -811,6 +822,8 @@ class _WriteInfoFn(beam.DoFn):
         }
         if config.precompute_features:
             source["encoder_weights"] = config.encoder_weights
+            if config.encoder == "small_cnn":
+                source["small_cnn_grid"] = config.model_config.small_cnn_grid
         info = tfrecord.DatasetInfo(
             mode=config.mode, image_size=config.image_size, max_length=config.max_length, vocab_size=len(vocabulary),
             splits=splits, encoder=config.encoder, feature_size=feature_size, source=source,

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CNN backbone (default: the dataset's encoder, small_cnn for an images dataset)")
     model.add_argument("--image_size", type=int, default=None,
                        help="input size in pixels; must match the dataset (default: the dataset's)")
+    model.add_argument("--small_cnn_grid", type=int, default=None,
+                       help="small_cnn: side of the grid its features are pooled to, F = grid*grid*128 (default: what a "
+                       "features dataset records, else 4; 3 matches the synthetic scenes' 3x3 layout)")
     model.add_argument("--embedding_size", type=int, default=default("embedding_size"), help="(default %(default)s)")
     model.add_argument("--lstm_units", type=int, default=default("lstm_units"), help="(default %(default)s)")
     model.add_argument("--dropout", type=float, default=default("dropout"), help="(default %(default)s)")

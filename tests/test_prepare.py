@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -199,18 +200,19 @@ def _write_coco(root, split, entries, extra_annotations=()):
     return path
 
 
-def test_precomputed_features_equal_the_backbones(tmp_path):
+@pytest.mark.parametrize("size, grid", [(32, None), (48, 3)])
+def test_precomputed_features_equal_the_backbones(tmp_path, size, grid):
     import keras
 
     from batch_caption.model.config import ModelConfig
     from batch_caption.model.encoder import build_backbone
 
     keras.utils.set_random_seed(5)
-    config = ModelConfig(vocab_size=5, encoder="small_cnn", image_size=32)
+    config = ModelConfig(vocab_size=5, encoder="small_cnn", image_size=size, small_cnn_grid=grid or 4)
     weights = str(tmp_path / "small_cnn.weights.h5")
     backbone = build_backbone(config)
     backbone.save_weights(weights)
-    size = backbone.output_shape[-1]
+    features = backbone.output_shape[-1]
     root = tmp_path / "coco"
     (root / "img").mkdir(parents=True)
     entries = []
@@ -221,22 +223,23 @@ def test_precomputed_features_equal_the_backbones(tmp_path):
     test = _write_coco(str(root), "test", entries[4:])
     out = str(tmp_path / "out")
     info = prepare.run(["--source", "coco", "--split", f"train={train}", "--split", f"test={test}",
-                        "--image_root", str(root), "--output", out, "--image_size", "32", "--min_word_count", "1",
+                        "--image_root", str(root), "--output", out, "--image_size", str(size), "--min_word_count", "1",
                         "--precompute_features", "--encoder", "small_cnn", "--encoder_weights", weights,
-                        "--batch_size", "3"])
-    assert (info.mode, info.encoder, info.feature_size) == ("features", "small_cnn", size)
-    assert info.source["encoder_weights"] == weights
+                        "--batch_size", "3", *(["--small_cnn_grid", str(grid)] if grid else [])])
+    assert (info.mode, info.encoder, info.feature_size) == ("features", "small_cnn", features)
+    assert features == (grid or 4) ** 2 * 128
+    assert info.source["encoder_weights"] == weights and info.source["small_cnn_grid"] == (grid or 4)
     _, _, parsed = read_dataset(out)
     keras.utils.set_random_seed(6)  # a fresh backbone gets other weights unless they are loaded
-    backbone = build_backbone(ModelConfig(vocab_size=5, encoder="small_cnn", image_size=32, encoder_weights=weights))
-    image_config = images.ImageConfig(image_size=32)
+    backbone = build_backbone(dataclasses.replace(config, encoder_weights=weights))
+    image_config = images.ImageConfig(image_size=size)
     for split, rows in parsed.items():
         assert len(rows) == info.splits[split]["images"] == {"train": 4, "test": 2}[split]
         pixels = np.stack([images.decode_image(open(root / "img" / f"{r['image_id'] - 1}.png", "rb").read(),
                                                image_config).pixels for r in rows])
         want = backbone(pixels, training=False).numpy()
         got = np.stack([r["features"] for r in rows])
-        assert got.shape == (len(rows), size) and np.abs(want).max() > 0
+        assert got.shape == (len(rows), features) and np.abs(want).max() > 0
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -375,6 +378,11 @@ def inputs(tmp_path):
         (["--source", "synthetic", "--precompute_features", "--encoder_weights", "/nonexistent.weights.h5"],
          "does not exist"),
         (["--source", "synthetic", "--encoder", "small_cnn"], "only apply with --precompute_features"),
+        (["--source", "synthetic", "--small_cnn_grid", "3"], "only apply with --precompute_features"),
+        (["--source", "synthetic", "--precompute_features", "--encoder_weights", "/w.weights.h5", "--small_cnn_grid",
+          "9"], "--small_cnn_grid must be in [1, 8]"),
+        (["--source", "synthetic", "--precompute_features", "--encoder", "resnet50", "--encoder_weights", "imagenet",
+          "--small_cnn_grid", "3"], "only applies to --encoder small_cnn"),
         (["--source", "synthetic", "--min_word_count", "0"], "--min_word_count"),
     ],
 )

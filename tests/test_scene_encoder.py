@@ -83,10 +83,10 @@ def test_pretraining_writes_weights_the_encoder_factory_loads(tmp_path):
 
     out = tmp_path / "enc"
     rc = SE.main(["--output", str(out), "--image_size", "64", "--train_scenes", "16", "--val_scenes", "8",
-                  "--epochs", "1", "--batch_size", "8"])
+                  "--epochs", "1", "--batch_size", "8", "--small_cnn_grid", "3"])
     assert rc == 0
     report = json.loads((out / SE.REPORT_FILE).read_text())
-    assert report["train_images"] == 16 and report["val_images"] == 8
+    assert report["train_images"] == 16 and report["val_images"] == 8 and report["small_cnn_grid"] == 3
     assert set(report["val_group_accuracy"]) == set(SE.label_layout()) | {"all"}
     config = ModelConfig(vocab_size=5, image_size=64, encoder_weights=str(out / SE.WEIGHTS_FILE))
     trained, fresh = build_backbone(config), build_backbone(config, load_weights=False)
@@ -99,6 +99,8 @@ def test_pretraining_writes_weights_the_encoder_factory_loads(tmp_path):
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--train_scenes", "0"], "--train_scenes must be >= 1"),
         (["--encoder", "vgg"], "invalid choice"),
+        (["--small_cnn_grid", "0"], "small_cnn_grid must be in [1, 8]"),
+        (["--encoder", "resnet50", "--small_cnn_grid", "3"], "only applies to small_cnn"),
     ],
 )
 def test_bad_flags_fail_fast_in_one_line(tmp_path, capsys, argv, message):

@@ -511,3 +511,56 @@ def test_sigkill_resumes_from_the_last_checkpoint_and_sigterm_saves_and_exits(fe
     # The checkpoint of the very step it stopped at is the latest one.
     assert _latest_checkpoint_step(out / "checkpoints") == result["step"]
     assert result["checkpoint"].endswith(f"ckpt-{result['step']}")
+
+
+# --- small_cnn's pooled grid follows the features dataset -------------------------------------
+def _features_spec(tmp_path, grid, feature_size):
+    from batch_caption.training.preflight import DatasetSpec
+
+    weights = tmp_path / "w.weights.h5"
+    weights.write_bytes(b"only checked for existence here")
+    source = {"encoder_weights": str(weights)} if grid is None else {"encoder_weights": str(weights), "small_cnn_grid": grid}
+    info = DatasetInfo(mode="features", image_size=96, max_length=6, vocab_size=9, encoder="small_cnn",
+                       feature_size=feature_size, source=source,
+                       splits={"train": {"files": ["train-0.tfrecord"], "images": 2, "captions": 2}})
+    vocab = Vocabulary.build(["a red square", "a blue circle"])
+    return DatasetSpec(str(tmp_path), info, vocab, {"train": (str(tmp_path / "train-0.tfrecord"),)})
+
+
+@pytest.mark.parametrize("recorded, feature_size, flag, want", [
+    (3, 9 * 128, None, 3),     # the dataset's record decides
+    (None, 16 * 128, None, 4),  # a dataset prepared before the record existed
+    (3, 9 * 128, 3, 3),        # an agreeing flag is fine
+    (3, 9 * 128, 4, "does not match the grid of the dataset's features (3)"),
+    (None, 9 * 128, None, "have 1152 floats, not the 2048 of small_cnn pooled to 4x4"),
+])
+def test_features_dataset_decides_the_small_cnn_grid(tmp_path, recorded, feature_size, flag, want):
+    from batch_caption.cli import UsageError
+    from batch_caption.training.config import TrainConfig
+    from batch_caption.training.preflight import resolve
+
+    spec = _features_spec(tmp_path, recorded, feature_size)
+    config = TrainConfig(data=spec.path, output=str(tmp_path / "out"), small_cnn_grid=flag, eval_every=0)
+    if isinstance(want, str):
+        with pytest.raises(UsageError, match=re.escape(want)):
+            resolve(config, spec)
+    else:
+        config, model_config, _ = resolve(config, spec)
+        assert config.small_cnn_grid == model_config.small_cnn_grid == want
+
+
+def test_a_run_from_before_small_cnn_grid_still_resumes(tmp_path):
+    from batch_caption.cli import UsageError
+    from batch_caption.model.config import ModelConfig
+    from batch_caption.training.config import TrainConfig
+    from batch_caption.training.preflight import TRAIN_CONFIG_NAME, check_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    old = ModelConfig(vocab_size=9, image_size=96).to_dict()
+    del old["small_cnn_grid"]  # train_config.json as written before the field existed
+    (out / TRAIN_CONFIG_NAME).write_text(json.dumps({"model": old}))
+    config = TrainConfig(data=str(tmp_path), output=str(out))
+    assert check_output(config, ModelConfig(vocab_size=9, image_size=96)) is True
+    with pytest.raises(UsageError, match="small_cnn_grid 4 -> 3"):
+        check_output(config, ModelConfig(vocab_size=9, image_size=96, small_cnn_grid=3))

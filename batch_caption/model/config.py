@@ -21,6 +21,9 @@ ENCODERS = (
     "resnet50",
 )
 
+# Channels of small_cnn's last block: its features are small_cnn_grid² x this.
+SMALL_CNN_CHANNELS = 128
+
 FORMAT_VERSION = 1
 
 
@@ -37,6 +40,11 @@ class ModelConfig:
         Only used when a model is first built for training; a bundle always carries
         its own trained weights.
       train_encoder: whether the backbone's weights are trainable (fine-tuning).
+      small_cnn_grid: small_cnn only: the side of the grid its last feature map is
+        average-pooled to, so F = grid * grid * 128. Pick the grid that the images' layout
+        has (3 for the synthetic scenes, whose objects sit on a 3x3 grid: a 4x4 pool
+        there averages halves of neighbouring objects into one cell). Pooling has no
+        weights, so one trained backbone file loads at any grid.
       embedding_size: size of the image embedding and of the word embeddings.
       lstm_units: LSTM state size.
       dropout: dropout rate on the LSTM inputs and outputs during training.
@@ -48,6 +56,7 @@ class ModelConfig:
     image_size: int = 96
     encoder_weights: str | None = None
     train_encoder: bool = True
+    small_cnn_grid: int = 4
     embedding_size: int = 256
     lstm_units: int = 512
     dropout: float = 0.3
@@ -60,6 +69,10 @@ class ModelConfig:
             raise ValueError(f"vocab_size must be >= 5 (4 special tokens + a word), got {self.vocab_size}")
         if not 32 <= self.image_size <= 1024:
             raise ValueError(f"image_size must be in [32, 1024], got {self.image_size}")
+        if not 1 <= self.small_cnn_grid <= 8:
+            raise ValueError(f"small_cnn_grid must be in [1, 8], got {self.small_cnn_grid}")
+        if self.encoder != "small_cnn" and self.small_cnn_grid != 4:
+            raise ValueError(f"small_cnn_grid only applies to small_cnn, not {self.encoder}")
         for name in ("embedding_size", "lstm_units", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

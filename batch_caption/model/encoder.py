@@ -15,7 +15,7 @@ import tempfile
 import keras
 from keras import layers, ops
 
-from batch_caption.model.config import ModelConfig
+from batch_caption.model.config import SMALL_CNN_CHANNELS, ModelConfig
 
 # name -> (keras.applications constructor, preprocessing of float pixels in [0, 255]).
 #   "none":  the application does it itself (MobileNetV3 / EfficientNet include it).
@@ -40,20 +40,20 @@ def _preprocess(x, mode: str):
     return x
 
 
-def _small_cnn(x):
-    """A 4-block conv net for tests and small data: [B, S, S, 3] in [0, 255] -> [B, 2048].
+def _small_cnn(x, grid: int = 4):
+    """A 4-block conv net for tests and small data: [B, S, S, 3] in [0, 255] -> [B, grid²·128].
 
     Strided convolutions rather than max pooling: on CPU, max-pool gradients made
-    training ~5x slower for the same depth. Pooled to a 4x4 grid rather than globally:
-    captions state where things are ("to the left of"), and a global average throws
-    position away.
+    training ~5x slower for the same depth. Pooled to a grid (`ModelConfig.small_cnn_grid`,
+    default 4x4) rather than globally: captions state where things are ("to the left
+    of"), and a global average throws position away.
     """
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
-    for i, filters in enumerate((32, 64, 128, 128)):
+    for i, filters in enumerate((32, 64, 128, SMALL_CNN_CHANNELS)):
         x = layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"block{i}_conv")(x)
         x = layers.BatchNormalization(name=f"block{i}_bn")(x)
         x = layers.ReLU(name=f"block{i}_relu")(x)
-    x = layers.AdaptiveAveragePooling2D((4, 4), name="grid_pool")(x)
+    x = layers.AdaptiveAveragePooling2D((grid, grid), name="grid_pool")(x)
     return layers.Flatten(name="flatten")(x)
 
 
@@ -70,7 +70,7 @@ def build_backbone(config: ModelConfig, load_weights: bool = True) -> keras.Mode
     images = keras.Input((size, size, 3), dtype="uint8", name="images")
     x = ops.cast(images, "float32")
     if config.encoder == "small_cnn":
-        features = _small_cnn(x)
+        features = _small_cnn(x, config.small_cnn_grid)
         backbone = keras.Model(images, features, name="small_cnn")
         if weights == "imagenet":
             raise ValueError("small_cnn has no imagenet weights; use a weights file or None")

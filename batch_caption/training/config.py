@@ -55,6 +55,8 @@ class TrainConfig:
       log_every: a progress line (and TensorBoard scalars) every this many steps.
       train_split, eval_split: split names in the dataset.
       encoder, image_size: None = taken from the dataset (small_cnn for an images dataset).
+      small_cnn_grid: small_cnn's pooled grid side (`ModelConfig.small_cnn_grid`); None =
+        the features dataset's record, or 4.
       embedding_size, lstm_units, dropout: decoder architecture.
       encoder_weights: backbone initialisation: None (random), "imagenet", or a
         .weights.h5 file. In features mode it must be the backbone that computed the
@@ -96,6 +98,7 @@ class TrainConfig:
     eval_split: str = "val"
     encoder: str | None = None
     image_size: int | None = None
+    small_cnn_grid: int | None = None
     embedding_size: int = 256
     lstm_units: int = 512
     dropout: float = 0.3
@@ -140,6 +143,8 @@ class TrainConfig:
              f"--encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
         need(self.image_size is None or 32 <= self.image_size <= 1024,
              f"--image_size must be in [32, 1024], got {self.image_size}")
+        need(self.small_cnn_grid is None or 1 <= self.small_cnn_grid <= 8,
+             f"--small_cnn_grid must be in [1, 8], got {self.small_cnn_grid}")
         need(self.embedding_size >= 1, f"--embedding_size must be >= 1, got {self.embedding_size}")
         need(self.lstm_units >= 1, f"--lstm_units must be >= 1, got {self.lstm_units}")
         need(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")

@@ -14,13 +14,15 @@ import os
 from collections.abc import Mapping
 
 from batch_caption.data.tfrecord import INFO_NAME, VOCAB_NAME, DatasetInfo
-from batch_caption.model.config import ModelConfig
+from batch_caption.model.config import SMALL_CNN_CHANNELS, ModelConfig
 from batch_caption.model.vocab import Vocabulary
 from batch_caption.training.config import TrainConfig, UsageError, join
 
 TRAIN_CONFIG_NAME = "train_config.json"
 # Fields that fix the shapes of the checkpointed variables: a resumed run must match them.
-_ARCHITECTURE = ("vocab_size", "encoder", "image_size", "embedding_size", "lstm_units")
+_ARCHITECTURE = ("vocab_size", "encoder", "image_size", "small_cnn_grid", "embedding_size", "lstm_units")
+# What a train_config.json written before a field existed means by its absence.
+_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +116,12 @@ def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, ModelC
     if config.image_size is not None and config.image_size != info.image_size:
         raise UsageError(f"--image_size {config.image_size} does not match the dataset's images ({info.image_size} px)")
     changes: dict = {"image_size": info.image_size}
+    grid = config.small_cnn_grid
     if info.mode == "features":
+        recorded = int(info.source.get("small_cnn_grid", 4)) if info.encoder == "small_cnn" else None
+        if grid is not None and recorded is not None and grid != recorded:
+            raise UsageError(f"--small_cnn_grid {grid} does not match the grid of the dataset's features ({recorded})")
+        grid = recorded if grid is None else grid
         if config.encoder is not None and config.encoder != info.encoder:
             raise UsageError(f"--encoder {config.encoder} does not match the encoder that made the features ({info.encoder})")
         if config.train_encoder or config.fine_tune_after_steps:
@@ -127,18 +134,23 @@ def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, ModelC
                 "(the exported bundle pairs the decoder with that backbone)"
             )
         changes.update(encoder=info.encoder, train_encoder=False, encoder_weights=weights)
+        if grid is not None and info.feature_size != grid * grid * SMALL_CNN_CHANNELS:
+            raise UsageError(f"the dataset's features have {info.feature_size} floats, not the "
+                             f"{grid * grid * SMALL_CNN_CHANNELS} of small_cnn pooled to {grid}x{grid}")
     else:
         changes.update(encoder=config.encoder or info.encoder or "small_cnn",
                        train_encoder=True if config.train_encoder is None else config.train_encoder)
     if config.eval_every and not spec.files.get(config.eval_split):
         notes.append(f"no {config.eval_split!r} split in {spec.path}: periodic evaluation is off")
         changes.update(eval_every=0)
+    changes.update(small_cnn_grid=4 if grid is None else grid)
     config = dataclasses.replace(config, **changes)
     try:
         model_config = ModelConfig(
             vocab_size=len(spec.vocabulary),
             encoder=config.encoder,
             image_size=config.image_size,
+            small_cnn_grid=config.small_cnn_grid,
             encoder_weights=config.encoder_weights,
             train_encoder=config.train_encoder,
             embedding_size=config.embedding_size,
@@ -168,7 +180,8 @@ def check_output(config: TrainConfig, model_config: ModelConfig) -> bool:
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise UsageError(f"{path} is unreadable ({e}); use a new --output") from e
     current = model_config.to_dict()
-    diffs = [f"{k} {previous.get(k)!r} -> {current[k]!r}" for k in _ARCHITECTURE if previous.get(k) != current[k]]
+    before = {k: previous.get(k, _MODEL_DEFAULTS[k]) for k in _ARCHITECTURE}
+    diffs = [f"{k} {before[k]!r} -> {current[k]!r}" for k in _ARCHITECTURE if before[k] != current[k]]
     if diffs:
         raise UsageError(f"{config.output} holds checkpoints of another model ({'; '.join(diffs)}); use a new --output")
     return True

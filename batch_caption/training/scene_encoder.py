@@ -1,7 +1,8 @@
 """Pretrain a CNN encoder on synthetic scenes' known content (the stand-in for ImageNet).
 
     python -m batch_caption.training.scene_encoder --output ENC_DIR [--seed 0] \
-        [--train_scenes 16000] [--encoder small_cnn] [--image_size 128] [--epochs 6]
+        [--train_scenes 16000] [--encoder small_cnn] [--image_size 128] [--epochs 6] \
+        [--small_cnn_grid 4]
 
 Show and Tell starts from an ImageNet-trained CNN. Offline there are no pretrained weights,
 and a CNN trained from scratch only through the caption loss barely learns: on synthetic
@@ -44,7 +45,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from batch_caption import cli
-from batch_caption.model.config import ENCODERS
+from batch_caption.model.config import ENCODERS, ModelConfig
 
 PROG = "python -m batch_caption.training.scene_encoder"
 WEIGHTS_FILE = "backbone.weights.h5"
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory for backbone.weights.h5 and report.json")
     p.add_argument("--encoder", default="small_cnn", choices=ENCODERS)
     p.add_argument("--image_size", type=int, default=128)
+    p.add_argument("--small_cnn_grid", type=int, default=4,
+                   help="small_cnn: side of the pooled feature grid (default 4; 3 matches the scenes' 3x3 layout)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--learning_rate", type=float, default=2e-3)
@@ -178,11 +181,15 @@ def run(argv: Sequence[str] | None = None) -> dict:
     for name in ("epochs", "batch_size", "train_scenes", "val_scenes"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    try:
+        config = ModelConfig(vocab_size=5, encoder=args.encoder, image_size=args.image_size,
+                             small_cnn_grid=args.small_cnn_grid)
+    except ValueError as e:
+        p.error(str(e))
 
     import keras
     import tensorflow as tf
 
-    from batch_caption.model.config import ModelConfig
     from batch_caption.model.encoder import build_backbone
 
     keras.utils.set_random_seed(args.seed)
@@ -191,7 +198,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     x_val, y_val = render_split("val", args.val_scenes, args.seed, args.image_size)
     print(f"rendered {len(x_train)} train / {len(x_val)} val scenes in {time.time() - start:.0f}s", flush=True)
 
-    backbone = build_backbone(ModelConfig(vocab_size=5, encoder=args.encoder, image_size=args.image_size))
+    backbone = build_backbone(config)
     backbone.trainable = True
     head = keras.layers.Dense(y_train.shape[1], name="scene_labels")
     model = keras.Sequential([backbone, head], name="scene_encoder")
@@ -217,6 +224,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     report = {
         "encoder": args.encoder,
         "image_size": args.image_size,
+        "small_cnn_grid": args.small_cnn_grid,
         "settings": vars(args),
         "train_images": len(x_train),
         "val_images": len(x_val),

@@ -16,6 +16,9 @@ def test_model_config_round_trips_through_dict():
         (dict(image_size=8), "image_size"),
         (dict(dropout=1.0), "dropout"),
         (dict(lstm_units=0), "lstm_units"),
+        (dict(small_cnn_grid=0), "small_cnn_grid must be in"),
+        (dict(small_cnn_grid=9), "small_cnn_grid must be in"),
+        (dict(encoder="resnet50", small_cnn_grid=3), "only applies to small_cnn"),
     ],
 )
 def test_model_config_rejects_bad_values(kwargs, message):
@@ -43,3 +46,10 @@ def test_model_config_rejects_unknown_version_and_keys():
 def test_decode_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DecodeConfig(**kwargs)
+
+
+def test_small_cnn_grid_defaults_to_4_when_a_bundle_predates_it():
+    d = ModelConfig(vocab_size=50, small_cnn_grid=3).to_dict()
+    assert d["small_cnn_grid"] == 3 and ModelConfig.from_dict(d).small_cnn_grid == 3
+    del d["small_cnn_grid"]  # a config.json written before the field existed
+    assert ModelConfig.from_dict(d).small_cnn_grid == 4

@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -75,3 +76,16 @@ def test_encoder_weights_from_a_file(tmp_path):
 def test_small_cnn_has_no_imagenet_weights():
     with pytest.raises(ValueError, match="imagenet"):
         ShowAndTell(ModelConfig(vocab_size=10, encoder_weights="imagenet"))
+
+
+def test_small_cnn_grid_pools_the_same_conv_weights_to_a_coarser_grid(tmp_path):
+    # 96 px -> a 6x6 map after four stride-2 blocks: a 3x3 grid averages exact 2x2 blocks.
+    four = build_backbone(ModelConfig(vocab_size=10, image_size=96))
+    path = str(tmp_path / "cnn.weights.h5")
+    four.save_weights(path)
+    three = build_backbone(ModelConfig(vocab_size=10, image_size=96, small_cnn_grid=3, encoder_weights=path))
+    assert four.output_shape[-1] == 16 * 128 and three.output_shape[-1] == 9 * 128
+    images = _images(2, 96)
+    fmap = keras.Model(three.input, three.get_layer("block3_relu").output)(images).numpy()  # [2, 6, 6, 128]
+    want = fmap.reshape(2, 3, 2, 3, 2, 128).mean(axis=(2, 4)).reshape(2, -1)
+    np.testing.assert_allclose(three(images).numpy(), want, rtol=1e-5, atol=1e-6)
