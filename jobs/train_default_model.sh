@@ -4,20 +4,21 @@
 # on real data, with a synthetic stand-in for ImageNet:
 #   1. render the scenes (prepare --source synthetic);
 #   2. pretrain the CNN on the scenes' facts (training.scene_encoder), as ImageNet would;
-#   3. precompute its features once (prepare --precompute_features, the job's model handler);
+#   3. precompute its features once (prepare --precompute_features, the job's model handler),
+#      pooled 3x3 (--small_cnn_grid 3): one cell per place of the scenes' 3x3 layout;
 #   4. train the decoder on the frozen features (train), which exports the bundle with the CNN.
 #
 #   bash jobs/train_default_model.sh [WORK_DIR]      (default: ./default_model_work)
 #
 # Writes WORK_DIR/{data,encoder,features,train,runs,eval}; then copies the exported bundle
 # to batch_caption/default_model/ and the evaluation reports beside it (EVALUATION.json).
-# About 2.5 hours on 2 CPU cores. Rerunning the same command after an interruption skips
+# About 2 hours on 2 CPU cores. Rerunning the same command after an interruption skips
 # the stages whose last-written file exists (dataset.json, report.json, the exported
 # bundle.json) and resumes training from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-default_model_work}
-STEPS=${STEPS:-24000}
+STEPS=${STEPS:-16000}
 ENCODER_EPOCHS=${ENCODER_EPOCHS:-6}
 IMAGE_SIZE=128
 # The test, val and compositional scenes depend only on (seed, split, index), so the train
@@ -35,14 +36,14 @@ splits=()
 for split in train val test compositional; do splits+=(--split "$split=$WORK/data/source/captions_$split.json"); done
 [ -e "$WORK/features/dataset.json" ] || python -m batch_caption.prepare --source coco "${splits[@]}" \
   --image_root "$WORK/data/source" \
-  --precompute_features --encoder small_cnn --encoder_weights "$WORK/encoder/backbone.weights.h5" \
+  --precompute_features --encoder small_cnn --encoder_weights "$WORK/encoder/backbone.weights.h5" --small_cnn_grid 3 \
   --image_size "$IMAGE_SIZE" --min_word_count 1 --output "$WORK/features"
 
 bundle="$WORK/train/export"
 [ -e "$bundle/bundle.json" ] || python -m batch_caption.train --data "$WORK/features" --output "$WORK/train" \
   --embedding_size 192 --lstm_units 384 --dropout 0.2 \
   --global_batch_size 64 --steps "$STEPS" --learning_rate 2e-3 --lr_schedule cosine --warmup_steps 100 \
-  --clip_norm 5 --checkpoint_every 2000 --eval_every 3000 --log_every 500 --seed 0
+  --clip_norm 5 --checkpoint_every 2000 --eval_every 4000 --log_every 500 --seed 0
 
 for split in test compositional; do
   python -m batch_caption.run --runner=DirectRunner --model "$bundle" \
