@@ -1,7 +1,8 @@
-"""What every benchmark script writes besides its own table: the JSON report."""
+"""What the benchmark scripts share: the JSON report they write, and reading a job's run."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -20,3 +21,15 @@ def write_report(path: str, argv, script: str, report: dict) -> dict:
     with open(path, "w") as f:
         json.dump(full, f, indent=2)
     return full
+
+
+def read_run(run_dir: str) -> tuple[dict[str, dict], int]:
+    """A job's run directory -> ({path: caption record}, number of error records)."""
+    records, errors = {}, 0
+    for path in sorted(glob.glob(os.path.join(glob.escape(run_dir), "captions-*.jsonl"))):
+        with open(path, encoding="utf-8") as f:
+            records.update((r["path"], r) for r in map(json.loads, f))
+    for path in glob.glob(os.path.join(glob.escape(run_dir), "errors-*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            errors += sum(1 for _ in f)
+    return records, errors

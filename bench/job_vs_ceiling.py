@@ -55,6 +55,12 @@ def job_rates(job: dict) -> tuple[float, float]:
     return job["captioned"] / (job["elapsed_s"] - job["model_load_s"]), job["captioned"] / job["wall_s"]
 
 
+def median_job_rates(jobs: list[dict]) -> tuple[float, float]:
+    """(steady, wall) images/s, each the median over job rounds."""
+    steady, wall = zip(*map(job_rates, jobs))
+    return statistics.median(steady), statistics.median(wall)
+
+
 def job_round(input_dir: str, out_dir: str, run_id: str, extra: list[str]) -> dict:
     """One real job run; returns its timings and counts."""
     from batch_caption import run
@@ -122,8 +128,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    steady = statistics.median(job_rates(j)[0] for j in jobs)
-    wall = statistics.median(job_rates(j)[1] for j in jobs)
+    steady, wall = median_job_rates(jobs)
     top = statistics.median(ceiling)
     report = {
         "model": captioner.model_id,

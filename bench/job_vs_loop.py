@@ -23,7 +23,6 @@ target: >= 10x). The loop's captions are checked against the job's for the same 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shlex
@@ -34,11 +33,11 @@ import tempfile
 import time
 
 import numpy as np
-from _common import write_report
+from _common import read_run, write_report
 from PIL import Image
 
 import corpora
-from job_vs_ceiling import job_rates, job_round
+from job_vs_ceiling import job_rates, job_round, median_job_rates
 
 
 def loop_pass(captioner, paths: list[str]) -> tuple[float, dict[str, str]]:
@@ -91,12 +90,7 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             jobs.append(job_round(input_dir, work, f"r{r}", extra))
             if same is None:  # the job's and the loop's captions of the loop's files
-                run_dir = os.path.join(work, f"run=r{r}")
-                job_captions = {}
-                for name in os.listdir(run_dir):
-                    if name.startswith("captions-"):
-                        with open(os.path.join(run_dir, name)) as f:
-                            job_captions.update((rec["path"], rec["caption"]) for rec in map(json.loads, f))
+                job_captions = {path: rec["caption"] for path, rec in read_run(os.path.join(work, f"run=r{r}"))[0].items()}
             shutil.rmtree(os.path.join(work, f"run=r{r}"))
             seconds, loop_captions = loop_pass(captioner, loop_paths)
             loop.append(len(loop_paths) / seconds)
@@ -108,8 +102,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    steady = statistics.median(job_rates(j)[0] for j in jobs)
-    wall = statistics.median(job_rates(j)[1] for j in jobs)
+    steady, wall = median_job_rates(jobs)
     per_image = statistics.median(loop)
     report = {
         "model": captioner.model_id,

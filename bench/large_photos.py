@@ -22,8 +22,6 @@ the mean / max absolute pixel difference between the two outputs.
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import os
 import shutil
 import statistics
@@ -32,23 +30,10 @@ import tempfile
 import time
 
 import numpy as np
-from _common import write_report
+from _common import read_run, write_report
 from corpora import large_photos
 
 MODES = {"draft": ["--draft"], "full": ["--no-draft"]}
-
-
-def _captions(run_dir: str) -> tuple[dict[str, dict], int]:
-    records, errors = {}, 0
-    for path in sorted(glob.glob(os.path.join(glob.escape(run_dir), "captions-*.jsonl"))):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                r = json.loads(line)
-                records[r["path"]] = r
-    for path in glob.glob(os.path.join(glob.escape(run_dir), "errors-*.jsonl")):
-        with open(path, encoding="utf-8") as f:
-            errors += sum(1 for _ in f)
-    return records, errors
 
 
 def _job(inputs: list[str], out: str, run_id: str, mode: str, batch_size: int) -> dict:
@@ -57,7 +42,7 @@ def _job(inputs: list[str], out: str, run_id: str, mode: str, batch_size: int) -
     argv = [a for p in inputs for a in ("--input", p)]
     argv += ["--output", out, "--run_id", run_id, "--batch_size", str(batch_size), *MODES[mode]]
     manifest = run.run(argv)
-    captions, errors = _captions(os.path.join(out, f"run={run_id}"))
+    captions, errors = read_run(os.path.join(out, f"run={run_id}"))
     return {"manifest": manifest, "captions": captions, "errors": errors}
 
 
