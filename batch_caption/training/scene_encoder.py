@@ -211,14 +211,17 @@ def run(argv: Sequence[str] | None = None) -> dict:
         .batch(args.batch_size)
         .prefetch(2)
     )
+    epoch_accuracy: list[dict[str, float]] = []  # the last entry is the final weights'
+
     def report_val(epoch, logs):
         acc = group_accuracy(y_val, model.predict(x_val, batch_size=args.batch_size, verbose=0))
+        epoch_accuracy.append(acc)
         print(f"epoch {epoch + 1}: val accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
 
     history = model.fit(data, epochs=args.epochs, validation_data=(x_val, y_val), verbose=2,
                         callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=report_val)])
 
-    accuracy = group_accuracy(y_val, model.predict(x_val, batch_size=args.batch_size, verbose=0))
+    accuracy = epoch_accuracy[-1]
     os.makedirs(args.output, exist_ok=True)
     backbone.save_weights(os.path.join(args.output, WEIGHTS_FILE))
     report = {
