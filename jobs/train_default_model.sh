@@ -3,9 +3,10 @@
 # it on the held-out splits with the captioning job + evaluate. The recipe of Show and Tell
 # on real data, with a synthetic stand-in for ImageNet:
 #   1. render the scenes (prepare --source synthetic);
-#   2. pretrain the CNN on the scenes' facts (training.scene_encoder), as ImageNet would;
-#   3. precompute its features once (prepare --precompute_features, the job's model handler),
+#   2. pretrain the CNN on the scenes' facts (training.scene_encoder), as ImageNet would,
 #      pooled 3x3 (--small_cnn_grid 3): one cell per place of the scenes' 3x3 layout;
+#   3. precompute its features once (prepare --precompute_features, the job's model handler),
+#      pooled the same way;
 #   4. train the decoder on the frozen features (train), which exports the bundle with the CNN.
 #
 #   bash jobs/train_default_model.sh [WORK_DIR]      (default: ./default_model_work)
@@ -18,19 +19,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-default_model_work}
-STEPS=${STEPS:-16000}
-ENCODER_EPOCHS=${ENCODER_EPOCHS:-6}
+STEPS=${STEPS:-20000}
+ENCODER_EPOCHS=${ENCODER_EPOCHS:-7}
 IMAGE_SIZE=128
 # The test, val and compositional scenes depend only on (seed, split, index), so the train
-# count can grow without changing them. The first 16,000 train scenes are also the CNN's.
-COUNTS=train=20000,val=300,test=500,compositional=500
+# count can grow without changing them. The CNN learns from the first 24,000 train scenes, the
+# decoder from all 60,000 (with 20,000 it scored 0.95 on train scenes but 0.85 on test).
+COUNTS=train=60000,val=300,test=500,compositional=500
 
 [ -e "$WORK/data/dataset.json" ] || python -m batch_caption.prepare --source synthetic --seed 0 \
   --synthetic_counts "$COUNTS" --image_size "$IMAGE_SIZE" --min_word_count 1 --output "$WORK/data"
 
 [ -e "$WORK/encoder/report.json" ] || python -m batch_caption.training.scene_encoder \
-  --output "$WORK/encoder" --train_scenes 16000 --val_scenes 300 \
-  --encoder small_cnn --image_size "$IMAGE_SIZE" --epochs "$ENCODER_EPOCHS" --seed 0
+  --output "$WORK/encoder" --train_scenes 24000 --val_scenes 300 \
+  --encoder small_cnn --small_cnn_grid 3 --image_size "$IMAGE_SIZE" --epochs "$ENCODER_EPOCHS" --seed 0
 
 splits=()
 for split in train val test compositional; do splits+=(--split "$split=$WORK/data/source/captions_$split.json"); done
