@@ -55,7 +55,7 @@ from batch_caption import gcs, images, records
 from batch_caption.data import scenes, sources, tfrecord
 from batch_caption.data.sources import CaptionedImage, SourceProblem
 from batch_caption.model import vocab as vocab_lib
-from batch_caption.model.config import ENCODERS, ModelConfig
+from batch_caption.model.config import DEFAULT_SMALL_CNN_GRID, ENCODERS, ModelConfig
 from batch_caption.pipeline import ERRORS, NAMESPACE, ReadImages
 from batch_caption import cli
 from batch_caption.cli import UsageError
@@ -212,7 +212,7 @@ class PrepareConfig:
         does not use it, and the vocabulary is not known until the job has run."""
         return ModelConfig(vocab_size=len(vocab_lib.SPECIAL_TOKENS) + 1, encoder=self.encoder,
                            image_size=self.image_size, encoder_weights=self.encoder_weights, train_encoder=False,
-                           small_cnn_grid=self.small_cnn_grid or 4)
+                           small_cnn_grid=self.small_cnn_grid or DEFAULT_SMALL_CNN_GRID)
 
     @property
     def synthetic_dir(self) -> str:

@@ -23,6 +23,9 @@ ENCODERS = (
 
 # Channels of small_cnn's last block: its features are small_cnn_grid² x this.
 SMALL_CNN_CHANNELS = 128
+# small_cnn's pooled grid side when nothing says otherwise: also what a bundle, dataset or
+# training run written before the grid was configurable used.
+DEFAULT_SMALL_CNN_GRID = 4
 
 FORMAT_VERSION = 1
 
@@ -56,7 +59,7 @@ class ModelConfig:
     image_size: int = 96
     encoder_weights: str | None = None
     train_encoder: bool = True
-    small_cnn_grid: int = 4
+    small_cnn_grid: int = DEFAULT_SMALL_CNN_GRID
     embedding_size: int = 256
     lstm_units: int = 512
     dropout: float = 0.3
@@ -71,7 +74,7 @@ class ModelConfig:
             raise ValueError(f"image_size must be in [32, 1024], got {self.image_size}")
         if not 1 <= self.small_cnn_grid <= 8:
             raise ValueError(f"small_cnn_grid must be in [1, 8], got {self.small_cnn_grid}")
-        if self.encoder != "small_cnn" and self.small_cnn_grid != 4:
+        if self.encoder != "small_cnn" and self.small_cnn_grid != DEFAULT_SMALL_CNN_GRID:
             raise ValueError(f"small_cnn_grid only applies to small_cnn, not {self.encoder}")
         for name in ("embedding_size", "lstm_units", "max_length"):
             if getattr(self, name) < 1:

@@ -40,7 +40,7 @@ def _preprocess(x, mode: str):
     return x
 
 
-def _small_cnn(x, grid: int = 4):
+def _small_cnn(x, grid: int):
     """A 4-block conv net for tests and small data: [B, S, S, 3] in [0, 255] -> [B, grid²·128].
 
     Strided convolutions rather than max pooling: on CPU, max-pool gradients made

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 
 from batch_caption.data.tfrecord import INFO_NAME, VOCAB_NAME, DatasetInfo
-from batch_caption.model.config import SMALL_CNN_CHANNELS, ModelConfig
+from batch_caption.model.config import DEFAULT_SMALL_CNN_GRID, SMALL_CNN_CHANNELS, ModelConfig
 from batch_caption.model.vocab import Vocabulary
 from batch_caption.training.config import TrainConfig, UsageError, join
 
@@ -118,7 +118,7 @@ def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, ModelC
     changes: dict = {"image_size": info.image_size}
     grid = config.small_cnn_grid
     if info.mode == "features":
-        recorded = int(info.source.get("small_cnn_grid", 4)) if info.encoder == "small_cnn" else None
+        recorded = int(info.source.get("small_cnn_grid", DEFAULT_SMALL_CNN_GRID)) if info.encoder == "small_cnn" else None
         if grid is not None and recorded is not None and grid != recorded:
             raise UsageError(f"--small_cnn_grid {grid} does not match the grid of the dataset's features ({recorded})")
         grid = recorded if grid is None else grid
@@ -143,7 +143,7 @@ def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, ModelC
     if config.eval_every and not spec.files.get(config.eval_split):
         notes.append(f"no {config.eval_split!r} split in {spec.path}: periodic evaluation is off")
         changes.update(eval_every=0)
-    changes.update(small_cnn_grid=4 if grid is None else grid)
+    changes.update(small_cnn_grid=DEFAULT_SMALL_CNN_GRID if grid is None else grid)
     config = dataclasses.replace(config, **changes)
     try:
         model_config = ModelConfig(
