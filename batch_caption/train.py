@@ -35,7 +35,7 @@ import sys
 from collections.abc import Sequence
 
 from batch_caption import cli
-from batch_caption.model.config import ENCODERS
+from batch_caption.model.config import ENCODERS, IMAGE_INPUTS
 from batch_caption.training import preflight
 from batch_caption.training import strategy as strategies
 from batch_caption.training.config import (
@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--small_cnn_grid", type=int, default=None,
                        help="small_cnn: side of the grid its features are pooled to, F = grid*grid*128 (default: what a "
                        "features dataset records, else 4; 3 matches the synthetic scenes' 3x3 layout)")
+    model.add_argument("--image_input", choices=IMAGE_INPUTS, default=default("image_input"),
+                       help="where the LSTM sees the image: first (Show and Tell: its first input) or every_step "
+                       "(beside every word) (default %(default)s)")
     model.add_argument("--embedding_size", type=int, default=default("embedding_size"), help="(default %(default)s)")
     model.add_argument("--lstm_units", type=int, default=default("lstm_units"), help="(default %(default)s)")
     model.add_argument("--dropout", type=float, default=default("dropout"), help="(default %(default)s)")

@@ -77,7 +77,8 @@ def main(argv=None) -> int:
         size = USUAL_SIZE[name]
         config = ModelConfig(
             vocab_size=len(vocabulary), encoder=name, image_size=size, encoder_weights=None, train_encoder=False,
-            embedding_size=base.embedding_size, lstm_units=base.lstm_units, max_length=base.max_length,
+            image_input=base.image_input, embedding_size=base.embedding_size, lstm_units=base.lstm_units,
+            max_length=base.max_length,
         )
         model = ShowAndTell(config)
         model.build_all()
@@ -127,7 +128,8 @@ def main(argv=None) -> int:
     report = {
         "measured": "Captioner.search (backbone + beam search k=3, max 20 tokens) and the backbone alone, "
         "per batch, random weights, median over alternating rounds",
-        "decoder": {"vocab_size": len(vocabulary), "embedding_size": base.embedding_size, "lstm_units": base.lstm_units},
+        "decoder": {"vocab_size": len(vocabulary), "image_input": base.image_input,
+                    "embedding_size": base.embedding_size, "lstm_units": base.lstm_units},
         "decode": decode.to_dict(),
         "settings": vars(args),
         "tensorflow": tf.__version__,

@@ -233,6 +233,7 @@ def test_warmup_then_cosine_schedule():
         (["--steps", "0"], "--steps must be >= 1"),
         (["--clip_norm", "-1"], "--clip_norm must be >= 0"),
         (["--strategy", "gpu"], "invalid choice"),
+        (["--image_input", "last"], "invalid choice"),
         (["--image_size", "64"], "--image_size 64 does not match the dataset's images (32 px)"),
         (["--strategy", "multi_worker"], "needs the TF_CONFIG environment variable"),
         (["--train_split", "nope"], "has no 'nope' shards"),
@@ -257,7 +258,8 @@ def test_missing_dataset_and_missing_encoder_weights_are_reported(features_datas
 
 
 # --- single-device runs, in process -------------------------------------------------------
-def test_one_replica_step_is_the_plain_mean_token_loss_step(features_dataset, encoder_weights, tmp_path):
+@pytest.mark.parametrize("image_input", ["first", "every_step"])
+def test_one_replica_step_is_the_plain_mean_token_loss_step(features_dataset, encoder_weights, tmp_path, image_input):
     """One SGD step of the entry point == w - lr * grad(mean token loss) computed by hand."""
     import keras
 
@@ -269,8 +271,9 @@ def test_one_replica_step_is_the_plain_mean_token_loss_step(features_dataset, en
     result = train_cli.run(["--data", data, "--output", str(tmp_path / "out"), "--encoder_weights", encoder_weights,
                             "--strategy", "one_device", "--steps", "1", "--optimizer", "sgd", "--learning_rate", str(lr),
                             "--lr_schedule", "constant", "--clip_norm", "0", "--dropout", "0", "--bucket_width", "0",
-                            "--eval_every", "0", "--seed", str(seed), *TINY])
+                            "--eval_every", "0", "--seed", str(seed), "--image_input", image_input, *TINY])
     trained = load_bundle(result.export_path).model
+    assert trained.config.image_input == image_input
 
     keras.utils.set_random_seed(seed)
     model = ShowAndTell(trained.config)
@@ -549,7 +552,11 @@ def test_features_dataset_decides_the_small_cnn_grid(tmp_path, recorded, feature
         assert config.small_cnn_grid == model_config.small_cnn_grid == want
 
 
-def test_a_run_from_before_small_cnn_grid_still_resumes(tmp_path):
+@pytest.mark.parametrize("field, changed, message", [
+    ("small_cnn_grid", 3, "small_cnn_grid 4 -> 3"),
+    ("image_input", "every_step", "image_input 'first' -> 'every_step'"),
+])
+def test_a_run_from_before_a_model_field_still_resumes(tmp_path, field, changed, message):
     from batch_caption.cli import UsageError
     from batch_caption.model.config import ModelConfig
     from batch_caption.training.config import TrainConfig
@@ -558,9 +565,9 @@ def test_a_run_from_before_small_cnn_grid_still_resumes(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     old = ModelConfig(vocab_size=9, image_size=96).to_dict()
-    del old["small_cnn_grid"]  # train_config.json as written before the field existed
+    del old[field]  # train_config.json as written before the field existed
     (out / TRAIN_CONFIG_NAME).write_text(json.dumps({"model": old}))
     config = TrainConfig(data=str(tmp_path), output=str(out))
     assert check_output(config, ModelConfig(vocab_size=9, image_size=96)) is True
-    with pytest.raises(UsageError, match="small_cnn_grid 4 -> 3"):
-        check_output(config, ModelConfig(vocab_size=9, image_size=96, small_cnn_grid=3))
+    with pytest.raises(UsageError, match=message):
+        check_output(config, ModelConfig(vocab_size=9, image_size=96, **{field: changed}))

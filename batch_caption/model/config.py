@@ -29,6 +29,12 @@ DEFAULT_SMALL_CNN_GRID = 4
 
 FORMAT_VERSION = 1
 
+# Where the decoder sees the image (Tanti et al. 2018, "Where to put the image in an image
+# caption generator"): "first" = Show and Tell's pre-inject, the image embedding is the
+# LSTM's first input only; "every_step" = par-inject, it is concatenated to every word's
+# embedding, so the LSTM can look at the image again while it lists the objects.
+IMAGE_INPUTS = ("first", "every_step")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -48,6 +54,9 @@ class ModelConfig:
         has (3 for the synthetic scenes, whose objects sit on a 3x3 grid: a 4x4 pool
         there averages halves of neighbouring objects into one cell). Pooling has no
         weights, so one trained backbone file loads at any grid.
+      image_input: where the LSTM gets the image, one of `IMAGE_INPUTS`: "first" (Show and
+        Tell) or "every_step" (the image embedding beside every word embedding: LSTM
+        inputs of 2 * embedding_size).
       embedding_size: size of the image embedding and of the word embeddings.
       lstm_units: LSTM state size.
       dropout: dropout rate on the LSTM inputs and outputs during training.
@@ -60,6 +69,7 @@ class ModelConfig:
     encoder_weights: str | None = None
     train_encoder: bool = True
     small_cnn_grid: int = DEFAULT_SMALL_CNN_GRID
+    image_input: str = "first"
     embedding_size: int = 256
     lstm_units: int = 512
     dropout: float = 0.3
@@ -76,6 +86,8 @@ class ModelConfig:
             raise ValueError(f"small_cnn_grid must be in [1, 8], got {self.small_cnn_grid}")
         if self.encoder != "small_cnn" and self.small_cnn_grid != DEFAULT_SMALL_CNN_GRID:
             raise ValueError(f"small_cnn_grid only applies to small_cnn, not {self.encoder}")
+        if self.image_input not in IMAGE_INPUTS:
+            raise ValueError(f"image_input must be one of {', '.join(IMAGE_INPUTS)}, got {self.image_input!r}")
         for name in ("embedding_size", "lstm_units", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

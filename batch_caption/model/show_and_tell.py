@@ -4,7 +4,10 @@
     LSTM inputs:  [image embedding, emb(<start>), emb(w1), ..., emb(wn)]
     LSTM outputs after <start>, w1, ..., wn predict w1, ..., wn, <end>.
 
-The image is the LSTM's first input only; the output at that position is not scored.
+With `image_input="first"` (Show and Tell) the image is the LSTM's first input only; the
+output at that position is not scored. With "every_step" the LSTM inputs are instead
+[emb(<start>) ; image embedding], [emb(w1) ; image embedding], ... ([B, T, 2E]): the
+image is seen at every step and the LSTM starts from a zero state.
 Training uses teacher forcing over whole sequences (`call`); inference advances one
 token at a time (`step`) with the same LSTM weights, driven by the beam search.
 """
@@ -64,29 +67,62 @@ class ShowAndTell(keras.Model):
         """features [B, F] -> image embedding [B, E]."""
         return self.image_projection(features)
 
+    @property
+    def image_every_step(self) -> bool:
+        return self.config.image_input == "every_step"
+
     def call(self, inputs, training=False):
         features = inputs["features"] if "features" in inputs else self.encode(inputs["images"], training)
-        image_emb = self.embed_image(features, training)[:, None, :]
-        words = self.word_embedding(inputs["tokens"])
-        seq = self.dropout(tf.concat([image_emb, tf.cast(words, image_emb.dtype)], axis=1), training=training)
-        outputs = self.lstm(seq, training=training)[:, 1:]
+        image_emb = self.embed_image(features, training)[:, None, :]  # [B, 1, E]
+        words = tf.cast(self.word_embedding(inputs["tokens"]), image_emb.dtype)  # [B, T, E]
+        if self.image_every_step:
+            image_seq = tf.broadcast_to(image_emb, tf.shape(words))
+            seq = self.dropout(tf.concat([words, image_seq], axis=2), training=training)  # [B, T, 2E]
+            outputs = self.lstm(seq, training=training)
+        else:
+            seq = self.dropout(tf.concat([image_emb, words], axis=1), training=training)  # [B, T+1, E]
+            outputs = self.lstm(seq, training=training)[:, 1:]
         return self.output_projection(self.dropout(outputs, training=training))
 
     # --- inference, one step at a time -----------------------------------------------
     def initial_state(self, features):
-        """features [B, F] -> LSTM state (h, c), each [B, units], after the image input."""
+        """features [B, F] -> decoder state before <start>.
+
+        "first": (h, c) after the image input, each [B, units]. "every_step": (h, c) zeros
+        and the image's share of the LSTM gates, image embedding @ kernel[E:] + bias
+        [B, 4 * units]: it is the same at every step, so it is computed once here and
+        carried along (the beam search reorders it with h and c) instead of multiplying
+        the image embedding again at every step.
+        """
         image_emb = self.embed_image(features)
         batch = tf.shape(image_emb)[0]
         zeros = tf.zeros([batch, self.config.lstm_units], image_emb.dtype)
+        if self.image_every_step:
+            cell = self.lstm.cell
+            image_gates = tf.matmul(image_emb, cell.kernel[self.config.embedding_size:]) + cell.bias
+            return zeros, zeros, image_gates
         _, (h, c) = self.lstm.cell(image_emb, [zeros, zeros], training=False)
         return h, c
 
     def step(self, tokens, state):
-        """tokens int32 [N], state (h, c) [N, units] -> (log-probs [N, vocab], state)."""
+        """tokens int32 [N], state as `initial_state`'s with N rows -> (log-probs [N, vocab], state)."""
         words = self.word_embedding(tokens)
-        out, (h, c) = self.lstm.cell(words, list(state), training=False)
+        if self.image_every_step:
+            # The LSTM cell's own equations (keras LSTMCell, gates in i, f, c, o order) with
+            # the input [word ; image] split: word @ kernel[:E] + the precomputed image gates.
+            h, c, image_gates = state
+            cell = self.lstm.cell
+            z = (tf.matmul(tf.cast(words, h.dtype), cell.kernel[: self.config.embedding_size])
+                 + tf.matmul(h, cell.recurrent_kernel) + image_gates)
+            z_i, z_f, z_c, z_o = tf.split(z, 4, axis=1)
+            c = cell.recurrent_activation(z_f) * c + cell.recurrent_activation(z_i) * cell.activation(z_c)
+            out = h = cell.recurrent_activation(z_o) * cell.activation(c)
+            new_state = (h, c, image_gates)
+        else:
+            out, (h, c) = self.lstm.cell(words, list(state), training=False)
+            new_state = (h, c)
         logits = tf.cast(self.output_projection(out), tf.float32) + self._forbidden
-        return tf.nn.log_softmax(logits), (h, c)
+        return tf.nn.log_softmax(logits), new_state
 
     def build_all(self):
         """Creates every weight by running one dummy batch (needed before loading)."""

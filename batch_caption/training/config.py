@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from batch_caption.cli import UsageError  # noqa: F401  (re-exported: raised by TrainConfig)
-from batch_caption.model.config import ENCODERS
+from batch_caption.model.config import ENCODERS, IMAGE_INPUTS
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 OPTIMIZERS = ("adam", "sgd")
@@ -57,6 +57,8 @@ class TrainConfig:
       encoder, image_size: None = taken from the dataset (small_cnn for an images dataset).
       small_cnn_grid: small_cnn's pooled grid side (`ModelConfig.small_cnn_grid`); None =
         the features dataset's record, or 4.
+      image_input: where the decoder sees the image (`ModelConfig.image_input`): "first"
+        (Show and Tell) or "every_step".
       embedding_size, lstm_units, dropout: decoder architecture.
       encoder_weights: backbone initialisation: None (random), "imagenet", or a
         .weights.h5 file. In features mode it must be the backbone that computed the
@@ -99,6 +101,7 @@ class TrainConfig:
     encoder: str | None = None
     image_size: int | None = None
     small_cnn_grid: int | None = None
+    image_input: str = "first"
     embedding_size: int = 256
     lstm_units: int = 512
     dropout: float = 0.3
@@ -145,6 +148,8 @@ class TrainConfig:
              f"--image_size must be in [32, 1024], got {self.image_size}")
         need(self.small_cnn_grid is None or 1 <= self.small_cnn_grid <= 8,
              f"--small_cnn_grid must be in [1, 8], got {self.small_cnn_grid}")
+        need(self.image_input in IMAGE_INPUTS,
+             f"--image_input must be one of {', '.join(IMAGE_INPUTS)}, got {self.image_input!r}")
         need(self.embedding_size >= 1, f"--embedding_size must be >= 1, got {self.embedding_size}")
         need(self.lstm_units >= 1, f"--lstm_units must be >= 1, got {self.lstm_units}")
         need(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")

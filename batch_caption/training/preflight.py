@@ -20,7 +20,7 @@ from batch_caption.training.config import TrainConfig, UsageError, join
 
 TRAIN_CONFIG_NAME = "train_config.json"
 # Fields that fix the shapes of the checkpointed variables: a resumed run must match them.
-_ARCHITECTURE = ("vocab_size", "encoder", "image_size", "small_cnn_grid", "embedding_size", "lstm_units")
+_ARCHITECTURE = ("vocab_size", "encoder", "image_size", "small_cnn_grid", "image_input", "embedding_size", "lstm_units")
 # What a train_config.json written before a field existed means by its absence.
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
@@ -153,6 +153,7 @@ def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, ModelC
             small_cnn_grid=config.small_cnn_grid,
             encoder_weights=config.encoder_weights,
             train_encoder=config.train_encoder,
+            image_input=config.image_input,
             embedding_size=config.embedding_size,
             lstm_units=config.lstm_units,
             dropout=config.dropout,

@@ -30,6 +30,32 @@ def test_local_round_trip_gives_identical_captions_and_id(tiny_model, tiny_vocab
     assert B.save_bundle(loaded.model, loaded.vocabulary, str(tmp_path / "again")) == bundle_id
 
 
+def test_every_step_model_round_trips_and_its_beams_agree_alone_and_batched(tiny_vocab, tmp_path):
+    import keras
+
+    from batch_caption.model.config import ModelConfig
+    from batch_caption.model.show_and_tell import ShowAndTell
+
+    keras.utils.set_random_seed(4)
+    model = ShowAndTell(ModelConfig(vocab_size=len(tiny_vocab), image_size=64, embedding_size=16, lstm_units=24,
+                                    image_input="every_step"))
+    model.build_all()
+    for layer in (model.image_projection, model.output_projection):
+        layer.kernel.assign(layer.kernel * 6.0)
+    B.save_bundle(model, tiny_vocab, str(tmp_path / "b"))
+    loaded = B.load_bundle(str(tmp_path / "b"))
+    assert loaded.config.image_input == "every_step"
+    captioner = Captioner(loaded.model, loaded.vocabulary, DECODE)
+    batched = _texts(captioner)
+    assert batched == _texts(Captioner(model, tiny_vocab, DECODE))
+    assert len({row[0][0] for row in batched}) > 1, "the images should get different captions"
+    # The image embedding rides in the beam state: each image alone gets its batched beams.
+    images = _images()
+    for i, row in enumerate(batched):
+        alone = captioner.caption(images[i : i + 1])[0]
+        assert [c.text for c in alone] == [t for t, _ in row]
+
+
 def test_gcs_round_trip_through_filesystems(tiny_model, tiny_vocab, tmp_path, gcs_emulator):
     path = f"gs://{gcs_emulator}/models/tiny"
     bundle_id = B.save_bundle(tiny_model, tiny_vocab, path)

@@ -48,6 +48,13 @@ def test_decode_config_rejects_bad_values(kwargs, message):
         DecodeConfig(**kwargs)
 
 
+def test_image_input_defaults_to_first_when_a_bundle_predates_it():
+    d = ModelConfig(vocab_size=50, image_input="every_step").to_dict()
+    assert ModelConfig.from_dict(d).image_input == "every_step"
+    del d["image_input"]  # the shipped default bundle's config.json predates the field
+    assert ModelConfig.from_dict(d).image_input == "first"
+
+
 def test_small_cnn_grid_defaults_to_4_when_a_bundle_predates_it():
     d = ModelConfig(vocab_size=50, small_cnn_grid=3).to_dict()
     assert d["small_cnn_grid"] == 3 and ModelConfig.from_dict(d).small_cnn_grid == 3

@@ -13,8 +13,22 @@ def _images(n, size, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def test_step_by_step_decoding_matches_teacher_forcing(tiny_model):
+@pytest.fixture(scope="module")
+def every_step_model(tiny_vocab):
+    """tiny_model's shape with the image fed at every step (LSTM inputs 2 x 32)."""
+    keras.utils.set_random_seed(2)
+    config = ModelConfig(vocab_size=len(tiny_vocab), image_size=64, embedding_size=32, lstm_units=48, dropout=0.0,
+                         image_input="every_step")
+    model = ShowAndTell(config)
+    model.build_all()
+    model.image_projection.kernel.assign(model.image_projection.kernel * 6.0)
+    return model
+
+
+@pytest.mark.parametrize("which", ["tiny_model", "every_step_model"])
+def test_step_by_step_decoding_matches_teacher_forcing(which, request):
     """The inference path (initial_state + step) computes the training path's distribution."""
+    tiny_model = request.getfixturevalue(which)
     images = _images(2, 64)
     tokens = np.array([[V.START_ID, 4, 5, 6], [V.START_ID, 7, 4, 0]], np.int32)
     logits = tiny_model({"images": images, "tokens": tokens}).numpy()
@@ -26,6 +40,29 @@ def test_step_by_step_decoding_matches_teacher_forcing(tiny_model):
         log_probs, state = tiny_model.step(tf.constant(tokens[:, t]), state)
         np.testing.assert_allclose(log_probs.numpy(), expected[:, t], atol=1e-4)
         assert np.all(np.isneginf(log_probs.numpy()[:, [V.PAD_ID, V.START_ID]]))
+
+
+def test_every_step_reads_the_image_at_every_step(every_step_model):
+    """Its LSTM takes [word ; image] (2E inputs) and starts from zeros, so the image can
+    change the prediction after a word as much as at <start>."""
+    model = every_step_model
+    assert model.lstm.cell.kernel.shape[0] == 2 * model.config.embedding_size
+    features = model.encode(_images(2, 64, seed=3))
+    h, c, image_gates = model.initial_state(features)
+    assert not np.any(h.numpy()) and not np.any(c.numpy())
+    assert image_gates.shape == (2, 4 * model.config.lstm_units)
+    # Same words, same (zero) LSTM state, two images: different next-word distributions.
+    zeros = tf.zeros_like(h)
+    first, _ = model.step(tf.constant([4, 4]), (zeros, zeros, image_gates))
+    swapped, _ = model.step(tf.constant([4, 4]), (zeros, zeros, image_gates[::-1]))
+    np.testing.assert_allclose(first.numpy()[::-1], swapped.numpy(), atol=1e-5)
+    probs = np.exp(first.numpy())
+    assert np.abs(probs[0] - probs[1]).max() > 1e-3
+
+
+def test_image_input_is_validated():
+    with pytest.raises(ValueError, match="image_input must be one of first, every_step"):
+        ModelConfig(vocab_size=10, image_input="sometimes")
 
 
 def test_precomputed_features_give_the_same_logits(tiny_model):
