@@ -74,23 +74,34 @@ def tiny_vocab():
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tiny_vocab):
+def _tiny_model(vocab, seed: int, **config):
     """A randomly initialised small_cnn Show-and-Tell model, 64 px, built."""
     import keras
 
     from batch_caption.model.config import ModelConfig
     from batch_caption.model.show_and_tell import ShowAndTell
 
-    keras.utils.set_random_seed(1)
-    config = ModelConfig(vocab_size=len(tiny_vocab), image_size=64, embedding_size=32, lstm_units=48, dropout=0.0)
-    model = ShowAndTell(config)
+    keras.utils.set_random_seed(seed)
+    model = ShowAndTell(ModelConfig(vocab_size=len(vocab), image_size=64, embedding_size=32, lstm_units=48,
+                                    dropout=0.0, **config))
     model.build_all()
     # Sharpen the random projections so different images get different captions
     # (a freshly initialised model says the same thing for everything).
     for layer in (model.image_projection, model.output_projection):
         layer.kernel.assign(layer.kernel * 6.0)
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_vocab):
+    """A randomly initialised small_cnn Show-and-Tell model, 64 px, built."""
+    return _tiny_model(tiny_vocab, seed=1)
+
+
+@pytest.fixture(scope="session")
+def every_step_model(tiny_vocab):
+    """tiny_model's shape with the image fed at every step (LSTM inputs 2 x 32)."""
+    return _tiny_model(tiny_vocab, seed=4, image_input="every_step")
 
 
 @pytest.fixture(scope="session")

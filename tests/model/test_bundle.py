@@ -30,18 +30,8 @@ def test_local_round_trip_gives_identical_captions_and_id(tiny_model, tiny_vocab
     assert B.save_bundle(loaded.model, loaded.vocabulary, str(tmp_path / "again")) == bundle_id
 
 
-def test_every_step_model_round_trips_and_its_beams_agree_alone_and_batched(tiny_vocab, tmp_path):
-    import keras
-
-    from batch_caption.model.config import ModelConfig
-    from batch_caption.model.show_and_tell import ShowAndTell
-
-    keras.utils.set_random_seed(4)
-    model = ShowAndTell(ModelConfig(vocab_size=len(tiny_vocab), image_size=64, embedding_size=16, lstm_units=24,
-                                    image_input="every_step"))
-    model.build_all()
-    for layer in (model.image_projection, model.output_projection):
-        layer.kernel.assign(layer.kernel * 6.0)
+def test_every_step_model_round_trips_and_its_beams_agree_alone_and_batched(every_step_model, tiny_vocab, tmp_path):
+    model = every_step_model
     B.save_bundle(model, tiny_vocab, str(tmp_path / "b"))
     loaded = B.load_bundle(str(tmp_path / "b"))
     assert loaded.config.image_input == "every_step"

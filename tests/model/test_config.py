@@ -51,7 +51,7 @@ def test_decode_config_rejects_bad_values(kwargs, message):
 def test_image_input_defaults_to_first_when_a_bundle_predates_it():
     d = ModelConfig(vocab_size=50, image_input="every_step").to_dict()
     assert ModelConfig.from_dict(d).image_input == "every_step"
-    del d["image_input"]  # the shipped default bundle's config.json predates the field
+    del d["image_input"]  # a config.json written before the field existed
     assert ModelConfig.from_dict(d).image_input == "first"
 
 

@@ -13,18 +13,6 @@ def _images(n, size, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-@pytest.fixture(scope="module")
-def every_step_model(tiny_vocab):
-    """tiny_model's shape with the image fed at every step (LSTM inputs 2 x 32)."""
-    keras.utils.set_random_seed(2)
-    config = ModelConfig(vocab_size=len(tiny_vocab), image_size=64, embedding_size=32, lstm_units=48, dropout=0.0,
-                         image_input="every_step")
-    model = ShowAndTell(config)
-    model.build_all()
-    model.image_projection.kernel.assign(model.image_projection.kernel * 6.0)
-    return model
-
-
 @pytest.mark.parametrize("which", ["tiny_model", "every_step_model"])
 def test_step_by_step_decoding_matches_teacher_forcing(which, request):
     """The inference path (initial_state + step) computes the training path's distribution."""
