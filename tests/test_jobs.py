@@ -221,6 +221,10 @@ def test_main_dry_run_prints_and_does_not_run(launcher, monkeypatch, capsys):
 def test_main_runs_batch_caption_run_with_assembled_flags(launcher, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(run, "main", lambda argv: calls.append(argv) or 0)
+    # One clock for both assemblies: the default job name holds the UTC second, which may
+    # tick between the two calls.
+    job_name = launcher.default_job_name
+    monkeypatch.setattr(launcher, "default_job_name", lambda run_id, now=None: job_name(run_id, now=1_800_000_000))
     assert launcher.main(BASE) == 0
     assert calls == [launcher.assemble(BASE)]
     assert launcher.main(BASE[:4]) == 2  # no --output
