@@ -241,99 +241,162 @@ class SelectChanged(beam.PTransform):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FileData:
-    """A file's bytes on their way to decoding; `sources` are every path holding them."""
+    """A file on its way to decoding: `sources` are every path holding its bytes. `data` is
+    None until the bytes are read: the dedupe shuffle carries paths and hashes only."""
 
     sources: tuple[SourceFile, ...]
-    data: bytes
+    data: bytes | None
     sha256: str
 
 
-class _ReadFileFn(beam.DoFn):
-    """SourceFile (or path) -> FileData, an error record (stage read), or a skip (tag
-    'skipped') when the content equals previous_sha256."""
-
-    def __init__(self, max_file_bytes: int, run_id: str):
-        self._max_bytes = max_file_bytes
-        self._run_id = run_id
-
-    def setup(self):
-        gcs.configure_for_emulator()
-        self._bytes_read = counter("bytes_read")
-        self._failed = counter("failed_read")
-        self._skipped = counter("skipped")
-
-    def _error(self, path, error, message=None):
-        self._failed.inc()
-        return beam.pvalue.TaggedOutput(ERRORS, records.error_record(path, "read", error, message, run_id=self._run_id))
-
-    def _load(self, f) -> tuple[bytes, int, str]:
-        """An open file -> (its bytes, its size, sha256); size > max_bytes: stop early."""
-        data = f.read(self._max_bytes + 1)
-        return data, len(data), hashlib.sha256(data).hexdigest()
-
-    def process(self, source):
-        if isinstance(source, str):
-            source = SourceFile(source)
-        path = source.path
-        try:
-            with FileSystems.open(path, compression_type="uncompressed") as f:
-                data, size, sha = self._load(f)
-        except Exception as e:  # missing, a directory, permissions, network: all data
-            yield self._error(path, _root_cause(e))
-            return
-        self._bytes_read.inc(size)
-        if size > self._max_bytes:
-            yield self._error(path, "FileTooLargeError", f"file is larger than the limit of {self._max_bytes:,} bytes")
-            return
-        if source.previous_sha256 == sha:
-            self._skipped.inc()
-            yield beam.pvalue.TaggedOutput("skipped", path)
-            return
-        yield FileData((source,), data, sha)
-
-
+# Hashing, reading and decoding run in small thread pools, ahead of the consumer: file
+# reads, sha256, Pillow's decode and resize and TensorFlow all release the GIL, so the next
+# images are read and decoded while the current batch is captioned. On the in-memory
+# DirectRunner every step of a fused stage otherwise runs one after the other in the one
+# bundle thread; on a cloud runner the threads also overlap storage latency.
+DECODE_THREADS = 2
+DECODE_LOOKAHEAD = 32  # images in flight per DoFn instance; >= the batch size hides decoding
 HASH_CHUNK_BYTES = 1 << 20
 
 
-class _HashFileFn(_ReadFileFn):
-    """Like _ReadFileFn, but streams the file through sha256 and keeps no bytes
-    (FileData.data is b""): what goes through the dedupe shuffle is paths and hashes,
-    never file contents (the in-memory runner holds a GroupByKey's whole output at once)."""
+class _AheadFn(beam.DoFn):
+    """Base of DoFns that work up to `lookahead` elements ahead in `threads` threads.
 
-    def _load(self, f) -> tuple[bytes, int, str]:
+    Subclasses define `_work(element)`, which runs in a pool thread and returns data
+    errors as values (Beam metrics and outputs belong to the bundle's thread; anything it
+    raises is a bug and fails the bundle), and `_emit(element, result)`, which runs in the
+    bundle's thread in input order and yields outputs. Every output keeps the window and
+    timestamp of the element it came from. threads=0 works inline.
+    """
+
+    def __init__(self, threads: int, lookahead: int):
+        self._threads = threads
+        self._lookahead = max(1, lookahead)
+
+    def setup(self):
+        self._pool = None
+        if self._threads > 0:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix=type(self).__name__.strip("_"))
+
+    def start_bundle(self):
+        self._pending = collections.deque()
+
+    def _work(self, element):
+        raise NotImplementedError
+
+    def _emit(self, element, result):
+        raise NotImplementedError
+
+    # WindowParam makes Beam call process once per window, so each kept element (and the
+    # output made from it later) carries exactly one window.
+    def process(self, element, windowed=beam.DoFn.WindowedValueParam, _window=beam.DoFn.WindowParam):
+        if self._pool is None:
+            yield from self._outputs(element, self._work(element), windowed)
+            return
+        self._pending.append((element, self._pool.submit(self._work, element), windowed))
+        while len(self._pending) > self._lookahead:
+            yield from self._next()
+
+    def finish_bundle(self):
+        while self._pending:
+            yield from self._next()
+
+    def _next(self):
+        element, future, windowed = self._pending.popleft()
+        yield from self._outputs(element, future.result(), windowed)
+
+    def _outputs(self, element, result, windowed):
+        """_emit's outputs as WindowedValues of their element (finish_bundle has none)."""
+        for out in self._emit(element, result):
+            if isinstance(out, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(out.tag, windowed.with_value(out.value))
+            else:
+                yield windowed.with_value(out)
+
+    def teardown(self):
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _read(path: str, max_bytes: int, keep: bool) -> tuple[bytes | None, int, str]:
+    """-> (bytes if keep else None, size, sha256); reads at most max_bytes + 1 bytes, so a
+    size > max_bytes means too large. Without keep the file streams through sha256."""
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        if keep:
+            data = f.read(max_bytes + 1)
+            return data, len(data), hashlib.sha256(data).hexdigest()
         digest, size = hashlib.sha256(), 0
-        while size <= self._max_bytes:
+        while size <= max_bytes:
             chunk = f.read(HASH_CHUNK_BYTES)
             if not chunk:
                 break
             digest.update(chunk)
             size += len(chunk)
-        return b"", size, digest.hexdigest()
+        return None, size, digest.hexdigest()
 
 
-class _ReadContentFn(_ReadFileFn):
-    """FileData without bytes (after the dedupe shuffle) -> the same FileData with the
-    bytes of its first path (read as _ReadFileFn reads), or an error record (stage read)
-    for each of its paths."""
+def _too_large(max_bytes: int) -> tuple[str, str]:
+    return "FileTooLargeError", f"file is larger than the limit of {max_bytes:,} bytes"
 
-    def process(self, fd: FileData):
+
+def _source(item) -> SourceFile:
+    return SourceFile(item) if isinstance(item, str) else item
+
+
+class _FileFn(_AheadFn):
+    """What the DoFns that read files share: the size limit, the run id, the read counters."""
+
+    def __init__(self, max_file_bytes: int, run_id: str, threads: int, lookahead: int):
+        super().__init__(threads, lookahead)
+        self._max_bytes = max_file_bytes
+        self._run_id = run_id
+
+    def setup(self):
+        super().setup()
+        gcs.configure_for_emulator()
+        self._bytes_read = counter("bytes_read")
+        self._failed_read = counter("failed_read")
+        self._skipped = counter("skipped")
+
+
+class _HashFileFn(_FileFn):
+    """SourceFile (or path) -> FileData without bytes (the file streamed through sha256),
+    an error record (stage read), or a skip (tag 'skipped') when the content equals
+    previous_sha256. What then goes through the dedupe shuffle is paths and hashes, never
+    file contents (the in-memory runner holds a GroupByKey's whole output at once)."""
+
+    def __init__(self, max_file_bytes: int, run_id: str, threads: int = 2 * DECODE_THREADS, lookahead: int = 16):
+        super().__init__(max_file_bytes, run_id, threads, lookahead)
+
+    def _error(self, path, error, message):
+        self._failed_read.inc()
+        return beam.pvalue.TaggedOutput(ERRORS, records.error_record(path, "read", error, message, run_id=self._run_id))
+
+    def _work(self, item):
         try:
-            with FileSystems.open(fd.sources[0].path, compression_type="uncompressed") as f:
-                data, size, sha = self._load(f)
-            if size > self._max_bytes:
-                raise OSError(f"file is larger than the limit of {self._max_bytes:,} bytes")
-        except Exception as e:  # deleted or changed since it was hashed: all data
-            for source in fd.sources:
-                self._failed.inc()
-                yield beam.pvalue.TaggedOutput(
-                    ERRORS, records.error_record(source.path, "read", _root_cause(e), run_id=self._run_id))
+            return _read(_source(item).path, self._max_bytes, keep=False)
+        except Exception as e:  # missing, a directory, permissions, network: all data
+            return _root_cause(e)
+
+    def _emit(self, item, result):
+        source = _source(item)
+        if isinstance(result, BaseException):
+            yield self._error(source.path, result, None)
             return
-        # A file rewritten since it was hashed keeps its group; its record gets the new hash.
-        yield FileData(fd.sources, data, sha)
+        _, size, sha = result
+        self._bytes_read.inc(size)
+        if size > self._max_bytes:
+            yield self._error(source.path, *_too_large(self._max_bytes))
+            return
+        if source.previous_sha256 == sha:
+            self._skipped.inc()
+            yield beam.pvalue.TaggedOutput("skipped", source.path)
+            return
+        yield FileData((source,), None, sha)
 
 
 def _merge_same_content(item) -> FileData:
-    """(sha256, [FileData]) -> one FileData naming every path (decoded once)."""
+    """(sha256, [FileData]) -> one FileData naming every path (read and decoded once)."""
     _, group = item
     group = sorted(group, key=lambda d: d.sources[0].path)
     if len(group) > 1:
@@ -341,84 +404,82 @@ def _merge_same_content(item) -> FileData:
     return FileData(tuple(s for d in group for s in d.sources), group[0].data, group[0].sha256)
 
 
-# Decoding runs in a small thread pool, ahead of the model: Pillow releases the GIL while
-# it decodes and resizes, and TensorFlow while it runs a batch, so the next images decode
-# while the current batch is captioned (on the in-memory DirectRunner every step of a
-# fused stage otherwise runs one after the other in one thread).
-DECODE_THREADS = 2
-DECODE_LOOKAHEAD = 32  # images in flight per DoFn instance; >= the batch size hides decoding
+class _Read(NamedTuple):
+    """What _ReadDecodeFn's pool thread made of one input (see _ReadDecodeFn._work)."""
+
+    file: FileData  # its bytes dropped once decoded: a lookahead of big photos stays small
+    decoded: Any = None  # images.DecodedImage | images.ImageDecodeError
+    size: int = 0  # bytes decoded
+    read_error: tuple[Any, str | None] | None = None  # (exception or error name, message)
+    skipped: bool = False
+    bytes_read: int = 0  # counted for first reads only (a re-read after dedupe was counted when hashed)
 
 
-class _DecodeFn(beam.DoFn):
-    """FileData -> ImageExample, or an error record (stage decode) for each of its paths.
+class _ReadDecodeFn(_FileFn):
+    """FileData, SourceFile or path -> ImageExample, or an error record (stage read or
+    decode) for each of its paths, or a skip (tag 'skipped') when a SourceFile's content
+    equals its previous_sha256.
 
-    Up to `lookahead` images of a bundle are decoded ahead by `threads` threads (0: decode
-    inline); outputs keep the input order and each keeps its input's window and timestamp.
+    A FileData without bytes (after the dedupe shuffle) is read from its first path; a file
+    rewritten since it was hashed keeps its group, and its records get the new hash. Up to
+    `lookahead` inputs are read and decoded ahead by `threads` threads (0: inline).
     """
 
-    def __init__(self, image_config: images.ImageConfig, run_id: str, threads: int = DECODE_THREADS,
-                 lookahead: int = DECODE_LOOKAHEAD):
+    def __init__(self, image_config: images.ImageConfig, max_file_bytes: int, run_id: str,
+                 threads: int = DECODE_THREADS, lookahead: int = DECODE_LOOKAHEAD):
+        super().__init__(max_file_bytes, run_id, threads, lookahead)
         self._config = image_config
-        self._run_id = run_id
-        self._threads = threads
-        self._lookahead = max(1, lookahead)
 
     def setup(self):
+        super().setup()
         self._decoded = counter("decoded")
         self._failed = counter("failed_decode")
-        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="decode") if self._threads > 0 else None
 
-    def start_bundle(self):
-        self._pending = collections.deque()
-
-    def _decode(self, data):
-        """Runs in a pool thread: data errors come back as values (Beam metrics and
-        outputs belong to the bundle's thread); anything else is a bug and propagates."""
+    def _work(self, item) -> _Read:
+        first_read = not isinstance(item, FileData)
+        fd = FileData((_source(item),), None, "") if first_read else item
+        counted = 0
+        if fd.data is None:
+            try:
+                data, size, sha = _read(fd.sources[0].path, self._max_bytes, keep=True)
+            except Exception as e:  # missing, deleted since hashed, permissions, network: all data
+                return _Read(fd, read_error=(_root_cause(e), None))
+            counted = size if first_read else 0
+            if size > self._max_bytes:
+                return _Read(fd, read_error=_too_large(self._max_bytes), bytes_read=counted)
+            if first_read and fd.sources[0].previous_sha256 == sha:
+                return _Read(fd, skipped=True, bytes_read=counted)
+            fd = FileData(fd.sources, data, sha)
         try:
-            return images.decode_image(data, self._config)
+            decoded = images.decode_image(fd.data, self._config)
         except images.ImageDecodeError as e:
-            return e
+            decoded = e
+        return _Read(FileData(fd.sources, None, fd.sha256), decoded, len(fd.data), bytes_read=counted)
 
-    # WindowParam makes Beam call process once per window, so each kept element (and the
-    # output made from it later) carries exactly one window.
-    def process(self, fd: FileData, element=beam.DoFn.WindowedValueParam, _window=beam.DoFn.WindowParam):
-        if self._pool is None:
-            yield from self._emit(fd, self._decode(fd.data), element)
+    def _emit(self, item, read: _Read):
+        self._bytes_read.inc(read.bytes_read)
+        fd = read.file
+        if read.skipped:
+            self._skipped.inc()
+            yield beam.pvalue.TaggedOutput("skipped", fd.sources[0].path)
             return
-        self._pending.append((fd, self._pool.submit(self._decode, fd.data), element))
-        while len(self._pending) > self._lookahead:
-            fd, future, element = self._pending.popleft()
-            yield from self._emit(fd, future.result(), element)
-
-    def finish_bundle(self):
-        while self._pending:
-            fd, future, element = self._pending.popleft()
-            yield from self._emit(fd, future.result(), element)
-
-    def teardown(self):
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _emit(self, fd: FileData, decoded, element):
-        """Outputs as WindowedValues of the element they came from (finish_bundle has none)."""
-        if isinstance(decoded, images.ImageDecodeError):
+        if read.read_error is not None or isinstance(read.decoded, images.ImageDecodeError):
+            stage, (error, message) = ("read", read.read_error) if read.read_error else ("decode", (read.decoded, None))
             for source in fd.sources:
-                self._failed.inc()
-                record = records.error_record(source.path, "decode", decoded, run_id=self._run_id)
-                yield beam.pvalue.TaggedOutput(ERRORS, element.with_value(record))
+                (self._failed_read if stage == "read" else self._failed).inc()
+                yield beam.pvalue.TaggedOutput(ERRORS, records.error_record(source.path, stage, error, message, run_id=self._run_id))
             return
         self._decoded.inc()
-        yield element.with_value(
-            ImageExample(
-                path=fd.sources[0].path,
-                pixels=decoded.pixels,
-                width=decoded.width,
-                height=decoded.height,
-                format=decoded.format,
-                sha256=fd.sha256,
-                size_bytes=len(fd.data),
-                sources=fd.sources,
-            )
+        decoded = read.decoded
+        yield ImageExample(
+            path=fd.sources[0].path,
+            pixels=decoded.pixels,
+            width=decoded.width,
+            height=decoded.height,
+            format=decoded.format,
+            sha256=fd.sha256,
+            size_bytes=read.size,
+            sources=fd.sources,
         )
 
 
@@ -438,9 +499,10 @@ class ReadImages(beam.PTransform):
       dedupe: decode identical bytes once: files are hashed (streamed), grouped by sha256
         (only paths and hashes are shuffled) and one file of each group is read again and
         decoded; the example then names every path in `sources`, and each gets its own record.
-      lookahead: images decoded ahead of the consumer (give the model's batch size, so a
-        whole batch decodes while the previous one is captioned).
-      decode_threads: threads decoding per DoFn instance (0: decode inline).
+      lookahead: images read and decoded ahead of the consumer (give the model's batch
+        size, so a whole batch decodes while the previous one is captioned).
+      decode_threads: threads reading and decoding per DoFn instance (0: inline); hashing for
+        dedupe uses twice as many (it is mostly waiting for bytes), 8 files ahead each.
     """
 
     def __init__(self, image_config: images.ImageConfig, max_file_bytes: int, run_id: str, dedupe: bool = False,
@@ -454,27 +516,27 @@ class ReadImages(beam.PTransform):
         self._threads = decode_threads
 
     def expand(self, files):
-        # With dedupe, files are hashed (streamed, no bytes kept), grouped by hash, and one
-        # file of each group is read again for decoding: only paths and hashes are shuffled.
-        read_fn = (_HashFileFn if self._dedupe else _ReadFileFn)(self._max_bytes, self._run_id)
-        read = files | "ReadFiles" >> beam.ParDo(read_fn).with_outputs(ERRORS, "skipped", main="data")
-        data, read_errors = read.data, [read[ERRORS]]
+        to_decode, errors, skipped = files, [], []
         if self._dedupe:
-            content = (
-                data
+            hash_fn = _HashFileFn(self._max_bytes, self._run_id, 2 * self._threads, 16 * self._threads)
+            hashed = files | "HashFiles" >> beam.ParDo(hash_fn).with_outputs(ERRORS, "skipped", main="data")
+            to_decode = (
+                hashed.data
                 | "KeyByContent" >> beam.Map(lambda d: (d.sha256, d))
                 | "GroupSameContent" >> beam.GroupByKey()
                 | "MergeSameContent" >> beam.Map(_merge_same_content)
-                | "ReadContent" >> beam.ParDo(_ReadContentFn(self._max_bytes, self._run_id)).with_outputs(
-                    ERRORS, main="data")
             )
-            data = content.data
-            read_errors.append(content[ERRORS])
-        decoded = data | "Decode" >> beam.ParDo(
-            _DecodeFn(self._config, self._run_id, self._threads, self._lookahead)
-        ).with_outputs(ERRORS, main="images")
-        errors = (*read_errors, decoded[ERRORS]) | "FlattenReadErrors" >> beam.Flatten()
-        return {"images": decoded.images, ERRORS: errors, "skipped": read.skipped}
+            errors.append(hashed[ERRORS])
+            skipped.append(hashed.skipped)
+        decoded = to_decode | "ReadAndDecode" >> beam.ParDo(
+            _ReadDecodeFn(self._config, self._max_bytes, self._run_id, self._threads, self._lookahead)
+        ).with_outputs(ERRORS, "skipped", main="images")
+        if errors:
+            errors = (*errors, decoded[ERRORS]) | "FlattenReadErrors" >> beam.Flatten()
+            skipped = (*skipped, decoded.skipped) | "FlattenSkipped" >> beam.Flatten()
+        else:
+            errors, skipped = decoded[ERRORS], decoded.skipped
+        return {"images": decoded.images, ERRORS: errors, "skipped": skipped}
 
 
 # --- CaptionImages ---------------------------------------------------------------------

@@ -112,7 +112,7 @@ def _file_data(name: str, data: bytes) -> P.FileData:
     return P.FileData((P.SourceFile(name),), data, hashlib.sha256(data).hexdigest())
 
 
-def _decode_bundle(fn: P._DecodeFn, files) -> list:
+def _run_bundle(fn: P._AheadFn, files) -> list:
     """Runs one bundle through the DoFn by hand; input i gets timestamp i, window [i, i+1)."""
     fn.setup()
     fn.start_bundle()
@@ -142,9 +142,9 @@ def test_decoding_ahead_in_threads_keeps_order_windows_and_errors():
     files.insert(2, _file_data("broken", b"not an image at all"))
     files.insert(5, _file_data("empty", b""))
     config = images.ImageConfig(image_size=16)
-    inline = [_summary(o) for o in _decode_bundle(P._DecodeFn(config, "r", threads=0), files)]
+    inline = [_summary(o) for o in _run_bundle(P._ReadDecodeFn(config, 1 << 20, "r", threads=0), files)]
     # lookahead 3 < 8 files: outputs leave both from process and from finish_bundle.
-    ahead = [_summary(o) for o in _decode_bundle(P._DecodeFn(config, "r", threads=2, lookahead=3), files)]
+    ahead = [_summary(o) for o in _run_bundle(P._ReadDecodeFn(config, 1 << 20, "r", threads=2, lookahead=3), files)]
     assert ahead == inline
     assert [s[1][0] for s in ahead] == [f.sources[0].path for f in files]  # input order
     for i, (tag, what, timestamp, windows) in enumerate(ahead):
@@ -154,10 +154,10 @@ def test_decoding_ahead_in_threads_keeps_order_windows_and_errors():
 
 
 def test_a_bug_while_decoding_ahead_fails_the_bundle():
-    fn = P._DecodeFn(images.ImageConfig(image_size=16), "r", threads=1, lookahead=4)
+    fn = P._ReadDecodeFn(images.ImageConfig(image_size=16), 1 << 20, "r", threads=1, lookahead=4)
     bad = P.FileData((P.SourceFile("x"),), "text, not bytes", "0" * 64)  # TypeError: a bug, not data
     with pytest.raises(TypeError):
-        _decode_bundle(fn, [bad])
+        _run_bundle(fn, [bad])
 
 
 def test_decoding_ahead_gives_each_window_its_own_output():
@@ -175,7 +175,7 @@ def test_decoding_ahead_gives_each_window_its_own_output():
             | beam.Create([(i, f) for i, f in enumerate(files)])
             | beam.Map(lambda kv: beam.window.TimestampedValue(kv[1], kv[0]))
             | beam.WindowInto(beam.window.SlidingWindows(size=2, period=1))  # 2 windows each
-            | beam.ParDo(P._DecodeFn(images.ImageConfig(image_size=8), "r", threads=2, lookahead=2))
+            | beam.ParDo(P._ReadDecodeFn(images.ImageConfig(image_size=8), 1 << 20, "r", threads=2, lookahead=2))
             | beam.ParDo(Where())
         )
         assert_that(decoded, equal_to([(f"img{i}", float(start)) for i in range(4) for start in (i - 1, i)]))
@@ -190,10 +190,8 @@ def test_dedupe_shuffles_hashes_not_bytes_and_reads_each_content_once(tmp_path):
     paths = sorted(str(p) for p in tmp_path.iterdir())
 
     # The hashing read keeps no bytes: only paths and hashes go through the GroupByKey.
-    hash_fn = P._HashFileFn(1 << 20, "r")
-    hash_fn.setup()
-    hashed = list(hash_fn.process(P.SourceFile(paths[0])))
-    assert hashed[0].data == b"" and hashed[0].sha256 == hashlib.sha256(data.getvalue()).hexdigest()
+    hashed = [o.value for o in _run_bundle(P._HashFileFn(1 << 20, "r"), [P.SourceFile(paths[0])])]
+    assert hashed[0].data is None and hashed[0].sha256 == hashlib.sha256(data.getvalue()).hexdigest()
 
     config = images.ImageConfig(image_size=32)
     with BeamTestPipeline() as p:
@@ -202,3 +200,34 @@ def test_dedupe_shuffles_hashes_not_bytes_and_reads_each_content_once(tmp_path):
         assert_that(examples, equal_to([(paths[:2], len(data.getvalue()), (32, 32, 3))]), label="images")
         assert_that(out[P.ERRORS] | beam.Map(lambda r: (r["path"], r["stage"])),
                     equal_to([(paths[2], "decode")]), label="errors")
+
+
+@pytest.mark.parametrize("dedupe", [False, True])
+def test_reading_gives_every_path_an_image_an_error_or_a_skip(tmp_path, dedupe):
+    def png(colour) -> bytes:
+        b = io.BytesIO()
+        Image.new("RGB", (20, 10), colour).save(b, format="PNG")
+        return b.getvalue()
+
+    small, unchanged = png((200, 10, 10)), png((10, 200, 10))
+    (tmp_path / "small.png").write_bytes(small)
+    (tmp_path / "unchanged.png").write_bytes(unchanged)
+    (tmp_path / "big.bin").write_bytes(b"x" * 5000)
+    limit = max(len(small), len(unchanged)) + 10
+    files = [
+        P.SourceFile(str(tmp_path / "small.png"), previous_sha256="0" * 64),  # changed since: read
+        P.SourceFile(str(tmp_path / "unchanged.png"), previous_sha256=hashlib.sha256(unchanged).hexdigest()),
+        str(tmp_path / "big.bin"),
+        str(tmp_path / "missing.png"),
+    ]
+    with BeamTestPipeline() as p:
+        out = p | beam.Create(files) | P.ReadImages(images.ImageConfig(image_size=8), limit, "r", dedupe=dedupe)
+        assert_that(out["images"] | beam.Map(lambda e: (e.path, e.size_bytes, e.sha256, e.pixels.shape)),
+                    equal_to([(files[0].path, len(small), hashlib.sha256(small).hexdigest(), (8, 8, 3))]),
+                    label="images")
+        assert_that(out["skipped"], equal_to([files[1].path]), label="skipped")
+        too_large = f"file is larger than the limit of {limit:,} bytes"
+        assert_that(out[P.ERRORS] | beam.Map(lambda r: (r["path"], r["stage"], r["error"], r["message"] == too_large)),
+                    equal_to([(files[2], "read", "FileTooLargeError", True),
+                              (files[3], "read", "FileNotFoundError", False)]),
+                    label="errors")
