@@ -183,6 +183,22 @@ def test_multi_processing_runner_gives_the_same_records(mixed, in_memory_run, ti
     assert manifest["counts"]["inputs"] == len(mp_caps) + len(mp_errs)
 
 
+def test_inline_reading_without_dedupe_gives_the_same_records(mixed, in_memory_run, tiny_bundle, tmp_path):
+    root, _, _ = mixed
+    out, _ = in_memory_run
+    manifest = run.run(["--input", root, "--output", str(tmp_path), "--model", tiny_bundle, "--run_id", "inline",
+                        "--batch_size", "4", "--read_threads", "0", "--no-dedupe"])
+    mem_caps, mem_errs, _ = read_run(os.path.join(out, "run=mem"))
+    caps, errs, _ = read_run(str(tmp_path / "run=inline"))
+
+    def key(records, *fields):
+        return sorted(tuple(r[f] for f in fields) for r in records)
+
+    assert key(caps, "path", "caption", "sha256", "bytes") == key(mem_caps, "path", "caption", "sha256", "bytes")
+    assert key(errs, "path", "stage", "error", "message") == key(mem_errs, "path", "stage", "error", "message")
+    assert manifest["options"]["read_threads"] == 0 and manifest["options"]["dedupe"] is False
+
+
 def test_rerun_with_the_same_run_id_leaves_no_stale_shards(tiny_bundle, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
@@ -285,6 +301,7 @@ def _cli(*args, timeout=120):
         (["--input", "/nonexistent/*.jpg"], "matches no file"),
         (["--beam_size", "0"], "beam_size"),
         (["--beam_size", "two"], "invalid int value"),
+        (["--read_threads", "-1"], "--read_threads must be >= 0, got -1"),
         (["--run_id", "a/b"], "--run_id"),
         (["--input_list", "/nonexistent/list.txt"], "does not exist"),
     ],
@@ -298,6 +315,17 @@ def test_bad_command_lines_fail_fast_with_one_line(args, message, tiny_bundle, t
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "out").exists()  # no work started
+
+
+def test_read_threads_default_to_more_for_remote_inputs(tmp_path):
+    def threads(*args):
+        return run.parse(list(args))[0].read_threads
+
+    assert threads("--input", str(tmp_path)) == threads("--input", f"file://{tmp_path}") == run.LOCAL_READ_THREADS
+    assert threads("--input", str(tmp_path), "--input", "gs://bucket/photos/*.jpg") == run.REMOTE_READ_THREADS
+    assert threads("--input_list", "s3://bucket/list.txt") == run.REMOTE_READ_THREADS
+    assert threads("--input", "gs://bucket/a.jpg", "--read_threads", "0") == 0
+    assert run.LOCAL_READ_THREADS < run.REMOTE_READ_THREADS
 
 
 def test_draft_flag_turns_jpeg_draft_decoding_off(tmp_path, monkeypatch):
