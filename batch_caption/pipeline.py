@@ -71,6 +71,7 @@ class _MatchPatternFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(
                 ERRORS, records.error_record(pattern, "match", "NoMatch", "pattern matched no file", run_id=self._run_id)
             )
+        _expect(len(metadata))
         for m in metadata:
             yield SourceFile(m.path, m.size_in_bytes, m.last_updated_in_seconds)
 
@@ -91,10 +92,18 @@ class _ReadPathListFn(beam.DoFn):
         except Exception as e:
             yield beam.pvalue.TaggedOutput(ERRORS, records.error_record(list_path, "match", e, run_id=self._run_id))
             return
-        for line in text.splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                yield SourceFile(line)
+        paths = [line.strip() for line in text.splitlines()]
+        paths = [p for p in paths if p and not p.startswith("#")]
+        _expect(len(paths))
+        for path in paths:
+            yield SourceFile(path)
+
+
+def _expect(n: int) -> None:
+    # On the in-memory DirectRunner all matching ends (DedupePaths is a GroupByKey) before
+    # any file is read, in this process: the progress line then knows the total. A path
+    # matched twice counts twice here; it is read once.
+    progress.reporter().expect(n)
 
 
 def _best_known(files) -> SourceFile:
@@ -138,9 +147,9 @@ class MatchImages(beam.PTransform):
             | "KeyByPath" >> beam.Map(lambda f: (f.path, f))
             | "DedupePaths" >> beam.CombinePerKey(_best_known)
             | "DropPathKey" >> beam.Values()
+            # DedupePaths, a shuffle by path, also spreads the files across workers (one
+            # pattern's matches all come from one worker); no Reshuffle needed after it.
             | "CountMatched" >> beam.Map(_count_matched)
-            # Python MatchAll does not rebalance: without this, one worker reads everything.
-            | "SpreadFiles" >> beam.Reshuffle()
         )
         errors = tuple(source[ERRORS] for source in sources) | "FlattenMatchErrors" >> beam.Flatten()
         return {"files": files, ERRORS: errors}
@@ -148,9 +157,6 @@ class MatchImages(beam.PTransform):
 
 def _count_matched(f: SourceFile) -> SourceFile:
     counter("matched").inc()
-    # On the in-memory DirectRunner matching finishes (Reshuffle is a barrier) before
-    # any image is captioned, in this process: the progress line then knows the total.
-    progress.reporter().expect(1)
     return f
 
 

@@ -373,6 +373,23 @@ def test_progress_line_reports_done_rate_and_eta():
     assert "ETA" not in Reporter(total=None).line()
 
 
+@pytest.mark.parametrize("dedupe", ["--dedupe", "--no-dedupe"])
+def test_the_progress_line_knows_the_total_before_the_first_caption(mixed, tiny_bundle, tmp_path, monkeypatch, dedupe):
+    root, expected, _ = mixed
+    seen = []
+    add = Reporter.add
+
+    def recording_add(self, n=1):
+        seen.append(self.total)
+        add(self, n)
+
+    monkeypatch.setattr(Reporter, "add", recording_add)
+    manifest = run.run(["--input", root, "--output", str(tmp_path), "--model", tiny_bundle, "--run_id", "p",
+                        "--batch_size", "4", dedupe])
+    assert len(seen) == manifest["counts"]["captioned"] > 0
+    assert set(seen) == {len(expected)}
+
+
 @pytest.mark.slow
 def test_share_model_across_processes(tiny_bundle, tmp_path):
     Image.fromarray(varied_images(1, 64)[0]).save(tmp_path / "a.png")
