@@ -48,7 +48,7 @@ class JobConfig:
     max_caption_length: int = 20
     num_alternatives: int = 3
     length_normalization: float = 0.7
-    batch_size: int = 128
+    batch_size: int | None = None  # None: default_batch_size(the model's image size)
     max_image_pixels: int = 100_000_000
     max_file_bytes: int = 256 * 1024 * 1024
     draft: bool = True
@@ -67,7 +67,7 @@ class JobConfig:
         if not _RUN_ID_RE.match(self.run_id):
             raise UsageError(f"--run_id {self.run_id!r} must be letters, digits, '.', '_' or '-' (max 128)")
         for name in ("batch_size", "max_image_pixels", "max_file_bytes"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.read_threads < 0:
             raise UsageError(f"--read_threads must be >= 0, got {self.read_threads}")
@@ -98,9 +98,10 @@ def join(base: str, name: str) -> str:
     return FileSystems.join(base, name)
 
 
-# Local reads are cheap: more threads than cores only take CPU from the model (2 -> 8 was
-# 9% slower on 2 cores). An object store answers each open after tens of ms, which many
-# threads in flight hide (bench/slow_storage.py).
+# Local reads are cheap: more threads than cores gain nothing (2, 8, 16 on 2 cores: within
+# noise in one run, 9% and 14% slower in another). An object store answers each open after
+# tens of ms, which many threads in flight hide (bench/slow_storage.py: 30 ms per open,
+# 16 threads 2.9x faster than 2).
 LOCAL_READ_THREADS = 2
 REMOTE_READ_THREADS = 16
 
@@ -111,6 +112,18 @@ def default_read_threads(paths: list[str]) -> int:
 
     remote = any(FileSystems.get_scheme(p) not in (None, "file") for p in paths)
     return REMOTE_READ_THREADS if remote else LOCAL_READ_THREADS
+
+
+# Larger batches use the CPU better (the bundled 128 px model: 32 -> 128 took 4% less CPU
+# per image and ran 5% faster, bench/job_flags.py), but activation memory grows with
+# batch x pixels, and a job runs one model per worker process: the default holds the pixels
+# per batch constant (docs/PERFORMANCE.md has both measurements).
+BATCH_PIXELS = 128 * 128 * 128
+
+
+def default_batch_size(image_size: int) -> int:
+    """Images per model call when --batch_size is not given: ~BATCH_PIXELS, in [8, 128]."""
+    return max(8, min(128, BATCH_PIXELS // (image_size * image_size)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "its record (default on: files are hashed, only paths and hashes are shuffled, and one file per "
                    "hash is read again)")
     r = p.add_argument_group("resources")
-    r.add_argument("--batch_size", type=int, default=128, help="images per model call (default 128)")
+    r.add_argument("--batch_size", type=int, default=None,
+                   help="images per model call (default: as many as hold ~2 M pixels at the model's input size, "
+                   "8 to 128: 128 at 128 px, 41 at 224 px, 23 at 299 px)")
     r.add_argument("--max_image_pixels", type=int, default=100_000_000,
                    help="decoded pixel limit per image, against decompression bombs (default 100M)")
     r.add_argument("--max_file_bytes", type=int, default=256 * 1024 * 1024, help="larger files are errors (default 256 MiB)")
@@ -294,6 +309,8 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
     from batch_caption import images, pipeline as P
     from batch_caption.inference import BUNDLED_MODEL, CaptionModelHandler
 
+    if config.batch_size is None:
+        config = dataclasses.replace(config, batch_size=default_batch_size(image_size))
     decode = config.decode
     info = P.RunInfo(
         run_id=config.run_id,

@@ -36,11 +36,13 @@ from corpora import large_photos
 MODES = {"draft": ["--draft"], "full": ["--no-draft"]}
 
 
-def _job(inputs: list[str], out: str, run_id: str, mode: str, batch_size: int) -> dict:
+def _job(inputs: list[str], out: str, run_id: str, mode: str, batch_size: int | None) -> dict:
     from batch_caption import run
 
     argv = [a for p in inputs for a in ("--input", p)]
-    argv += ["--output", out, "--run_id", run_id, "--batch_size", str(batch_size), *MODES[mode]]
+    argv += ["--output", out, "--run_id", run_id, *MODES[mode]]
+    if batch_size is not None:
+        argv += ["--batch_size", str(batch_size)]
     manifest = run.run(argv)
     captions, errors = read_run(os.path.join(out, f"run={run_id}"))
     return {"manifest": manifest, "captions": captions, "errors": errors}
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=200, help="photos in the corpus (4000x3000 JPEG)")
     p.add_argument("--rounds", type=int, default=2, help="runs of each mode, alternating")
     p.add_argument("--warmup", type=int, default=4, help="photos in the untimed warm-up run of each mode")
-    p.add_argument("--batch_size", type=int, default=32, help="the job's --batch_size")
+    p.add_argument("--batch_size", type=int, default=None, help="the job's --batch_size (default: the job's own)")
     p.add_argument("--root", default=None, help="corpus cache (default bench/.corpus)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "large_photos.json"))
     args = p.parse_args(argv)

@@ -328,6 +328,18 @@ def test_read_threads_default_to_more_for_remote_inputs(tmp_path):
     assert run.LOCAL_READ_THREADS < run.REMOTE_READ_THREADS
 
 
+def test_the_default_batch_size_holds_the_pixels_per_batch(tiny_bundle, tmp_path):
+    assert [run.default_batch_size(s) for s in (32, 128, 224, 299, 600)] == [128, 128, 41, 23, 8]
+    assert run.parse(["--input", str(tmp_path)])[0].batch_size is None  # resolved once the model is known
+    Image.fromarray(varied_images(1, 64)[0]).save(tmp_path / "a.png")
+    size = load_captioner(tiny_bundle, DecodeConfig()).image_size
+    manifest = run.run(["--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "o"), "--model", tiny_bundle,
+                        "--run_id", "b"])
+    assert manifest["options"]["batch_size"] == run.default_batch_size(size)
+    with pytest.raises(run.UsageError, match="--batch_size must be >= 1"):
+        run.parse(["--input", str(tmp_path), "--batch_size", "0"])
+
+
 def test_draft_flag_turns_jpeg_draft_decoding_off(tmp_path, monkeypatch):
     import apache_beam as beam
 
