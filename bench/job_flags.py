@@ -1,0 +1,99 @@
+"""The captioning job under several sets of flags, side by side in one process.
+
+    python bench/job_flags.py [--images 2000] [--size 256] [--rounds 3]
+                              [--variants "--batch_size 32" "--batch_size 128" ...]
+                              [--out bench/results/job_flags.json]
+
+Runs the real job (`batch_caption.run.run`, DirectRunner in memory, bundled default model)
+over the fixed small corpus (`corpora.small_images`) once per variant per round,
+alternating (A B C A B C ...), after one untimed warm-up run, and reports for each variant
+the median images/s, steady (elapsed minus model load + trace, as in job_vs_ceiling.py)
+and wall (the whole `run.run` call), CPU ms per image (all threads, the whole call), and
+the ratio of its steady rate to the first variant's. An empty string is the job's defaults.
+Every variant must give the same captions (checked; exit 1 if not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+from _common import read_run, write_report
+
+import corpora
+
+
+def job_round(input_dir: str, work: str, run_id: str, flags: str) -> dict:
+    from batch_caption import run
+
+    start, cpu = time.perf_counter(), time.process_time()
+    manifest = run.run(["--input", input_dir, "--output", work, "--run_id", run_id, *shlex.split(flags)])
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    load = manifest["metrics"].get("model_load_ms", 0) / 1000
+    captions, _ = read_run(os.path.join(work, f"run={run_id}"))
+    shutil.rmtree(os.path.join(work, f"run={run_id}"))
+    n = manifest["counts"]["captioned"]
+    return {"captioned": n, "elapsed_s": manifest["elapsed_seconds"], "model_load_s": load, "wall_s": wall,
+            "cpu_s": cpu, "steady_images_per_s": n / (manifest["elapsed_seconds"] - load),
+            "wall_images_per_s": n / wall, "options": manifest["options"],
+            "captions": {os.path.basename(p): r["caption"] for p, r in captions.items()}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--size", type=int, default=256, help="corpus image side in pixels")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--variants", nargs="+", default=["--batch_size 32", "--batch_size 64", "--batch_size 128"],
+                   help="flag strings, one per variant; the first is the reference")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "job_flags.json"))
+    args = p.parse_args(argv)
+
+    paths = corpora.small_images(args.images, args.size)
+    input_dir = os.path.dirname(paths[0])
+    work = tempfile.mkdtemp(prefix="bench_flags_")
+    runs: list[list[dict]] = [[] for _ in args.variants]
+    try:
+        job_round(input_dir, work, "warm", args.variants[0])  # imports, first TensorFlow use
+        for r in range(args.rounds):
+            for i, flags in enumerate(args.variants):
+                runs[i].append(job_round(input_dir, work, f"r{r}v{i}", flags))
+                print(f"round {r}: [{flags}] {runs[i][-1]['steady_images_per_s']:.1f} img/s steady", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def median(i: int, key: str) -> float:
+        return statistics.median(j[key] for j in runs[i])
+
+    reference = runs[0][0]["captions"]
+    same = all(j["captions"] == reference for js in runs for j in js)
+    base = median(0, "steady_images_per_s")
+    variants = []
+    for i, flags in enumerate(args.variants):
+        variants.append({
+            "flags": flags,
+            "steady_images_per_s": median(i, "steady_images_per_s"),
+            "wall_images_per_s": median(i, "wall_images_per_s"),
+            "cpu_ms_per_image": 1000 * statistics.median(j["cpu_s"] / j["captioned"] for j in runs[i]),
+            "steady_over_first": median(i, "steady_images_per_s") / base,
+            "rounds": [{k: v for k, v in j.items() if k != "captions"} for j in runs[i]],
+        })
+    print(f"\n| flags | steady img/s (median of {args.rounds}) | wall img/s | CPU ms / image | steady / first |")
+    print("| --- | --- | --- | --- | --- |")
+    for v in variants:
+        print(f"| `{v['flags'] or '(defaults)'}` | {v['steady_images_per_s']:.1f} | {v['wall_images_per_s']:.1f} | "
+              f"{v['cpu_ms_per_image']:.2f} | {v['steady_over_first']:.2f}x |")
+    print(f"\n{args.images} images of {args.size} px; same captions in every run: {same}")
+    write_report(args.out, argv, "job_flags.py",
+                 {"settings": vars(args), "corpus": input_dir, "same_captions_in_every_run": same, "variants": variants})
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
