@@ -17,6 +17,8 @@ import collections
 import dataclasses
 import hashlib
 import json
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -428,18 +430,23 @@ class _ReadDecodeFn(_FileFn):
 
     A FileData without bytes (after the dedupe shuffle) is read from its first path; a file
     rewritten since it was hashed keeps its group, and its records get the new hash. Up to
-    `lookahead` inputs are read and decoded ahead by `threads` threads (0: inline).
+    `lookahead` inputs are read and decoded ahead by `threads` threads (0: inline), at most
+    `max_decodes` of them decoding at once (default: the CPU count).
     """
 
     def __init__(self, image_config: images.ImageConfig, max_file_bytes: int, run_id: str,
-                 threads: int = DECODE_THREADS, lookahead: int = DECODE_LOOKAHEAD):
+                 threads: int = DECODE_THREADS, lookahead: int = DECODE_LOOKAHEAD, max_decodes: int | None = None):
         super().__init__(max_file_bytes, run_id, threads, lookahead)
         self._config = image_config
+        self._max_decodes = max_decodes
 
     def setup(self):
         super().setup()
         self._decoded = counter("decoded")
         self._failed = counter("failed_decode")
+        # Many threads hide storage latency, but decoding is CPU and memory (a 12 MP PNG is
+        # 36 MB of pixels): more decodes at once than cores only add memory.
+        self._decode_slots = threading.BoundedSemaphore(max(1, self._max_decodes or os.cpu_count() or 1))
 
     def _work(self, item) -> _Read:
         first_read = not isinstance(item, FileData)
@@ -457,7 +464,8 @@ class _ReadDecodeFn(_FileFn):
                 return _Read(fd, skipped=True, bytes_read=counted)
             fd = FileData(fd.sources, data, sha)
         try:
-            decoded = images.decode_image(fd.data, self._config)
+            with self._decode_slots:
+                decoded = images.decode_image(fd.data, self._config)
         except images.ImageDecodeError as e:
             decoded = e
         return _Read(FileData(fd.sources, None, fd.sha256), decoded, len(fd.data), bytes_read=counted)

@@ -174,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode JPEGs at a reduced DCT scale (>= 2x the model's input size) before resizing; "
                    "--no-draft decodes every pixel (slower, nearly identical pixels; default on)")
     r.add_argument("--read_threads", type=int, default=None,
-                   help="threads per worker thread that read and decode images ahead of the model (and twice as many "
-                   f"hash files for --dedupe); more hide storage latency, fewer leave the CPU to the model (default "
+                   help="threads per worker thread that read and decode images ahead of the model, at most one decode "
+                   "per CPU at once (and twice as many threads hash files for --dedupe); more hide storage latency "
+                   f"(default "
                    f"{LOCAL_READ_THREADS}, or {REMOTE_READ_THREADS} when an --input or --input_list is on a remote "
                    "filesystem such as gs://; 0: inline)")
     r.add_argument("--share_model", action="store_true",

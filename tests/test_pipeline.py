@@ -231,3 +231,29 @@ def test_reading_gives_every_path_an_image_an_error_or_a_skip(tmp_path, dedupe):
                     equal_to([(files[2], "read", "FileTooLargeError", True),
                               (files[3], "read", "FileNotFoundError", False)]),
                     label="errors")
+
+
+def test_many_read_threads_decode_at_most_max_decodes_at_once(monkeypatch):
+    import threading
+    import time
+
+    lock, now, peak = threading.Lock(), [0], [0]
+    decode = images.decode_image
+
+    def slow_decode(data, config):
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        time.sleep(0.02)
+        with lock:
+            now[0] -= 1
+        return decode(data, config)
+
+    monkeypatch.setattr(images, "decode_image", slow_decode)
+    b = io.BytesIO()
+    Image.fromarray(varied_images(1, 20, seed=3)[0]).save(b, format="PNG")
+    files = [_file_data(f"img{i}", b.getvalue()) for i in range(12)]
+    fn = P._ReadDecodeFn(images.ImageConfig(image_size=8), 1 << 20, "r", threads=6, lookahead=12, max_decodes=2)
+    out = _run_bundle(fn, files)
+    assert [o.value.path for o in out] == [f.sources[0].path for f in files]
+    assert peak[0] == 2
