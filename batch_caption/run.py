@@ -101,7 +101,7 @@ def join(base: str, name: str) -> str:
 # Local reads are cheap: more threads than cores gain nothing (2, 8, 16 on 2 cores: within
 # noise in one run, 9% and 14% slower in another). An object store answers each open after
 # tens of ms, which many threads in flight hide (bench/slow_storage.py: 30 ms per open,
-# 16 threads 2.9x faster than 2).
+# 16 threads 3.0x faster than 2).
 LOCAL_READ_THREADS = 2
 REMOTE_READ_THREADS = 16
 
