@@ -366,6 +366,13 @@ class _FileFn(_AheadFn):
         self._failed_read = counter("failed_read")
         self._skipped = counter("skipped")
 
+    def _read_errors(self, sources, error, message=None):
+        """One error record (stage read) per path holding the file."""
+        for source in sources:
+            self._failed_read.inc()
+            yield beam.pvalue.TaggedOutput(
+                ERRORS, records.error_record(source.path, "read", error, message, run_id=self._run_id))
+
 
 class _HashFileFn(_FileFn):
     """SourceFile (or path) -> FileData without bytes (the file streamed through sha256),
@@ -376,10 +383,6 @@ class _HashFileFn(_FileFn):
     def __init__(self, max_file_bytes: int, run_id: str, threads: int = 2 * DECODE_THREADS, lookahead: int = 16):
         super().__init__(max_file_bytes, run_id, threads, lookahead)
 
-    def _error(self, path, error, message):
-        self._failed_read.inc()
-        return beam.pvalue.TaggedOutput(ERRORS, records.error_record(path, "read", error, message, run_id=self._run_id))
-
     def _work(self, item):
         try:
             return _read(_source(item).path, self._max_bytes, keep=False)
@@ -389,12 +392,12 @@ class _HashFileFn(_FileFn):
     def _emit(self, item, result):
         source = _source(item)
         if isinstance(result, BaseException):
-            yield self._error(source.path, result, None)
+            yield from self._read_errors((source,), result)
             return
         _, size, sha = result
         self._bytes_read.inc(size)
         if size > self._max_bytes:
-            yield self._error(source.path, *_too_large(self._max_bytes))
+            yield from self._read_errors((source,), *_too_large(self._max_bytes))
             return
         if source.previous_sha256 == sha:
             self._skipped.inc()
@@ -477,11 +480,14 @@ class _ReadDecodeFn(_FileFn):
             self._skipped.inc()
             yield beam.pvalue.TaggedOutput("skipped", fd.sources[0].path)
             return
-        if read.read_error is not None or isinstance(read.decoded, images.ImageDecodeError):
-            stage, (error, message) = ("read", read.read_error) if read.read_error else ("decode", (read.decoded, None))
+        if read.read_error is not None:
+            yield from self._read_errors(fd.sources, *read.read_error)
+            return
+        if isinstance(read.decoded, images.ImageDecodeError):
             for source in fd.sources:
-                (self._failed_read if stage == "read" else self._failed).inc()
-                yield beam.pvalue.TaggedOutput(ERRORS, records.error_record(source.path, stage, error, message, run_id=self._run_id))
+                self._failed.inc()
+                yield beam.pvalue.TaggedOutput(
+                    ERRORS, records.error_record(source.path, "decode", read.decoded, run_id=self._run_id))
             return
         self._decoded.inc()
         decoded = read.decoded

@@ -32,6 +32,14 @@ _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _GLOB_CHARS = set("*?[")
 
 
+# Local reads are cheap: more threads than cores gain nothing (2, 8, 16 on 2 cores: within
+# noise in one run, 9% and 14% slower in another). An object store answers each open after
+# tens of ms, which many threads in flight hide (bench/slow_storage.py: 30 ms per open,
+# 16 threads 3.0x faster than 2).
+LOCAL_READ_THREADS = 2
+REMOTE_READ_THREADS = 16
+
+
 @dataclasses.dataclass(frozen=True)
 class JobConfig:
     """The job's own options (Beam's live in PipelineOptions).
@@ -52,7 +60,7 @@ class JobConfig:
     max_image_pixels: int = 100_000_000
     max_file_bytes: int = 256 * 1024 * 1024
     draft: bool = True
-    read_threads: int = 2
+    read_threads: int = LOCAL_READ_THREADS  # parse() gives default_read_threads(the inputs)
     share_model: bool = False
     low_score_threshold: float = -1.5
     dedupe: bool = True
@@ -96,14 +104,6 @@ def join(base: str, name: str) -> str:
     from apache_beam.io.filesystems import FileSystems
 
     return FileSystems.join(base, name)
-
-
-# Local reads are cheap: more threads than cores gain nothing (2, 8, 16 on 2 cores: within
-# noise in one run, 9% and 14% slower in another). An object store answers each open after
-# tens of ms, which many threads in flight hide (bench/slow_storage.py: 30 ms per open,
-# 16 threads 3.0x faster than 2).
-LOCAL_READ_THREADS = 2
-REMOTE_READ_THREADS = 16
 
 
 def default_read_threads(paths: list[str]) -> int:
@@ -176,9 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--read_threads", type=int, default=None,
                    help="threads per worker thread that read and decode images ahead of the model, at most one decode "
                    "per CPU at once (and twice as many threads hash files for --dedupe); more hide storage latency "
-                   f"(default "
-                   f"{LOCAL_READ_THREADS}, or {REMOTE_READ_THREADS} when an --input or --input_list is on a remote "
-                   "filesystem such as gs://; 0: inline)")
+                   f"(default {LOCAL_READ_THREADS}, or {REMOTE_READ_THREADS} when an --input or --input_list is on a "
+                   "remote filesystem such as gs://; 0: inline)")
     r.add_argument("--share_model", action="store_true",
                    help="one model copy per machine shared by all worker processes (large models)")
     return p
