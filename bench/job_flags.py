@@ -16,33 +16,31 @@ Every variant must give the same captions (checked; exit 1 if not).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 
 from _common import read_run, write_report
 
 import corpora
+from job_vs_ceiling import job_rates, job_round
 
 
-def job_round(input_dir: str, work: str, run_id: str, flags: str) -> dict:
-    from batch_caption import run
-
-    start, cpu = time.perf_counter(), time.process_time()
-    manifest = run.run(["--input", input_dir, "--output", work, "--run_id", run_id, *shlex.split(flags)])
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    load = manifest["metrics"].get("model_load_ms", 0) / 1000
-    captions, _ = read_run(os.path.join(work, f"run={run_id}"))
-    shutil.rmtree(os.path.join(work, f"run={run_id}"))
-    n = manifest["counts"]["captioned"]
-    return {"captioned": n, "elapsed_s": manifest["elapsed_seconds"], "model_load_s": load, "wall_s": wall,
-            "cpu_s": cpu, "steady_images_per_s": n / (manifest["elapsed_seconds"] - load),
-            "wall_images_per_s": n / wall, "options": manifest["options"],
-            "captions": {os.path.basename(p): r["caption"] for p, r in captions.items()}}
+def flags_round(input_dir: str, work: str, run_id: str, flags: str) -> dict:
+    """One job run (job_vs_ceiling.job_round) plus its rates, options and captions."""
+    job = job_round(input_dir, work, run_id, shlex.split(flags))
+    run_dir = os.path.join(work, f"run={run_id}")
+    with open(os.path.join(run_dir, "manifest.json")) as f:
+        job["options"] = json.load(f)["options"]
+    captions, _ = read_run(run_dir)
+    shutil.rmtree(run_dir)
+    job["steady_images_per_s"], job["wall_images_per_s"] = job_rates(job)
+    job["captions"] = {os.path.basename(p): r["caption"] for p, r in captions.items()}
+    return job
 
 
 def main(argv=None) -> int:
@@ -60,10 +58,10 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="bench_flags_")
     runs: list[list[dict]] = [[] for _ in args.variants]
     try:
-        job_round(input_dir, work, "warm", args.variants[0])  # imports, first TensorFlow use
+        flags_round(input_dir, work, "warm", args.variants[0])  # imports, first TensorFlow use
         for r in range(args.rounds):
             for i, flags in enumerate(args.variants):
-                runs[i].append(job_round(input_dir, work, f"r{r}v{i}", flags))
+                runs[i].append(flags_round(input_dir, work, f"r{r}v{i}", flags))
                 print(f"round {r}: [{flags}] {runs[i][-1]['steady_images_per_s']:.1f} img/s steady", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -29,6 +29,7 @@ import time
 from _common import read_run, write_report
 
 import corpora
+from job_vs_ceiling import job_rates, job_round
 
 SCHEME = "slowfs"
 
@@ -64,19 +65,15 @@ def register_slow_filesystem(latency_s: float) -> None:
     SlowFileSystem.latency_s = latency_s
 
 
-def job_round(pattern: str, work: str, run_id: str, threads: int) -> dict:
-    from batch_caption import run
-
-    start = time.perf_counter()
-    manifest = run.run(["--input", pattern, "--output", work, "--run_id", run_id, "--read_threads", str(threads)])
-    wall = time.perf_counter() - start
-    load = manifest["metrics"].get("model_load_ms", 0) / 1000
-    captions, errors = read_run(os.path.join(work, f"run={run_id}"))
+def threads_round(pattern: str, work: str, run_id: str, threads: int) -> dict:
+    """One job run (job_vs_ceiling.job_round) with --read_threads, plus its rate and captions."""
+    job = job_round(pattern, work, run_id, ["--read_threads", str(threads)])
+    captions, _ = read_run(os.path.join(work, f"run={run_id}"))
     shutil.rmtree(os.path.join(work, f"run={run_id}"))
-    return {"threads": threads, "captioned": manifest["counts"]["captioned"], "errors": errors,
-            "elapsed_s": manifest["elapsed_seconds"], "model_load_s": load, "wall_s": wall,
-            "steady_images_per_s": manifest["counts"]["captioned"] / (manifest["elapsed_seconds"] - load),
-            "captions": {os.path.basename(p): r["caption"] for p, r in captions.items()}}
+    job["threads"] = threads
+    job["steady_images_per_s"] = job_rates(job)[0]
+    job["captions"] = {os.path.basename(p): r["caption"] for p, r in captions.items()}
+    return job
 
 
 def main(argv=None) -> int:
@@ -96,10 +93,10 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="bench_slow_")
     runs: dict[int, list[dict]] = {t: [] for t in values}
     try:
-        job_round(pattern, work, "warm", values[-1])  # imports, first TensorFlow use
+        threads_round(pattern, work, "warm", values[-1])  # imports, first TensorFlow use
         for r in range(args.rounds):
             for t in values:
-                runs[t].append(job_round(pattern, work, f"r{r}t{t}", t))
+                runs[t].append(threads_round(pattern, work, f"r{r}t{t}", t))
                 print(f"round {r}: --read_threads {t}: {runs[t][-1]['steady_images_per_s']:.1f} img/s steady",
                       file=sys.stderr)
     finally:
