@@ -16,15 +16,23 @@ _reporter: "Reporter | None" = None
 
 
 class Reporter:
-    """Counts finished images and prints `done, rate, ETA` lines."""
+    """Counts finished images and prints `done, rate, ETA` lines.
 
-    def __init__(self, total: int | None = None, interval: float = 5.0, stream=None):
+    The rate is measured from the first finished image on: everything before it (pipeline
+    start, model load, filling the first batch) is paid once, and counting it would make
+    the first lines' ETA of a long job many times too long.
+    """
+
+    def __init__(self, total: int | None = None, interval: float = 5.0, stream=None, clock=time.monotonic):
         self.total = total
         self.interval = interval
         self.stream = stream or sys.stderr
         self.done = 0
-        self._start = time.monotonic()
+        self._clock = clock
+        self._start = clock()
         self._last = self._start
+        self._first: float | None = None  # when the first image finished
+        self._first_done = 0  # images counted at that moment
         self._lock = threading.Lock()
 
     def expect(self, n: int = 1) -> None:
@@ -35,20 +43,33 @@ class Reporter:
     def add(self, n: int = 1) -> None:
         with self._lock:
             self.done += n
-            now = time.monotonic()
+            now = self._clock()
+            if self._first is None:
+                self._first, self._first_done = now, self.done
             if now - self._last >= self.interval:
                 self._last = now
                 print(self.line(now), file=self.stream, flush=True)
 
+    def rate(self, now: float | None = None) -> float | None:
+        """Images/s since the first finished image; None until there is a span to measure."""
+        now = self._clock() if now is None else now
+        if self._first is None or now <= self._first or self.done <= self._first_done:
+            return None
+        return (self.done - self._first_done) / (now - self._first)
+
     def line(self, now: float | None = None) -> str:
-        elapsed = max((now or time.monotonic()) - self._start, 1e-9)
-        rate = self.done / elapsed
-        text = f"[batch_caption] {self.done:,} images captioned, {rate:.1f} img/s"
+        now = self._clock() if now is None else now
+        rate = self.rate(now)
+        done = f"{self.done:,}/{self.total:,}" if self.total else f"{self.done:,}"
+        parts = [f"[batch_caption] {done} images captioned"]
+        if rate is not None:
+            parts.append(f"{rate:.1f} img/s")
+        elif self._first is not None:
+            parts.append(f"first after {self._first - self._start:.1f} s")
         if self.total:
             left = max(self.total - self.done, 0)
-            eta = f"{left / rate:.0f} s" if rate > 0 else "?"
-            text = f"[batch_caption] {self.done:,}/{self.total:,} images captioned, {rate:.1f} img/s, ETA {eta}"
-        return text
+            parts.append(f"ETA {left / rate:.0f} s" if rate else ("ETA 0 s" if not left else "ETA ?"))
+        return ", ".join(parts)
 
 
 def reporter() -> Reporter:

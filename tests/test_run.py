@@ -381,8 +381,27 @@ def test_progress_line_reports_done_rate_and_eta():
     r = Reporter(total=10, interval=0.0, stream=stream)
     r.add(4)
     line = stream.getvalue().strip()
-    assert line.startswith("[batch_caption] 4/10 images captioned") and "img/s" in line and "ETA" in line
+    assert line.startswith("[batch_caption] 4/10 images captioned") and "ETA" in line
     assert "ETA" not in Reporter(total=None).line()
+
+
+def test_progress_rate_and_eta_leave_out_the_wait_for_the_first_image():
+    # 30 s of start-up (model load, first batch), then 10 img/s: the ETA must follow the
+    # 10 img/s, not the ~1 img/s that counting from the start would give.
+    now = [0.0]
+    stream = io.StringIO()
+    r = Reporter(total=1000, interval=5.0, stream=stream, clock=lambda: now[0])
+    now[0] = 30.0
+    r.add(1)
+    first = stream.getvalue().strip().splitlines()[-1]
+    assert first == "[batch_caption] 1/1,000 images captioned, first after 30.0 s, ETA ?"
+    now[0] = 40.0
+    r.add(100)
+    line = stream.getvalue().strip().splitlines()[-1]
+    assert line == "[batch_caption] 101/1,000 images captioned, 10.0 img/s, ETA 90 s"
+    now[0] = 45.0
+    r.add(899)
+    assert stream.getvalue().strip().splitlines()[-1].endswith("ETA 0 s")
 
 
 @pytest.mark.parametrize("dedupe", ["--dedupe", "--no-dedupe"])
