@@ -1,11 +1,12 @@
 """The captioning job under several sets of flags, side by side in one process.
 
-    python bench/job_flags.py [--images 2000] [--size 256] [--rounds 3]
+    python bench/job_flags.py [--images 2000] [--size 256] [--corpus small|large] [--rounds 3]
                               [--variants "--batch_size 32" "--batch_size 128" ...]
                               [--out bench/results/job_flags.json]
 
 Runs the real job (`batch_caption.run.run`, DirectRunner in memory, bundled default model)
-over the fixed small corpus (`corpora.small_images`) once per variant per round,
+over the fixed small corpus (`corpora.small_images`; `--corpus large`: the 12 MP photos of
+`corpora.large_photos`) once per variant per round,
 alternating (A B C A B C ...), after one untimed warm-up run, and reports for each variant
 the median images/s, steady (elapsed minus model load + trace, as in job_vs_ceiling.py)
 and wall (the whole `run.run` call), CPU ms per image (all threads, the whole call), and
@@ -47,13 +48,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--size", type=int, default=256, help="corpus image side in pixels")
+    p.add_argument("--corpus", choices=("small", "large"), default="small",
+                   help="small: synthetic scenes of --size px; large: the 4000x3000 photos (e.g. --images 200)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--variants", nargs="+", default=["--batch_size 32", "--batch_size 64", "--batch_size 128"],
                    help="flag strings, one per variant; the first is the reference")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "job_flags.json"))
     args = p.parse_args(argv)
 
-    paths = corpora.small_images(args.images, args.size)
+    paths = corpora.small_images(args.images, args.size) if args.corpus == "small" else corpora.large_photos(args.images)
     input_dir = os.path.dirname(paths[0])
     work = tempfile.mkdtemp(prefix="bench_flags_")
     runs: list[list[dict]] = [[] for _ in args.variants]
@@ -87,7 +90,8 @@ def main(argv=None) -> int:
     for v in variants:
         print(f"| `{v['flags'] or '(defaults)'}` | {v['steady_images_per_s']:.1f} | {v['wall_images_per_s']:.1f} | "
               f"{v['cpu_ms_per_image']:.2f} | {v['steady_over_first']:.2f}x |")
-    print(f"\n{args.images} images of {args.size} px; same captions in every run: {same}")
+    what = f"{args.size} px" if args.corpus == "small" else "4000x3000"
+    print(f"\n{args.images} images of {what}; same captions in every run: {same}")
     write_report(args.out, argv, "job_flags.py",
                  {"settings": vars(args), "corpus": input_dir, "same_captions_in_every_run": same, "variants": variants})
     return 0 if same else 1

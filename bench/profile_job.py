@@ -6,7 +6,8 @@
     python bench/profile_job.py summary /tmp/job.prof [--under Captioner.search] [--top 40]
 
 `run` runs the real job (`batch_caption.run.run`, DirectRunner in memory, bundled model)
-twice in one process over `corpora.small_images`: `warm_up_run` first (imports, first
+twice in one process over `corpora.small_images` (or, with `--corpus large`,
+`corpora.large_photos`): `warm_up_run` first (imports, first
 TensorFlow use), then `measured_run`, the one to read. `summary` keeps the samples of
 `measured_run`, leaves out the model load (`_RunInferenceDoFn.setup`) unless --with_load,
 and prints, per function, the share of samples with it on the stack (inclusive), then the
@@ -76,6 +77,8 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="run the job twice in this process (profile it with py-spy)")
     r.add_argument("--images", type=int, default=300)
     r.add_argument("--size", type=int, default=256)
+    r.add_argument("--corpus", choices=("small", "large"), default="small",
+                   help="small: synthetic scenes of --size px; large: the 4000x3000 photos")
     r.add_argument("--job_args", default="", help="extra batch_caption.run flags, one string")
     s = sub.add_parser("summary", help="summarise a py-spy raw profile of `run`")
     s.add_argument("profile")
@@ -86,7 +89,8 @@ def main(argv=None) -> int:
     if args.command == "summary":
         summary(args.profile, args.under, args.top, args.with_load)
         return 0
-    input_dir = os.path.dirname(corpora.small_images(args.images, args.size)[0])
+    paths = corpora.small_images(args.images, args.size) if args.corpus == "small" else corpora.large_photos(args.images)
+    input_dir = os.path.dirname(paths[0])
     extra = shlex.split(args.job_args)
     with tempfile.TemporaryDirectory(prefix="profile_job_") as out:
         warm_up_run(input_dir, out, extra)
