@@ -18,6 +18,11 @@ Reported: images/s of the job (steady: excluding its one-time model load and tra
 its own metrics give; and wall: the whole `run.run` call), images/s of the loop (the
 model loaded once beforehand, as the job's load is excluded), and job / loop (the issue's
 target: >= 10x). The loop's captions are checked against the job's for the same files.
+A third side, alternating with the other two, is job_vs_ceiling's "decode + ceiling": the
+job's decoding (`images.decode_image`, the job's config, its number of decode threads)
+feeding the same Captioner in batches of the job's size, with the files' bytes already in
+memory and no Beam: what a pipeline could reach here if Beam, reading and hashing cost
+nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from _common import read_run, write_report
 from PIL import Image
 
 import corpora
-from job_vs_ceiling import job_rates, job_round, median_job_rates
+from job_vs_ceiling import decode_and_caption_pass, job_rates, job_round, median_job_rates
 
 
 def loop_pass(captioner, paths: list[str]) -> tuple[float, dict[str, str]]:
@@ -68,7 +73,7 @@ def main(argv=None) -> int:
         name = "job_vs_loop.json" if args.corpus == "small" else "job_vs_loop_large.json"
         args.out = os.path.join(os.path.dirname(__file__), "results", name)
 
-    from batch_caption import run
+    from batch_caption import images, pipeline, run
     from batch_caption.model.bundle import load_captioner
 
     if args.corpus == "small":
@@ -81,10 +86,13 @@ def main(argv=None) -> int:
     job_config = run.parse(["--input", input_dir, *extra])[0]
     captioner = load_captioner(job_config.model, job_config.decode)  # the job's model and search
     captioner.warm_up()
+    config = images.ImageConfig(image_size=captioner.image_size, draft=job_config.draft)
+    datas = [open(path, "rb").read() for path in paths]
 
     work = tempfile.mkdtemp(prefix="bench_job_")
     jobs: list[dict] = []
     loop: list[float] = []
+    bound: list[float] = []
     same = None
     try:
         for r in range(args.rounds):
@@ -94,16 +102,19 @@ def main(argv=None) -> int:
             shutil.rmtree(os.path.join(work, f"run=r{r}"))
             seconds, loop_captions = loop_pass(captioner, loop_paths)
             loop.append(len(loop_paths) / seconds)
+            seconds, _ = decode_and_caption_pass(captioner, datas, config, jobs[-1]["batch_size"], pipeline.DECODE_THREADS)
+            bound.append(len(datas) / seconds)
             if same is None:
                 same = sum(job_captions.get(path) == text for path, text in loop_captions.items())
             j = jobs[-1]
-            print(f"round {r}: job %.1f img/s steady, %.1f wall; loop {loop[-1]:.1f} img/s" % job_rates(j),
-                  file=sys.stderr)
+            print(f"round {r}: job %.1f img/s steady, %.1f wall; loop {loop[-1]:.1f} img/s; "
+                  f"decode + ceiling {bound[-1]:.1f} img/s" % job_rates(j), file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     steady, wall = median_job_rates(jobs)
     per_image = statistics.median(loop)
+    no_beam = statistics.median(bound)
     report = {
         "model": captioner.model_id,
         "settings": vars(args),
@@ -111,10 +122,13 @@ def main(argv=None) -> int:
         "loop_images": len(loop_paths),
         "corpus": input_dir,
         "job_batch_size": jobs[0]["batch_size"],
-        "rounds": {"job": jobs, "loop_images_per_s": loop},
-        "median_images_per_s": {"job_steady": steady, "job_wall": wall, "loop": per_image},
+        "decode_threads": pipeline.DECODE_THREADS,
+        "rounds": {"job": jobs, "loop_images_per_s": loop, "decode_and_ceiling_images_per_s": bound},
+        "median_images_per_s": {"job_steady": steady, "job_wall": wall, "loop": per_image, "decode_and_ceiling": no_beam},
         "job_steady_over_loop": steady / per_image,
         "job_wall_over_loop": wall / per_image,
+        "decode_and_ceiling_over_loop": no_beam / per_image,
+        "job_steady_over_decode_and_ceiling": steady / no_beam,
         "loop_seconds_per_image": 1 / per_image,
         "loop_captions_equal_to_job": f"{same}/{len(loop_paths)}",
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -125,6 +139,8 @@ def main(argv=None) -> int:
           f"({1000 / per_image:.1f} ms/image) | |")
     print(f"| job, steady (excl. model load + trace; {len(paths)} images) | {steady:.1f} | {steady / per_image:.1f}x |")
     print(f"| job, wall (whole run.run call; {len(paths)} images) | {wall:.1f} | {wall / per_image:.1f}x |")
+    print(f"| decode + ceiling: {pipeline.DECODE_THREADS} decode threads feeding the Captioner, no Beam | "
+          f"{no_beam:.1f} | {no_beam / per_image:.1f}x |")
     print(f"\nloop captions equal to the job's: {same}/{len(loop_paths)}")
     write_report(args.out, argv, "job_vs_loop.py", report)
     return 0
