@@ -21,12 +21,15 @@ import hashlib
 import json
 import os
 import tempfile
+from typing import TYPE_CHECKING
 
 from apache_beam.io.filesystems import FileSystems
 
 from batch_caption.model.config import ModelConfig
-from batch_caption.model.show_and_tell import ShowAndTell
 from batch_caption.model.vocab import Vocabulary
+
+if TYPE_CHECKING:  # TensorFlow loads in ~4 s: checking a bundle (the job's first step) needs none
+    from batch_caption.model.show_and_tell import ShowAndTell
 
 CONFIG, VOCAB, WEIGHTS, MANIFEST = "config.json", "vocab.json", "model.weights.h5", "bundle.json"
 CONTENT_FILES = (CONFIG, VOCAB, WEIGHTS)
@@ -162,6 +165,8 @@ def load_bundle(path: str) -> Bundle:
         raise BundleError(f"model bundle file {FileSystems.join(path, VOCAB)} is invalid: {e}") from e
     if len(vocabulary) != config.vocab_size:
         raise BundleError(f"model bundle {path}: vocab.json has {len(vocabulary)} tokens, config.json says {config.vocab_size}")
+    from batch_caption.model.show_and_tell import ShowAndTell
+
     # The bundle carries trained weights for the whole model: never fetch the backbone's.
     model = ShowAndTell(config, initial_encoder_weights=False)
     model.build_all()
