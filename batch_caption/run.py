@@ -281,6 +281,20 @@ def clear_run_dir(run_dir: str) -> None:
         FileSystems.delete(old)
 
 
+def check_output(config: JobConfig) -> None:
+    """Writes and deletes a probe file in the run's directory, so that an --output that
+    cannot be written stops the run before any work, not at its first shard."""
+    from apache_beam.io.filesystems import FileSystems
+
+    probe = join(config.run_dir, ".write_check")
+    try:
+        with FileSystems.create(probe) as f:
+            f.write(b"batch_caption\n")
+        FileSystems.delete([probe])
+    except Exception as e:  # each filesystem raises its own types (OSError, BeamIOError, GCS errors)
+        raise UsageError(f"--output {config.output}: cannot write there: {e}") from e
+
+
 def previous_runs(config: JobConfig) -> list[dict]:
     """Manifests of the complete runs under --output other than this run_id, oldest first."""
     from apache_beam.io.filesystems import FileSystems
@@ -370,6 +384,7 @@ def run(argv: list[str] | None = None) -> dict:
     progress.reset()
     previous = previous_runs(config) if config.incremental else []
     clear_run_dir(config.run_dir)
+    check_output(config)
     started = time.time()
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, config, model_id, model_config.image_size, single_process, previous)

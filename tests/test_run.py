@@ -317,6 +317,25 @@ def test_bad_command_lines_fail_fast_with_one_line(args, message, tiny_bundle, t
     assert not (tmp_path / "out").exists()  # no work started
 
 
+def test_an_output_that_cannot_be_written_fails_fast_with_one_line(tiny_bundle, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a directory")
+    Image.fromarray(varied_images(1, 32)[0]).save(tmp_path / "a.png")
+    out = tmp_path / "a_file" / "out"
+    assert run.main(["--model", tiny_bundle, "--input", str(tmp_path / "a.png"), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--output {out}: cannot write there" in err
+
+
+def test_a_missing_model_is_reported_without_loading_tensorflow(tmp_path):
+    # Checking the bundle needs no TensorFlow (~4 s to import): the error comes first.
+    code = ("import sys; from batch_caption import run; "
+            f"rc = run.main(['--model', {str(tmp_path / 'none')!r}, '--input', {str(tmp_path)!r}]); "
+            "print(rc, 'tensorflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert "--model" in done.stderr.strip().splitlines()[-1]
+
+
 def test_read_threads_default_to_more_for_remote_inputs(tmp_path):
     def threads(*args):
         return run.parse(list(args))[0].read_threads
