@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -12,7 +13,7 @@ import time
 def write_report(path: str, argv, script: str, report: dict) -> dict:
     """Adds command, machine and time to `report`, writes it as JSON to `path`, returns it."""
     full = {
-        "command": f"python bench/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(["python", f"bench/{script}", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **report,

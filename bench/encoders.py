@@ -42,6 +42,27 @@ USUAL_SIZE = {
 }
 
 
+def random_model(name: str):
+    """(ShowAndTell with random weights, Vocabulary, the bundled ModelConfig) for encoder
+    `name` at its usual input side, with the bundled model's decoder; no download."""
+    from batch_caption import run
+    from batch_caption.model import bundle
+    from batch_caption.model.config import ModelConfig
+    from batch_caption.model.show_and_tell import ShowAndTell
+    from batch_caption.model.vocab import Vocabulary
+
+    base = ModelConfig.from_dict(json.loads(bundle.read_bytes(os.path.join(run.DEFAULT_MODEL, "config.json"))))
+    vocabulary = Vocabulary.from_json(bundle.read_bytes(os.path.join(run.DEFAULT_MODEL, "vocab.json")).decode())
+    config = ModelConfig(
+        vocab_size=len(vocabulary), encoder=name, image_size=USUAL_SIZE[name], encoder_weights=None,
+        train_encoder=False, image_input=base.image_input, embedding_size=base.embedding_size,
+        lstm_units=base.lstm_units, max_length=base.max_length,
+    )
+    model = ShowAndTell(config)
+    model.build_all()
+    return model, vocabulary, base
+
+
 def main(argv=None) -> int:
     from batch_caption.model.config import ENCODERS
 
@@ -60,28 +81,16 @@ def main(argv=None) -> int:
 
     tf.get_logger().setLevel("ERROR")  # six Captioners each trace once: TF warns of "retracing" across them
 
-    from batch_caption import run
     from batch_caption.data import scenes
-    from batch_caption.model import bundle
     from batch_caption.model.captioner import Captioner
-    from batch_caption.model.config import DecodeConfig, ModelConfig
-    from batch_caption.model.show_and_tell import ShowAndTell
-    from batch_caption.model.vocab import Vocabulary
+    from batch_caption.model.config import DecodeConfig
 
-    base = ModelConfig.from_dict(json.loads(bundle.read_bytes(os.path.join(run.DEFAULT_MODEL, "config.json"))))
-    vocabulary = Vocabulary.from_json(bundle.read_bytes(os.path.join(run.DEFAULT_MODEL, "vocab.json")).decode())
     decode = DecodeConfig(beam_size=3, max_length=20, num_alternatives=3)
 
     setups = {}
     for name in names:
         size = USUAL_SIZE[name]
-        config = ModelConfig(
-            vocab_size=len(vocabulary), encoder=name, image_size=size, encoder_weights=None, train_encoder=False,
-            image_input=base.image_input, embedding_size=base.embedding_size, lstm_units=base.lstm_units,
-            max_length=base.max_length,
-        )
-        model = ShowAndTell(config)
-        model.build_all()
+        model, vocabulary, base = random_model(name)
         captioner = Captioner(model, vocabulary, decode)
         encode = tf.function(model.encode, input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
         scene_config = scenes.SceneConfig(image_size=size)

@@ -1,7 +1,7 @@
 """The captioning job under several sets of flags, side by side in one process.
 
     python bench/job_flags.py [--images 2000] [--size 256] [--corpus small|large] [--rounds 3]
-                              [--variants "--batch_size 32" "--batch_size 128" ...]
+                              [--variants "--batch_size 32" "--batch_size 128" ...]   (--variants last)
                               [--out bench/results/job_flags.json]
 
 Runs the real job (`batch_caption.run.run`, DirectRunner in memory, bundled default model)
@@ -51,13 +51,29 @@ def main(argv=None) -> int:
     p.add_argument("--corpus", choices=("small", "large"), default="small",
                    help="small: synthetic scenes of --size px; large: the 4000x3000 photos (e.g. --images 200)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--variants", nargs="+", default=["--batch_size 32", "--batch_size 64", "--batch_size 128"],
-                   help="flag strings, one per variant; the first is the reference")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "job_flags.json"))
-    args = p.parse_args(argv)
+    p.add_argument("--variants", nargs="*", default=["--batch_size 32", "--batch_size 64", "--batch_size 128"],
+                   help="last: every argument after it is one variant's flag string (\"\" = the defaults, "
+                        "\"--no-dedupe\" ...); the first is the reference")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # argparse would read a lone "--no-dedupe" as an option of this script, so the
+    # variants are taken off the command line before it parses the rest.
+    variants = argv[argv.index("--variants") + 1:] if "--variants" in argv else None
+    args = p.parse_args(argv if variants is None else argv[: argv.index("--variants")])
+    if variants is not None:
+        if not variants:
+            p.error("--variants needs at least one flag string")
+        args.variants = variants
 
     paths = corpora.small_images(args.images, args.size) if args.corpus == "small" else corpora.large_photos(args.images)
     input_dir = os.path.dirname(paths[0])
+    from batch_caption import run
+
+    for flags in args.variants:  # a bad variant stops here, not after the others' rounds
+        try:
+            run.parse(["--input", input_dir, *shlex.split(flags)])
+        except run.UsageError as e:
+            p.error(f"variant {flags!r}: {e}")
     work = tempfile.mkdtemp(prefix="bench_flags_")
     runs: list[list[dict]] = [[] for _ in args.variants]
     try:
