@@ -42,6 +42,17 @@ USUAL_SIZE = {
 }
 
 
+def encoder_names(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """A comma-separated --encoders value -> names; an unknown one is a usage error."""
+    from batch_caption.model.config import ENCODERS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ENCODERS]
+    if unknown:
+        parser.error(f"unknown encoder(s) {', '.join(unknown)}; choose from {', '.join(ENCODERS)}")
+    return names
+
+
 def random_model(name: str):
     """(ShowAndTell with random weights, Vocabulary, the bundled ModelConfig) for encoder
     `name` at its usual input side, with the bundled model's decoder; no download."""
@@ -72,10 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--encoders", default=",".join(ENCODERS), help="comma-separated subset of " + ",".join(ENCODERS))
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "encoders.json"))
     args = p.parse_args(argv)
-    names = [n.strip() for n in args.encoders.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ENCODERS]
-    if unknown:
-        p.error(f"unknown encoder(s) {', '.join(unknown)}; choose from {', '.join(ENCODERS)}")
+    names = encoder_names(p, args.encoders)
 
     import tensorflow as tf
 

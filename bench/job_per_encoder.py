@@ -37,7 +37,7 @@ import numpy as np
 from _common import write_report
 
 import corpora
-from encoders import USUAL_SIZE, random_model
+from encoders import USUAL_SIZE, encoder_names, random_model
 from job_vs_ceiling import ceiling_pass, job_rates, job_round, median_job_rates
 
 
@@ -53,10 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--require_gpu", action="store_true", help="exit 2 unless TensorFlow sees a GPU")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "job_per_encoder.json"))
     args = p.parse_args(argv)
-    names = [n.strip() for n in args.encoders.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ENCODERS]
-    if unknown:
-        p.error(f"unknown encoder(s) {', '.join(unknown)}; choose from {', '.join(ENCODERS)}")
+    names = encoder_names(p, args.encoders)
 
     import tensorflow as tf
 
