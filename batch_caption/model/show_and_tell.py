@@ -131,10 +131,13 @@ class ShowAndTell(keras.Model):
         forward pass cost ~0.3 s of every job's start for nothing.
         """
         e = self.config.embedding_size
-        self.image_projection.build((None, self.feature_size))
-        self.word_embedding.build((None, None))
-        self.lstm.build((None, None, 2 * e if self.image_every_step else e))
-        self.output_projection.build((None, self.config.lstm_units))
+        # In the model's name scope, as in a call: the variables keep their paths
+        # ("show_and_tell/lstm/..."), which training's weights digest hashes.
+        with keras.name_scope(self.name, caller=self):
+            self.image_projection.build((None, self.feature_size))
+            self.word_embedding.build((None, None))
+            self.lstm.build((None, None, 2 * e if self.image_every_step else e))
+            self.output_projection.build((None, self.config.lstm_units))
         self.built = True
 
 

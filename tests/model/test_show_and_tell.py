@@ -114,3 +114,17 @@ def test_small_cnn_grid_pools_the_same_conv_weights_to_a_coarser_grid(tmp_path):
     fmap = keras.Model(three.input, three.get_layer("block3_relu").output)(images).numpy()  # [2, 6, 6, 128]
     want = fmap.reshape(2, 3, 2, 3, 2, 128).mean(axis=(2, 4)).reshape(2, -1)
     np.testing.assert_allclose(three(images).numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["tiny_model", "every_step_model"])
+def test_build_all_creates_the_variables_a_call_creates(which, request):
+    """build_all (shapes only, no forward pass) must give the same variables, paths
+    included, as building by a call: bundles and training's weights digest rely on them."""
+    config = request.getfixturevalue(which).config
+    called = ShowAndTell(config, initial_encoder_weights=False)
+    s = config.image_size
+    called({"images": tf.zeros([1, s, s, 3], tf.uint8), "tokens": tf.zeros([1, 2], tf.int32)})
+    built = ShowAndTell(config, initial_encoder_weights=False)
+    built.build_all()
+    assert sorted((w.path, tuple(w.shape)) for w in built.weights) == sorted(
+        (w.path, tuple(w.shape)) for w in called.weights)
