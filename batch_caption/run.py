@@ -382,9 +382,12 @@ def run(argv: list[str] | None = None) -> dict:
         options.view_as(DirectOptions).direct_running_mode in (None, "in_memory")
     )
     progress.reset()
-    previous = previous_runs(config) if config.incremental else []
-    clear_run_dir(config.run_dir)
-    check_output(config)
+    check_output(config)  # first: nothing of an earlier attempt is deleted for a run that cannot start
+    try:
+        previous = previous_runs(config) if config.incremental else []
+        clear_run_dir(config.run_dir)
+    except (OSError, ValueError) as e:  # BeamIOError is an OSError; ValueError: a manifest that is not JSON
+        raise UsageError(f"--output {config.output}: cannot read or clear the earlier runs there: {e}") from e
     started = time.time()
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, config, model_id, model_config.image_size, single_process, previous)

@@ -48,8 +48,8 @@ def encoder_names(parser: argparse.ArgumentParser, text: str) -> list[str]:
 
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in ENCODERS]
-    if unknown:
-        parser.error(f"unknown encoder(s) {', '.join(unknown)}; choose from {', '.join(ENCODERS)}")
+    if unknown or not names:
+        parser.error(f"unknown encoder(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ENCODERS)}")
     return names
 
 

@@ -69,11 +69,19 @@ def main(argv=None) -> int:
     input_dir = os.path.dirname(paths[0])
     from batch_caption import run
 
-    for flags in args.variants:  # a bad variant stops here, not after the others' rounds
+    # A variant the job's flag parser or model check refuses stops here, not after the
+    # other variants' rounds; so does one that sets what job_round sets itself.
+    fixed = ["--input", input_dir, "--output", "unset-output", "--run_id", "unset"]
+    plain = run.parse(fixed)[0]
+    for flags in args.variants:
         try:
-            run.parse(["--input", input_dir, *shlex.split(flags)])
+            config = run.parse([*fixed, *shlex.split(flags)])[0]
+            run.check_model(config.model)
         except run.UsageError as e:
             p.error(f"variant {flags!r}: {e}")
+        if (config.inputs, config.input_lists, config.output, config.run_id) != (
+                plain.inputs, plain.input_lists, plain.output, plain.run_id):
+            p.error(f"variant {flags!r} sets the input, --output or --run_id, which the benchmark sets")
     work = tempfile.mkdtemp(prefix="bench_flags_")
     runs: list[list[dict]] = [[] for _ in args.variants]
     try:

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--encoders", default="small_cnn,mobilenet_v3_small",
-                   help="comma-separated, two or more of " + ",".join(ENCODERS))
+                   help="comma-separated, one or more of " + ",".join(ENCODERS) + " (the GPU point asks for two)")
     p.add_argument("--images", type=int, default=1000, help="small corpus size (256 px JPEG)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--batches", default="32,64,128,256", help="ceiling batch sizes to sweep")

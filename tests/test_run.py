@@ -396,11 +396,13 @@ def test_cli_process_exit_codes_and_help(tiny_bundle, tmp_path):
 
 
 def test_progress_line_reports_done_rate_and_eta():
+    now = [0.0]
     stream = io.StringIO()
-    r = Reporter(total=10, interval=0.0, stream=stream)
-    r.add(4)
-    line = stream.getvalue().strip()
-    assert line.startswith("[batch_caption] 4/10 images captioned") and "ETA" in line
+    r = Reporter(total=10, interval=0.0, stream=stream, clock=lambda: now[0])
+    r.add(1)
+    now[0] = 1.0
+    r.add(3)
+    assert stream.getvalue().strip().splitlines()[-1] == "[batch_caption] 4/10 images captioned, 3.0 img/s, ETA 2 s"
     assert "ETA" not in Reporter(total=None).line()
 
 
