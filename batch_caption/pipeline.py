@@ -565,16 +565,14 @@ class ReadImages(beam.PTransform):
 class _ToCaptionRecordFn(beam.DoFn):
     """PredictionResult(example, n-best, model id) -> caption record."""
 
-    def __init__(self, run_id: str, decode: DecodeConfig, low_score_threshold: float, report_progress: bool):
+    def __init__(self, run_id: str, decode: DecodeConfig, low_score_threshold: float):
         self._run_id = run_id
         self._decode = decode.to_dict()
         self._threshold = low_score_threshold
-        self._report = report_progress
 
     def setup(self):
         self._captioned = counter("captioned")
         self._failed = counter("failed_infer")
-        self._progress = progress.reporter() if self._report else None
 
     def process(self, result):
         example = result.example
@@ -595,8 +593,6 @@ class _ToCaptionRecordFn(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(ERRORS, records.error_record(path, "infer", e, run_id=self._run_id))
                 continue
             self._captioned.inc()
-            if self._progress:
-                self._progress.add(1)
             yield record
 
 
@@ -638,19 +634,17 @@ class CaptionImages(beam.PTransform):
         decode: DecodeConfig,
         run_id: str,
         low_score_threshold: float = quality.DEFAULT_LOW_SCORE,
-        report_progress: bool = False,
     ):
         super().__init__()
         self._handler = handler
         self._decode = decode
         self._run_id = run_id
         self._threshold = low_score_threshold
-        self._report = report_progress
 
     def expand(self, examples):
         predictions, dead = examples | "RunInference" >> RunInference(self._handler).with_exception_handling()
         out = predictions | "ToCaptionRecords" >> beam.ParDo(
-            _ToCaptionRecordFn(self._run_id, self._decode, self._threshold, self._report)
+            _ToCaptionRecordFn(self._run_id, self._decode, self._threshold)
         ).with_outputs(ERRORS, main="captions")
         failed = dead.failed_inferences | "FailedBatchesToErrors" >> beam.ParDo(FailedBatchToErrorsFn(self._run_id))
         errors = (out[ERRORS], failed) | "FlattenInferErrors" >> beam.Flatten()
@@ -730,12 +724,15 @@ class WriteRun(beam.PTransform):
 
     The manifest is computed inside the pipeline from the records themselves (not from
     metrics) and written by a step whose side inputs are the written file names, so it
-    runs only after every shard is finalised.
+    runs only after every shard is finalised. With `report_progress` the same tallies
+    feed this process's progress line: every matched path counts once, captioned, failed
+    or skipped.
     """
 
-    def __init__(self, info: RunInfo):
+    def __init__(self, info: RunInfo, report_progress: bool = False):
         super().__init__()
         self._info = info
+        self._report = report_progress
 
     def expand(self, outputs):
         """outputs: {"captions", "errors", "files" (every distinct matched file), "skipped"
@@ -761,10 +758,10 @@ class WriteRun(beam.PTransform):
         # stage setup are a fixed cost per transform on every run.
         tallies = (
             (
-                outputs["captions"] | "TallyCaptions" >> beam.FlatMap(_caption_tallies),
-                outputs[ERRORS] | "TallyErrors" >> beam.Map(lambda r: ("failed", r["stage"])),
+                outputs["captions"] | "TallyCaptions" >> beam.FlatMap(_caption_tallies, self._report),
+                outputs[ERRORS] | "TallyErrors" >> beam.Map(_error_tally, self._report),
                 outputs["files"] | "TallyMatched" >> beam.Map(lambda _: ("matched", "")),
-                outputs["skipped"] | "TallySkipped" >> beam.Map(lambda _: ("skipped", "")),
+                outputs["skipped"] | "TallySkipped" >> beam.Map(_skip_tally, self._report),
             )
             | "FlattenTallies" >> beam.Flatten()
             | "CountTallies" >> beam.combiners.Count.PerElement()
@@ -783,5 +780,21 @@ class WriteRun(beam.PTransform):
         )
 
 
-def _caption_tallies(record) -> list[tuple[str, str]]:
+def _caption_tallies(record, report: bool) -> list[tuple[str, str]]:
+    if report:
+        progress.reporter().add(1, "captioned")
     return [("captioned", "")] + [("flagged", flag) for flag in record["flags"]]
+
+
+def _error_tally(record, report: bool) -> tuple[str, str]:
+    # A match error is about a pattern or list file, not one of the matched paths that
+    # make the progress total.
+    if report and record["stage"] != "match":
+        progress.reporter().add(1, "failed")
+    return ("failed", record["stage"])
+
+
+def _skip_tally(path, report: bool) -> tuple[str, str]:
+    if report:
+        progress.reporter().add(1, "skipped")
+    return ("skipped", "")

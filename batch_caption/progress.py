@@ -16,7 +16,8 @@ _reporter: "Reporter | None" = None
 
 
 class Reporter:
-    """Counts finished images and prints `done, rate, ETA` lines.
+    """Counts finished images (captioned, failed or skipped) and prints `done, rate, ETA`
+    lines.
 
     The rate is measured from the first finished image on: everything before it (pipeline
     start, model load, filling the first batch) is paid once, and counting it would make
@@ -28,6 +29,7 @@ class Reporter:
         self.interval = interval
         self.stream = stream or sys.stderr
         self.done = 0
+        self.by_kind: dict[str, int] = {}  # "captioned", "failed", "skipped" -> count
         self._clock = clock
         self._start = clock()
         self._last = self._start
@@ -40,9 +42,12 @@ class Reporter:
         with self._lock:
             self.total = (self.total or 0) + n
 
-    def add(self, n: int = 1) -> None:
+    def add(self, n: int = 1, kind: str = "captioned") -> None:
+        """n more images finished as `kind` (each matched path ends captioned, failed or
+        skipped, so the count reaches the total)."""
         with self._lock:
             self.done += n
+            self.by_kind[kind] = self.by_kind.get(kind, 0) + n
             now = self._clock()
             if self._first is None:
                 self._first, self._first_done = now, self.done
@@ -61,7 +66,12 @@ class Reporter:
         now = self._clock() if now is None else now
         rate = self.rate(now)
         done = f"{self.done:,}/{self.total:,}" if self.total else f"{self.done:,}"
-        parts = [f"[batch_caption] {done} images captioned"]
+        others = {k: n for k, n in self.by_kind.items() if k != "captioned" and n}
+        if others:
+            kinds = ", ".join(f"{n:,} {k}" for k, n in {"captioned": self.by_kind.get("captioned", 0), **others}.items())
+            parts = [f"[batch_caption] {done} images done ({kinds})"]
+        else:
+            parts = [f"[batch_caption] {done} images captioned"]
         if rate is not None:
             parts.append(f"{rate:.1f} img/s")
         elif self._first is not None:

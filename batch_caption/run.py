@@ -352,7 +352,7 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
         image_config, config.max_file_bytes, config.run_id, config.dedupe, config.batch_size, config.read_threads
     )
     captioned = read["images"] | "CaptionImages" >> P.CaptionImages(
-        handler, decode, config.run_id, config.low_score_threshold, report_progress
+        handler, decode, config.run_id, config.low_score_threshold
     )
     errors = (matched[P.ERRORS], read[P.ERRORS], captioned[P.ERRORS]) | "FlattenErrors" >> beam.Flatten()
     outputs = {
@@ -361,7 +361,7 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
         "files": matched["files"],
         "skipped": tuple(skipped) + (read["skipped"],) | "FlattenSkipped" >> beam.Flatten(),
     }
-    return outputs | "WriteRun" >> P.WriteRun(info)
+    return outputs | "WriteRun" >> P.WriteRun(info, report_progress)
 
 
 def run(argv: list[str] | None = None) -> dict:

@@ -395,51 +395,72 @@ def test_cli_process_exit_codes_and_help(tiny_bundle, tmp_path):
     assert good.stdout.strip().splitlines()[-1].startswith("run=x: 1 inputs, 1 captioned, 0 failed")
 
 
+class _Clocked:
+    """A Reporter on a hand-moved clock; `last` is the line it printed last."""
+
+    def __init__(self, total, interval=0.0):
+        self.now = 0.0
+        self.stream = io.StringIO()
+        self.reporter = Reporter(total=total, interval=interval, stream=self.stream, clock=lambda: self.now)
+
+    def add(self, at, n, kind="captioned"):
+        self.now = at
+        self.reporter.add(n, kind)
+
+    @property
+    def last(self):
+        return self.stream.getvalue().strip().splitlines()[-1]
+
+
 def test_progress_line_reports_done_rate_and_eta():
-    now = [0.0]
-    stream = io.StringIO()
-    r = Reporter(total=10, interval=0.0, stream=stream, clock=lambda: now[0])
-    r.add(1)
-    now[0] = 1.0
-    r.add(3)
-    assert stream.getvalue().strip().splitlines()[-1] == "[batch_caption] 4/10 images captioned, 3.0 img/s, ETA 2 s"
+    r = _Clocked(total=10)
+    r.add(0.0, 1)
+    r.add(1.0, 3)
+    assert r.last == "[batch_caption] 4/10 images captioned, 3.0 img/s, ETA 2 s"
     assert "ETA" not in Reporter(total=None).line()
 
 
 def test_progress_rate_and_eta_leave_out_the_wait_for_the_first_image():
     # 30 s of start-up (model load, first batch), then 10 img/s: the ETA must follow the
     # 10 img/s, not the ~1 img/s that counting from the start would give.
-    now = [0.0]
-    stream = io.StringIO()
-    r = Reporter(total=1000, interval=5.0, stream=stream, clock=lambda: now[0])
-    now[0] = 30.0
-    r.add(1)
-    first = stream.getvalue().strip().splitlines()[-1]
-    assert first == "[batch_caption] 1/1,000 images captioned, first after 30.0 s, ETA ?"
-    now[0] = 40.0
-    r.add(100)
-    line = stream.getvalue().strip().splitlines()[-1]
-    assert line == "[batch_caption] 101/1,000 images captioned, 10.0 img/s, ETA 90 s"
-    now[0] = 45.0
-    r.add(899)
-    assert stream.getvalue().strip().splitlines()[-1].endswith("ETA 0 s")
+    r = _Clocked(total=1000, interval=5.0)
+    r.add(30.0, 1)
+    assert r.last == "[batch_caption] 1/1,000 images captioned, first after 30.0 s, ETA ?"
+    r.add(40.0, 100)
+    assert r.last == "[batch_caption] 101/1,000 images captioned, 10.0 img/s, ETA 90 s"
+    r.add(45.0, 899)
+    assert r.last.endswith("ETA 0 s")
 
 
 @pytest.mark.parametrize("dedupe", ["--dedupe", "--no-dedupe"])
-def test_the_progress_line_knows_the_total_before_the_first_caption(mixed, tiny_bundle, tmp_path, monkeypatch, dedupe):
+def test_the_progress_line_knows_the_total_first_and_reaches_it(mixed, tiny_bundle, tmp_path, monkeypatch, dedupe):
+    # The total is known before the first image finishes, and every path counts once,
+    # captioned or failed, so the line ends at total/total (and the ETA at 0).
     root, expected, _ = mixed
     seen = []
     add = Reporter.add
 
-    def recording_add(self, n=1):
-        seen.append(self.total)
-        add(self, n)
+    def recording_add(self, n=1, kind="captioned"):
+        seen.append((self.total, kind))
+        add(self, n, kind)
 
     monkeypatch.setattr(Reporter, "add", recording_add)
     manifest = run.run(["--input", root, "--output", str(tmp_path), "--model", tiny_bundle, "--run_id", "p",
                         "--batch_size", "4", dedupe])
-    assert len(seen) == manifest["counts"]["captioned"] > 0
-    assert set(seen) == {len(expected)}
+    counts = manifest["counts"]
+    assert counts["captioned"] > 0 and counts["failed"] > 0
+    assert {total for total, _ in seen} == {len(expected)}
+    kinds = [kind for _, kind in seen]
+    assert (kinds.count("captioned"), kinds.count("failed")) == (counts["captioned"], counts["failed"])
+    assert len(seen) == len(expected)
+
+
+def test_progress_line_names_failed_and_skipped_images():
+    r = _Clocked(total=10)
+    r.add(0.0, 5)
+    r.add(1.0, 2, "failed")
+    r.add(1.0, 3, "skipped")
+    assert r.last == "[batch_caption] 10/10 images done (5 captioned, 2 failed, 3 skipped), 5.0 img/s, ETA 0 s"
 
 
 @pytest.mark.slow
