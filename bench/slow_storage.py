@@ -26,10 +26,10 @@ import sys
 import tempfile
 import time
 
-from _common import read_run, write_report
+from _common import write_report
 
 import corpora
-from job_vs_ceiling import job_rates, job_round
+from job_flags import flags_round
 
 SCHEME = "slowfs"
 
@@ -66,14 +66,8 @@ def register_slow_filesystem(latency_s: float) -> None:
 
 
 def threads_round(pattern: str, work: str, run_id: str, threads: int) -> dict:
-    """One job run (job_vs_ceiling.job_round) with --read_threads, plus its rate and captions."""
-    job = job_round(pattern, work, run_id, ["--read_threads", str(threads)])
-    captions, _ = read_run(os.path.join(work, f"run={run_id}"))
-    shutil.rmtree(os.path.join(work, f"run={run_id}"))
-    job["threads"] = threads
-    job["steady_images_per_s"] = job_rates(job)[0]
-    job["captions"] = {os.path.basename(p): r["caption"] for p, r in captions.items()}
-    return job
+    """One job run with --read_threads (job_flags.flags_round), tagged with the value."""
+    return {**flags_round(pattern, work, run_id, f"--read_threads {threads}"), "threads": threads}
 
 
 def main(argv=None) -> int:
