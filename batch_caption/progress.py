@@ -28,7 +28,6 @@ class Reporter:
         self.total = total
         self.interval = interval
         self.stream = stream or sys.stderr
-        self.done = 0
         self.by_kind: dict[str, int] = {}  # "captioned", "failed", "skipped" -> count
         self._clock = clock
         self._start = clock()
@@ -36,6 +35,10 @@ class Reporter:
         self._first: float | None = None  # when the first image finished
         self._first_done = 0  # images counted at that moment
         self._lock = threading.Lock()
+
+    @property
+    def done(self) -> int:
+        return sum(self.by_kind.values())
 
     def expect(self, n: int = 1) -> None:
         """Adds n to the known total."""
@@ -46,7 +49,6 @@ class Reporter:
         """n more images finished as `kind` (each matched path ends captioned, failed or
         skipped, so the count reaches the total)."""
         with self._lock:
-            self.done += n
             self.by_kind[kind] = self.by_kind.get(kind, 0) + n
             now = self._clock()
             if self._first is None:
