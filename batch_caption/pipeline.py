@@ -20,6 +20,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -27,6 +28,9 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import RunInference
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
 from batch_caption import gcs, images, progress, quality, records
 from batch_caption.inference import CaptionModelHandler, ImageExample
@@ -676,6 +680,9 @@ class _WriteManifestFn(beam.DoFn):
 
     def process(self, _, caption_files, error_files, tallies):
         info = self._info
+        caption_files = _publish_shards(info.run_dir, "captions", caption_files)
+        error_files = _publish_shards(info.run_dir, "errors", error_files)
+        _remove_temp_dir(info.run_dir)
         tally = {key: n for key, n in tallies}  # (kind, name) -> count; absent = 0
         n_captions = tally.get(("captioned", ""), 0)
         n_matched = tally.get(("matched", ""), 0)
@@ -711,6 +718,73 @@ class _WriteManifestFn(beam.DoFn):
         yield manifest
 
 
+TEMP_DIR_NAME = "_temporary"  # readers skip it: it never matches captions-* / errors-*
+
+
+def temp_dir_of(run_dir: str) -> str:
+    return FileSystems.join(run_dir, TEMP_DIR_NAME)
+
+
+class _WriteShardFn(beam.DoFn):
+    """record -> nothing per record; at the end of each bundle that had records, the path
+    of the temp file holding them as JSONL (one file per bundle attempt, a unique name, so
+    a retried bundle never writes into the file of another attempt)."""
+
+    def __init__(self, temp_dir: str, kind: str):
+        self._temp_dir = temp_dir
+        self._kind = kind
+
+    def setup(self):
+        gcs.configure_for_emulator()
+
+    def start_bundle(self):
+        self._file = self._path = None
+
+    def process(self, record):
+        if self._file is None:
+            self._path = FileSystems.join(self._temp_dir, f"{self._kind}-{uuid.uuid4().hex}.jsonl")
+            self._file = FileSystems.create(self._path)
+        self._file.write(records.to_json_line(record).encode("utf-8") + b"\n")
+
+    def finish_bundle(self):
+        if self._file is not None:
+            self._file.close()
+            yield WindowedValue(self._path, MIN_TIMESTAMP, [GlobalWindow()])
+            self._file = None
+
+    def teardown(self):
+        if getattr(self, "_file", None) is not None:  # a failed bundle: its file is an orphan
+            self._file.close()
+
+
+def _publish_shards(run_dir: str, kind: str, temp_files) -> list[str]:
+    """Renames a kind's temp files to run_dir/kind-SSSSS-of-NNNNN.jsonl (an empty shard
+    when there are none); -> the final paths. Safe to repeat: a retried manifest step
+    skips the files an earlier attempt already renamed."""
+    temp_files = sorted(temp_files)
+    n = max(1, len(temp_files))
+    final = [FileSystems.join(run_dir, f"{kind}-{i:05d}-of-{n:05d}.jsonl") for i in range(n)]
+    if not temp_files:
+        with FileSystems.create(final[0]):
+            pass
+        return final
+    moves = [(src, dst) for src, dst in zip(temp_files, final) if FileSystems.exists(src) or not FileSystems.exists(dst)]
+    if moves:
+        FileSystems.rename([m[0] for m in moves], [m[1] for m in moves])
+    return final
+
+
+def _remove_temp_dir(run_dir: str) -> None:
+    """Deletes what failed bundle attempts left in the temp directory, then the directory
+    itself where the filesystem has one (an object store has only the files)."""
+    temp = temp_dir_of(run_dir)
+    leftovers = [m.path for m in FileSystems.match([FileSystems.join(temp, "*")])[0].metadata_list]
+    if leftovers:
+        FileSystems.delete(leftovers)
+    if FileSystems.exists(temp):
+        FileSystems.delete([temp])
+
+
 def _basename(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
@@ -722,9 +796,13 @@ def _iso(t: float) -> str:
 class WriteRun(beam.PTransform):
     """{"captions", "errors"} record PCollections -> JSONL shards, then the manifest.
 
-    The manifest is computed inside the pipeline from the records themselves (not from
-    metrics) and written by a step whose side inputs are the written file names, so it
-    runs only after every shard is finalised. With `report_progress` the same tallies
+    Every bundle writes its records to a file of its own in the run's `_temporary`
+    directory; the manifest step, whose side inputs are the files of the bundles that
+    completed, gives them their final names (kind-SSSSS-of-NNNNN.jsonl, an empty shard for
+    a kind without records), deletes what is left there (attempts that failed) and writes
+    the manifest last. The manifest's counts come from the records themselves, not from
+    metrics. (Two WriteToText transforms did this in 24 of the job's 59 leaf transforms,
+    and each transform is a fixed cost of every run.) With `report_progress` the same tallies
     feed this process's progress line: every matched path counts once, captioned, failed
     or skipped.
     """
@@ -737,22 +815,9 @@ class WriteRun(beam.PTransform):
     def expand(self, outputs):
         """outputs: {"captions", "errors", "files" (every distinct matched file), "skipped"
         (paths left out as unchanged)}."""
-        run_dir = self._info.run_dir
-
-        def write(pcoll, name):
-            return (
-                pcoll
-                | f"Encode{name.title()}" >> beam.Map(records.to_json_line)
-                | f"Write{name.title()}"
-                >> beam.io.WriteToText(
-                    FileSystems.join(run_dir, name),
-                    file_name_suffix=".jsonl",
-                    shard_name_template="-SSSSS-of-NNNNN",
-                )
-            )
-
-        caption_files = write(outputs["captions"], "captions")
-        error_files = write(outputs[ERRORS], "errors")
+        temp_dir = temp_dir_of(self._info.run_dir)
+        caption_files = outputs["captions"] | "WriteCaptions" >> beam.ParDo(_WriteShardFn(temp_dir, "captions"))
+        error_files = outputs[ERRORS] | "WriteErrors" >> beam.ParDo(_WriteShardFn(temp_dir, "errors"))
         # Every count of the manifest from one combine over (kind, name) keys: one
         # Count.Globally per count cost ~9 transforms each, and pipeline construction and
         # stage setup are a fixed cost per transform on every run.

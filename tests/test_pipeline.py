@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 
 import apache_beam as beam
 import numpy as np
@@ -257,3 +258,51 @@ def test_many_read_threads_decode_at_most_max_decodes_at_once(monkeypatch):
     out = _run_bundle(fn, files)
     assert [o.value.path for o in out] == [f.sources[0].path for f in files]
     assert peak[0] == 2
+
+
+@pytest.fixture(params=["local", "gcs"])
+def run_dir(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "run=w")
+    bucket = request.getfixturevalue("gcs_emulator")
+    return f"gs://{bucket}/shards/{request.node.originalname}/run=w"
+
+
+def _write_bundle(fn, rows):
+    fn.start_bundle()
+    for r in rows:
+        assert not list(fn.process(r) or [])  # records go to the file, nothing downstream
+    return [wv.value for wv in fn.finish_bundle() or []]
+
+
+def _lines(path):
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path) as f:
+        return [json.loads(x) for x in f.read().decode().splitlines()]
+
+
+def test_bundles_write_temp_shards_that_the_manifest_step_names_once(run_dir):
+    """Each bundle writes its own temp file; publishing names them kind-SSSSS-of-NNNNN in
+    the run dir, gives a kind without records an empty shard, is safe to repeat (a retried
+    step), and the temp dir goes, with what a failed attempt left there."""
+    from apache_beam.io.filesystems import FileSystems
+
+    temp = P.temp_dir_of(run_dir)
+    fn = P._WriteShardFn(temp, "captions")
+    fn.setup()
+    rows = [{"path": f"p{i}", "caption": "a thing"} for i in range(5)]
+    written = _write_bundle(fn, rows[:3]) + _write_bundle(fn, []) + _write_bundle(fn, rows[3:])
+    assert len(written) == 2 and all(w.startswith(temp) for w in written)
+    _write_bundle(fn, rows[:1])  # an attempt whose output never reached the manifest step: an orphan
+
+    first = P._publish_shards(run_dir, "captions", written)
+    again = P._publish_shards(run_dir, "captions", written)
+    assert first == again == [FileSystems.join(run_dir, f"captions-0000{i}-of-00002.jsonl") for i in range(2)]
+    assert sorted((r for f in first for r in _lines(f)), key=lambda r: r["path"]) == rows
+    [empty] = P._publish_shards(run_dir, "errors", [])
+    assert empty.endswith("errors-00000-of-00001.jsonl") and _lines(empty) == []
+
+    P._remove_temp_dir(run_dir)
+    left = sorted(m.path for m in FileSystems.match([FileSystems.join(run_dir, "**")])[0].metadata_list)
+    assert left == sorted(first + [empty])

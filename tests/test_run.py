@@ -207,10 +207,12 @@ def test_rerun_with_the_same_run_id_leaves_no_stale_shards(tiny_bundle, tmp_path
     args = ["--input", str(src), "--output", str(tmp_path / "out"), "--model", tiny_bundle, "--run_id", "same"]
     run.run(args)
     run_dir = tmp_path / "out" / "run=same"
-    # An earlier attempt with another shard count, and a crashed write's temp dir.
+    # An earlier attempt with another shard count, and temp files of crashed writes.
     (run_dir / "captions-00001-of-00002.jsonl").write_text('{"path": "stale"}\n')
     (run_dir / "beam-temp-captions-x").mkdir()
     (run_dir / "beam-temp-captions-x" / "part").write_text("junk")
+    (run_dir / "_temporary").mkdir()
+    (run_dir / "_temporary" / "captions-0123.jsonl").write_text('{"path": "a failed attempt"}\n')
     (src / "0.png").unlink()
     manifest = run.run(args)
     captions, errors, _ = read_run(str(run_dir))
@@ -219,6 +221,7 @@ def test_rerun_with_the_same_run_id_leaves_no_stale_shards(tiny_bundle, tmp_path
     assert on_disk == sorted(manifest["files"]["captions"] + manifest["files"]["errors"])
     assert manifest["counts"]["captioned"] == len(captions) == 4 and not errors
     assert not list(glob.glob(str(run_dir / "beam-temp-*" / "*")))
+    assert not os.path.exists(run_dir / "_temporary")
 
 
 def test_another_run_id_never_touches_earlier_runs(tiny_bundle, tmp_path):
