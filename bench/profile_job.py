@@ -4,6 +4,7 @@
     py-spy record --idle --format raw --rate 100 -o /tmp/job.prof -- \
         python bench/profile_job.py run --images 300
     python bench/profile_job.py summary /tmp/job.prof [--under Captioner.search] [--top 40]
+    python bench/profile_job.py timeline [--corpus large --images 200]
 
 `run` runs the real job (`batch_caption.run.run`, DirectRunner in memory, bundled model)
 twice in one process over `corpora.small_images` (or, with `--corpus large`,
@@ -13,6 +14,9 @@ TensorFlow use), then `measured_run`, the one to read. `summary` keeps the sampl
 and prints, per function, the share of samples with it on the stack (inclusive), then the
 share by the function at the top of the stack (self). With --idle, waiting (for a lock, for
 TensorFlow's threads) counts too, so the main thread's samples add up to its wall time.
+`timeline` needs no profiler: after a warm-up run it times one more run's phases (match,
+hash, model load, read + decode, each batch, shards, manifest) by wrapping those methods,
+and prints when each first started and last ended.
 """
 
 from __future__ import annotations
@@ -47,6 +51,68 @@ def measured_run(input_dir: str, out: str, extra: list[str]) -> None:
           f"model load + trace {load:.2f} s", file=sys.stderr)
 
 
+# What `timeline` times: (class in batch_caption.pipeline or .inference, method, label).
+_PHASES = (
+    ("pipeline", "_MatchPatternFn", "process", "match"),
+    ("pipeline", "_HashFileFn", "_work", "hash (dedupe, pool threads)"),
+    ("inference", "CaptionModelHandler", "load_model", "model load + trace"),
+    ("pipeline", "_ReadDecodeFn", "_work", "read + decode (pool threads)"),
+    ("inference", "CaptionModelHandler", "run_inference", "model, per batch"),
+    ("pipeline", "_WriteShardFn", "finish_bundle", "shards closed"),
+    ("pipeline", "_WriteManifestFn", "process", "manifest"),
+)
+
+
+def timeline(input_dir: str, out: str, extra: list[str]) -> list[tuple[str, int, float, float, float]]:
+    """A warm run with the job's phases timed: (label, calls, first start, last end, sum of
+    call seconds), seconds from the start of the `run.run` call; "pipeline.run" marks where
+    pipeline construction ends. Generators are drained inside the timing."""
+    import functools
+    import threading
+
+    import apache_beam as beam
+
+    from batch_caption import inference, pipeline
+
+    calls: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    lock, t0 = threading.Lock(), [0.0]
+
+    def timed(f, label):
+        @functools.wraps(f)
+        def g(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                result = f(*args, **kwargs)
+                return list(result) if hasattr(result, "__next__") else result
+            finally:
+                with lock:
+                    calls[label].append((start - t0[0], time.perf_counter() - t0[0]))
+        return g
+
+    patched = [(beam.Pipeline, "run", "pipeline.run")] + [
+        (getattr({"pipeline": pipeline, "inference": inference}[m], cls), meth, label) for m, cls, meth, label in _PHASES]
+    originals = [(owner, name, owner.__dict__[name]) for owner, name, _ in patched]
+    warm_up_run(input_dir, out, extra)
+    try:
+        for owner, name, label in patched:
+            setattr(owner, name, timed(owner.__dict__[name], label))
+        t0[0] = time.perf_counter()
+        manifest = _job(input_dir, out, "timeline", extra)
+        total = time.perf_counter() - t0[0]
+    finally:
+        for owner, name, f in originals:
+            setattr(owner, name, f)
+    rows = [(label, len(c), min(s for s, _ in c), max(e for _, e in c), sum(e - s for s, e in c))
+            for label, c in calls.items()]
+    rows.sort(key=lambda r: r[2])
+    print(f"run.run: {total:.2f} s, {manifest['counts']['inputs']} images, model load + trace "
+          f"{manifest['metrics'].get('model_load_ms', 0) / 1000:.2f} s")
+    print("| phase | calls | first starts, s | last ends, s | sum of calls, s |\n| --- | --- | --- | --- | --- |")
+    for label, n, first, last, busy in rows:
+        print(f"| {label} | {n} | {first:.2f} | {last:.2f} | {busy:.2f} |")
+    return rows
+
+
 def summary(path: str, under: str | None, top: int, with_load: bool) -> None:
     inclusive: collections.Counter = collections.Counter()
     own: collections.Counter = collections.Counter()
@@ -75,11 +141,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the job twice in this process (profile it with py-spy)")
-    r.add_argument("--images", type=int, default=300)
-    r.add_argument("--size", type=int, default=256)
-    r.add_argument("--corpus", choices=("small", "large"), default="small",
-                   help="small: synthetic scenes of --size px; large: the 4000x3000 photos")
-    r.add_argument("--job_args", default="", help="extra batch_caption.run flags, one string")
+    t = sub.add_parser("timeline", help="a warm run with its phases timed (no profiler needed)")
+    for q in (r, t):
+        q.add_argument("--images", type=int, default=300)
+        q.add_argument("--size", type=int, default=256)
+        q.add_argument("--corpus", choices=("small", "large"), default="small",
+                       help="small: synthetic scenes of --size px; large: the 4000x3000 photos")
+        q.add_argument("--job_args", default="", help="extra batch_caption.run flags, one string")
     s = sub.add_parser("summary", help="summarise a py-spy raw profile of `run`")
     s.add_argument("profile")
     s.add_argument("--under", default=None, help="only samples with this text on the stack")
@@ -93,6 +161,9 @@ def main(argv=None) -> int:
     input_dir = os.path.dirname(paths[0])
     extra = shlex.split(args.job_args)
     with tempfile.TemporaryDirectory(prefix="profile_job_") as out:
+        if args.command == "timeline":
+            timeline(input_dir, out, extra)
+            return 0
         warm_up_run(input_dir, out, extra)
         measured_run(input_dir, out, extra)
     return 0
