@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import logging
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -97,29 +98,41 @@ class _ImageBatchHandler(ModelHandler[ImageExample, PredictionResult, Any]):
         return np.stack([e.pixels for e in batch])
 
 
-_gc_frozen = False
+_gc_lock = threading.Lock()
+_gc_frozen = False  # set by the first load that ends well, under _gc_lock
 
 
 @contextlib.contextmanager
 def gc_frozen_after_first_load():
     """The process's first model load, without cyclic garbage collections, then gc.freeze().
 
-    That load imports TensorFlow and builds and traces the model: ~1-2 M objects that live
+    That load imports TensorFlow and builds and traces the model: ~0.5 M objects that live
     as long as the process. Each full collection walks all of them (~0.3 s here), and the
     first run of a process made 6-7 of them; frozen, they are left out of every later
-    collection. Later loads in the same process change nothing (one freeze per process).
+    collection. No gc.collect() first (it would cost one of those ~0.3 s passes): what is
+    garbage in cycles at that moment, and what then lives in cycles (the current run's
+    pipeline objects), stays allocated, once per process. Later loads, and loads that
+    start while the first is running, change nothing; a failed first load freezes nothing.
     """
     global _gc_frozen
-    if _gc_frozen:
+    with _gc_lock:
+        first = not _gc_frozen
+        _gc_frozen = True  # claimed: concurrent loads leave the GC alone
+    if not first:
         yield
         return
     enabled = gc.isenabled()
     gc.disable()
+    ok = False
     try:
         yield
+        ok = True
     finally:
-        gc.freeze()
-        _gc_frozen = True
+        if ok:
+            gc.freeze()
+        else:
+            with _gc_lock:
+                _gc_frozen = False  # a later load may try again
         if enabled:
             gc.enable()
 

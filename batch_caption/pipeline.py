@@ -738,40 +738,60 @@ class _WriteShardFn(beam.DoFn):
         gcs.configure_for_emulator()
 
     def start_bundle(self):
+        self._discard()
         self._file = self._path = None
 
     def process(self, record):
         if self._file is None:
             self._path = FileSystems.join(self._temp_dir, f"{self._kind}-{uuid.uuid4().hex}.jsonl")
-            self._file = FileSystems.create(self._path)
+            self._file = FileSystems.create(self._path, mime_type="text/plain")  # as WriteToText's
         self._file.write(records.to_json_line(record).encode("utf-8") + b"\n")
 
     def finish_bundle(self):
         if self._file is not None:
-            self._file.close()
+            f, self._file = self._file, None
+            f.close()
             yield WindowedValue(self._path, MIN_TIMESTAMP, [GlobalWindow()])
-            self._file = None
 
     def teardown(self):
-        if getattr(self, "_file", None) is not None:  # a failed bundle: its file is an orphan
+        self._discard()
+
+    def _discard(self):
+        """The file of a bundle that failed (never handed on): closed and deleted, best
+        effort (what is left is deleted with the temp directory)."""
+        if getattr(self, "_file", None) is None:
+            return
+        try:
             self._file.close()
+            FileSystems.delete([self._path])
+        except Exception:  # noqa: BLE001 - best effort: the run's end removes the directory
+            pass
+        self._file = None
 
 
 def _publish_shards(run_dir: str, kind: str, temp_files) -> list[str]:
     """Renames a kind's temp files to run_dir/kind-SSSSS-of-NNNNN.jsonl (an empty shard
     when there are none); -> the final paths. Safe to repeat: a retried manifest step
-    skips the files an earlier attempt already renamed."""
+    skips the files an earlier attempt already renamed. Two listings, not a lookup per
+    file: a Dataflow run can have thousands of bundles, so thousands of shards."""
     temp_files = sorted(temp_files)
     n = max(1, len(temp_files))
     final = [FileSystems.join(run_dir, f"{kind}-{i:05d}-of-{n:05d}.jsonl") for i in range(n)]
     if not temp_files:
-        with FileSystems.create(final[0]):
+        with FileSystems.create(final[0], mime_type="text/plain"):
             pass
         return final
-    moves = [(src, dst) for src, dst in zip(temp_files, final) if FileSystems.exists(src) or not FileSystems.exists(dst)]
+    # Compared by name: a local listing may spell the directory in another form (absolute).
+    pending = _names(FileSystems.join(temp_dir_of(run_dir), f"{kind}-*.jsonl"))
+    done = _names(FileSystems.join(run_dir, f"{kind}-*-of-{n:05d}.jsonl"))
+    moves = [(src, dst) for src, dst in zip(temp_files, final) if _basename(src) in pending or _basename(dst) not in done]
     if moves:
         FileSystems.rename([m[0] for m in moves], [m[1] for m in moves])
     return final
+
+
+def _names(pattern: str) -> set[str]:
+    return {_basename(m.path) for m in FileSystems.match([pattern])[0].metadata_list}
 
 
 def _remove_temp_dir(run_dir: str) -> None:

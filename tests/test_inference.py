@@ -53,10 +53,15 @@ def test_the_first_model_load_runs_without_gc_then_freezes_what_it_made(tiny_bun
     assert frozen > 100_000 and frozen_after <= frozen
 
 
-def test_gc_is_on_again_when_the_first_load_fails(monkeypatch):
+def test_a_failed_first_load_turns_gc_on_again_and_freezes_nothing(monkeypatch):
+    freezes = []
+    monkeypatch.setattr(gc, "freeze", lambda: freezes.append(1))  # not this test process's objects
     monkeypatch.setattr(inference, "_gc_frozen", False)
     with pytest.raises(OSError, match="weights unreadable"):
         with inference.gc_frozen_after_first_load():
             assert not gc.isenabled()
             raise OSError("weights unreadable")
-    assert gc.isenabled() and inference._gc_frozen
+    assert gc.isenabled() and not freezes and not inference._gc_frozen
+    with inference.gc_frozen_after_first_load():  # the next load is the first again
+        assert not gc.isenabled()
+    assert gc.isenabled() and freezes == [1] and inference._gc_frozen

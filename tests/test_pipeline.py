@@ -295,10 +295,18 @@ def test_bundles_write_temp_shards_that_the_manifest_step_names_once(run_dir):
     written = _write_bundle(fn, rows[:3]) + _write_bundle(fn, []) + _write_bundle(fn, rows[3:])
     assert len(written) == 2 and all(w.startswith(temp) for w in written)
     _write_bundle(fn, rows[:1])  # an attempt whose output never reached the manifest step: an orphan
+    fn.start_bundle()
+    list(fn.process(rows[0]) or [])
+    failed = fn._path
+    fn.teardown()  # a bundle that failed midway: its file is deleted at once
+    assert not FileSystems.exists(failed)
 
+    final = [FileSystems.join(run_dir, f"captions-0000{i}-of-00002.jsonl") for i in range(2)]
+    written.sort()
+    FileSystems.rename([written[0]], [final[0]])  # an earlier attempt of the step renamed one, then failed
     first = P._publish_shards(run_dir, "captions", written)
     again = P._publish_shards(run_dir, "captions", written)
-    assert first == again == [FileSystems.join(run_dir, f"captions-0000{i}-of-00002.jsonl") for i in range(2)]
+    assert first == again == final
     assert sorted((r for f in first for r in _lines(f)), key=lambda r: r["path"]) == rows
     [empty] = P._publish_shards(run_dir, "errors", [])
     assert empty.endswith("errors-00000-of-00001.jsonl") and _lines(empty) == []
