@@ -61,8 +61,9 @@ class SourceFile(NamedTuple):
 class _MatchPatternFn(beam.DoFn):
     """pattern -> every file it matches (an empty match is an error record)."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, report_progress: bool = False):
         self._run_id = run_id
+        self._report = report_progress
 
     def setup(self):
         gcs.configure_for_emulator()
@@ -77,7 +78,8 @@ class _MatchPatternFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(
                 ERRORS, records.error_record(pattern, "match", "NoMatch", "pattern matched no file", run_id=self._run_id)
             )
-        _expect(len(metadata))
+        if self._report:
+            _expect(m.path for m in metadata)
         for m in metadata:
             yield SourceFile(m.path, m.size_in_bytes, m.last_updated_in_seconds)
 
@@ -85,8 +87,9 @@ class _MatchPatternFn(beam.DoFn):
 class _ReadPathListFn(beam.DoFn):
     """list file -> the files it names, one a line (blank lines and # comments skipped)."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, report_progress: bool = False):
         self._run_id = run_id
+        self._report = report_progress
 
     def setup(self):
         gcs.configure_for_emulator()
@@ -100,16 +103,17 @@ class _ReadPathListFn(beam.DoFn):
             return
         paths = [line.strip() for line in text.splitlines()]
         paths = [p for p in paths if p and not p.startswith("#")]
-        _expect(len(paths))
+        if self._report:
+            _expect(paths)
         for path in paths:
             yield SourceFile(path)
 
 
-def _expect(n: int) -> None:
+def _expect(paths) -> None:
     # On the in-memory DirectRunner all matching ends (DedupePaths is a GroupByKey) before
-    # any file is read, in this process: the progress line then knows the total. A path
-    # matched twice counts twice here; it is read once.
-    progress.reporter().expect(n)
+    # any file is read, in this process: the progress line then knows the total, each
+    # distinct path once, as DedupePaths keeps it.
+    progress.reporter().expect(paths)
 
 
 def _best_known(files) -> SourceFile:
@@ -123,13 +127,16 @@ class MatchImages(beam.PTransform):
     Args:
       patterns: file paths, globs or recursive directory globs ("dir/**"), any scheme.
       list_files: text files of paths, one a line.
+      report_progress: give this process's progress line the matched paths (its total);
+        only where matching runs in the driver's process (the in-memory DirectRunner).
     """
 
-    def __init__(self, patterns, list_files, run_id: str):
+    def __init__(self, patterns, list_files, run_id: str, report_progress: bool = False):
         super().__init__()
         self._patterns = list(patterns)
         self._lists = list(list_files)
         self._run_id = run_id
+        self._report = report_progress
 
     def expand(self, pbegin):
         # A branch only for inputs that exist: every transform costs time to build and
@@ -139,13 +146,13 @@ class MatchImages(beam.PTransform):
             sources.append(
                 pbegin
                 | "CreatePatterns" >> beam.Create(self._patterns)
-                | "MatchPatterns" >> beam.ParDo(_MatchPatternFn(self._run_id)).with_outputs(ERRORS, main="files")
+                | "MatchPatterns" >> beam.ParDo(_MatchPatternFn(self._run_id, self._report)).with_outputs(ERRORS, main="files")
             )
         if self._lists:
             sources.append(
                 pbegin
                 | "CreateListFiles" >> beam.Create(self._lists)
-                | "ReadListFiles" >> beam.ParDo(_ReadPathListFn(self._run_id)).with_outputs(ERRORS, main="files")
+                | "ReadListFiles" >> beam.ParDo(_ReadPathListFn(self._run_id, self._report)).with_outputs(ERRORS, main="files")
             )
         files = (
             tuple(source.files for source in sources)

@@ -29,6 +29,7 @@ class Reporter:
         self.interval = interval
         self.stream = stream or sys.stderr
         self.by_kind: dict[str, int] = {}  # "captioned", "failed", "skipped" -> count
+        self._expected: set[str] = set()  # paths counted in total
         self._clock = clock
         self._start = clock()
         self._last = self._start
@@ -40,10 +41,13 @@ class Reporter:
     def done(self) -> int:
         return sum(self.by_kind.values())
 
-    def expect(self, n: int = 1) -> None:
-        """Adds n to the known total."""
+    def expect(self, paths) -> None:
+        """Adds the paths not seen before to the known total (the job reads a path matched
+        by two patterns, or named by a pattern and a list, once)."""
         with self._lock:
-            self.total = (self.total or 0) + n
+            new = set(paths) - self._expected
+            self._expected |= new
+            self.total = (self.total or 0) + len(new)
 
     def add(self, n: int = 1, kind: str = "captioned") -> None:
         """n more images finished as `kind` (each matched path ends captioned, failed or

@@ -338,7 +338,7 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
     image_config = images.ImageConfig(image_size=image_size, max_image_pixels=config.max_image_pixels, draft=config.draft)
     model_path = BUNDLED_MODEL if config.model == DEFAULT_MODEL else config.model
     handler = CaptionModelHandler(model_path, decode, config.batch_size, config.share_model)
-    matched = pipeline | "MatchImages" >> P.MatchImages(config.inputs, config.input_lists, config.run_id)
+    matched = pipeline | "MatchImages" >> P.MatchImages(config.inputs, config.input_lists, config.run_id, report_progress)
     to_read, skipped = matched["files"], []
     if config.incremental:
         caption_files = [join(m["run_dir"], name) for m in previous for name in m["files"]["captions"]]

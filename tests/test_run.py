@@ -438,8 +438,9 @@ def test_progress_rate_and_eta_leave_out_the_wait_for_the_first_image():
 @pytest.mark.parametrize("dedupe", ["--dedupe", "--no-dedupe"])
 def test_the_progress_line_knows_the_total_first_and_reaches_it(mixed, tiny_bundle, tmp_path, monkeypatch, dedupe):
     # The total is known before the first image finishes, and every path counts once,
-    # captioned or failed, so the line ends at total/total (and the ETA at 0).
-    root, expected, _ = mixed
+    # captioned or failed, so the line ends at total/total (and the ETA at 0); a path that
+    # two inputs match is one path.
+    root, expected, valid = mixed
     seen = []
     add = Reporter.add
 
@@ -448,10 +449,10 @@ def test_the_progress_line_knows_the_total_first_and_reaches_it(mixed, tiny_bund
         add(self, n, kind)
 
     monkeypatch.setattr(Reporter, "add", recording_add)
-    manifest = run.run(["--input", root, "--output", str(tmp_path), "--model", tiny_bundle, "--run_id", "p",
-                        "--batch_size", "4", dedupe])
+    manifest = run.run(["--input", root, "--input", valid[0], "--output", str(tmp_path), "--model", tiny_bundle,
+                        "--run_id", "p", "--batch_size", "4", dedupe])
     counts = manifest["counts"]
-    assert counts["captioned"] > 0 and counts["failed"] > 0
+    assert counts["captioned"] > 0 and counts["failed"] > 0 and counts["matched"] == len(expected)
     assert {total for total, _ in seen} == {len(expected)}
     kinds = [kind for _, kind in seen]
     assert (kinds.count("captioned"), kinds.count("failed")) == (counts["captioned"], counts["failed"])
