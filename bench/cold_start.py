@@ -67,13 +67,12 @@ def cold_run(package_root: str, input_dir: str, out_dir: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", default=None, help="git revision to compare with (e.g. HEAD~1)")
-    p.add_argument("--corpus", choices=("small", "large"), default="small",
-                   help="small: 256 px synthetic scenes; large: the 4000x3000 photos")
+    corpora.add_corpus_flag(p)
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "cold_start.json"))
     args = p.parse_args(argv)
-    paths = corpora.small_images(args.images, 256) if args.corpus == "small" else corpora.large_photos(args.images)
+    paths = corpora.by_flag(args.corpus, args.images)
     input_dir = os.path.dirname(paths[0])
     with tempfile.TemporaryDirectory(prefix="cold_start_") as work:
         sides = {}

@@ -171,6 +171,18 @@ def large_photos(n: int = 200, root: str | None = None) -> list[str]:
     return sorted(_build(directory, params, [f"photo_{i:05d}.jpg" for i in range(n)], make, directory))
 
 
+def add_corpus_flag(parser, extra_help: str = "") -> None:
+    """The benchmarks' --corpus flag: which of the two fixed corpora a run uses."""
+    parser.add_argument("--corpus", choices=("small", "large"), default="small",
+                        help="small: synthetic scenes (of --size px where the script has it); large: the 4000x3000 "
+                             "photos" + extra_help)
+
+
+def by_flag(corpus: str, n: int, size: int = 256) -> list[str]:
+    """--corpus value -> the paths of n images: small scenes of `size` px, or 12 MP photos."""
+    return small_images(n, size) if corpus == "small" else large_photos(n)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", type=int, default=2000, help="small scenes (0: skip)")

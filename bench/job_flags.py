@@ -48,8 +48,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--size", type=int, default=256, help="corpus image side in pixels")
-    p.add_argument("--corpus", choices=("small", "large"), default="small",
-                   help="small: synthetic scenes of --size px; large: the 4000x3000 photos (e.g. --images 200)")
+    corpora.add_corpus_flag(p, " (e.g. --images 200)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "job_flags.json"))
     p.add_argument("--variants", nargs="*", default=["--batch_size 32", "--batch_size 64", "--batch_size 128"],
@@ -65,7 +64,7 @@ def main(argv=None) -> int:
             p.error("--variants needs at least one flag string")
         args.variants = variants
 
-    paths = corpora.small_images(args.images, args.size) if args.corpus == "small" else corpora.large_photos(args.images)
+    paths = corpora.by_flag(args.corpus, args.images, args.size)
     input_dir = os.path.dirname(paths[0])
     from batch_caption import run
 

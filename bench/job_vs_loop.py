@@ -62,8 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=2000, help="job corpus size")
     p.add_argument("--loop_images", type=int, default=200, help="the loop captions the first N of them")
     p.add_argument("--size", type=int, default=256, help="corpus image side in pixels (small corpus)")
-    p.add_argument("--corpus", choices=("small", "large"), default="small",
-                   help="small: synthetic scenes of --size px; large: 4000x3000 photos")
+    corpora.add_corpus_flag(p)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--job_args", default="", help="extra batch_caption.run flags, one string")
     p.add_argument("--out", default=None,
@@ -76,10 +75,7 @@ def main(argv=None) -> int:
     from batch_caption import images, pipeline, run
     from batch_caption.model.bundle import load_captioner
 
-    if args.corpus == "small":
-        paths = corpora.small_images(args.images, args.size)
-    else:
-        paths = corpora.large_photos(args.images)
+    paths = corpora.by_flag(args.corpus, args.images, args.size)
     input_dir = os.path.dirname(paths[0])
     loop_paths = paths[: args.loop_images]
     extra = shlex.split(args.job_args)

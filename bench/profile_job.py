@@ -145,8 +145,7 @@ def main(argv=None) -> int:
     for q in (r, t):
         q.add_argument("--images", type=int, default=300)
         q.add_argument("--size", type=int, default=256)
-        q.add_argument("--corpus", choices=("small", "large"), default="small",
-                       help="small: synthetic scenes of --size px; large: the 4000x3000 photos")
+        corpora.add_corpus_flag(q)
         q.add_argument("--job_args", default="", help="extra batch_caption.run flags, one string")
     s = sub.add_parser("summary", help="summarise a py-spy raw profile of `run`")
     s.add_argument("profile")
@@ -157,7 +156,7 @@ def main(argv=None) -> int:
     if args.command == "summary":
         summary(args.profile, args.under, args.top, args.with_load)
         return 0
-    paths = corpora.small_images(args.images, args.size) if args.corpus == "small" else corpora.large_photos(args.images)
+    paths = corpora.by_flag(args.corpus, args.images, args.size)
     input_dir = os.path.dirname(paths[0])
     extra = shlex.split(args.job_args)
     with tempfile.TemporaryDirectory(prefix="profile_job_") as out:
