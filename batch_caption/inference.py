@@ -123,16 +123,15 @@ def gc_frozen_after_first_load():
         return
     enabled = gc.isenabled()
     gc.disable()
-    ok = False
     try:
         yield
-        ok = True
+    except BaseException:
+        with _gc_lock:
+            _gc_frozen = False  # a later load may try again
+        raise
+    else:
+        gc.freeze()
     finally:
-        if ok:
-            gc.freeze()
-        else:
-            with _gc_lock:
-                _gc_frozen = False  # a later load may try again
         if enabled:
             gc.enable()
 
