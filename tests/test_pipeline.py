@@ -182,6 +182,30 @@ def test_decoding_ahead_gives_each_window_its_own_output():
         assert_that(decoded, equal_to([(f"img{i}", float(start)) for i in range(4) for start in (i - 1, i)]))
 
 
+@pytest.mark.parametrize("size_hint, limit, expected", [
+    (3000, 8 << 20, 3000),  # the matched size
+    (1000, 8 << 20, 3000),  # the file grew since it was matched
+    (5000, 8 << 20, 3000),  # it shrank
+    (None, 8 << 20, 3000),  # a path from a list file: no size
+    (3000, 2001, 2001),  # larger than the limit: limit bytes, no more
+])
+def test_reads_ask_for_what_the_file_holds_not_the_limit(monkeypatch, size_hint, limit, expected):
+    data = (bytes(range(256)) * 12)[:3000]
+    asked = []
+
+    class Recording(io.BytesIO):
+        def read(self, n=-1):
+            asked.append(n)
+            return super().read(n)
+
+    monkeypatch.setattr(P.FileSystems, "open", lambda path, compression_type: Recording(data))
+    got, size, sha = P._read("any", limit - 1, keep=True, size_hint=size_hint)
+    assert got == data[:expected] and size == expected and sha == hashlib.sha256(data[:expected]).hexdigest()
+    # A buffered read(n) allocates n bytes first: never ask for the whole limit (256 MiB
+    # by default) when the file is a few MB.
+    assert max(asked) <= max(P.READ_CHUNK_BYTES, (size_hint or 0) + 1)
+
+
 def test_dedupe_shuffles_hashes_not_bytes_and_reads_each_content_once(tmp_path):
     data = io.BytesIO()
     Image.new("RGB", (40, 30), (200, 10, 10)).save(data, format="PNG")

@@ -553,6 +553,34 @@ def test_identical_bytes_are_decoded_and_captioned_once(tiny_bundle, tmp_path):
     assert m["duplicate_content"] == 9
 
 
+def test_dedupe_hashes_only_files_whose_size_another_file_shares(tiny_bundle, tmp_path):
+    # BMPs of one shape have one size whatever their pixels: a size shared by different
+    # contents, by identical ones, and a size of its own.
+    src = tmp_path / "in"
+    src.mkdir()
+    a, b, c = (Image.fromarray(px) for px in varied_images(3, 48, seed=6))
+    data = _encode(a, "BMP")
+    (src / "copy1.bmp").write_bytes(data)
+    (src / "copy2.bmp").write_bytes(data)
+    (src / "same size.bmp").write_bytes(_encode(b, "BMP"))
+    (src / "own size.bmp").write_bytes(_encode(c.resize((40, 40)), "BMP"))
+    listed = tmp_path / "listed.bmp"  # a list file gives no size: hashed
+    listed.write_bytes(_encode(c, "BMP"))
+    (tmp_path / "list.txt").write_text(f"{listed}\n")
+    sizes = {p.name: p.stat().st_size for p in src.iterdir()}
+    assert sizes["copy1.bmp"] == sizes["same size.bmp"] != sizes["own size.bmp"]
+
+    manifest = run.run(["--input", str(src), "--input_list", str(tmp_path / "list.txt"), "--output", str(tmp_path / "out"),
+                        "--model", tiny_bundle, "--run_id", "d"])
+    captions, errors, _ = read_run(str(tmp_path / "out" / "run=d"))
+    assert sorted(r["path"] for r in captions) == sorted([str(p) for p in src.iterdir()] + [str(listed)]) and not errors
+    m = manifest["metrics"]
+    assert m["hashed_for_dedupe"] == 4  # the three of one size and the listed one, not "own size"
+    assert m["decoded"] == 4 and m["duplicate_content"] == 1 and m["captioned"] == 5
+    # Every file's bytes are counted once, whether it was hashed first or not.
+    assert m["bytes_read"] == sum(sizes.values()) + listed.stat().st_size
+
+
 def test_no_flags_captions_the_bundled_samples_with_the_bundled_model(tmp_path, monkeypatch):
     samples = sorted(os.listdir(run.SAMPLES_DIR))
     assert samples and os.path.isfile(os.path.join(run.DEFAULT_MODEL, "bundle.json"))
