@@ -274,6 +274,15 @@ class FileData:
 # DirectRunner every step of a fused stage otherwise runs one after the other in the one
 # bundle thread; on a cloud runner the threads also overlap storage latency.
 DECODE_THREADS = 2
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
 DECODE_LOOKAHEAD = 32  # images in flight per DoFn instance; >= the batch size hides decoding
 READ_CHUNK_BYTES = 1 << 20
 
@@ -495,7 +504,7 @@ class _ReadDecodeFn(_FileFn):
         self._failed = counter("failed_decode")
         # Many threads hide storage latency, but decoding is CPU and memory (a 12 MP PNG is
         # 36 MB of pixels): more decodes at once than cores only add memory.
-        self._decode_slots = threading.BoundedSemaphore(max(1, self._max_decodes or os.cpu_count() or 1))
+        self._decode_slots = threading.BoundedSemaphore(self._max_decodes or available_cpus())
 
     def _work(self, item) -> _Read:
         first_read = not isinstance(item, FileData)

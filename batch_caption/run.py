@@ -32,11 +32,12 @@ _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _GLOB_CHARS = set("*?[")
 
 
-# Local reads are cheap: more threads than cores gain nothing (2, 8, 16 on 2 cores: within
-# noise in one run, 9% and 14% slower in another). An object store answers each open after
-# tens of ms, which many threads in flight hide (bench/slow_storage.py: 30 ms per open,
-# 16 threads 3.0x faster than 2).
-LOCAL_READ_THREADS = 2
+# Local reads are cheap, so local inputs get one thread per CPU: more threads than cores
+# gain nothing (2, 8, 16 on 2 cores: within noise in one run, 9% and 14% slower in
+# another), fewer leave cores idle where decoding is the bottleneck (12 MP photos). An
+# object store answers each open after tens of ms, which many threads in flight hide
+# (bench/slow_storage.py: 30 ms per open, 16 threads 3.0x faster than 2).
+MIN_READ_THREADS = 2
 REMOTE_READ_THREADS = 16
 
 
@@ -60,7 +61,7 @@ class JobConfig:
     max_image_pixels: int = 100_000_000
     max_file_bytes: int = 256 * 1024 * 1024
     draft: bool = True
-    read_threads: int = LOCAL_READ_THREADS  # parse() gives default_read_threads(the inputs)
+    read_threads: int = MIN_READ_THREADS  # parse() gives default_read_threads(the inputs)
     share_model: bool = False
     low_score_threshold: float = -1.5
     dedupe: bool = True
@@ -107,11 +108,16 @@ def join(base: str, name: str) -> str:
 
 
 def default_read_threads(paths: list[str]) -> int:
-    """REMOTE_READ_THREADS if any path has a scheme other than file://, else LOCAL_READ_THREADS."""
+    """One per CPU of this process (at least MIN_READ_THREADS); at least REMOTE_READ_THREADS
+    if any path has a scheme other than file://. Decided where the pipeline is built: the
+    worker itself on the DirectRunner, which is where local paths are read."""
     from apache_beam.io.filesystems import FileSystems
 
+    from batch_caption.pipeline import available_cpus
+
+    local = max(MIN_READ_THREADS, available_cpus())
     remote = any(FileSystems.get_scheme(p) not in (None, "file") for p in paths)
-    return REMOTE_READ_THREADS if remote else LOCAL_READ_THREADS
+    return max(REMOTE_READ_THREADS, local) if remote else local
 
 
 # Larger batches use the CPU better (the bundled 128 px model: 32 -> 128 took 4% less CPU
@@ -176,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--read_threads", type=int, default=None,
                    help="threads per worker thread that read and decode images ahead of the model, at most one decode "
                    "per CPU at once (and twice as many threads hash files for --dedupe); more hide storage latency "
-                   f"(default {LOCAL_READ_THREADS}, or {REMOTE_READ_THREADS} when an --input or --input_list is on a "
-                   "remote filesystem such as gs://; 0: inline)")
+                   f"(default: one per CPU, at least {MIN_READ_THREADS}, and at least {REMOTE_READ_THREADS} when an "
+                   "--input or --input_list is on a remote filesystem such as gs://; 0: inline)")
     r.add_argument("--share_model", action="store_true",
                    help="one model copy per machine shared by all worker processes (large models)")
     return p

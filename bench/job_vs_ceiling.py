@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "job_vs_ceiling.json"))
     args = p.parse_args(argv)
 
-    from batch_caption import images, pipeline, run
+    from batch_caption import images, run
     from batch_caption.model.bundle import load_captioner
 
     paths = corpora.small_images(args.images, args.size)
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
                 wall_s, cpu_s = ceiling_pass(captioner, pixels, b)
                 sweep_rounds[b].append((n / wall_s, cpu_s / n))
             # The job's own batch size: the job's work minus Beam.
-            wall_s, cpu_s = decode_and_caption_pass(captioner, datas, config, jobs[-1]["batch_size"], pipeline.DECODE_THREADS)
+            wall_s, cpu_s = decode_and_caption_pass(captioner, datas, config, jobs[-1]["batch_size"], job_config.read_threads)
             bound.append(n / wall_s)
             bound_cpu.append(cpu_s / n)
             j = jobs[-1]
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
         "ceiling_sweep_images_per_s": sweep,  # median over rounds per batch size
         "ceiling_batch": best,
         "job_batch_size": jobs[0]["batch_size"],
-        "decode_threads": pipeline.DECODE_THREADS,
+        "decode_threads": job_config.read_threads,
         "head_images": args.head if heads else 0,
         "rounds": {"job": jobs, "job_head": heads, "ceiling_images_per_s": ceiling, "ceiling_cpu_s_per_image": ceiling_cpu,
                    "decode_and_ceiling_images_per_s": bound, "decode_and_ceiling_cpu_s_per_image": bound_cpu},
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     print(f"ceiling sweep (img/s, median of {args.rounds} passes each): " + ", ".join(f"batch {b}: {v:.1f}" for b, v in sweep.items()))
     print(f"\n| {n} images, {args.size} px JPEG | images/s (median of {args.rounds}) | / ceiling |\n| --- | --- | --- |")
     print(f"| ceiling: Captioner, pre-decoded, batch {best} | {top:.1f} | 1.00 |")
-    print(f"| decode + ceiling: {pipeline.DECODE_THREADS} decode threads feeding the Captioner, no Beam | "
+    print(f"| decode + ceiling: {job_config.read_threads} decode threads feeding the Captioner, no Beam | "
           f"{no_beam:.1f} | {no_beam / top:.2f} |")
     print(f"| job, steady (excl. model load + trace, {report['job_model_load_s_median']:.1f} s) | {steady:.1f} | {steady / top:.2f} |")
     print(f"| job, wall (whole run.run call) | {wall:.1f} | {wall / top:.2f} |")

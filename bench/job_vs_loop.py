@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         name = "job_vs_loop.json" if args.corpus == "small" else "job_vs_loop_large.json"
         args.out = os.path.join(os.path.dirname(__file__), "results", name)
 
-    from batch_caption import images, pipeline, run
+    from batch_caption import images, run
     from batch_caption.model.bundle import load_captioner
 
     paths = corpora.by_flag(args.corpus, args.images, args.size)
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
             shutil.rmtree(os.path.join(work, f"run=r{r}"))
             seconds, loop_captions = loop_pass(captioner, loop_paths)
             loop.append(len(loop_paths) / seconds)
-            seconds, _ = decode_and_caption_pass(captioner, datas, config, jobs[-1]["batch_size"], pipeline.DECODE_THREADS)
+            seconds, _ = decode_and_caption_pass(captioner, datas, config, jobs[-1]["batch_size"], job_config.read_threads)
             bound.append(len(datas) / seconds)
             if same is None:
                 same = sum(job_captions.get(path) == text for path, text in loop_captions.items())
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         "loop_images": len(loop_paths),
         "corpus": input_dir,
         "job_batch_size": jobs[0]["batch_size"],
-        "decode_threads": pipeline.DECODE_THREADS,
+        "decode_threads": job_config.read_threads,
         "rounds": {"job": jobs, "loop_images_per_s": loop, "decode_and_ceiling_images_per_s": bound},
         "median_images_per_s": {"job_steady": steady, "job_wall": wall, "loop": per_image, "decode_and_ceiling": no_beam},
         "job_steady_over_loop": steady / per_image,
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
           f"({1000 / per_image:.1f} ms/image) | |")
     print(f"| job, steady (excl. model load + trace; {len(paths)} images) | {steady:.1f} | {steady / per_image:.1f}x |")
     print(f"| job, wall (whole run.run call; {len(paths)} images) | {wall:.1f} | {wall / per_image:.1f}x |")
-    print(f"| decode + ceiling: {pipeline.DECODE_THREADS} decode threads feeding the Captioner, no Beam | "
+    print(f"| decode + ceiling: {job_config.read_threads} decode threads feeding the Captioner, no Beam | "
           f"{no_beam:.1f} | {no_beam / per_image:.1f}x |")
     print(f"\nloop captions equal to the job's: {same}/{len(loop_paths)}")
     write_report(args.out, argv, "job_vs_loop.py", report)

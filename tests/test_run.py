@@ -339,15 +339,19 @@ def test_a_missing_model_is_reported_without_loading_tensorflow(tmp_path):
     assert "--model" in done.stderr.strip().splitlines()[-1]
 
 
-def test_read_threads_default_to_more_for_remote_inputs(tmp_path):
+@pytest.mark.parametrize("cpus, local, remote", [(1, 2, 16), (2, 2, 16), (8, 8, 16), (32, 32, 32)])
+def test_read_threads_default_to_one_per_cpu_and_more_for_remote_inputs(tmp_path, monkeypatch, cpus, local, remote):
+    from batch_caption import pipeline
+
+    monkeypatch.setattr(pipeline, "available_cpus", lambda: cpus)
+
     def threads(*args):
         return run.parse(list(args))[0].read_threads
 
-    assert threads("--input", str(tmp_path)) == threads("--input", f"file://{tmp_path}") == run.LOCAL_READ_THREADS
-    assert threads("--input", str(tmp_path), "--input", "gs://bucket/photos/*.jpg") == run.REMOTE_READ_THREADS
-    assert threads("--input_list", "s3://bucket/list.txt") == run.REMOTE_READ_THREADS
+    assert threads("--input", str(tmp_path)) == threads("--input", f"file://{tmp_path}") == local
+    assert threads("--input", str(tmp_path), "--input", "gs://bucket/photos/*.jpg") == remote
+    assert threads("--input_list", "s3://bucket/list.txt") == remote
     assert threads("--input", "gs://bucket/a.jpg", "--read_threads", "0") == 0
-    assert run.LOCAL_READ_THREADS < run.REMOTE_READ_THREADS
 
 
 def test_the_default_batch_size_holds_the_pixels_per_batch(tiny_bundle, tmp_path):
