@@ -16,6 +16,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import io
+import itertools
 import json
 import os
 import threading
@@ -276,12 +278,39 @@ class FileData:
 DECODE_THREADS = 2
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, where the OS has one)."""
+def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: the CPUs it may run on (its affinity mask, where the OS
+    has one), fewer under a container's CPU quota (docker --cpus, Kubernetes limits),
+    which the affinity mask does not show."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root)
+    return max(1, min(cpus, quota)) if quota else cpus
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> int | None:
+    """The CPU quota of this process's cgroup (v2 cpu.max, or v1 cpu.cfs_quota_us over
+    cpu.cfs_period_us) rounded up to whole CPUs; None without a quota or a cgroup."""
+    try:
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+    except (OSError, ValueError):
+        try:
+            with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+                quota = f.read().strip()
+            with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+                period = f.read().strip()
+        except OSError:
+            return None
+    try:
+        quota_us, period_us = int(quota), int(period)  # "max" (v2) -> ValueError: no quota
+    except ValueError:
+        return None
+    if quota_us <= 0 or period_us <= 0:  # v1 says -1 for none
+        return None
+    return -(-quota_us // period_us)
 
 DECODE_LOOKAHEAD = 32  # images in flight per DoFn instance; >= the batch size hides decoding
 READ_CHUNK_BYTES = 1 << 20
@@ -369,14 +398,20 @@ def _read_at_most(f, limit: int, size_hint: int | None) -> bytes:
     buffered read(n) allocates n bytes before reading, and at the default limit of 256 MiB
     that cost ~2.3 ms of CPU per 2.5 MB photo (4x the read itself). The first read asks for
     the matched size + 1 (the + 1 notices a file that grew), later ones for 1 MiB."""
+    # A buffered stream (local files, GCS's reader) returns fewer bytes than asked only at
+    # the end, so a short read ends it: asking again would cost an object store a request.
+    buffered = isinstance(f, io.BufferedIOBase)
     parts, size = [], 0
-    want = size_hint + 1 if size_hint is not None else READ_CHUNK_BYTES
+    want = max(size_hint, 0) + 1 if size_hint is not None else READ_CHUNK_BYTES
     while size < limit:
-        chunk = f.read(min(want, limit - size))
+        asked = min(want, limit - size)
+        chunk = f.read(asked)
         if not chunk:
             break
         parts.append(chunk)
         size += len(chunk)
+        if buffered and len(chunk) < asked:
+            break
         want = READ_CHUNK_BYTES
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -449,15 +484,33 @@ class _HashFileFn(_FileFn):
         yield FileData((source,), None, sha)
 
 
+# Declared: Beam infers the main output of a DoFn that also yields TaggedOutput as
+# (KV | TaggedOutput), which the GroupByKey after it refuses. The value stays Any, so the
+# files are encoded as before (a NamedTuple type could make Beam pick a schema coder).
+@beam.typehints.with_output_types(tuple[int, Any])
+class _KeyBySizeFn(beam.DoFn):
+    """SourceFile (or path) -> (size, file), or the file (tag 'unknown_size': a path from a
+    list file has no size; it is hashed without joining one big group)."""
+
+    def process(self, item):
+        f = _source(item)
+        if f.size is None:
+            yield beam.pvalue.TaggedOutput("unknown_size", f)
+        else:
+            yield f.size, f
+
+
 def _split_by_size(item):
-    """(size, [SourceFile]) -> the file alone when no other has its size (main output), or
-    each file (tag 'same_size') to be hashed: a size shared, or unknown (list files)."""
-    size, group = item
-    group = list(group)
-    if size is not None and len(group) == 1:
-        yield group[0]
+    """(size, files) -> the file alone when no other has its size (main output), or each
+    file (tag 'same_size') to be hashed. The group is streamed, not listed: many files can
+    share a size (copies of one file, uncompressed images of one shape)."""
+    _, group = item
+    files = iter(group)
+    first, second = next(files), next(files, None)
+    if second is None:
+        yield first
         return
-    for f in group:
+    for f in itertools.chain((first, second), files):
         yield beam.pvalue.TaggedOutput("same_size", f)
 
 
@@ -577,6 +630,8 @@ class ReadImages(beam.PTransform):
         paths and hashes are shuffled) and one file of each group is read again and
         decoded; the example then names every path in `sources`, and each gets its own
         record. A file of a size of its own is read and decoded once, like without dedupe.
+        (So a listed path, which has no size, is not compared with such a file: identical
+        bytes there are decoded twice, each path still getting its one record.)
       lookahead: images read and decoded ahead of the consumer (give the model's batch
         size, so a whole batch decodes while the previous one is captioned).
       decode_threads: threads reading and decoding per DoFn instance (0: inline); hashing for
@@ -598,14 +653,19 @@ class ReadImages(beam.PTransform):
         if self._dedupe:
             # Only files of the same size can hold the same bytes: the others go straight to
             # decoding, read once instead of twice (hashing reads a file whole).
+            keyed = files | "KeyBySize" >> beam.ParDo(_KeyBySizeFn()).with_outputs("unknown_size", main="sized")
             by_size = (
-                files
-                | "KeyBySize" >> beam.Map(lambda f: (_source(f).size, _source(f)))
+                keyed.sized
                 | "GroupSameSize" >> beam.GroupByKey()
                 | "SplitBySize" >> beam.ParDo(_split_by_size).with_outputs("same_size", main="unique")
             )
+            to_hash = (
+                # One size group comes out on one worker: spread its files before hashing.
+                by_size.same_size | "SpreadSameSize" >> beam.Reshuffle(),
+                keyed.unknown_size,
+            ) | "FlattenToHash" >> beam.Flatten()
             hash_fn = _HashFileFn(self._max_bytes, self._run_id, 2 * self._threads, 16 * self._threads)
-            hashed = by_size.same_size | "HashFiles" >> beam.ParDo(hash_fn).with_outputs(ERRORS, "skipped", main="data")
+            hashed = to_hash | "HashFiles" >> beam.ParDo(hash_fn).with_outputs(ERRORS, "skipped", main="data")
             to_decode = (
                 by_size.unique,
                 hashed.data

@@ -108,16 +108,17 @@ def join(base: str, name: str) -> str:
 
 
 def default_read_threads(paths: list[str]) -> int:
-    """One per CPU of this process (at least MIN_READ_THREADS); at least REMOTE_READ_THREADS
-    if any path has a scheme other than file://. Decided where the pipeline is built: the
-    worker itself on the DirectRunner, which is where local paths are read."""
+    """REMOTE_READ_THREADS if any path has a scheme other than file://; else one per CPU
+    this process may use, at least MIN_READ_THREADS. Decided where the pipeline is built:
+    for local paths that is the machine that reads them (the DirectRunner); remote inputs
+    are what a cloud runner's workers read, whose CPUs the launcher cannot know."""
     from apache_beam.io.filesystems import FileSystems
 
     from batch_caption.pipeline import available_cpus
 
-    local = max(MIN_READ_THREADS, available_cpus())
-    remote = any(FileSystems.get_scheme(p) not in (None, "file") for p in paths)
-    return max(REMOTE_READ_THREADS, local) if remote else local
+    if any(FileSystems.get_scheme(p) not in (None, "file") for p in paths):
+        return REMOTE_READ_THREADS
+    return max(MIN_READ_THREADS, available_cpus())
 
 
 # Larger batches use the CPU better (the bundled 128 px model: 32 -> 128 took 4% less CPU
@@ -182,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--read_threads", type=int, default=None,
                    help="threads per worker thread that read and decode images ahead of the model, at most one decode "
                    "per CPU at once (and twice as many threads hash files for --dedupe); more hide storage latency "
-                   f"(default: one per CPU, at least {MIN_READ_THREADS}, and at least {REMOTE_READ_THREADS} when an "
-                   "--input or --input_list is on a remote filesystem such as gs://; 0: inline)")
+                   f"(default: one per CPU of this machine, at least {MIN_READ_THREADS}, or {REMOTE_READ_THREADS} when "
+                   "an --input or --input_list is on a remote filesystem such as gs://; 0: inline)")
     r.add_argument("--share_model", action="store_true",
                    help="one model copy per machine shared by all worker processes (large models)")
     return p

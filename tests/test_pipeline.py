@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 
 import apache_beam as beam
 import numpy as np
@@ -182,14 +183,17 @@ def test_decoding_ahead_gives_each_window_its_own_output():
         assert_that(decoded, equal_to([(f"img{i}", float(start)) for i in range(4) for start in (i - 1, i)]))
 
 
-@pytest.mark.parametrize("size_hint, limit, expected", [
-    (3000, 8 << 20, 3000),  # the matched size
-    (1000, 8 << 20, 3000),  # the file grew since it was matched
-    (5000, 8 << 20, 3000),  # it shrank
-    (None, 8 << 20, 3000),  # a path from a list file: no size
-    (3000, 2001, 2001),  # larger than the limit: limit bytes, no more
+@pytest.mark.parametrize("size_hint, limit, expected, reads", [
+    (3000, 8 << 20, 3000, 1),  # the matched size
+    (1000, 8 << 20, 3000, 2),  # the file grew since it was matched
+    (0, 8 << 20, 3000, 2),
+    (5000, 8 << 20, 3000, 1),  # it shrank
+    (None, 8 << 20, 3000, 1),  # a path from a list file: no size
+    (3000, 2001, 2001, 1),  # larger than the limit: limit bytes, no more
+    (3000, 3000, 3000, 1),  # one byte over max_bytes (limit - 1): too large, as it should
+    (3000, 3001, 3000, 1),  # exactly max_bytes
 ])
-def test_reads_ask_for_what_the_file_holds_not_the_limit(monkeypatch, size_hint, limit, expected):
+def test_reads_ask_for_what_the_file_holds_not_the_limit(monkeypatch, size_hint, limit, expected, reads):
     data = (bytes(range(256)) * 12)[:3000]
     asked = []
 
@@ -204,6 +208,35 @@ def test_reads_ask_for_what_the_file_holds_not_the_limit(monkeypatch, size_hint,
     # A buffered read(n) allocates n bytes first: never ask for the whole limit (256 MiB
     # by default) when the file is a few MB.
     assert max(asked) <= max(P.READ_CHUNK_BYTES, (size_hint or 0) + 1)
+    # A short read of a buffered stream is its end: no read past it (on GCS each is a request).
+    assert len(asked) == reads
+
+
+def test_a_stream_with_short_reads_is_read_to_its_end():
+    data = bytes(range(256)) * 40
+
+    class Trickle(io.RawIOBase):  # not buffered: a short read says nothing about the end
+        def __init__(self):
+            self.pos = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            n = min(7, len(b), len(data) - self.pos)
+            b[:n] = data[self.pos:self.pos + n]
+            self.pos += n
+            return n
+
+    assert P._read_at_most(Trickle(), 1 << 20, len(data)) == data
+    assert P._read_at_most(Trickle(), 100, None) == data[:100]
+
+
+def test_split_by_size_streams_groups_and_keeps_every_file():
+    a, b, c = (P.SourceFile(f"/x/{n}", 10) for n in "abc")
+    assert list(P._split_by_size((10, iter([a])))) == [a]  # any iterable, no len() needed
+    out = list(P._split_by_size((10, iter([a, b, c]))))
+    assert [(o.tag, o.value) for o in out] == [("same_size", f) for f in (a, b, c)]
 
 
 def test_dedupe_shuffles_hashes_not_bytes_and_reads_each_content_once(tmp_path):
@@ -227,8 +260,9 @@ def test_dedupe_shuffles_hashes_not_bytes_and_reads_each_content_once(tmp_path):
                     equal_to([(paths[2], "decode")]), label="errors")
 
 
+@pytest.mark.parametrize("sized", [False, True])
 @pytest.mark.parametrize("dedupe", [False, True])
-def test_reading_gives_every_path_an_image_an_error_or_a_skip(tmp_path, dedupe):
+def test_reading_gives_every_path_an_image_an_error_or_a_skip(tmp_path, dedupe, sized):
     def png(colour) -> bytes:
         b = io.BytesIO()
         Image.new("RGB", (20, 10), colour).save(b, format="PNG")
@@ -239,11 +273,14 @@ def test_reading_gives_every_path_an_image_an_error_or_a_skip(tmp_path, dedupe):
     (tmp_path / "unchanged.png").write_bytes(unchanged)
     (tmp_path / "big.bin").write_bytes(b"x" * 5000)
     limit = max(len(small), len(unchanged)) + 10
+    # Sizes as matching gives them (each its own, so dedupe hashes none of them; one stale)
+    # or none, as for paths from list files (dedupe hashes them all).
+    sizes = [len(small), len(unchanged) + 7, 5000, 123] if sized else [None] * 4
     files = [
-        P.SourceFile(str(tmp_path / "small.png"), previous_sha256="0" * 64),  # changed since: read
-        P.SourceFile(str(tmp_path / "unchanged.png"), previous_sha256=hashlib.sha256(unchanged).hexdigest()),
-        str(tmp_path / "big.bin"),
-        str(tmp_path / "missing.png"),
+        P.SourceFile(str(tmp_path / "small.png"), sizes[0], previous_sha256="0" * 64),  # changed since: read
+        P.SourceFile(str(tmp_path / "unchanged.png"), sizes[1], previous_sha256=hashlib.sha256(unchanged).hexdigest()),
+        P.SourceFile(str(tmp_path / "big.bin"), sizes[2]) if sized else str(tmp_path / "big.bin"),
+        P.SourceFile(str(tmp_path / "missing.png"), sizes[3]) if sized else str(tmp_path / "missing.png"),
     ]
     with BeamTestPipeline() as p:
         out = p | beam.Create(files) | P.ReadImages(images.ImageConfig(image_size=8), limit, "r", dedupe=dedupe)
@@ -253,8 +290,8 @@ def test_reading_gives_every_path_an_image_an_error_or_a_skip(tmp_path, dedupe):
         assert_that(out["skipped"], equal_to([files[1].path]), label="skipped")
         too_large = f"file is larger than the limit of {limit:,} bytes"
         assert_that(out[P.ERRORS] | beam.Map(lambda r: (r["path"], r["stage"], r["error"], r["message"] == too_large)),
-                    equal_to([(files[2], "read", "FileTooLargeError", True),
-                              (files[3], "read", "FileNotFoundError", False)]),
+                    equal_to([(P._source(files[2]).path, "read", "FileTooLargeError", True),
+                              (P._source(files[3]).path, "read", "FileNotFoundError", False)]),
                     label="errors")
 
 
@@ -338,3 +375,19 @@ def test_bundles_write_temp_shards_that_the_manifest_step_names_once(run_dir):
     P._remove_temp_dir(run_dir)
     left = sorted(m.path for m in FileSystems.match([FileSystems.join(run_dir, "**")])[0].metadata_list)
     assert left == sorted(first + [empty])
+
+
+@pytest.mark.parametrize("files, quota", [
+    ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2: 1.5 CPUs -> 2
+    ({"cpu.max": "max 100000\n"}, None),  # v2, no limit
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1, no limit
+    ({}, None),  # no cgroup files (not Linux, or not mounted)
+])
+def test_a_containers_cpu_quota_caps_the_cpus_counted(tmp_path, files, quota):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert P.cgroup_cpu_quota(str(tmp_path)) == quota
+    cpus = len(os.sched_getaffinity(0))
+    assert P.available_cpus(str(tmp_path)) == (min(cpus, quota) if quota else cpus)

@@ -339,8 +339,8 @@ def test_a_missing_model_is_reported_without_loading_tensorflow(tmp_path):
     assert "--model" in done.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("cpus, local, remote", [(1, 2, 16), (2, 2, 16), (8, 8, 16), (32, 32, 32)])
-def test_read_threads_default_to_one_per_cpu_and_more_for_remote_inputs(tmp_path, monkeypatch, cpus, local, remote):
+@pytest.mark.parametrize("cpus, local, remote", [(1, 2, 16), (2, 2, 16), (8, 8, 16), (32, 32, 16)])
+def test_read_threads_default_to_one_per_cpu_for_local_inputs_and_16_for_remote_ones(tmp_path, monkeypatch, cpus, local, remote):
     from batch_caption import pipeline
 
     monkeypatch.setattr(pipeline, "available_cpus", lambda: cpus)
