@@ -319,10 +319,12 @@ def previous_runs(config: JobConfig) -> list[dict]:
     return sorted(manifests, key=lambda x: x.get("end_time", ""))
 
 
-def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, report_progress: bool,
+def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, single_process: bool,
                    previous: list[dict] = ()):
     """Adds the whole job to `pipeline`; returns the manifest PCollection.
 
+    single_process: the runner runs everything in this process (the in-memory
+      DirectRunner): the progress line can count, and no work needs spreading.
     previous: manifests of earlier complete runs (with --incremental).
     """
     import apache_beam as beam
@@ -345,7 +347,7 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
     image_config = images.ImageConfig(image_size=image_size, max_image_pixels=config.max_image_pixels, draft=config.draft)
     model_path = BUNDLED_MODEL if config.model == DEFAULT_MODEL else config.model
     handler = CaptionModelHandler(model_path, decode, config.batch_size, config.share_model)
-    matched = pipeline | "MatchImages" >> P.MatchImages(config.inputs, config.input_lists, config.run_id, report_progress)
+    matched = pipeline | "MatchImages" >> P.MatchImages(config.inputs, config.input_lists, config.run_id, single_process)
     to_read, skipped = matched["files"], []
     if config.incremental:
         caption_files = [join(m["run_dir"], name) for m in previous for name in m["files"]["captions"]]
@@ -356,7 +358,8 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
         to_read, skipped = selected["files"], [selected["skipped"]]
     # Decoding runs a batch ahead of the model (positional: tests stand in for ReadImages).
     read = to_read | "ReadImages" >> P.ReadImages(
-        image_config, config.max_file_bytes, config.run_id, config.dedupe, config.batch_size, config.read_threads
+        image_config, config.max_file_bytes, config.run_id, config.dedupe, config.batch_size, config.read_threads,
+        spread_hashing=not single_process,
     )
     captioned = read["images"] | "CaptionImages" >> P.CaptionImages(
         handler, decode, config.run_id, config.low_score_threshold
@@ -368,7 +371,7 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
         "files": matched["files"],
         "skipped": tuple(skipped) + (read["skipped"],) | "FlattenSkipped" >> beam.Flatten(),
     }
-    return outputs | "WriteRun" >> P.WriteRun(info, report_progress)
+    return outputs | "WriteRun" >> P.WriteRun(info, single_process)
 
 
 def run(argv: list[str] | None = None) -> dict:

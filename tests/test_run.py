@@ -380,7 +380,7 @@ def test_draft_flag_turns_jpeg_draft_decoding_off(tmp_path, monkeypatch):
     class Built(Exception):
         pass
 
-    def read_images(image_config, *args):  # only the ImageConfig the job builds matters here
+    def read_images(image_config, *args, **kwargs):  # only the ImageConfig the job builds matters here
         seen.append(image_config)
         raise Built
 
