@@ -276,6 +276,8 @@ class FileData:
 # DirectRunner every step of a fused stage otherwise runs one after the other in the one
 # bundle thread; on a cloud runner the threads also overlap storage latency.
 DECODE_THREADS = 2
+DECODE_LOOKAHEAD = 32  # images in flight per DoFn instance; >= the batch size hides decoding
+READ_CHUNK_BYTES = 1 << 20
 
 
 def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
@@ -311,9 +313,6 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> int | None:
     if quota_us <= 0 or period_us <= 0:  # v1 says -1 for none
         return None
     return -(-quota_us // period_us)
-
-DECODE_LOOKAHEAD = 32  # images in flight per DoFn instance; >= the batch size hides decoding
-READ_CHUNK_BYTES = 1 << 20
 
 
 class _AheadFn(beam.DoFn):
@@ -384,10 +383,7 @@ def _read(path: str, max_bytes: int, keep: bool, size_hint: int | None = None) -
             data = _read_at_most(f, max_bytes + 1, size_hint)
             return data, len(data), hashlib.sha256(data).hexdigest()
         digest, size = hashlib.sha256(), 0
-        while size <= max_bytes:
-            chunk = f.read(READ_CHUNK_BYTES)
-            if not chunk:
-                break
+        for chunk in _chunks(f, max_bytes + 1, READ_CHUNK_BYTES):
             digest.update(chunk)
             size += len(chunk)
         return None, size, digest.hexdigest()
@@ -398,22 +394,28 @@ def _read_at_most(f, limit: int, size_hint: int | None) -> bytes:
     buffered read(n) allocates n bytes before reading, and at the default limit of 256 MiB
     that cost ~2.3 ms of CPU per 2.5 MB photo (4x the read itself). The first read asks for
     the matched size + 1 (the + 1 notices a file that grew), later ones for 1 MiB."""
+    first = max(size_hint, 0) + 1 if size_hint is not None else READ_CHUNK_BYTES
+    parts = list(_chunks(f, limit, first))
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _chunks(f, limit: int, first: int):
+    """`f`'s first `limit` bytes (all of it if shorter) in reads of `first` bytes, then of
+    READ_CHUNK_BYTES."""
     # A buffered stream (local files, GCS's reader) returns fewer bytes than asked only at
     # the end, so a short read ends it: asking again would cost an object store a request.
     buffered = isinstance(f, io.BufferedIOBase)
-    parts, size = [], 0
-    want = max(size_hint, 0) + 1 if size_hint is not None else READ_CHUNK_BYTES
+    size, want = 0, first
     while size < limit:
         asked = min(want, limit - size)
         chunk = f.read(asked)
         if not chunk:
-            break
-        parts.append(chunk)
+            return
+        yield chunk
         size += len(chunk)
         if buffered and len(chunk) < asked:
-            break
+            return
         want = READ_CHUNK_BYTES
-    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _too_large(max_bytes: int) -> tuple[str, str]:
@@ -925,13 +927,18 @@ def _matched(pattern: str) -> list[str]:
     return [m.path for m in FileSystems.match([pattern])[0].metadata_list]
 
 
+def delete_matching(pattern: str) -> None:
+    """Deletes every file `pattern` matches (any FileSystems scheme); none: nothing."""
+    found = _matched(pattern)
+    if found:
+        FileSystems.delete(found)
+
+
 def _remove_temp_dir(run_dir: str) -> None:
     """Deletes what failed bundle attempts left in the temp directory, then the directory
     itself where the filesystem has one (an object store has only the files)."""
     temp = temp_dir_of(run_dir)
-    leftovers = _matched(FileSystems.join(temp, "*"))
-    if leftovers:
-        FileSystems.delete(leftovers)
+    delete_matching(FileSystems.join(temp, "*"))
     if FileSystems.exists(temp):
         FileSystems.delete([temp])
 

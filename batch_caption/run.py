@@ -280,12 +280,12 @@ def clear_run_dir(run_dir: str) -> None:
     """Removes an earlier attempt of the same run_id: manifest first (marks it incomplete)."""
     from apache_beam.io.filesystems import FileSystems
 
+    from batch_caption.pipeline import delete_matching
+
     manifest = join(run_dir, records.MANIFEST_NAME)
     if FileSystems.exists(manifest):
         FileSystems.delete([manifest])
-    old = [m.path for m in FileSystems.match([join(run_dir, "**")])[0].metadata_list]
-    if old:
-        FileSystems.delete(old)
+    delete_matching(join(run_dir, "**"))
 
 
 def check_output(config: JobConfig) -> None:

@@ -79,18 +79,20 @@ def decode_and_caption_pass(captioner, datas: list[bytes], config, batch: int, t
     return time.perf_counter() - start, time.process_time() - cpu
 
 
+def steady_s(job: dict) -> float:
+    """A job round's seconds without the model load + trace."""
+    return job["elapsed_s"] - job["model_load_s"]
+
+
 def job_rates(job: dict) -> tuple[float, float]:
     """(steady, wall) images/s of one job round: steady leaves out the model load + trace."""
-    return job["captioned"] / (job["elapsed_s"] - job["model_load_s"]), job["captioned"] / job["wall_s"]
+    return job["captioned"] / steady_s(job), job["captioned"] / job["wall_s"]
 
 
 def marginal_rate(big: dict, small: dict) -> float:
     """images/s of the images the bigger of two job runs has beyond the smaller, from their
     steady times: the job's per-image rate without a run's fixed cost (what a run of
     millions of images pays per image)."""
-    def steady_s(job):
-        return job["elapsed_s"] - job["model_load_s"]
-
     return (big["captioned"] - small["captioned"]) / (steady_s(big) - steady_s(small))
 
 

@@ -183,6 +183,22 @@ def test_decoding_ahead_gives_each_window_its_own_output():
         assert_that(decoded, equal_to([(f"img{i}", float(start)) for i in range(4) for start in (i - 1, i)]))
 
 
+_FILE = (bytes(range(256)) * 12)[:3000]
+
+
+def _open_recording_reads(monkeypatch) -> list[int]:
+    """Every FileSystems.open gives a buffered stream of _FILE; -> the sizes its reads ask for."""
+    asked = []
+
+    class Recording(io.BytesIO):
+        def read(self, n=-1):
+            asked.append(n)
+            return super().read(n)
+
+    monkeypatch.setattr(P.FileSystems, "open", lambda path, compression_type: Recording(_FILE))
+    return asked
+
+
 @pytest.mark.parametrize("size_hint, limit, expected, reads", [
     (3000, 8 << 20, 3000, 1),  # the matched size
     (1000, 8 << 20, 3000, 2),  # the file grew since it was matched
@@ -194,22 +210,21 @@ def test_decoding_ahead_gives_each_window_its_own_output():
     (3000, 3001, 3000, 1),  # exactly max_bytes
 ])
 def test_reads_ask_for_what_the_file_holds_not_the_limit(monkeypatch, size_hint, limit, expected, reads):
-    data = (bytes(range(256)) * 12)[:3000]
-    asked = []
-
-    class Recording(io.BytesIO):
-        def read(self, n=-1):
-            asked.append(n)
-            return super().read(n)
-
-    monkeypatch.setattr(P.FileSystems, "open", lambda path, compression_type: Recording(data))
+    asked = _open_recording_reads(monkeypatch)
     got, size, sha = P._read("any", limit - 1, keep=True, size_hint=size_hint)
-    assert got == data[:expected] and size == expected and sha == hashlib.sha256(data[:expected]).hexdigest()
+    assert got == _FILE[:expected] and size == expected and sha == hashlib.sha256(_FILE[:expected]).hexdigest()
     # A buffered read(n) allocates n bytes first: never ask for the whole limit (256 MiB
     # by default) when the file is a few MB.
     assert max(asked) <= max(P.READ_CHUNK_BYTES, (size_hint or 0) + 1)
     # A short read of a buffered stream is its end: no read past it (on GCS each is a request).
     assert len(asked) == reads
+
+
+@pytest.mark.parametrize("max_bytes, size", [(8 << 20, 3000), (2000, 2001)])
+def test_hashing_streams_the_file_and_stops_at_its_end_or_the_limit(monkeypatch, max_bytes, size):
+    asked = _open_recording_reads(monkeypatch)
+    assert P._read("any", max_bytes, keep=False) == (None, size, hashlib.sha256(_FILE[:size]).hexdigest())
+    assert len(asked) == 1  # the short (or limit-filling) read ends it: no request past the end
 
 
 def test_a_stream_with_short_reads_is_read_to_its_end():
