@@ -15,10 +15,12 @@ import gc
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
+from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from batch_caption import gcs
@@ -148,35 +150,118 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
+class ModelLoadError(RuntimeError):
+    """The model failed to load: the run fails; no image is blamed for it."""
+
+
+class BackgroundLoad:
+    """A model loading in a thread of its own; `caption` and `get_model_id` wait for it.
+
+    RunInference loads its model in its DoFn's setup, and the in-memory runner sets up
+    every DoFn of a fused stage before the first element: reading and decoding would wait
+    for the whole load (~1 s for the bundled model, mostly Python: building and tracing,
+    so one of this machine's 2 cores idles). Returned from `load_model` at once, this
+    lets the decode threads fill the first batches while the model is built and traced.
+
+    A failed load raises ModelLoadError from the first method that waits;
+    `pipeline.FailedBatchToErrorsFn` lets that error fail the run instead of turning
+    the batch into error records. Only methods cross a --share_model proxy.
+    """
+
+    def __init__(self, load: Callable[[], Any]):
+        self._done = threading.Event()
+        self._model: Any = None
+        self._error: BaseException | None = None
+        self._seconds = 0.0
+        self._reported = False
+        self._lock = threading.Lock()
+        # Not a daemon: a process that ends mid-load waits for it, as it did when the
+        # load ran in setup (TensorFlow stopped mid-trace can crash at exit).
+        threading.Thread(target=self._load, args=(load,), name="batch_caption-model-load").start()
+
+    def _load(self, load: Callable[[], Any]) -> None:
+        start = time.perf_counter()
+        try:
+            self._model = load()
+        except BaseException as e:  # raised again, by whoever waits
+            self._error = e
+        finally:
+            self._seconds = time.perf_counter() - start
+            self._done.set()
+
+    def result(self) -> Any:
+        """The loaded model (in this process only: it does not pickle)."""
+        self._done.wait()
+        if self._model is None:
+            e = self._error
+            reason = f"{type(e).__name__}: {e}" if e is not None else "the loading thread ended without a model"
+            raise ModelLoadError(f"the model failed to load: {reason}") from e
+        return self._model
+
+    def wait_load(self) -> float | None:
+        """Waits for the load; its seconds to the first caller, None to later ones."""
+        self.result()
+        with self._lock:
+            first, self._reported = not self._reported, True
+        return self._seconds if first else None
+
+    def caption(self, pixels):
+        return self.result().caption(pixels)
+
+    def get_model_id(self) -> str:
+        return self.result().get_model_id()
+
+
 class CaptionModelHandler(_ImageBatchHandler):
     """Loads a model bundle and captions batches: PredictionResult(example, n-best).
 
     Args:
       model_path: bundle directory (local or any FileSystems path), or BUNDLED_MODEL.
       decode: beam search settings.
+
+    The load runs in the background (`BackgroundLoad`); the first batch of each DoFn
+    instance waits for it and reports `model_load_ms` (the load's own time, once per
+    load) and `model_wait_ms` (how long that batch waited) in the job's metrics.
     """
 
     def __init__(self, model_path: str, decode: DecodeConfig, batch_size: int = 32, share_across_processes: bool = False):
         super().__init__(batch_size, share_across_processes)
         self._model_path = model_path
         self._decode = decode
+        self._load_seen = False  # per DoFn instance: each worker unpickles its own handler
 
-    def load_model(self):
+    def load_model(self) -> BackgroundLoad:
+        return BackgroundLoad(self.load_now)
+
+    def load_now(self):
+        """Loads and traces the captioner in the calling thread."""
         from batch_caption.model.bundle import load_captioner
 
         gcs.configure_for_emulator()
         with gc_frozen_after_first_load():
             captioner = load_captioner(resolve_model_path(self._model_path), self._decode)
-            # Trace now: the one-time cost then shows in Beam's load_model latency metric
-            # rather than in the first batch.
+            # Trace now, inside the one-time load, rather than in the first batch.
             captioner.warm_up()
         return captioner
 
     def run_inference(self, batch: Sequence[ImageExample], model, inference_args: dict | None = None) -> Iterable[PredictionResult]:
+        if not self._load_seen:
+            self._report_load(model)
         # Only methods: with --share_model, `model` is a proxy to another process.
         captions = model.caption(self._stack(batch))
         model_id = model.get_model_id()
         return [PredictionResult(e, c, model_id) for e, c in zip(batch, captions)]
+
+    def _report_load(self, model) -> None:
+        wait_load = getattr(model, "wait_load", None)  # absent on a stand-in model
+        if wait_load is not None:
+            start = time.perf_counter()
+            seconds = wait_load()  # raises ModelLoadError for a failed load
+            Metrics.distribution(self.get_metrics_namespace(), "model_wait_ms").update(
+                round((time.perf_counter() - start) * 1000))
+            if seconds is not None:
+                Metrics.distribution(self.get_metrics_namespace(), "model_load_ms").update(round(seconds * 1000))
+        self._load_seen = True
 
     def get_metrics_namespace(self) -> str:
         return "batch_caption"

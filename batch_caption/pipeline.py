@@ -35,7 +35,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from batch_caption import gcs, images, progress, quality, records
-from batch_caption.inference import CaptionModelHandler, ImageExample
+from batch_caption.inference import CaptionModelHandler, ImageExample, ModelLoadError
 from batch_caption.model.config import DecodeConfig
 
 NAMESPACE = "batch_caption"
@@ -738,10 +738,19 @@ class FailedBatchToErrorsFn(beam.DoFn):
     def process(self, failure):
         batch, exc = failure
         name, message = _describe_failure(exc)
+        if _is_model_load_failure(exc):
+            # The model, not these images: fail the run (as a load in setup did) rather
+            # than write every image of the run as an error.
+            raise ModelLoadError(message)
         for example in batch:
             for path, _ in example.source_paths():
                 counter("failed_infer").inc()
                 yield records.error_record(path, "infer", name, message, run_id=self._run_id)
+
+
+def _is_model_load_failure(exc) -> bool:
+    kind = exc[0] if isinstance(exc, tuple) and exc else type(exc)
+    return isinstance(kind, type) and issubclass(kind, ModelLoadError)
 
 
 def _describe_failure(exc) -> tuple[str, str]:

@@ -416,9 +416,11 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def job_metrics(result) -> dict[str, int]:
-    """The job's Beam counters, how many times a model was loaded and how long the loads
-    took (model_load_ms, summed over processes; the handler traces the graph while loading,
-    so this is the job's whole one-time model cost)."""
+    """The job's Beam counters, and the model's one-time cost: model_loads and
+    model_load_ms (how many loads, and their time summed over processes; a load includes
+    the graph's trace), model_wait_ms (how long batches waited for a load: the load runs
+    beside the first decodes, so this, not model_load_ms, is what it added to the run).
+    A run that captions nothing reports no load."""
     from apache_beam.metrics.metric import MetricsFilter
 
     from batch_caption.pipeline import NAMESPACE
@@ -428,10 +430,12 @@ def job_metrics(result) -> dict[str, int]:
     for c in metrics["counters"]:
         out[c.key.metric.name] = out.get(c.key.metric.name, 0) + (c.committed or c.attempted or 0)
     for d in metrics["distributions"]:
-        if d.key.metric.name.endswith("load_model_latency_milli_secs"):
+        name = d.key.metric.name
+        if name in ("model_load_ms", "model_wait_ms"):
             value = d.committed or d.attempted
-            out["model_loads"] = out.get("model_loads", 0) + (value.count if value else 0)
-            out["model_load_ms"] = out.get("model_load_ms", 0) + (value.sum if value else 0)
+            out[name] = out.get(name, 0) + (value.sum if value else 0)
+            if name == "model_load_ms":
+                out["model_loads"] = out.get("model_loads", 0) + (value.count if value else 0)
     return out
 
 

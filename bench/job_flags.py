@@ -8,7 +8,7 @@ Runs the real job (`batch_caption.run.run`, DirectRunner in memory, bundled defa
 over the fixed small corpus (`corpora.small_images`; `--corpus large`: the 12 MP photos of
 `corpora.large_photos`) once per variant per round,
 alternating (A B C A B C ...), after one untimed warm-up run, and reports for each variant
-the median images/s, steady (elapsed minus model load + trace, as in job_vs_ceiling.py)
+the median images/s, steady (elapsed minus the wait for the model load + trace, as in job_vs_ceiling.py)
 and wall (the whole `run.run` call), CPU ms per image (all threads, the whole call), and
 the ratio of its steady rate to the first variant's. An empty string is the job's defaults.
 Every variant must give the same captions (checked; exit 1 if not).

@@ -14,9 +14,9 @@ fully, resize it to the model's input size (BICUBIC, as the job), and caption it
 --loop_images 20`), where the job's JPEG draft decoding also counts; the loop's captions
 then come from other pixels and may differ from the job's.
 
-Reported: images/s of the job (steady: excluding its one-time model load and trace, which
-its own metrics give; and wall: the whole `run.run` call), images/s of the loop (the
-model loaded once beforehand, as the job's load is excluded), and job / loop (the issue's
+Reported: images/s of the job (steady: excluding the time it waited for its one-time
+model load and trace, which its own metrics give; and wall: the whole `run.run` call),
+images/s of the loop (the model loaded once beforehand, as the job's wait is excluded), and job / loop (the issue's
 target: >= 10x). The loop's captions are checked against the job's for the same files.
 A third side, alternating with the other two, is job_vs_ceiling's "decode + ceiling": the
 job's decoding (`images.decode_image`, the job's config, its number of decode threads)
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     print(f"| {what} | images/s (median of {args.rounds}) | job / loop |\n| --- | --- | --- |")
     print(f"| loop: PIL full decode + resize, batch 1 ({len(loop_paths)} images) | {per_image:.1f} "
           f"({1000 / per_image:.1f} ms/image) | |")
-    print(f"| job, steady (excl. model load + trace; {len(paths)} images) | {steady:.1f} | {steady / per_image:.1f}x |")
+    print(f"| job, steady (excl. the wait for the model load + trace; {len(paths)} images) | {steady:.1f} | {steady / per_image:.1f}x |")
     print(f"| job, wall (whole run.run call; {len(paths)} images) | {wall:.1f} | {wall / per_image:.1f}x |")
     print(f"| decode + ceiling: {job_config.read_threads} decode threads feeding the Captioner, no Beam | "
           f"{no_beam:.1f} | {no_beam / per_image:.1f}x |")

@@ -5,7 +5,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
+import numpy as np
 import pytest
 
 from batch_caption import inference
@@ -14,10 +16,83 @@ from batch_caption.model.config import DecodeConfig
 
 
 def test_load_model_returns_a_traced_captioner(tiny_bundle):
-    model = CaptionModelHandler(tiny_bundle, DecodeConfig(), batch_size=4).load_model()
-    # Traced while loading, so the trace counts in Beam's load_model latency and not
-    # in the first batch.
+    model = CaptionModelHandler(tiny_bundle, DecodeConfig(), batch_size=4).load_model().result()
+    # Traced while loading, so the trace is part of the one-time load and not of the
+    # first batch.
     assert model._search.experimental_get_tracing_count() == 1
+
+
+class _GatedHandler(CaptionModelHandler):
+    """load_now waits for `gate`, then returns `model` or raises `error`."""
+
+    def __init__(self, model=None, error=None):
+        super().__init__("unused", DecodeConfig(), batch_size=2)
+        self.gate, self.model, self.error = threading.Event(), model, error
+
+    def load_now(self):
+        assert self.gate.wait(30)
+        if self.error is not None:
+            raise self.error
+        return self.model
+
+
+class _Model:
+    def caption(self, pixels):
+        return [f"caption {i}" for i in range(len(pixels))]
+
+    def get_model_id(self):
+        return "m1"
+
+
+def test_load_model_returns_before_the_load_ends_and_methods_wait_for_it():
+    handler = _GatedHandler(model=_Model())
+    loading = handler.load_model()  # would block forever if it loaded in this thread
+    done = []
+    waiter = threading.Thread(target=lambda: done.append(loading.get_model_id()))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and not done  # waits for the load
+    handler.gate.set()
+    waiter.join(30)
+    assert done == ["m1"] and loading.caption(np.zeros((3, 2, 2, 3), np.uint8)) == ["caption 0", "caption 1", "caption 2"]
+    seconds = loading.wait_load()
+    assert seconds >= 0.2 and loading.wait_load() is None  # the load's time, reported once
+
+
+def test_a_failed_background_load_raises_model_load_error_from_every_wait():
+    handler = _GatedHandler(error=OSError("weights unreadable"))
+    loading = handler.load_model()
+    handler.gate.set()
+    for call in (loading.wait_load, loading.get_model_id, lambda: loading.caption(np.zeros((1, 2, 2, 3), np.uint8))):
+        with pytest.raises(inference.ModelLoadError, match="the model failed to load: OSError: weights unreadable"):
+            call()
+
+
+def test_the_first_batch_reports_the_load_and_its_wait(monkeypatch):
+    reported = []
+
+    class _Dist:
+        def __init__(self, name):
+            self.name = name
+
+        def update(self, value):
+            reported.append((self.name, value))
+
+    monkeypatch.setattr(inference.Metrics, "distribution", staticmethod(lambda ns, name: _Dist(name)))
+    handler = _GatedHandler(model=_Model())
+    loading = handler.load_model()
+    threading.Timer(0.3, handler.gate.set).start()
+    batch = [inference.ImageExample(f"p{i}", np.zeros((2, 2, 3), np.uint8), 2, 2, "PNG", "0" * 64, 1) for i in range(2)]
+    results = list(handler.run_inference(batch, loading))
+    assert [r.inference for r in results] == ["caption 0", "caption 1"]
+    names = dict(reported)
+    assert set(names) == {"model_wait_ms", "model_load_ms"} and names["model_wait_ms"] >= 250
+    assert names["model_load_ms"] >= names["model_wait_ms"]
+    list(handler.run_inference(batch, loading))
+    assert len(reported) == 2  # later batches report nothing
+    # A stand-in model without wait_load (tests, other handlers' models) reports nothing.
+    list(_GatedHandler().run_inference(batch, _Model()))
+    assert len(reported) == 2
 
 
 _FIRST_LOADS = """
@@ -33,9 +108,9 @@ def spy(*args, **kwargs):
 bundle.load_captioner = spy
 handler = CaptionModelHandler(sys.argv[1], DecodeConfig(), batch_size=2)
 assert gc.get_freeze_count() == 0
-handler.load_model()
+handler.load_model().result()
 frozen = gc.get_freeze_count()
-handler.load_model()
+handler.load_model().result()
 print(json.dumps([gc_on, gc.isenabled(), frozen, gc.get_freeze_count()]))
 """
 

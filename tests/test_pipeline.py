@@ -20,7 +20,7 @@ from PIL import Image
 
 from batch_caption import images
 from batch_caption import pipeline as P
-from batch_caption.inference import CaptionModelHandler, ImageExample
+from batch_caption.inference import CaptionModelHandler, ImageExample, ModelLoadError
 from batch_caption.model.captioner import Caption
 from batch_caption.model.config import DecodeConfig
 
@@ -79,10 +79,32 @@ def test_a_failed_inference_batch_becomes_one_error_record_per_image():
         assert_that(done, check)
 
 
+class BrokenModelHandler(CaptionModelHandler):
+    """Its model fails to load, in the background as the real handler's does."""
+
+    def load_now(self):
+        raise OSError("weights unreadable")
+
+
+def test_a_model_that_fails_to_load_fails_the_run_not_the_images():
+    handler = BrokenModelHandler("unused", DecodeConfig(), batch_size=2)
+    # Without the check, each image would become an 'infer' error record and the run
+    # would succeed.
+    with pytest.raises(Exception, match="ModelLoadError.*the model failed to load: OSError: weights unreadable"):
+        with BeamTestPipeline() as p:
+            _ = (
+                p
+                | beam.Create([_example(x) for x in ["a", "b", "c"]])
+                | P.CaptionImages(handler, DecodeConfig(), run_id="r")
+            )
+
+
 def test_describe_failure_handles_beam_dead_letter_tuples():
     exc = (ValueError, "ValueError('x: y')", ["Traceback...\n", "ValueError: x: y\n"])
     assert P._describe_failure(exc) == ("ValueError", "x: y")
     assert P._describe_failure(KeyError("k")) == ("KeyError", "'k'")
+    assert P._is_model_load_failure((ModelLoadError, "ModelLoadError('x')", []))
+    assert not P._is_model_load_failure(exc) and not P._is_model_load_failure(KeyError("k"))
 
 
 def test_match_images_dedupes_and_reports_empty_patterns(tmp_path):
