@@ -405,7 +405,7 @@ def decode_image(data: bytes, config: ImageConfig) -> DecodedImage:
             # One decoder call for the whole file: Pillow takes the GIL back between
             # blocks (64 KB by default, ~40 per 2.5 MB photo), and each take waits up
             # to the interpreter's switch interval while another thread runs Python,
-            # such as the model's trace while it loads (PERFORMANCE.md, items 17-18).
+            # such as the model's trace while it loads (PERFORMANCE.md, items 17 and 19).
             im.decodermaxblock = max(im.decodermaxblock, len(data))
             im.load()
         except _BOMB_ERRORS as e:

@@ -1,7 +1,7 @@
 """The captioning job against a hand-written per-image loop, on the bundled model.
 
     python bench/job_vs_loop.py [--images 2000] [--loop_images 200] [--size 256] [--rounds 3]
-                                [--corpus small|large] [--job_args "..."] [--out FILE]
+                                [--corpus small|large] [--head N] [--job_args "..."] [--out FILE]
 
 One process, alternating rounds (J L J L ...) so both see the same machine load. The job
 is the real one (`batch_caption.run.run`, DirectRunner in memory, default bundled model,
@@ -17,7 +17,9 @@ then come from other pixels and may differ from the job's.
 Reported: images/s of the job (steady: excluding the time it waited for its one-time
 model load and trace, which its own metrics give; and wall: the whole `run.run` call),
 images/s of the loop (the model loaded once beforehand, as the job's wait is excluded), and job / loop (the issue's
-target: >= 10x). The loop's captions are checked against the job's for the same files.
+target: >= 10x). Also the job at scale, as in job_vs_ceiling.py: (images - head) / (T(images) -
+T(head)) from steady times, T(head) a run over the corpus's first --head images in the same
+round: the job's per-image rate without a run's fixed cost. The loop's captions are checked against the job's for the same files.
 A third side, alternating with the other two, is job_vs_ceiling's "decode + ceiling": the
 job's decoding (`images.decode_image`, the job's config, its number of decode threads)
 feeding the same Captioner in batches of the job's size, with the files' bytes already in
@@ -42,7 +44,7 @@ from _common import read_run, write_report
 from PIL import Image
 
 import corpora
-from job_vs_ceiling import decode_and_caption_pass, job_rates, job_round, median_job_rates
+from job_vs_ceiling import decode_and_caption_pass, job_rates, job_round, marginal_rate, median_job_rates
 
 
 def loop_pass(captioner, paths: list[str]) -> tuple[float, dict[str, str]]:
@@ -64,6 +66,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256, help="corpus image side in pixels (small corpus)")
     corpora.add_corpus_flag(p)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--head", type=int, default=None,
+                   help="images of a second, smaller job run each round (the corpus's first ones), for the job at "
+                        "scale (default: a tenth of --images; 0: none)")
     p.add_argument("--job_args", default="", help="extra batch_caption.run flags, one string")
     p.add_argument("--out", default=None,
                    help="JSON report (default bench/results/job_vs_loop.json, job_vs_loop_large.json for --corpus large)")
@@ -77,6 +82,9 @@ def main(argv=None) -> int:
 
     paths = corpora.by_flag(args.corpus, args.images, args.size)
     input_dir = os.path.dirname(paths[0])
+    head = args.images // 10 if args.head is None else args.head
+    # The same first images in a directory of their own: the same matching as the full run.
+    head_dir = os.path.dirname(corpora.by_flag(args.corpus, head, args.size)[0]) if 0 < head < args.images else None
     loop_paths = paths[: args.loop_images]
     extra = shlex.split(args.job_args)
     job_config = run.parse(["--input", input_dir, *extra])[0]
@@ -87,6 +95,7 @@ def main(argv=None) -> int:
 
     work = tempfile.mkdtemp(prefix="bench_job_")
     jobs: list[dict] = []
+    heads: list[dict] = []
     loop: list[float] = []
     bound: list[float] = []
     same = None
@@ -96,6 +105,9 @@ def main(argv=None) -> int:
             if same is None:  # the job's and the loop's captions of the loop's files
                 job_captions = {path: rec["caption"] for path, rec in read_run(os.path.join(work, f"run=r{r}"))[0].items()}
             shutil.rmtree(os.path.join(work, f"run=r{r}"))
+            if head_dir:
+                heads.append(job_round(head_dir, work, f"h{r}", extra))
+                shutil.rmtree(os.path.join(work, f"run=h{r}"))
             seconds, loop_captions = loop_pass(captioner, loop_paths)
             loop.append(len(loop_paths) / seconds)
             seconds, _ = decode_and_caption_pass(captioner, datas, config, jobs[-1]["batch_size"], job_config.read_threads)
@@ -103,12 +115,14 @@ def main(argv=None) -> int:
             if same is None:
                 same = sum(job_captions.get(path) == text for path, text in loop_captions.items())
             j = jobs[-1]
-            print(f"round {r}: job %.1f img/s steady, %.1f wall; loop {loop[-1]:.1f} img/s; "
-                  f"decode + ceiling {bound[-1]:.1f} img/s" % job_rates(j), file=sys.stderr)
+            print(f"round {r}: job %.1f img/s steady, %.1f wall; " % job_rates(j)
+                  + (f"job at scale {marginal_rate(j, heads[-1]):.1f} img/s; " if heads else "")
+                  + f"loop {loop[-1]:.1f} img/s; decode + ceiling {bound[-1]:.1f} img/s", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     steady, wall = median_job_rates(jobs)
+    at_scale = statistics.median(marginal_rate(j, h) for j, h in zip(jobs, heads)) if heads else None
     per_image = statistics.median(loop)
     no_beam = statistics.median(bound)
     report = {
@@ -119,8 +133,11 @@ def main(argv=None) -> int:
         "corpus": input_dir,
         "job_batch_size": jobs[0]["batch_size"],
         "decode_threads": job_config.read_threads,
-        "rounds": {"job": jobs, "loop_images_per_s": loop, "decode_and_ceiling_images_per_s": bound},
-        "median_images_per_s": {"job_steady": steady, "job_wall": wall, "loop": per_image, "decode_and_ceiling": no_beam},
+        "head_images": head if heads else 0,
+        "rounds": {"job": jobs, "job_head": heads, "loop_images_per_s": loop, "decode_and_ceiling_images_per_s": bound},
+        "median_images_per_s": {"job_steady": steady, "job_wall": wall, "job_at_scale": at_scale, "loop": per_image,
+                                "decode_and_ceiling": no_beam},
+        "job_at_scale_over_loop": at_scale / per_image if at_scale else None,
         "job_steady_over_loop": steady / per_image,
         "job_wall_over_loop": wall / per_image,
         "decode_and_ceiling_over_loop": no_beam / per_image,
@@ -135,6 +152,9 @@ def main(argv=None) -> int:
           f"({1000 / per_image:.1f} ms/image) | |")
     print(f"| job, steady (excl. the wait for the model load + trace; {len(paths)} images) | {steady:.1f} | {steady / per_image:.1f}x |")
     print(f"| job, wall (whole run.run call; {len(paths)} images) | {wall:.1f} | {wall / per_image:.1f}x |")
+    if at_scale:
+        print(f"| job at scale: ({len(paths)} - {head}) / (T({len(paths)}) - T({head})), steady times | {at_scale:.1f} | "
+              f"{at_scale / per_image:.1f}x |")
     print(f"| decode + ceiling: {job_config.read_threads} decode threads feeding the Captioner, no Beam | "
           f"{no_beam:.1f} | {no_beam / per_image:.1f}x |")
     print(f"\nloop captions equal to the job's: {same}/{len(loop_paths)}")

@@ -464,6 +464,33 @@ def test_draft_large_jpeg(big_jpeg, draft_sizes):
     assert np.percentile(diff, 99.9) <= 8
 
 
+@pytest.mark.parametrize("draft", [True, False])
+def test_the_decoder_gets_the_whole_file_in_one_call(monkeypatch, draft):
+    # Pillow takes the GIL back between decoder calls; one call per file keeps a decode
+    # from waiting on Python running in other threads (the model's trace as it loads).
+    noisy = Image.fromarray(np.random.default_rng(3).integers(0, 256, (600, 800, 3), dtype=np.uint8))
+    data = encode(noisy, "JPEG", quality=95)
+    assert len(data) > 4 * 65536  # 64 KB blocks would take several calls
+    calls = []
+    real = Image._getdecoder
+
+    class Counting:
+        def __init__(self, decoder):
+            self._decoder = decoder
+
+        def decode(self, buffer):
+            calls.append(len(buffer))
+            return self._decoder.decode(buffer)
+
+        def __getattr__(self, name):
+            return getattr(self._decoder, name)
+
+    monkeypatch.setattr(Image, "_getdecoder", lambda *a, **k: Counting(real(*a, **k)))
+    out = decode_image(data, ImageConfig(image_size=32, draft=draft))
+    assert_contract(out, 32)
+    assert len(calls) == 1 and calls[0] >= len(data) - 1024  # all but the header
+
+
 @pytest.mark.parametrize(
     "width,height,size",
     [(6000, 100, 64), (100, 6000, 64), (6000, 600, 64), (3000, 3000, 64), (1000, 300, 64), (50, 40, 64)],
