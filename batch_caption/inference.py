@@ -113,8 +113,10 @@ def gc_frozen_after_first_load():
     first run of a process made 6-7 of them; frozen, they are left out of every later
     collection. No gc.collect() first (it would cost one of those ~0.3 s passes): what is
     garbage in cycles at that moment, and what then lives in cycles (the current run's
-    pipeline objects), stays allocated, once per process. Later loads, and loads that
-    start while the first is running, change nothing; a failed first load freezes nothing.
+    pipeline objects, including those made while the load ran beside them: the GC is
+    off for the whole process meanwhile), stays allocated, once per process. Later
+    loads, and loads that start while the first is running, change nothing; a failed
+    first load freezes nothing.
     """
     global _gc_frozen
     with _gc_lock:
@@ -154,6 +156,20 @@ class ModelLoadError(RuntimeError):
     """The model failed to load: the run fails; no image is blamed for it."""
 
 
+class _LoadAttempt:
+    """One run of a BackgroundLoad's load function."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.model: Any = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.raised = False  # its failure has reached a caller
+
+    def failed_and_raised(self) -> bool:
+        return self.done.is_set() and self.model is None and self.raised
+
+
 class BackgroundLoad:
     """A model loading in a thread of its own; `caption` and `get_model_id` wait for it.
 
@@ -163,47 +179,65 @@ class BackgroundLoad:
     so one of this machine's 2 cores idles). Returned from `load_model` at once, this
     lets the decode threads fill the first batches while the model is built and traced.
 
-    A failed load raises ModelLoadError from the first method that waits;
-    `pipeline.FailedBatchToErrorsFn` lets that error fail the run instead of turning
-    the batch into error records. Only methods cross a --share_model proxy.
+    A failed load raises ModelLoadError from the methods that wait;
+    `pipeline.FailedBatchToErrorsFn` lets that error fail the bundle instead of turning
+    the batch into error records. Beam's `Shared` keeps handing this object to the
+    process's later DoFn instances, such as a retried bundle's, so once a failure has
+    been raised the next wait loads again (up to MAX_ATTEMPTS loads): a transient error
+    (a storage hiccup reading the weights) does not stick for the life of the worker.
+    Only methods cross a --share_model proxy.
     """
 
+    MAX_ATTEMPTS = 3
+
     def __init__(self, load: Callable[[], Any]):
-        self._done = threading.Event()
-        self._model: Any = None
-        self._error: BaseException | None = None
-        self._seconds = 0.0
-        self._reported = False
+        self._load_fn = load
         self._lock = threading.Lock()
+        self._attempts = 0
+        self._reported = False
+        self._attempt = self._start()
+
+    def _start(self) -> _LoadAttempt:
+        attempt = _LoadAttempt()
+        self._attempts += 1
         # Not a daemon: a process that ends mid-load waits for it, as it did when the
         # load ran in setup (TensorFlow stopped mid-trace can crash at exit).
-        threading.Thread(target=self._load, args=(load,), name="batch_caption-model-load").start()
+        threading.Thread(target=self._run, args=(attempt,), name="batch_caption-model-load").start()
+        return attempt
 
-    def _load(self, load: Callable[[], Any]) -> None:
+    def _run(self, attempt: _LoadAttempt) -> None:
         start = time.perf_counter()
         try:
-            self._model = load()
+            attempt.model = self._load_fn()
         except BaseException as e:  # raised again, by whoever waits
-            self._error = e
+            attempt.error = e
         finally:
-            self._seconds = time.perf_counter() - start
-            self._done.set()
+            attempt.seconds = time.perf_counter() - start
+            attempt.done.set()
+
+    def _wait(self) -> _LoadAttempt:
+        with self._lock:
+            attempt = self._attempt
+            if attempt.failed_and_raised() and self._attempts < self.MAX_ATTEMPTS:
+                attempt = self._attempt = self._start()
+        attempt.done.wait()
+        if attempt.model is None:
+            attempt.raised = True
+            e = attempt.error
+            reason = f"{type(e).__name__}: {e}" if e is not None else "the loading thread ended without a model"
+            raise ModelLoadError(f"the model failed to load: {reason}") from e
+        return attempt
 
     def result(self) -> Any:
         """The loaded model (in this process only: it does not pickle)."""
-        self._done.wait()
-        if self._model is None:
-            e = self._error
-            reason = f"{type(e).__name__}: {e}" if e is not None else "the loading thread ended without a model"
-            raise ModelLoadError(f"the model failed to load: {reason}") from e
-        return self._model
+        return self._wait().model
 
     def wait_load(self) -> float | None:
         """Waits for the load; its seconds to the first caller, None to later ones."""
-        self.result()
+        attempt = self._wait()
         with self._lock:
             first, self._reported = not self._reported, True
-        return self._seconds if first else None
+        return attempt.seconds if first else None
 
     def caption(self, pixels):
         return self.result().caption(pixels)

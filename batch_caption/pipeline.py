@@ -581,7 +581,12 @@ class _ReadDecodeFn(_FileFn):
             with self._decode_slots:
                 decoded = images.decode_image(fd.data, self._config)
         except images.ImageDecodeError as e:
-            decoded = e
+            # Kept as a value without its traceback and chained errors: their frames lead
+            # back to this one, which holds the error (a cycle only the GC frees, keeping
+            # the file's bytes alive until then; one made while the first model load has
+            # the GC off and freezes would stay). The records use its class and message.
+            decoded = e.with_traceback(None)
+            decoded.__cause__ = decoded.__context__ = None
         return _Read(FileData(fd.sources, None, fd.sha256), decoded, len(fd.data), bytes_read=counted)
 
     def _emit(self, item, read: _Read):
@@ -741,7 +746,8 @@ class FailedBatchToErrorsFn(beam.DoFn):
         if _is_model_load_failure(exc):
             # The model, not these images: fail the run (as a load in setup did) rather
             # than write every image of the run as an error.
-            raise ModelLoadError(message)
+            lines = exc[2] if isinstance(exc, tuple) and len(exc) > 2 and isinstance(exc[2], (list, tuple)) else []
+            raise ModelLoadError(message + ("\n" + "".join(lines) if lines else ""))
         for example in batch:
             for path, _ in example.source_paths():
                 counter("failed_infer").inc()
@@ -762,7 +768,10 @@ def _describe_failure(exc) -> tuple[str, str]:
         name = exc[0].__name__
         lines = exc[2] if len(exc) > 2 and isinstance(exc[2], (list, tuple)) else []
         last = lines[-1].strip() if lines else ""
-        message = last.split(": ", 1)[1] if last.startswith(name + ": ") else (str(exc[1]) if len(exc) > 1 else name)
+        # traceback names classes outside builtins with their module: "pkg.mod.Name: msg".
+        prefixes = (name + ": ", f"{exc[0].__module__}.{exc[0].__qualname__}: ")
+        prefix = next((x for x in prefixes if last.startswith(x)), None)
+        message = last[len(prefix):] if prefix else (str(exc[1]) if len(exc) > 1 else name)
         return name, message
     return type(exc).__name__, str(exc)
 

@@ -419,8 +419,10 @@ def job_metrics(result) -> dict[str, int]:
     """The job's Beam counters, and the model's one-time cost: model_loads and
     model_load_ms (how many loads, and their time summed over processes; a load includes
     the graph's trace), model_wait_ms (how long batches waited for a load: the load runs
-    beside the first decodes, so this, not model_load_ms, is what it added to the run).
-    A run that captions nothing reports no load."""
+    beside the first decodes, so this, not model_load_ms, is what it added to the run;
+    summed over DoFn instances, whose waits overlap when several run at once). A run that
+    captions nothing reports no load; its load still runs, and the process waits for it
+    at exit. Beam's own load-latency metric now times only the start of the load."""
     from apache_beam.metrics.metric import MetricsFilter
 
     from batch_caption.pipeline import NAMESPACE

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
 import os
+import traceback
+import weakref
 
 import apache_beam as beam
 import numpy as np
@@ -79,6 +82,27 @@ def test_a_failed_inference_batch_becomes_one_error_record_per_image():
         assert_that(done, check)
 
 
+def test_a_decode_error_is_kept_without_a_reference_cycle(tmp_path):
+    # The error waits in the read-ahead queue as a value; with its traceback it would
+    # reference the frame that holds it (and the file's bytes), which only the cyclic
+    # GC frees, and not at all if a first model load has the GC off and freezes.
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 200)
+    fn = P._ReadDecodeFn(images.ImageConfig(image_size=8), 1 << 20, "r", threads=0)
+    fn.setup()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        read = fn._work(str(path))
+        assert isinstance(read.decoded, images.ImageDecodeError)
+        alive = weakref.ref(read.decoded)
+        del read
+        assert alive() is None  # freed by reference counting alone
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class BrokenModelHandler(CaptionModelHandler):
     """Its model fails to load, in the background as the real handler's does."""
 
@@ -103,6 +127,12 @@ def test_describe_failure_handles_beam_dead_letter_tuples():
     exc = (ValueError, "ValueError('x: y')", ["Traceback...\n", "ValueError: x: y\n"])
     assert P._describe_failure(exc) == ("ValueError", "x: y")
     assert P._describe_failure(KeyError("k")) == ("KeyError", "'k'")
+    # A class outside builtins: traceback writes "module.Name: message".
+    try:
+        raise ModelLoadError("the model failed to load: OSError: gone")
+    except ModelLoadError as e:
+        dead = (type(e), repr(e), traceback.format_exception(e))
+    assert P._describe_failure(dead) == ("ModelLoadError", "the model failed to load: OSError: gone")
     assert P._is_model_load_failure((ModelLoadError, "ModelLoadError('x')", []))
     assert not P._is_model_load_failure(exc) and not P._is_model_load_failure(KeyError("k"))
 
