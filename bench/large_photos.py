@@ -1,6 +1,6 @@
 """The job on 12 MP photos: JPEG draft decoding (the default) vs full-resolution decoding.
 
-    python bench/large_photos.py [--n 200] [--rounds 2] [--out bench/results/large_photos.json]
+    python bench/large_photos.py [--n 200] [--rounds 3] [--out bench/results/large_photos.json]
 
 The real job (`batch_caption.run.run`, DirectRunner in its default in-memory mode, the
 bundled default model) captions the same corpus of `--n` generated 4000x3000 JPEGs
@@ -87,7 +87,7 @@ def _steady_s(manifest: dict) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=200, help="photos in the corpus (4000x3000 JPEG)")
-    p.add_argument("--rounds", type=int, default=2, help="runs of each mode, alternating")
+    p.add_argument("--rounds", type=int, default=3, help="runs of each mode, alternating (the ratio moves with the host's load: a median of 3)")
     p.add_argument("--warmup", type=int, default=4, help="photos in the untimed warm-up run of each mode")
     p.add_argument("--batch_size", type=int, default=None, help="the job's --batch_size (default: the job's own)")
     p.add_argument("--root", default=None, help="corpus cache (default bench/.corpus)")
