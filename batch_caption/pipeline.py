@@ -746,7 +746,7 @@ class FailedBatchToErrorsFn(beam.DoFn):
         if _is_model_load_failure(exc):
             # The model, not these images: fail the run (as a load in setup did) rather
             # than write every image of the run as an error.
-            lines = exc[2] if isinstance(exc, tuple) and len(exc) > 2 and isinstance(exc[2], (list, tuple)) else []
+            lines = _failure_parts(exc)[1]
             raise ModelLoadError(message + ("\n" + "".join(lines) if lines else ""))
         for example in batch:
             for path, _ in example.source_paths():
@@ -754,9 +754,17 @@ class FailedBatchToErrorsFn(beam.DoFn):
                 yield records.error_record(path, "infer", name, message, run_id=self._run_id)
 
 
+def _failure_parts(exc) -> tuple[type | None, list[str]]:
+    """(exception class, traceback lines) of RunInference's dead-letter exception info,
+    (exception type, repr, traceback lines); (None, []) for anything else."""
+    if isinstance(exc, tuple) and exc and isinstance(exc[0], type):
+        return exc[0], list(exc[2]) if len(exc) > 2 and isinstance(exc[2], (list, tuple)) else []
+    return None, []
+
+
 def _is_model_load_failure(exc) -> bool:
-    kind = exc[0] if isinstance(exc, tuple) and exc else type(exc)
-    return isinstance(kind, type) and issubclass(kind, ModelLoadError)
+    kind = type(exc) if isinstance(exc, BaseException) else _failure_parts(exc)[0]
+    return kind is not None and issubclass(kind, ModelLoadError)
 
 
 def _describe_failure(exc) -> tuple[str, str]:
@@ -764,12 +772,12 @@ def _describe_failure(exc) -> tuple[str, str]:
     exception itself (it may not pickle): recover the class name and the message."""
     if isinstance(exc, BaseException):
         return type(exc).__name__, str(exc) or type(exc).__name__
-    if isinstance(exc, tuple) and exc and isinstance(exc[0], type):
-        name = exc[0].__name__
-        lines = exc[2] if len(exc) > 2 and isinstance(exc[2], (list, tuple)) else []
+    kind, lines = _failure_parts(exc)
+    if kind is not None:
+        name = kind.__name__
         last = lines[-1].strip() if lines else ""
         # traceback names classes outside builtins with their module: "pkg.mod.Name: msg".
-        prefixes = (name + ": ", f"{exc[0].__module__}.{exc[0].__qualname__}: ")
+        prefixes = (name + ": ", f"{kind.__module__}.{kind.__qualname__}: ")
         prefix = next((x for x in prefixes if last.startswith(x)), None)
         message = last[len(prefix):] if prefix else (str(exc[1]) if len(exc) > 1 else name)
         return name, message
