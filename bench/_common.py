@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the JSON report they write, and reading a job's run."""
+"""What the benchmark scripts share: the JSON report they write, reading a job's run, and
+a run's steady time."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ def write_report(path: str, argv, script: str, report: dict) -> dict:
     with open(path, "w") as f:
         json.dump(full, f, indent=2)
     return full
+
+
+def steady_seconds(manifest: dict) -> float:
+    """A run's seconds without its wait for the model load (the manifest's elapsed_seconds -
+    its model_wait_ms): the load runs beside the first decodes, so its CPU stays in."""
+    return manifest["elapsed_seconds"] - manifest["metrics"].get("model_wait_ms", 0) / 1000
 
 
 def read_run(run_dir: str) -> tuple[dict[str, dict], int]:

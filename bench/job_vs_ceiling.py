@@ -49,7 +49,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from _common import write_report
+from _common import steady_seconds, write_report
 
 import corpora
 
@@ -83,7 +83,7 @@ def decode_and_caption_pass(captioner, datas: list[bytes], config, batch: int, t
 
 def steady_s(job: dict) -> float:
     """A job round's seconds without its wait for the model load + trace."""
-    return job["elapsed_s"] - job["model_wait_s"]
+    return job["steady_s"]
 
 
 def job_rates(job: dict) -> tuple[float, float]:
@@ -121,6 +121,7 @@ def job_round(input_dir: str, out_dir: str, run_id: str, extra: list[str]) -> di
         "elapsed_s": manifest["elapsed_seconds"],
         "model_load_s": metrics.get("model_load_ms", 0) / 1000.0,  # the load's own time, beside decoding
         "model_wait_s": metrics.get("model_wait_ms", 0) / 1000.0,  # what the run waited for it
+        "steady_s": steady_seconds(manifest),
         "captioned": counts["captioned"],
         "batch_size": manifest["options"]["batch_size"],
         "num_inferences": metrics.get("num_inferences", 0),

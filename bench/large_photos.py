@@ -32,7 +32,7 @@ import tempfile
 import time
 
 import numpy as np
-from _common import read_run, write_report
+from _common import read_run, steady_seconds, write_report
 from corpora import large_photos
 
 MODES = {"draft": ["--draft"], "full": ["--no-draft"]}
@@ -79,11 +79,6 @@ def _decode_timing(paths: list[str], image_size: int) -> dict:
     }
 
 
-def _steady_s(manifest: dict) -> float:
-    """A run's seconds without its wait for the model load."""
-    return manifest["elapsed_seconds"] - manifest["metrics"].get("model_wait_ms", 0) / 1000
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=200, help="photos in the corpus (4000x3000 JPEG)")
@@ -107,7 +102,7 @@ def main(argv=None) -> int:
         small: dict[str, float] = {}  # steady seconds of a run of --warmup photos: the per-run fixed cost
         for mode in MODES:
             job = _job(paths[: args.warmup], os.path.join(work, "warmup"), f"small-{mode}", mode, args.batch_size)
-            small[mode] = _steady_s(job["manifest"])
+            small[mode] = steady_seconds(job["manifest"])
         runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
         last: dict[str, dict] = {}
         unstable = {mode: set() for mode in MODES}  # paths whose caption changed between rounds of one mode
@@ -116,7 +111,7 @@ def main(argv=None) -> int:
                 job = _job([corpus_dir], os.path.join(work, "runs"), f"{mode}-{r}", mode, args.batch_size)
                 m = job["manifest"]
                 rate = m["counts"]["inputs"] / m["elapsed_seconds"]
-                runs[mode].append({"seconds": m["elapsed_seconds"], "steady_s": _steady_s(m), "images_per_s": rate,
+                runs[mode].append({"seconds": m["elapsed_seconds"], "steady_s": steady_seconds(m), "images_per_s": rate,
                                    "captioned": m["counts"]["captioned"], "errors": job["errors"],
                                    "model_loads": m["metrics"].get("model_loads")})
                 print(f"round {r + 1}/{args.rounds} {mode}: {m['counts']['captioned']} captioned in "

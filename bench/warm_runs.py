@@ -37,6 +37,8 @@ from _common import write_report
 from cold_start import REPO, export_revision
 
 # Runs in the child process, with only PYTHONPATH deciding which batch_caption it imports.
+# Its steady time is _common.steady_seconds written out (the child does not import bench/),
+# with model_load_ms standing in for a baseline from before model_wait_ms existed.
 _CHILD = r"""
 import json, sys, time
 from batch_caption import run
