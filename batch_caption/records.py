@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from batch_caption import quality
@@ -24,6 +25,15 @@ STAGES = ("match", "read", "decode", "infer", "write")
 PREPARE_STAGES = STAGES + ("caption",)
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "batch_caption.run/1"
+# A run id names a directory (run=<id>) and appears in every record.
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_ID_RULE = "must be letters, digits, '.', '_' or '-' (max 128)"
+
+
+def check_run_id(run_id: str) -> None:
+    """Raises ValueError naming the rule when `run_id` cannot name a run directory."""
+    if not RUN_ID_RE.match(run_id):
+        raise ValueError(f"--run_id {run_id!r} {RUN_ID_RULE}")
 
 
 def _finite(x: float) -> float:
