@@ -1,7 +1,7 @@
 """Google Cloud Storage set-up shared by every entry point.
 
 Beam's GCS filesystem asks google-auth for default credentials the first time a gs://
-path is touched in a process; with none configured it retries for ~30 s before
+path is touched in a process; with none configured it retries for a long while before
 connecting anonymously. An emulator (STORAGE_EMULATOR_HOST) needs no credentials, so
 there we go anonymous at once.
 """
