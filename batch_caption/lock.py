@@ -1,0 +1,296 @@
+"""One writer per output: a lock object under --output, taken before a run touches it.
+
+The lock is one small JSON object, OUTPUT/_LOCK, naming its holder (run id, host, pid,
+start time, a random token). Taking it is a create that fails when the object exists:
+O_CREAT | O_EXCL on local disks, a create-only precondition (ifGenerationMatch=0) on
+gs://, which Beam's FileSystems does not expose, so google-cloud-storage is used
+directly. Release deletes the object only while it is still the holder's own (same token
+locally, same generation on GCS), so a lock broken and retaken by another run survives
+the first run's release.
+
+A lock left by a run that died (SIGKILL, a lost machine) stays until a run passes
+`break_older_than` seconds: a lock whose object is older than that is deleted, again
+conditionally, and taken. Other schemes (s3://, ...) have no create-only primitive here:
+their lock is checked, then written, which narrows the race but does not close it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Callable
+
+from batch_caption import files
+
+LOCK_NAME = "_LOCK"
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+    """Who holds a lock: what the lock object says."""
+
+    run_id: str
+    host: str
+    pid: int
+    started: float  # seconds since the epoch, the holder's clock
+    token: str
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Holder | None:
+        """The holder, or None for an object that is not a lock this code wrote."""
+        try:
+            raw = json.loads(data)
+            return cls(str(raw["run_id"]), str(raw["host"]), int(raw["pid"]), float(raw["started"]), str(raw["token"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def describe(self) -> str:
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))
+        return f"run {self.run_id} on {self.host} (pid {self.pid}), started {started}"
+
+
+class LockHeld(RuntimeError):
+    """Another run holds the output's lock; the message names it."""
+
+    def __init__(self, path: str, holder: Holder | None, age: float):
+        who = holder.describe() if holder else "an unreadable lock object"
+        super().__init__(f"{path} is held by {who}; lock age {_age_text(age)}")
+        self.path = path
+        self.holder = holder
+
+
+def _age_text(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def parse_age(text: str) -> float:
+    """'90s', '45m', '6h', '2d' or plain seconds -> seconds; ValueError otherwise."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    scale = units.get(text[-1:], None)
+    number = text[:-1] if scale else text
+    try:
+        value = float(number) * (scale or 1)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an age such as 90s, 45m, 6h or 2d") from None
+    if not value > 0:
+        raise ValueError(f"an age must be positive, got {text!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Found:
+    data: bytes
+    version: str  # local: the holder's token; GCS: the object generation
+    modified: float  # the store's time of the object, seconds since the epoch
+
+
+class _AlreadyExists(Exception):
+    pass
+
+
+class _LocalStore:
+    """A lock file on a local (or mounted) disk."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def create(self, data: bytes, token: str) -> str:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise _AlreadyExists() from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return token
+
+    def read(self) -> _Found | None:
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+                modified = os.fstat(f.fileno()).st_mtime
+        except FileNotFoundError:
+            return None
+        holder = Holder.from_json(data)
+        return _Found(data, holder.token if holder else "", modified)
+
+    def delete(self, version: str) -> bool:
+        """Deletes the lock if its token is `version`. The file is first renamed away (one
+        rename wins), then checked: another run's fresh lock moved by mistake goes back."""
+        aside = f"{self.path}.{uuid.uuid4().hex}.released"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False
+        with open(aside, "rb") as f:
+            holder = Holder.from_json(f.read())
+        if (holder.token if holder else "") == version:
+            os.remove(aside)
+            return True
+        try:
+            os.link(aside, self.path)  # put it back unless a third run took the name since
+        except FileExistsError:
+            pass
+        os.remove(aside)
+        return False
+
+
+class _GcsStore:
+    """A lock object on Cloud Storage, created and deleted under generation preconditions."""
+
+    def __init__(self, path: str):
+        from google.cloud import storage
+
+        bucket, _, name = path[len("gs://"):].partition("/")
+        self.path = path
+        self._blob = _gcs_client(storage).bucket(bucket).blob(name)
+
+    def create(self, data: bytes, token: str) -> str:
+        from google.api_core import exceptions
+
+        try:
+            self._blob.upload_from_string(data, content_type="application/json", if_generation_match=0)
+        except exceptions.PreconditionFailed:
+            raise _AlreadyExists() from None
+        return str(self._blob.generation)
+
+    def read(self) -> _Found | None:
+        from google.api_core import exceptions
+
+        try:
+            blob = self._blob.bucket.get_blob(self._blob.name)
+            if blob is None:
+                return None
+            data = blob.download_as_bytes(if_generation_match=blob.generation)
+        except (exceptions.NotFound, exceptions.PreconditionFailed):  # replaced meanwhile: read again
+            return None
+        modified = blob.updated.timestamp() if blob.updated else time.time()
+        return _Found(data, str(blob.generation), modified)
+
+    def delete(self, version: str) -> bool:
+        from google.api_core import exceptions
+
+        found = self.read()  # also checked here: some emulators ignore the precondition on delete
+        if found is None or found.version != version:
+            return False
+        try:
+            self._blob.bucket.blob(self._blob.name).delete(if_generation_match=int(version))
+        except (exceptions.PreconditionFailed, exceptions.NotFound):
+            return False
+        return True
+
+
+def _gcs_client(storage):
+    """A client for the real service, or an anonymous one for an emulator."""
+    project = os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("CLOUDSDK_CORE_PROJECT")
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project=project or "batch-caption", credentials=AnonymousCredentials())
+    return storage.Client(project=project) if project else storage.Client()
+
+
+class _CheckThenWriteStore:
+    """Schemes without a create-only write: check, then write (a narrow race remains)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def create(self, data: bytes, token: str) -> str:
+        if files.exists(self.path):
+            raise _AlreadyExists()
+        files.write_bytes(self.path, data, mime_type="application/json")
+        return token
+
+    def read(self) -> _Found | None:
+        if not files.exists(self.path):
+            return None
+        data = files.read_bytes(self.path)
+        holder = Holder.from_json(data)
+        return _Found(data, holder.token if holder else "", holder.started if holder else 0.0)
+
+    def delete(self, version: str) -> bool:
+        found = self.read()
+        if found is None or found.version != version:
+            return False
+        files.delete([self.path])
+        return True
+
+
+def _store(path: str):
+    if path.startswith("gs://"):
+        return _GcsStore(path)
+    if files.is_remote(path) and not path.startswith("file://"):
+        return _CheckThenWriteStore(path)
+    return _LocalStore(path[len("file://"):] if path.startswith("file://") else path)
+
+
+class OutputLock:
+    """The lock of one output location, for one run.
+
+    Usage: `with OutputLock(output, run_id).acquire(break_older_than=...)`: ...; or
+    acquire() and release() in a try/finally. acquire raises LockHeld naming the holder.
+    """
+
+    def __init__(self, output: str, run_id: str, clock: Callable[[], float] = time.time):
+        self.path = files.join(output, LOCK_NAME)
+        self._store = _store(self.path)
+        self._clock = clock
+        self.holder = Holder(run_id, socket.gethostname(), os.getpid(), clock(), uuid.uuid4().hex)
+        self._version: str | None = None
+
+    def acquire(self, break_older_than: float | None = None) -> OutputLock:
+        """Takes the lock, breaking one older than `break_older_than` seconds if given."""
+        for _ in range(3):  # the lock may be released or broken between create and read
+            try:
+                self._version = self._store.create(self.holder.to_json(), self.holder.token)
+                return self
+            except _AlreadyExists:
+                pass
+            found = self._store.read()
+            if found is None:
+                continue
+            age = self._clock() - found.modified
+            holder = Holder.from_json(found.data)
+            if break_older_than is None or age <= break_older_than:
+                raise LockHeld(self.path, holder, age)
+            if self._store.delete(found.version):
+                who = holder.describe() if holder else "an unreadable lock object"
+                _log.warning("broke the lock %s of %s, %s old", self.path, who, _age_text(age))
+        found = self._store.read()
+        holder = Holder.from_json(found.data) if found else None
+        raise LockHeld(self.path, holder, self._clock() - found.modified if found else 0.0)
+
+    @property
+    def held(self) -> bool:
+        return self._version is not None
+
+    def release(self) -> None:
+        """Deletes the lock if it is still this run's own; says so if it was taken over."""
+        if self._version is None:
+            return
+        version, self._version = self._version, None
+        if not self._store.delete(version):
+            _log.warning("the lock %s was no longer this run's (broken by another run?)", self.path)
+
+    def __enter__(self) -> OutputLock:
+        if not self.held:
+            self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False
