@@ -1,0 +1,152 @@
+"""The catalog contract: the whole archive as of one run, one Parquet row per live path.
+
+Every complete run writes `catalog-SSSSS-of-NNNNN.parquet` in its run directory: a row
+for each input path that existed at that run, captioned (or failed) in this run or
+carried forward from an earlier one. Deleted files drop out. The newest complete run's
+catalog alone answers "the current caption of every image"; --incremental reads it, and
+only it, to decide what to read again.
+
+Columns (SCHEMA): path, path_bytes, size, modified, sha256, status (captioned | failed),
+caption, score, model, decode (the beam settings as JSON), captioned_run (the run that
+produced the caption or error), stage, error, message.
+
+Paths that are not valid UTF-8 (local files named in Latin-1, say) are held in Python as
+str with surrogate escapes (os.fsdecode). Parquet strings must be UTF-8, so such a row's
+`path` is a display form (undecodable bytes as \\xNN) and `path_bytes` holds the exact
+bytes; `path_bytes` is null for every other row. path_of(row) gives back the str.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+CATALOG_PREFIX = "catalog"
+CATALOG_FORMAT = "batch_caption.catalog/1"
+STATUSES = ("captioned", "failed")
+ROW_GROUP_ROWS = 50_000
+
+COLUMNS = (
+    "path", "path_bytes", "size", "modified", "sha256", "status", "caption", "score", "model", "decode",
+    "captioned_run", "stage", "error", "message",
+)
+# What --incremental needs of an earlier row to decide whether to read a file again.
+DECISION_COLUMNS = ("path", "path_bytes", "size", "modified", "sha256", "status", "model", "decode")
+
+
+def schema():
+    """The catalog's Arrow schema (pyarrow is imported only by code that reads or writes)."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("path", pa.string()),
+        ("path_bytes", pa.binary()),
+        ("size", pa.int64()),
+        ("modified", pa.float64()),
+        ("sha256", pa.string()),
+        ("status", pa.string()),
+        ("caption", pa.string()),
+        ("score", pa.float64()),
+        ("model", pa.string()),
+        ("decode", pa.string()),
+        ("captioned_run", pa.string()),
+        ("stage", pa.string()),
+        ("error", pa.string()),
+        ("message", pa.string()),
+    ])
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def utf8_text(text: str | None) -> str | None:
+    """`text` with undecodable bytes (surrogate escapes) shown as \\xNN."""
+    if text is None or is_utf8(text):
+        return text
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def path_columns(path: str) -> tuple[str, bytes | None]:
+    """-> (path, path_bytes) for a row: the exact bytes only when the path is not UTF-8."""
+    if is_utf8(path):
+        return path, None
+    return utf8_text(path), os.fsencode(path)
+
+
+def path_of(row: dict[str, Any]) -> str:
+    """A row's path as the str the job uses (surrogate escapes for non-UTF-8 bytes)."""
+    raw = row.get("path_bytes")
+    return os.fsdecode(raw) if raw is not None else row["path"]
+
+
+def decode_key(decode: dict[str, Any] | str | None) -> str:
+    """The beam settings in one canonical JSON string (the `decode` column)."""
+    if decode is None:
+        return ""
+    if isinstance(decode, str):
+        decode = json.loads(decode)
+    return json.dumps(decode, sort_keys=True, separators=(",", ":"))
+
+
+def captioned_row(record: dict[str, Any], size: int | None) -> dict[str, Any]:
+    """Caption record of this run (records.caption_record) -> its catalog row."""
+    path, raw = path_columns(record["path"])
+    return {
+        "path": path, "path_bytes": raw, "size": size if size is not None else record.get("bytes"),
+        "modified": record.get("modified"), "sha256": record.get("sha256"), "status": "captioned",
+        "caption": record["caption"], "score": record["score"], "model": record["model"],
+        "decode": decode_key(record.get("decode")), "captioned_run": record["run_id"],
+        "stage": None, "error": None, "message": None,
+    }
+
+
+def failed_row(record: dict[str, Any], size: int | None, modified: float | None, sha256: str | None,
+               model: str, decode: dict[str, Any] | str) -> dict[str, Any]:
+    """Error record of this run (records.error_record) -> its catalog row. A failed file
+    keeps the model and decode settings it failed under: a change of either retries it."""
+    path, raw = path_columns(record["path"])
+    return {
+        "path": path, "path_bytes": raw, "size": size, "modified": modified, "sha256": sha256,
+        "status": "failed", "caption": None, "score": None, "model": model, "decode": decode_key(decode),
+        "captioned_run": record["run_id"], "stage": record["stage"], "error": record["error"],
+        "message": utf8_text(record["message"]),
+    }
+
+
+def write_rows(f, rows: Iterable[dict[str, Any]]) -> int:
+    """Writes rows as Parquet into the open binary stream `f` in row groups of
+    ROW_GROUP_ROWS; -> the number of rows. An empty iterable writes a valid empty file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    s = schema()
+    n = 0
+    with pq.ParquetWriter(f, s, compression="zstd") as writer:
+        batch: list[dict[str, Any]] = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) >= ROW_GROUP_ROWS:
+                writer.write_table(pa.Table.from_pylist(batch, schema=s))
+                n += len(batch)
+                batch = []
+        if batch or n == 0:
+            writer.write_table(pa.Table.from_pylist(batch, schema=s))
+            n += len(batch)
+    return n
+
+
+def read_rows(f, columns: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
+    """The rows of one catalog file (an open binary stream), a row group at a time."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(f)
+    names = list(columns) if columns is not None else None
+    for i in range(parquet.num_row_groups):
+        yield from parquet.read_row_group(i, columns=names).to_pylist()
