@@ -16,121 +16,22 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import sys
 import time
 from typing import Any
 
-from batch_caption import cli, gcs, records
+from batch_caption import cli, files, gcs, records
 from batch_caption.cli import UsageError
+from batch_caption.job import JobConfig, build_pipeline
+from batch_caption.job.config import MIN_READ_THREADS, REMOTE_READ_THREADS, default_read_threads
+from batch_caption.job.elements import NAMESPACE
+from batch_caption.model_loading import BUNDLED_MODEL, resolve_model_path
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL = os.path.join(PACKAGE_DIR, "default_model")
+DEFAULT_MODEL = resolve_model_path(BUNDLED_MODEL)
 SAMPLES_DIR = os.path.join(PACKAGE_DIR, "samples")
 LATEST_NAME = "LATEST"  # OUTPUT/LATEST: the run id of the newest complete run
-_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _GLOB_CHARS = set("*?[")
-
-
-# Local reads are cheap, so local inputs get one thread per CPU: more threads than cores
-# gain nothing (2, 8, 16 on 2 cores: within noise in one run, 9% and 14% slower in
-# another), fewer leave cores idle where decoding is the bottleneck (12 MP photos). An
-# object store answers each open after tens of ms, which many threads in flight hide
-# (bench/slow_storage.py: 30 ms per open, 16 threads 3.0x faster than 2).
-MIN_READ_THREADS = 2
-REMOTE_READ_THREADS = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class JobConfig:
-    """The job's own options (Beam's live in PipelineOptions).
-
-    inputs: patterns after resolution (directories become recursive globs).
-    """
-
-    inputs: tuple[str, ...]
-    input_lists: tuple[str, ...]
-    output: str
-    model: str
-    run_id: str
-    beam_size: int = 3
-    max_caption_length: int = 20
-    num_alternatives: int = 3
-    length_normalization: float = 0.7
-    batch_size: int | None = None  # None: default_batch_size(the model's image size)
-    max_image_pixels: int = 100_000_000
-    max_file_bytes: int = 256 * 1024 * 1024
-    draft: bool = True
-    read_threads: int = MIN_READ_THREADS  # parse() gives default_read_threads(the inputs)
-    share_model: bool = False
-    low_score_threshold: float = -1.5
-    dedupe: bool = True
-    incremental: bool = False
-    incremental_any_model: bool = False
-
-    def __post_init__(self):
-        if not self.inputs and not self.input_lists:
-            raise UsageError("no input: give --input or --input_list")
-        if not self.output:
-            raise UsageError("--output must not be empty")
-        if not _RUN_ID_RE.match(self.run_id):
-            raise UsageError(f"--run_id {self.run_id!r} must be letters, digits, '.', '_' or '-' (max 128)")
-        for name in ("batch_size", "max_image_pixels", "max_file_bytes"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.read_threads < 0:
-            raise UsageError(f"--read_threads must be >= 0, got {self.read_threads}")
-        try:
-            self.decode
-        except ValueError as e:
-            raise UsageError(str(e).replace("max_length", "max_caption_length")) from e
-
-    @property
-    def decode(self):
-        from batch_caption.model.config import DecodeConfig
-
-        return DecodeConfig(
-            beam_size=self.beam_size,
-            max_length=self.max_caption_length,
-            num_alternatives=self.num_alternatives,
-            length_normalization=self.length_normalization,
-        )
-
-    @property
-    def run_dir(self) -> str:
-        return join(self.output, f"run={self.run_id}")
-
-
-def join(base: str, name: str) -> str:
-    from apache_beam.io.filesystems import FileSystems
-
-    return FileSystems.join(base, name)
-
-
-def default_read_threads(paths: list[str]) -> int:
-    """REMOTE_READ_THREADS if any path has a scheme other than file://; else one per CPU
-    this process may use, at least MIN_READ_THREADS. Decided where the pipeline is built:
-    for local paths that is the machine that reads them (the DirectRunner); remote inputs
-    are what a cloud runner's workers read, whose CPUs the launcher cannot know."""
-    from apache_beam.io.filesystems import FileSystems
-
-    from batch_caption.pipeline import available_cpus
-
-    if any(FileSystems.get_scheme(p) not in (None, "file") for p in paths):
-        return REMOTE_READ_THREADS
-    return max(MIN_READ_THREADS, available_cpus())
-
-
-# Larger batches use the CPU better (the bundled 128 px model: 32 -> 128 took 4% less CPU
-# per image and ran 5% faster, bench/job_flags.py), but activation memory grows with
-# batch x pixels, and a job runs one model per worker process: the default holds the pixels
-# per batch constant (docs/PERFORMANCE.md has both measurements).
-BATCH_PIXELS = 128 * 128 * 128
-
-
-def default_batch_size(image_size: int) -> int:
-    """Images per model call when --batch_size is not given: ~BATCH_PIXELS, in [8, 128]."""
-    return max(8, min(128, BATCH_PIXELS // (image_size * image_size)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,9 +143,9 @@ def resolve_inputs(config: JobConfig) -> JobConfig:
         if pattern.endswith("/"):
             candidates = [pattern + "**"]
         elif not (set(pattern) & _GLOB_CHARS):
-            if "://" not in pattern and os.path.isdir(pattern):
+            if not files.is_remote(pattern) and os.path.isdir(pattern):
                 candidates = [os.path.join(pattern, "**")]
-            elif "://" in pattern:
+            elif files.is_remote(pattern):
                 candidates = [pattern, pattern.rstrip("/") + "/**"]  # an object, or a prefix
         for candidate in candidates:
             try:
@@ -257,7 +158,7 @@ def resolve_inputs(config: JobConfig) -> JobConfig:
         else:
             raise UsageError(f"--input {pattern} matches no file")
     for list_file in config.input_lists:
-        if not FileSystems.exists(list_file):
+        if not files.exists(list_file):
             raise UsageError(f"--input_list {list_file} does not exist")
     return dataclasses.replace(config, inputs=tuple(resolved))
 
@@ -278,22 +179,19 @@ def check_model(path: str) -> tuple[str, Any]:
 
 def clear_run_dir(run_dir: str) -> None:
     """Removes an earlier attempt of the same run_id: manifest first (marks it incomplete)."""
-    from apache_beam.io.filesystems import FileSystems
-
-    from batch_caption.pipeline import delete_matching
-
-    manifest = join(run_dir, records.MANIFEST_NAME)
-    if FileSystems.exists(manifest):
-        FileSystems.delete([manifest])
-    delete_matching(join(run_dir, "**"))
+    manifest = files.join(run_dir, records.MANIFEST_NAME)
+    if files.exists(manifest):
+        files.delete([manifest])
+    files.delete_matching(files.join(run_dir, "**"))
 
 
 def check_output(config: JobConfig) -> None:
     """Writes and deletes a probe file in the run's directory, so that an --output that
-    cannot be written stops the run before any work, not at its first shard."""
+    cannot be written stops the run before any work, not at its first shard (written the
+    same way, through FileSystems)."""
     from apache_beam.io.filesystems import FileSystems
 
-    probe = join(config.run_dir, ".write_check")
+    probe = files.join(config.run_dir, ".write_check")
     try:
         with FileSystems.create(probe) as f:
             f.write(b"batch_caption\n")
@@ -304,74 +202,15 @@ def check_output(config: JobConfig) -> None:
 
 def previous_runs(config: JobConfig) -> list[dict]:
     """Manifests of the complete runs under --output other than this run_id, oldest first."""
-    from apache_beam.io.filesystems import FileSystems
-
-    found = FileSystems.match([join(config.output, "run=*/" + records.MANIFEST_NAME)])[0].metadata_list
     manifests = []
-    for m in found:
-        run_dir = m.path[: -len(records.MANIFEST_NAME) - 1]
+    for path in files.matched(files.join(config.output, "run=*/" + records.MANIFEST_NAME)):
+        run_dir = path[: -len(records.MANIFEST_NAME) - 1]
         if run_dir.rstrip("/").endswith(f"run={config.run_id}"):
             continue
-        with FileSystems.open(m.path) as f:
-            manifest = json.loads(f.read())
+        manifest = json.loads(files.read_bytes(path))
         manifest["run_dir"] = run_dir
         manifests.append(manifest)
     return sorted(manifests, key=lambda x: x.get("end_time", ""))
-
-
-def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, single_process: bool,
-                   previous: list[dict] = ()):
-    """Adds the whole job to `pipeline`; returns the manifest PCollection.
-
-    single_process: the runner runs everything in this process (the in-memory
-      DirectRunner): the progress line can count, and no work needs spreading.
-    previous: manifests of earlier complete runs (with --incremental).
-    """
-    import apache_beam as beam
-
-    from batch_caption import images, pipeline as P
-    from batch_caption.inference import BUNDLED_MODEL, CaptionModelHandler
-
-    if config.batch_size is None:
-        config = dataclasses.replace(config, batch_size=default_batch_size(image_size))
-    decode = config.decode
-    info = P.RunInfo(
-        run_id=config.run_id,
-        run_dir=config.run_dir,
-        model=model_id,
-        model_path=config.model,
-        options={k: v for k, v in dataclasses.asdict(config).items() if k not in ("output", "model", "run_id")},
-        start_time=time.time(),
-        previous_runs=tuple(m["run_id"] for m in previous),
-    )
-    image_config = images.ImageConfig(image_size=image_size, max_image_pixels=config.max_image_pixels, draft=config.draft)
-    model_path = BUNDLED_MODEL if config.model == DEFAULT_MODEL else config.model
-    handler = CaptionModelHandler(model_path, decode, config.batch_size, config.share_model)
-    matched = pipeline | "MatchImages" >> P.MatchImages(config.inputs, config.input_lists, config.run_id, single_process)
-    to_read, skipped = matched["files"], []
-    if config.incremental:
-        caption_files = [join(m["run_dir"], name) for m in previous for name in m["files"]["captions"]]
-        end_times = {m["run_id"]: m.get("end_time", "") for m in previous}
-        selected = to_read | "SelectChanged" >> P.SelectChanged(
-            caption_files, end_times, model_id, config.incremental_any_model
-        )
-        to_read, skipped = selected["files"], [selected["skipped"]]
-    # Decoding runs a batch ahead of the model (positional: tests stand in for ReadImages).
-    read = to_read | "ReadImages" >> P.ReadImages(
-        image_config, config.max_file_bytes, config.run_id, config.dedupe, config.batch_size, config.read_threads,
-        spread_hashing=not single_process,
-    )
-    captioned = read["images"] | "CaptionImages" >> P.CaptionImages(
-        handler, decode, config.run_id, config.low_score_threshold
-    )
-    errors = (matched[P.ERRORS], read[P.ERRORS], captioned[P.ERRORS]) | "FlattenErrors" >> beam.Flatten()
-    outputs = {
-        "captions": captioned["captions"],
-        P.ERRORS: errors,
-        "files": matched["files"],
-        "skipped": tuple(skipped) + (read["skipped"],) | "FlattenSkipped" >> beam.Flatten(),
-    }
-    return outputs | "WriteRun" >> P.WriteRun(info, single_process)
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -403,13 +242,9 @@ def run(argv: list[str] | None = None) -> dict:
     build_pipeline(pipeline, config, model_id, model_config.image_size, single_process, previous)
     result = pipeline.run()
     result.wait_until_finish()
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(join(config.run_dir, records.MANIFEST_NAME)) as f:
-        manifest = json.loads(f.read())
+    manifest = json.loads(files.read_bytes(files.join(config.run_dir, records.MANIFEST_NAME)))
     # The run is complete: point LATEST at it (written after its manifest).
-    with FileSystems.create(join(config.output, LATEST_NAME)) as f:
-        f.write((config.run_id + "\n").encode())
+    files.write_bytes(files.join(config.output, LATEST_NAME), (config.run_id + "\n").encode())
     manifest["elapsed_seconds"] = round(time.time() - started, 3)
     manifest["metrics"] = job_metrics(result)
     return manifest
@@ -422,10 +257,8 @@ def job_metrics(result) -> dict[str, int]:
     beside the first decodes, so this, not model_load_ms, is what it added to the run;
     summed over DoFn instances, whose waits overlap when several run at once). A run that
     captions nothing reports no load; its load still runs, and the process waits for it
-    at exit. Beam's own load-latency metric now times only the start of the load."""
+    at exit. Beam's own load-latency metric times only the start of the load."""
     from apache_beam.metrics.metric import MetricsFilter
-
-    from batch_caption.pipeline import NAMESPACE
 
     metrics = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     out: dict[str, int] = {}

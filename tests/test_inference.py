@@ -1,4 +1,4 @@
-"""The caption model handler: what load_model hands to RunInference."""
+"""The caption model handler (what load_model hands to RunInference) and model_loading."""
 
 import gc
 import json
@@ -10,9 +10,12 @@ import threading
 import numpy as np
 import pytest
 
-from batch_caption import inference
+import batch_caption
+from batch_caption import inference, model_loading
 from batch_caption.inference import CaptionModelHandler
+from batch_caption.job.elements import ImageExample
 from batch_caption.model.config import DecodeConfig
+from batch_caption.model_loading import BUNDLED_MODEL, resolve_model_path
 
 
 def test_load_model_returns_a_traced_captioner(tiny_bundle):
@@ -64,7 +67,7 @@ def test_a_failed_background_load_raises_model_load_error_from_every_wait():
     loading = handler.load_model()
     handler.gate.set()
     for call in (loading.wait_load, loading.get_model_id, lambda: loading.caption(np.zeros((1, 2, 2, 3), np.uint8))):
-        with pytest.raises(inference.ModelLoadError, match="the model failed to load: OSError: weights unreadable"):
+        with pytest.raises(model_loading.ModelLoadError, match="the model failed to load: OSError: weights unreadable"):
             call()
 
 
@@ -79,8 +82,8 @@ def test_after_a_raised_failure_the_next_wait_loads_again_up_to_a_limit():
             raise OSError("storage hiccup")
         return _Model()
 
-    loading = inference.BackgroundLoad(flaky)
-    with pytest.raises(inference.ModelLoadError, match="storage hiccup"):
+    loading = model_loading.BackgroundLoad(flaky)
+    with pytest.raises(model_loading.ModelLoadError, match="storage hiccup"):
         loading.get_model_id()
     assert loading.get_model_id() == "m1" and loading.get_model_id() == "m1" and len(calls) == 2
 
@@ -90,11 +93,11 @@ def test_after_a_raised_failure_the_next_wait_loads_again_up_to_a_limit():
         broken.append(1)
         raise OSError("weights unreadable")
 
-    loading = inference.BackgroundLoad(always_broken)
-    for _ in range(inference.BackgroundLoad.MAX_ATTEMPTS + 2):
-        with pytest.raises(inference.ModelLoadError, match="weights unreadable"):
+    loading = model_loading.BackgroundLoad(always_broken)
+    for _ in range(model_loading.BackgroundLoad.MAX_ATTEMPTS + 2):
+        with pytest.raises(model_loading.ModelLoadError, match="weights unreadable"):
             loading.wait_load()
-    assert len(broken) == inference.BackgroundLoad.MAX_ATTEMPTS
+    assert len(broken) == model_loading.BackgroundLoad.MAX_ATTEMPTS
 
 
 def test_the_first_batch_reports_the_load_and_its_wait(monkeypatch):
@@ -111,7 +114,7 @@ def test_the_first_batch_reports_the_load_and_its_wait(monkeypatch):
     handler = _GatedHandler(model=_Model())
     loading = handler.load_model()
     threading.Timer(0.3, handler.gate.set).start()
-    batch = [inference.ImageExample(f"p{i}", np.zeros((2, 2, 3), np.uint8), 2, 2, "PNG", "0" * 64, 1) for i in range(2)]
+    batch = [ImageExample(f"p{i}", np.zeros((2, 2, 3), np.uint8), 2, 2, "PNG", "0" * 64, 1) for i in range(2)]
     results = list(handler.run_inference(batch, loading))
     assert [r.inference for r in results] == ["caption 0", "caption 1"]
     names = dict(reported)
@@ -160,12 +163,18 @@ def test_the_first_model_load_runs_without_gc_then_freezes_what_it_made(tiny_bun
 def test_a_failed_first_load_turns_gc_on_again_and_freezes_nothing(monkeypatch):
     freezes = []
     monkeypatch.setattr(gc, "freeze", lambda: freezes.append(1))  # not this test process's objects
-    monkeypatch.setattr(inference, "_gc_frozen", False)
+    monkeypatch.setattr(model_loading, "_gc_frozen", False)
     with pytest.raises(OSError, match="weights unreadable"):
-        with inference.gc_frozen_after_first_load():
+        with model_loading.gc_frozen_after_first_load():
             assert not gc.isenabled()
             raise OSError("weights unreadable")
-    assert gc.isenabled() and not freezes and not inference._gc_frozen
-    with inference.gc_frozen_after_first_load():  # the next load is the first again
+    assert gc.isenabled() and not freezes and not model_loading._gc_frozen
+    with model_loading.gc_frozen_after_first_load():  # the next load is the first again
         assert not gc.isenabled()
-    assert gc.isenabled() and freezes == [1] and inference._gc_frozen
+    assert gc.isenabled() and freezes == [1] and model_loading._gc_frozen
+
+
+def test_the_bundled_model_is_resolved_on_the_worker_not_the_driver():
+    here = os.path.join(os.path.dirname(batch_caption.__file__), "default_model")
+    assert resolve_model_path(BUNDLED_MODEL) == os.path.abspath(here)
+    assert resolve_model_path("gs://b/m") == "gs://b/m"

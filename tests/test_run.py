@@ -15,6 +15,7 @@ from helpers import varied_images
 from PIL import Image
 
 from batch_caption import images, run
+from batch_caption.job.config import default_batch_size
 from batch_caption.model.bundle import load_captioner
 from batch_caption.model.config import DecodeConfig
 from batch_caption.progress import Reporter
@@ -341,9 +342,9 @@ def test_a_missing_model_is_reported_without_loading_tensorflow(tmp_path):
 
 @pytest.mark.parametrize("cpus, local, remote", [(1, 2, 16), (2, 2, 16), (8, 8, 16), (32, 32, 16)])
 def test_read_threads_default_to_one_per_cpu_for_local_inputs_and_16_for_remote_ones(tmp_path, monkeypatch, cpus, local, remote):
-    from batch_caption import pipeline
+    from batch_caption.job import cpus as job_cpus
 
-    monkeypatch.setattr(pipeline, "available_cpus", lambda: cpus)
+    monkeypatch.setattr(job_cpus, "available_cpus", lambda: cpus)
 
     def threads(*args):
         return run.parse(list(args))[0].read_threads
@@ -355,13 +356,13 @@ def test_read_threads_default_to_one_per_cpu_for_local_inputs_and_16_for_remote_
 
 
 def test_the_default_batch_size_holds_the_pixels_per_batch(tiny_bundle, tmp_path):
-    assert [run.default_batch_size(s) for s in (32, 128, 224, 299, 600)] == [128, 128, 41, 23, 8]
+    assert [default_batch_size(s) for s in (32, 128, 224, 299, 600)] == [128, 128, 41, 23, 8]
     assert run.parse(["--input", str(tmp_path)])[0].batch_size is None  # resolved once the model is known
     Image.fromarray(varied_images(1, 64)[0]).save(tmp_path / "a.png")
     size = load_captioner(tiny_bundle, DecodeConfig()).image_size
     manifest = run.run(["--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "o"), "--model", tiny_bundle,
                         "--run_id", "b"])
-    assert manifest["options"]["batch_size"] == run.default_batch_size(size)
+    assert manifest["options"]["batch_size"] == default_batch_size(size)
     with pytest.raises(run.UsageError, match="--batch_size must be >= 1"):
         run.parse(["--input", str(tmp_path), "--batch_size", "0"])
 
@@ -369,7 +370,7 @@ def test_the_default_batch_size_holds_the_pixels_per_batch(tiny_bundle, tmp_path
 def test_draft_flag_turns_jpeg_draft_decoding_off(tmp_path, monkeypatch):
     import apache_beam as beam
 
-    from batch_caption import pipeline as P
+    from batch_caption import job
 
     assert run.parse(["--input", str(tmp_path)])[0].draft is True
     assert run.parse(["--input", str(tmp_path), "--draft"])[0].draft is True
@@ -384,9 +385,9 @@ def test_draft_flag_turns_jpeg_draft_decoding_off(tmp_path, monkeypatch):
         seen.append(image_config)
         raise Built
 
-    monkeypatch.setattr(P, "ReadImages", read_images)
+    monkeypatch.setattr(job, "ReadImages", read_images)
     with pytest.raises(Built):
-        run.build_pipeline(beam.Pipeline(), config, "id", 128, False)
+        job.build_pipeline(beam.Pipeline(), config, "id", 128, False)
     assert seen[0].draft is False and seen[0].image_size == 128
 
 

@@ -1,0 +1,85 @@
+"""The captioning job, stage by stage (one module each, in data-flow order):
+
+    patterns / list files
+      -> MatchImages      (match.py)    SourceFile per distinct path
+      -> SelectChanged    (select.py)   --incremental: only new or changed files
+      -> ReadImages       (read.py)     ImageExample (decoded, resized) | error | skip
+      -> CaptionImages    (caption.py)  RunInference -> caption record | error record
+      -> WriteRun         (write.py)    captions-*.jsonl, errors-*.jsonl, manifest.json last
+
+Every path that enters ReadImages leaves as exactly one caption record, error record or
+skip: each DoFn either yields its output or yields an error record, and inference
+failures come back from RunInference's dead-letter output per element.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import apache_beam as beam
+
+# inference as a module (its names are looked up when the job is built): it imports job.elements.
+from batch_caption import files, images, inference
+from batch_caption.job.caption import CaptionImages
+from batch_caption.job.config import JobConfig, default_batch_size
+from batch_caption.job.elements import ERRORS, NAMESPACE, ImageExample, SourceFile
+from batch_caption.job.match import MatchImages
+from batch_caption.job.read import ReadImages
+from batch_caption.job.select import SelectChanged
+from batch_caption.job.write import RunInfo, WriteRun
+from batch_caption.model_loading import portable_model_path
+
+__all__ = [
+    "ERRORS", "NAMESPACE", "CaptionImages", "ImageExample", "JobConfig", "MatchImages", "ReadImages", "RunInfo",
+    "SelectChanged", "SourceFile", "WriteRun", "build_pipeline",
+]
+
+
+def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, single_process: bool,
+                   previous: list[dict] = ()):
+    """Adds the whole job to `pipeline`; returns the manifest PCollection.
+
+    single_process: the runner runs everything in this process (the in-memory
+      DirectRunner): the progress line can count, and no work needs spreading.
+    previous: manifests of earlier complete runs (with --incremental).
+    """
+    if config.batch_size is None:
+        config = dataclasses.replace(config, batch_size=default_batch_size(image_size))
+    decode = config.decode
+    info = RunInfo(
+        run_id=config.run_id,
+        run_dir=config.run_dir,
+        model=model_id,
+        model_path=config.model,
+        options={k: v for k, v in dataclasses.asdict(config).items() if k not in ("output", "model", "run_id")},
+        start_time=time.time(),
+        previous_runs=tuple(m["run_id"] for m in previous),
+    )
+    image_config = images.ImageConfig(image_size=image_size, max_image_pixels=config.max_image_pixels, draft=config.draft)
+    handler = inference.CaptionModelHandler(
+        portable_model_path(config.model), decode, config.batch_size, config.share_model)
+
+    matched = pipeline | "MatchImages" >> MatchImages(config.inputs, config.input_lists, config.run_id, single_process)
+    to_read, skipped = matched["files"], []
+    if config.incremental:
+        caption_files = [files.join(m["run_dir"], name) for m in previous for name in m["files"]["captions"]]
+        end_times = {m["run_id"]: m.get("end_time", "") for m in previous}
+        selected = to_read | "SelectChanged" >> SelectChanged(
+            caption_files, end_times, model_id, config.incremental_any_model)
+        to_read, skipped = selected["files"], [selected["skipped"]]
+    # Decoding runs a batch ahead of the model (positional: tests stand in for ReadImages).
+    read = to_read | "ReadImages" >> ReadImages(
+        image_config, config.max_file_bytes, config.run_id, config.dedupe, config.batch_size, config.read_threads,
+        spread_hashing=not single_process,
+    )
+    captioned = read["images"] | "CaptionImages" >> CaptionImages(
+        handler, decode, config.run_id, config.low_score_threshold)
+    errors = (matched[ERRORS], read[ERRORS], captioned[ERRORS]) | "FlattenErrors" >> beam.Flatten()
+    outputs = {
+        "captions": captioned["captions"],
+        ERRORS: errors,
+        "files": matched["files"],
+        "skipped": tuple(skipped) + (read["skipped"],) | "FlattenSkipped" >> beam.Flatten(),
+    }
+    return outputs | "WriteRun" >> WriteRun(info, single_process)

@@ -1,0 +1,101 @@
+"""JobConfig: the captioning job's own options (Beam's live in PipelineOptions), and the
+defaults that depend on the machine or the model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from batch_caption import files, records
+from batch_caption.cli import UsageError
+from batch_caption.job import cpus
+
+# Local reads are cheap, so local inputs get one thread per CPU: more threads than cores
+# gain nothing, fewer leave cores idle where decoding is the bottleneck (large photos).
+# An object store answers each open after a network round trip, which many threads in
+# flight hide (bench/slow_storage.py).
+MIN_READ_THREADS = 2
+REMOTE_READ_THREADS = 16
+
+# Larger batches use the CPU better (bench/job_flags.py), but activation memory grows with
+# batch x pixels, and a job runs one model per worker process: the default holds the pixels
+# per batch constant.
+BATCH_PIXELS = 128 * 128 * 128
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    """The job's own options.
+
+    inputs: patterns after resolution (directories become recursive globs).
+    """
+
+    inputs: tuple[str, ...]
+    input_lists: tuple[str, ...]
+    output: str
+    model: str
+    run_id: str
+    beam_size: int = 3
+    max_caption_length: int = 20
+    num_alternatives: int = 3
+    length_normalization: float = 0.7
+    batch_size: int | None = None  # None: default_batch_size(the model's image size)
+    max_image_pixels: int = 100_000_000
+    max_file_bytes: int = 256 * 1024 * 1024
+    draft: bool = True
+    read_threads: int = MIN_READ_THREADS  # run.parse gives default_read_threads(the inputs)
+    share_model: bool = False
+    low_score_threshold: float = -1.5
+    dedupe: bool = True
+    incremental: bool = False
+    incremental_any_model: bool = False
+
+    def __post_init__(self):
+        if not self.inputs and not self.input_lists:
+            raise UsageError("no input: give --input or --input_list")
+        if not self.output:
+            raise UsageError("--output must not be empty")
+        try:
+            records.check_run_id(self.run_id)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        for name in ("batch_size", "max_image_pixels", "max_file_bytes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.read_threads < 0:
+            raise UsageError(f"--read_threads must be >= 0, got {self.read_threads}")
+        try:
+            self.decode
+        except ValueError as e:
+            raise UsageError(str(e).replace("max_length", "max_caption_length")) from e
+
+    @property
+    def decode(self):
+        from batch_caption.model.config import DecodeConfig
+
+        return DecodeConfig(
+            beam_size=self.beam_size,
+            max_length=self.max_caption_length,
+            num_alternatives=self.num_alternatives,
+            length_normalization=self.length_normalization,
+        )
+
+    @property
+    def run_dir(self) -> str:
+        return files.join(self.output, f"run={self.run_id}")
+
+
+def default_read_threads(paths: list[str]) -> int:
+    """REMOTE_READ_THREADS if any path has a scheme other than file://; else one per CPU
+    this process may use, at least MIN_READ_THREADS. Decided where the pipeline is built:
+    for local paths that is the machine that reads them (the DirectRunner); remote inputs
+    are what a cloud runner's workers read, whose CPUs the launcher cannot know."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if any(FileSystems.get_scheme(p) not in (None, "file") for p in paths):
+        return REMOTE_READ_THREADS
+    return max(MIN_READ_THREADS, cpus.available_cpus())
+
+
+def default_batch_size(image_size: int) -> int:
+    """Images per model call when --batch_size is not given: ~BATCH_PIXELS, in [8, 128]."""
+    return max(8, min(128, BATCH_PIXELS // (image_size * image_size)))
