@@ -263,7 +263,7 @@ def test_one_replica_step_is_the_plain_mean_token_loss_step(features_dataset, en
     """One SGD step of the entry point == w - lr * grad(mean token loss) computed by hand."""
     import keras
 
-    from batch_caption.model.bundle import load_bundle
+    from batch_caption.model.load import load_bundle
     from batch_caption.model.show_and_tell import ShowAndTell, caption_loss
 
     data, _ = features_dataset
@@ -297,7 +297,7 @@ def test_one_replica_step_is_the_plain_mean_token_loss_step(features_dataset, en
 def test_features_run_is_reproducible_and_exports_the_feature_backbone(features_dataset, encoder_weights, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from batch_caption.model.bundle import load_bundle, load_captioner
+    from batch_caption.model.load import load_bundle, load_captioner
 
     data, images = features_dataset
     argv = ["--data", data, "--encoder_weights", encoder_weights, "--strategy", "one_device", "--steps", "6",
@@ -409,7 +409,7 @@ def _bundle_weights(path: str) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 def test_two_workers_train_in_sync_and_only_the_chief_writes(images_dataset, tmp_path):
-    from batch_caption.model.bundle import load_bundle
+    from batch_caption.model.load import load_bundle
     from batch_caption.training.loop import weights_digest
 
     ports = _free_ports(2)

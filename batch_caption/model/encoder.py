@@ -15,6 +15,7 @@ import tempfile
 import keras
 from keras import layers, ops
 
+from batch_caption import files
 from batch_caption.model.config import SMALL_CNN_CHANNELS, ModelConfig
 
 # name -> (keras.applications constructor, preprocessing of float pixels in [0, 255]).
@@ -88,13 +89,10 @@ def build_backbone(config: ModelConfig, load_weights: bool = True) -> keras.Mode
 
 
 def _load_weights_file(backbone: keras.Model, path: str) -> None:
-    from batch_caption.model import bundle  # local: bundle imports the model modules
-
-    data = bundle.read_bytes(path)
+    data = files.read_bytes(path)
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "backbone.weights.h5")
-        with open(local, "wb") as f:
-            f.write(data)
+        files.write_bytes(local, data)
         try:
             backbone.load_weights(local)
         except Exception as e:  # h5py/keras raise many types for a wrong file
