@@ -66,7 +66,7 @@ class Captioner:
         size = model.config.image_size
         # The batch axis is None: any batch size runs the one trace. No autograph: the
         # graph code has no Python control flow on tensors (beam search calls
-        # tf.while_loop itself), and converting it took ~2/3 of the trace time.
+        # tf.while_loop itself), so converting it would only add tracing work.
         self._search = tf.function(
             self._search_graph,
             input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)],

@@ -44,8 +44,8 @@ def _preprocess(x, mode: str):
 def _small_cnn(x, grid: int):
     """A 4-block conv net for tests and small data: [B, S, S, 3] in [0, 255] -> [B, grid²·128].
 
-    Strided convolutions rather than max pooling: on CPU, max-pool gradients made
-    training ~5x slower for the same depth. Pooled to a grid (`ModelConfig.small_cnn_grid`,
+    Strided convolutions rather than max pooling: max-pool gradients are expensive on
+    CPU, where this net trains. Pooled to a grid (`ModelConfig.small_cnn_grid`,
     default 4x4) rather than globally: captions state where things are ("to the left
     of"), and a global average throws position away.
     """
