@@ -160,7 +160,7 @@ def parse(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def train(config: TrainConfig, log=print):
-    """Checks the dataset, creates the strategy, trains; returns a loop.TrainResult.
+    """Checks the dataset, creates the strategy, trains; returns a result.TrainResult.
 
     Raises UsageError before any TensorFlow work when the dataset or flags do not fit.
     """
@@ -192,7 +192,7 @@ def train(config: TrainConfig, log=print):
 
 
 def run(argv: Sequence[str] | None = None):
-    """Parses `argv` and trains; returns the loop.TrainResult. UsageError before any work."""
+    """Parses `argv` and trains; returns the result.TrainResult. UsageError before any work."""
     return train(parse(argv))
 
 

@@ -17,7 +17,7 @@ MODEL = os.path.join(os.path.dirname(batch_caption.__file__), "default_model")
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(MODEL, "EVALUATION.json")), reason="no default model yet")
 def test_content_accuracy_in_the_report_is_reproduced_on_the_test_split_and_meets_the_target():
-    from batch_caption.model.bundle import load_captioner
+    from batch_caption.model.load import load_captioner
 
     report = json.load(open(os.path.join(MODEL, "EVALUATION.json")))["test"]["content_accuracy"]
     captioner = load_captioner(MODEL)  # the job's default decoding

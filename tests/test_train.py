@@ -263,7 +263,7 @@ def test_one_replica_step_is_the_plain_mean_token_loss_step(features_dataset, en
     """One SGD step of the entry point == w - lr * grad(mean token loss) computed by hand."""
     import keras
 
-    from batch_caption.model.bundle import load_bundle
+    from batch_caption.model.load import load_bundle
     from batch_caption.model.show_and_tell import ShowAndTell, caption_loss
 
     data, _ = features_dataset
@@ -297,7 +297,7 @@ def test_one_replica_step_is_the_plain_mean_token_loss_step(features_dataset, en
 def test_features_run_is_reproducible_and_exports_the_feature_backbone(features_dataset, encoder_weights, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from batch_caption.model.bundle import load_bundle, load_captioner
+    from batch_caption.model.load import load_bundle, load_captioner
 
     data, images = features_dataset
     argv = ["--data", data, "--encoder_weights", encoder_weights, "--strategy", "one_device", "--steps", "6",
@@ -409,8 +409,8 @@ def _bundle_weights(path: str) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 def test_two_workers_train_in_sync_and_only_the_chief_writes(images_dataset, tmp_path):
-    from batch_caption.model.bundle import load_bundle
-    from batch_caption.training.loop import weights_digest
+    from batch_caption.model.load import load_bundle
+    from batch_caption.training.result import weights_digest
 
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
@@ -514,6 +514,26 @@ def test_sigkill_resumes_from_the_last_checkpoint_and_sigterm_saves_and_exits(fe
     # The checkpoint of the very step it stopped at is the latest one.
     assert _latest_checkpoint_step(out / "checkpoints") == result["step"]
     assert result["checkpoint"].endswith(f"ckpt-{result['step']}")
+
+
+# --- reading a prepared dataset ----------------------------------------------------------------
+def test_shards_are_listed_by_pattern_when_dataset_json_names_none(tmp_path):
+    from batch_caption.cli import UsageError
+    from batch_caption.training.preflight import read_dataset
+
+    vocab = Vocabulary.build(["a red square"])
+    info = DatasetInfo(mode="images", image_size=32, max_length=6, vocab_size=len(vocab),
+                       splits={"train": {"images": 2, "captions": 2}, "val": {"files": ["val-0.tfrecord"]}})
+    (tmp_path / "dataset.json").write_text(info.to_json())
+    (tmp_path / "vocab.json").write_text(vocab.to_json())
+    for name in ("train-00001-of-00002.tfrecord", "train-00000-of-00002.tfrecord", "val-0.tfrecord", "other.tfrecord"):
+        (tmp_path / name).write_bytes(b"")
+    spec = read_dataset(str(tmp_path))
+    assert spec.files["train"] == tuple(str(tmp_path / f"train-0000{k}-of-00002.tfrecord") for k in (0, 1))
+    assert spec.files["val"] == (str(tmp_path / "val-0.tfrecord"),)
+    os.remove(tmp_path / "val-0.tfrecord")
+    with pytest.raises(UsageError, match="shard .*val-0.tfrecord is missing"):
+        read_dataset(str(tmp_path))
 
 
 # --- small_cnn's pooled grid follows the features dataset -------------------------------------

@@ -1,17 +1,20 @@
-"""Model bundle: a directory (local or any Beam FileSystems path, gs:// included).
+"""Model bundle: the files of a trained model in one directory (local or any FileSystems URL).
 
     config.json         ModelConfig (architecture, format_version)
     vocab.json          Vocabulary
     model.weights.h5    Keras 3 weights of the whole ShowAndTell model
-    bundle.json         {"bundle_id", "files": {name: sha256}}, written last
+    bundle.json         {"format", "bundle_id", "files": {name: sha256}}, written last
 
 The bundle id is a hash of the config, the vocabulary and the weight values (every array
 of the weights file with its path, dtype and shape; not the file's bytes, because Keras
 also writes auto-generated layer names into it that depend on process history), so two
-bundles with the same id caption identically. Loading checks every file against bundle.json, so a corrupted or
-truncated file is reported by name instead of surfacing as an obscure h5 error. Only
-weights are stored: the architecture is rebuilt from code and config, so nothing is
-unpickled or deserialised as code.
+bundles with the same id caption identically. Reading checks every file against
+bundle.json, so a corrupted or truncated file is reported by name rather than as an h5
+error. Only weights are stored: the architecture is rebuilt from code and config, so
+nothing is unpickled or deserialised as code.
+
+This module writes, reads and verifies those files without TensorFlow, so the job can
+check a bundle before loading it; `model.load` builds the model and Captioner from them.
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from apache_beam.io.filesystems import FileSystems
+import numpy as np
 
+from batch_caption import files
 from batch_caption.model.config import ModelConfig
 from batch_caption.model.vocab import Vocabulary
 
-if TYPE_CHECKING:  # TensorFlow loads in ~4 s: checking a bundle (the job's first step) needs none
+if TYPE_CHECKING:  # annotations only: this module imports no TensorFlow
     from batch_caption.model.show_and_tell import ShowAndTell
 
 CONFIG, VOCAB, WEIGHTS, MANIFEST = "config.json", "vocab.json", "model.weights.h5", "bundle.json"
@@ -41,44 +46,47 @@ class BundleError(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
-class Bundle:
-    model: ShowAndTell
-    vocabulary: Vocabulary
-    config: ModelConfig
-    bundle_id: str
+class BundleFiles:
+    """A bundle's files, read and verified: what `model.load` builds the model from."""
+
     path: str
+    manifest: dict
+    config: ModelConfig
+    vocabulary: Vocabulary
+    weights: bytes  # the model.weights.h5 file
 
-
-def read_bytes(path: str) -> bytes:
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return f.read()
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    with FileSystems.create(path, compression_type="uncompressed") as f:
-        f.write(data)
+    @property
+    def bundle_id(self) -> str:
+        return self.manifest["bundle_id"]
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def weights_digest(weights_file: str) -> str:
-    """sha256 over every array of a local Keras .weights.h5 file: path, dtype, shape, bytes."""
-    import h5py
-    import numpy as np
+def arrays_digest(arrays: Iterable[tuple[str, np.ndarray]]) -> str:
+    """sha256 over named arrays in name order: each array's name, dtype, shape and bytes.
 
+    The one definition of a weights digest, whether the arrays come from a weights file
+    (`weights_file_digest`) or from a live model's variables (training's result).
+    """
     h = hashlib.sha256()
+    for name, array in sorted(arrays, key=lambda pair: pair[0]):
+        value = np.ascontiguousarray(array)
+        h.update(f"{name}|{value.dtype.str}|{value.shape}\n".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def weights_file_digest(weights_file: str) -> str:
+    """`arrays_digest` of every array of a local Keras .weights.h5 file, by its h5 path."""
+    import h5py
+
     with h5py.File(weights_file, "r") as f:
         names: list[str] = []
         f.visit(names.append)
-        for name in sorted(names):
-            obj = f[name]
-            if isinstance(obj, h5py.Dataset):
-                value = np.ascontiguousarray(obj[()])
-                h.update(f"{name}|{value.dtype.str}|{value.shape}\n".encode())
-                h.update(value.tobytes())
-    return h.hexdigest()
+        datasets = [(name, f[name]) for name in names if isinstance(f[name], h5py.Dataset)]
+        return arrays_digest((name, dataset[()]) for name, dataset in datasets)
 
 
 def compute_bundle_id(config_json: bytes, vocab_json: bytes, weights_digest_hex: str) -> str:
@@ -94,30 +102,27 @@ def save_bundle(model: ShowAndTell, vocabulary: Vocabulary, path: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, WEIGHTS)
         model.save_weights(local)
-        digest = weights_digest(local)
-        with open(local, "rb") as f:
-            contents = {
-                CONFIG: json.dumps(model.config.to_dict(), indent=2, sort_keys=True).encode(),
-                VOCAB: vocabulary.to_json().encode(),
-                WEIGHTS: f.read(),
-            }
-    if not FileSystems.exists(path):
-        FileSystems.mkdirs(path)
+        digest = weights_file_digest(local)
+        contents = {
+            CONFIG: json.dumps(model.config.to_dict(), indent=2, sort_keys=True).encode(),
+            VOCAB: vocabulary.to_json().encode(),
+            WEIGHTS: files.read_bytes(local),
+        }
     hashes = {}
     for name, data in contents.items():
-        write_bytes(FileSystems.join(path, name), data)
+        files.write_bytes(files.join(path, name), data)
         hashes[name] = _sha256(data)
     bundle_id = compute_bundle_id(contents[CONFIG], contents[VOCAB], digest)
     manifest = {"format": BUNDLE_FORMAT, "bundle_id": bundle_id, "files": hashes}
-    write_bytes(FileSystems.join(path, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
+    files.write_bytes(files.join(path, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
     return bundle_id
 
 
 def _read_checked(path: str, name: str, expected_sha: str | None) -> bytes:
-    full = FileSystems.join(path, name)
+    full = files.join(path, name)
     try:
-        data = read_bytes(full)
-    except Exception as e:  # FileSystems raises IOError / BeamIOError / GCS errors
+        data = files.read_bytes(full)
+    except Exception as e:  # OSError locally; FileSystems raises BeamIOError / GCS errors
         raise BundleError(f"model bundle file {full} cannot be read: {e}") from e
     if expected_sha is not None and _sha256(data) != expected_sha:
         raise BundleError(f"model bundle file {full} is corrupted (sha256 does not match {MANIFEST})")
@@ -132,15 +137,31 @@ def read_manifest(path: str) -> dict:
         if manifest.get("format") != BUNDLE_FORMAT or set(manifest["files"]) != set(CONTENT_FILES):
             raise ValueError(f"expected format {BUNDLE_FORMAT} listing {', '.join(CONTENT_FILES)}")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise BundleError(f"model bundle file {FileSystems.join(path, MANIFEST)} is invalid: {e}") from e
+        raise BundleError(f"model bundle file {files.join(path, MANIFEST)} is invalid: {e}") from e
     return manifest
 
 
 def verify_bundle(path: str) -> tuple[dict, ModelConfig]:
     """Checks every file of the bundle at `path` without building the model (no
     TensorFlow work): returns (bundle.json contents, ModelConfig). Raises BundleError."""
-    manifest, files = _read_verified(path)
-    return manifest, _parse_config(path, files[CONFIG])
+    manifest, contents = _read_verified(path)
+    return manifest, _parse_config(path, contents[CONFIG])
+
+
+def read_bundle(path: str) -> BundleFiles:
+    """Reads and verifies every file of the bundle at `path`, parsing config and vocabulary.
+
+    Raises BundleError naming the file that is missing, corrupted or invalid.
+    """
+    manifest, contents = _read_verified(path)
+    config = _parse_config(path, contents[CONFIG])
+    try:
+        vocabulary = Vocabulary.from_json(contents[VOCAB].decode())
+    except (ValueError, KeyError, TypeError) as e:
+        raise BundleError(f"model bundle file {files.join(path, VOCAB)} is invalid: {e}") from e
+    if len(vocabulary) != config.vocab_size:
+        raise BundleError(f"model bundle {path}: vocab.json has {len(vocabulary)} tokens, config.json says {config.vocab_size}")
+    return BundleFiles(path, manifest, config, vocabulary, contents[WEIGHTS])
 
 
 def _read_verified(path: str) -> tuple[dict, dict[str, bytes]]:
@@ -152,38 +173,17 @@ def _parse_config(path: str, raw: bytes) -> ModelConfig:
     try:
         return ModelConfig.from_dict(json.loads(raw))
     except (ValueError, TypeError) as e:
-        raise BundleError(f"model bundle file {FileSystems.join(path, CONFIG)} is invalid: {e}") from e
+        raise BundleError(f"model bundle file {files.join(path, CONFIG)} is invalid: {e}") from e
 
 
-def load_bundle(path: str) -> Bundle:
-    """Reads, verifies and builds the model of the bundle at `path` (no network)."""
-    manifest, files = _read_verified(path)
-    config = _parse_config(path, files[CONFIG])
-    try:
-        vocabulary = Vocabulary.from_json(files[VOCAB].decode())
-    except (ValueError, KeyError, TypeError) as e:
-        raise BundleError(f"model bundle file {FileSystems.join(path, VOCAB)} is invalid: {e}") from e
-    if len(vocabulary) != config.vocab_size:
-        raise BundleError(f"model bundle {path}: vocab.json has {len(vocabulary)} tokens, config.json says {config.vocab_size}")
-    from batch_caption.model.show_and_tell import ShowAndTell
-
-    # The bundle carries trained weights for the whole model: never fetch the backbone's.
-    model = ShowAndTell(config, initial_encoder_weights=False)
-    model.build_all()
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, WEIGHTS)
-        with open(local, "wb") as f:
-            f.write(files[WEIGHTS])
-        try:
-            model.load_weights(local)
-        except Exception as e:  # h5py / Keras raise many types for a mismatched file
-            raise BundleError(f"model bundle file {FileSystems.join(path, WEIGHTS)} does not fit config.json: {e}") from e
-    return Bundle(model, vocabulary, config, manifest["bundle_id"], path)
+# Names that `model.load` defines (they build the model, so they need TensorFlow), still
+# reachable from here for callers that import them from this module.
+_IN_LOAD = ("Bundle", "load_bundle", "load_captioner")
 
 
-def load_captioner(path: str, decode=None):
-    """Convenience: a `Captioner` over the bundle at `path`."""
-    from batch_caption.model.captioner import Captioner
+def __getattr__(name: str):
+    if name in _IN_LOAD:
+        from batch_caption.model import load
 
-    b = load_bundle(path)
-    return Captioner(b.model, b.vocabulary, decode, b.bundle_id)
+        return getattr(load, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

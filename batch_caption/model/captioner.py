@@ -28,6 +28,26 @@ class Caption:
     score: float
 
 
+def search_features(model: ShowAndTell, features, decode: DecodeConfig) -> BeamSearchResult:
+    """The beam search `decode` asks for, from pooled image features [B, F] (graph code).
+
+    The one place decode settings become beam_search arguments: the Captioner runs it
+    after its encoder, training's sample captions on a features dataset run it alone.
+    """
+    return beam_search(
+        model.step,
+        model.initial_state(features),
+        start_id=V.START_ID,
+        end_id=V.END_ID,
+        pad_id=V.PAD_ID,
+        beam_size=decode.beam_size,
+        max_length=decode.max_length,
+        num_results=decode.num_alternatives,
+        alpha=decode.length_normalization,
+        min_words=1,  # an empty caption is never an answer
+    )
+
+
 class Captioner:
     """Captions batches of images with a trained `ShowAndTell` model.
 
@@ -46,7 +66,7 @@ class Captioner:
         size = model.config.image_size
         # The batch axis is None: any batch size runs the one trace. No autograph: the
         # graph code has no Python control flow on tensors (beam search calls
-        # tf.while_loop itself), and converting it took ~2/3 of the trace time.
+        # tf.while_loop itself), so converting it would only add tracing work.
         self._search = tf.function(
             self._search_graph,
             input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)],
@@ -72,20 +92,7 @@ class Captioner:
         self._search(np.zeros([1, s, s, 3], np.uint8))
 
     def _search_graph(self, images) -> BeamSearchResult:
-        d = self.decode
-        state = self.model.initial_state(self.model.encode(images))
-        return beam_search(
-            self.model.step,
-            state,
-            start_id=V.START_ID,
-            end_id=V.END_ID,
-            pad_id=V.PAD_ID,
-            beam_size=d.beam_size,
-            max_length=d.max_length,
-            num_results=d.num_alternatives,
-            alpha=d.length_normalization,
-            min_words=1,  # an empty caption is never an answer
-        )
+        return search_features(self.model, self.model.encode(images), self.decode)
 
     def search(self, images: np.ndarray) -> BeamSearchResult:
         """uint8 [B, S, S, 3] -> BeamSearchResult of numpy arrays (see beam_search)."""

@@ -23,8 +23,8 @@ ENCODERS = (
 
 # Channels of small_cnn's last block: its features are small_cnn_grid² x this.
 SMALL_CNN_CHANNELS = 128
-# small_cnn's pooled grid side when nothing says otherwise: also what a bundle, dataset or
-# training run written before the grid was configurable used.
+# small_cnn's pooled grid side when nothing says otherwise, including a bundle, dataset or
+# train_config.json that records no grid.
 DEFAULT_SMALL_CNN_GRID = 4
 
 FORMAT_VERSION = 1

@@ -15,6 +15,7 @@ import tempfile
 import keras
 from keras import layers, ops
 
+from batch_caption import files
 from batch_caption.model.config import SMALL_CNN_CHANNELS, ModelConfig
 
 # name -> (keras.applications constructor, preprocessing of float pixels in [0, 255]).
@@ -43,8 +44,8 @@ def _preprocess(x, mode: str):
 def _small_cnn(x, grid: int):
     """A 4-block conv net for tests and small data: [B, S, S, 3] in [0, 255] -> [B, grid²·128].
 
-    Strided convolutions rather than max pooling: on CPU, max-pool gradients made
-    training ~5x slower for the same depth. Pooled to a grid (`ModelConfig.small_cnn_grid`,
+    Strided convolutions rather than max pooling: max-pool gradients are expensive on
+    CPU, where this net trains. Pooled to a grid (`ModelConfig.small_cnn_grid`,
     default 4x4) rather than globally: captions state where things are ("to the left
     of"), and a global average throws position away.
     """
@@ -88,13 +89,10 @@ def build_backbone(config: ModelConfig, load_weights: bool = True) -> keras.Mode
 
 
 def _load_weights_file(backbone: keras.Model, path: str) -> None:
-    from batch_caption.model import bundle  # local: bundle imports the model modules
-
-    data = bundle.read_bytes(path)
+    data = files.read_bytes(path)
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "backbone.weights.h5")
-        with open(local, "wb") as f:
-            f.write(data)
+        files.write_bytes(local, data)
         try:
             backbone.load_weights(local)
         except Exception as e:  # h5py/keras raise many types for a wrong file

@@ -127,8 +127,8 @@ class ShowAndTell(keras.Model):
     def build_all(self):
         """Creates every weight (needed before loading weights), without running the network.
 
-        Each layer is built from its input shape, as a first call would build it: a dummy
-        forward pass cost ~0.3 s of every job's start for nothing.
+        Each layer is built from its input shape, as a first call would build it, so the
+        job's start runs no dummy forward pass.
         """
         e = self.config.embedding_size
         # In the model's name scope, as in a call: the variables keep their paths

@@ -6,6 +6,9 @@
     input.py     tf.data: records -> (image | features, caption) pairs -> padded batches
     optim.py     learning-rate schedule, optimizers that do not re-aggregate, clipping
     loop.py      the custom loop: distributed step, checkpoints, eval, summaries, export
+    stop.py      SIGTERM / SIGINT -> a stop flag every worker acts on after the same step
+    samples.py   sample captions of validation images for TensorBoard
+    result.py    TrainResult (OUTPUT/result.json) and the weights digest
     scene_encoder.py  CNN pretraining on synthetic scenes' facts (the offline stand-in for
                  ImageNet): `python -m batch_caption.training.scene_encoder`
 

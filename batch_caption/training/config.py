@@ -1,7 +1,7 @@
 """TrainConfig: the options of one training run, frozen and validated.
 
 Validation here needs neither TensorFlow nor the dataset, so `python -m batch_caption.train`
-rejects bad flags in milliseconds. What depends on the dataset (image size, encoder of a
+rejects bad flags before any training work. What depends on the dataset (image size, encoder of a
 features dataset, splits) is checked by `dataset.resolve_model_config`.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
+from batch_caption import files
 from batch_caption.cli import UsageError  # noqa: F401  (re-exported: raised by TrainConfig)
 from batch_caption.model.config import ENCODERS, IMAGE_INPUTS
 
@@ -168,25 +168,18 @@ class TrainConfig:
 
     @property
     def export_path(self) -> str:
-        return self.export or join(self.output, "export")
+        return self.export or files.join(self.output, "export")
 
     @property
     def checkpoint_dir(self) -> str:
-        return join(self.output, "checkpoints")
+        return files.join(self.output, "checkpoints")
 
     @property
     def log_dir(self) -> str:
-        return join(self.output, "logs")
+        return files.join(self.output, "logs")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-
-def join(base: str, *names: str) -> str:
-    """Joins path parts for local paths and URLs (gs://...) alike."""
-    if "://" in base:
-        return "/".join([base.rstrip("/"), *names])
-    return os.path.join(base, *names)

@@ -1,8 +1,7 @@
 """The custom training loop: one code path for every tf.distribute strategy.
 
-Why not `model.fit`: Keras 3's fit breaks under MultiWorkerMirroredStrategy, clips
-gradients per replica before summing them, and its checkpoint/TensorBoard callbacks have
-no notion of a chief. Here Keras supplies layers, optimizers and weight files; the loop is
+Not `model.fit`: Keras 3's fit breaks under MultiWorkerMirroredStrategy, clips gradients
+per replica before summing them, and its callbacks have no notion of a chief. The loop is
 `strategy.run(replica_step)` inside one `tf.function` per training stage:
 
     replica_step(batch [per-replica B], stop flag):
@@ -14,129 +13,40 @@ no notion of a chief. Here Keras supplies layers, optimizers and weight files; t
         optimizer.apply (optim.PreReduced*: no second aggregation)
         BN moving stats <- their mean over replicas (Keras keeps them per replica)
 
-With one replica the all-reduce is the identity, so this is exactly the plain
-mean-token-loss step. No XLA (`jit_compile`): collectives cannot run inside it on CPU.
-
-Training stages: with --fine_tune_after_steps K the CNN is frozen for steps [0, K) and
-trained from K on with its own optimizer at learning_rate * encoder_lr_multiplier (a
-separate tf.function is traced for each stage, because Keras bakes `trainable` in).
-
-Checkpoints (tf.train.Checkpoint: model, optimizer(s), step) go to OUTPUT/checkpoints on
-the chief; other workers must save too (saving may involve collectives) and write to a
-temporary directory that they delete at the end. Every worker restores from the chief's
-directory, so OUTPUT must be shared storage (e.g. gs://) in a multi-machine cluster. A
-restart resumes at the checkpoint's step; the data order is reseeded from (seed, step)
-rather than replayed, since iterator state (the shuffle buffers) is not checkpointed.
-
-Stop requests: SIGTERM (preemption) or SIGINT sets a flag that enters the next step's
-all-reduce, so every worker stops after the same step; each saves a checkpoint of that step
-and `run` returns with `preempted` set (the CLI exits with code 75 by default). A second
-signal acts immediately. SIGKILL loses at most the steps since the last checkpoint.
+With one replica this is exactly the plain mean-token-loss step. No XLA: collectives
+cannot run inside it on CPU. With --fine_tune_after_steps K the CNN is frozen for steps
+[0, K), then trained by its own optimizer (one tf.function per stage: Keras bakes
+`trainable` in). Checkpoints go to OUTPUT/checkpoints on the chief and to a private
+temporary directory on other workers (saving may run collectives); every worker restores
+from the chief's, so OUTPUT must be shared storage across machines. A resumed run reseeds
+the data order from (seed, step): shuffle buffers are not checkpointed. Stop requests
+(SIGTERM, SIGINT): see `training.stop`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
 import shutil
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from batch_caption.data.tfrecord import parse_example
-from batch_caption.model import vocab as V
-from batch_caption.model.beam_search import BeamSearchResult, beam_search
+from batch_caption import files
 from batch_caption.model.bundle import save_bundle
-from batch_caption.model.captioner import Captioner
-from batch_caption.model.config import DecodeConfig, ModelConfig
+from batch_caption.model.config import ModelConfig
 from batch_caption.model.show_and_tell import ShowAndTell, caption_loss
 from batch_caption.training import input as data_input
 from batch_caption.training import optim
-from batch_caption.training.config import TrainConfig, TrainingError, UsageError, join
+from batch_caption.training.config import TrainConfig, TrainingError, UsageError
 from batch_caption.training.preflight import TRAIN_CONFIG_NAME, DatasetSpec, train_config_json
+from batch_caption.training.result import RESULT_NAME, TrainResult, weights_digest
+from batch_caption.training.samples import SampleCaptions
+from batch_caption.training.stop import StopRequest
 from batch_caption.training.strategy import Role
-
-RESULT_NAME = "result.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainResult:
-    """What a run did (also OUTPUT/result.json, written by the chief).
-
-    step: the last step trained (== steps unless preempted); loss: mean token loss of
-    that step; val_loss: last validation loss (None without evaluation); resumed_from:
-    checkpoint step the run started from (None for a fresh run); preempted: stopped by
-    a signal after saving; weights_digest: sha256 over this process's copy of every model
-    variable (equal on all workers of a synchronous run).
-    """
-
-    step: int
-    steps: int
-    loss: float | None
-    val_loss: float | None
-    examples_per_second: float | None
-    resumed_from: int | None
-    preempted: bool
-    is_chief: bool
-    checkpoint: str | None
-    export_path: str | None
-    bundle_id: str | None
-    weights_digest: str
-    elapsed_seconds: float
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-class StopRequest:
-    """SIGTERM / SIGINT -> a flag the loop checks every step (a context manager).
-
-    The first signal only sets `signum`; the previous handler is put back at once, so a
-    second signal acts as it normally would (kills the process).
-    """
-
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-        self.signals = signals
-        self.signum: int | None = None
-        self._previous: dict = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
-            for s in self.signals:
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        return False
-
-
-def weights_digest(model: keras.Model) -> str:
-    """sha256 over every variable of `model`: path, dtype, shape and bytes, in path order."""
-    h = hashlib.sha256()
-    for w in sorted(model.weights, key=lambda w: w.path):
-        value = np.ascontiguousarray(keras.ops.convert_to_numpy(w.value))
-        h.update(f"{w.path}|{value.dtype.str}|{value.shape}\n".encode())
-        h.update(value.tobytes())
-    return h.hexdigest()
-
 
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -187,7 +97,7 @@ class Trainer:
         self.writer = tf.summary.create_file_writer(config.log_dir) if role.is_chief else tf.summary.create_noop_writer()
         self._train_steps: dict[bool, Callable] = {}
         self._eval_step = None
-        self._samples = None
+        self._samples = SampleCaptions(self.model, spec, config.eval_split, config.num_samples, self.key)
 
     # --- setup -----------------------------------------------------------------------
     def _build_model(self):
@@ -298,60 +208,13 @@ class Trainer:
             tf.summary.scalar("val/loss", val_loss, step=step)
         line = f"eval step {step}: val loss {val_loss:.4f} ({int(total[1])} tokens)"
         if self.role.is_chief and self.config.num_samples:
-            table, first = self._sample_captions()
+            table, first = self._samples.table()
             with self.writer.as_default():
                 tf.summary.text("val/samples", table, step=step)
             line += f"  sample: {first}"
         self.writer.flush()
         self.log(line)
         return val_loss
-
-    def _load_samples(self):
-        """The first num_samples records of the eval split: inputs [n, ...] and references."""
-        info, n = self.spec.info, self.config.num_samples
-        ds = tf.data.TFRecordDataset(list(self.spec.files[self.config.eval_split])).take(n)
-        xs, refs, ids = [], [], []
-        for ex in ds.map(lambda s: parse_example(s, info)):
-            xs.append(ex["image" if self.key == "images" else "features"].numpy())
-            refs.append([self.spec.vocabulary.decode(c) for c in ex["captions"].to_list()])
-            ids.append(int(ex["image_id"]))
-        max_len = info.max_length + 1
-        decoders = {"greedy": DecodeConfig(beam_size=1, max_length=max_len, num_alternatives=1),
-                    "beam 3": DecodeConfig(beam_size=3, max_length=max_len, num_alternatives=1)}
-        captioners = {name: Captioner(self.model, self.spec.vocabulary, d) for name, d in decoders.items()}
-        if self.key == "features":
-            # A features dataset holds no pixels: search from the features (the Captioner's
-            # search minus its encoder), and let the Captioner format the result.
-            searches = {name: self._features_search(d) for name, d in decoders.items()}
-        else:
-            searches = {name: c.search for name, c in captioners.items()}
-        self._samples = (np.stack(xs), refs, ids, captioners, searches)
-
-    def _features_search(self, d: DecodeConfig):
-        model = self.model
-
-        # A dynamic batch dimension, as in the Captioner: beam search's loop needs it.
-        @tf.function(input_signature=[tf.TensorSpec([None, model.feature_size], tf.float32)])
-        def search(features):
-            return beam_search(model.step, model.initial_state(features), start_id=V.START_ID, end_id=V.END_ID,
-                               pad_id=V.PAD_ID, beam_size=d.beam_size, max_length=d.max_length,
-                               num_results=d.num_alternatives, alpha=d.length_normalization,
-                               min_words=1)  # as the Captioner: never an empty caption
-
-        return lambda x: BeamSearchResult(*(t.numpy() for t in search(tf.constant(x))))
-
-    def _sample_captions(self) -> tuple[str, str]:
-        """Markdown table of sample captions (TensorBoard text), and the first one as a line."""
-        if self._samples is None:
-            self._load_samples()
-        xs, refs, ids, captioners, searches = self._samples
-        columns = {name: [row[0].text if row else "" for row in captioners[name].to_captions(search(xs))]
-                   for name, search in searches.items()}
-        header = "| image | " + " | ".join(columns) + " | reference |\n|---|" + "---|" * (len(columns) + 1) + "\n"
-        rows = [f"| {ids[i]} | " + " | ".join(c[i] for c in columns.values()) + f" | {refs[i][0] if refs[i] else ''} |"
-                for i in range(len(ids))]
-        first = ", ".join(f'{name} "{c[0]}"' for name, c in columns.items()) + f' (ref "{refs[0][0] if refs[0] else ""}")'
-        return header + "\n".join(rows), first
 
     # --- the loop --------------------------------------------------------------------
     def restore(self) -> int:
@@ -374,7 +237,7 @@ class Trainer:
         resumed_from = step or None
         if self.role.is_chief:
             tf.io.gfile.makedirs(c.output)
-            with tf.io.gfile.GFile(join(c.output, TRAIN_CONFIG_NAME), "w") as f:
+            with tf.io.gfile.GFile(files.join(c.output, TRAIN_CONFIG_NAME), "w") as f:
                 f.write(train_config_json(c, self.model_config))
         self.log(f"training {self.model_config.encoder} {self.key} on {self.spec.path}: steps {step}..{c.steps}, "
                  f"global batch {c.global_batch_size} over {self.replicas} replica(s) "
@@ -447,7 +310,7 @@ class Trainer:
             elapsed_seconds=round(time.monotonic() - started, 3),
         )
         if self.role.is_chief:
-            with tf.io.gfile.GFile(join(c.output, RESULT_NAME), "w") as f:
+            with tf.io.gfile.GFile(files.join(c.output, RESULT_NAME), "w") as f:
                 f.write(json.dumps(result.to_dict(), indent=2, sort_keys=True))
         self.log(f"{'stopped' if preempted else 'finished'} at step {step}: loss "
                  f"{'n/a' if loss is None else f'{loss:.4f}'}, weights sha256 {result.weights_digest}", every_worker=True)

@@ -8,20 +8,20 @@ before the strategy is created and before any training work.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 from collections.abc import Mapping
 
+from batch_caption import files
 from batch_caption.data.tfrecord import INFO_NAME, VOCAB_NAME, DatasetInfo
 from batch_caption.model.config import DEFAULT_SMALL_CNN_GRID, SMALL_CNN_CHANNELS, ModelConfig
 from batch_caption.model.vocab import Vocabulary
-from batch_caption.training.config import TrainConfig, UsageError, join
+from batch_caption.training.config import TrainConfig, UsageError
 
 TRAIN_CONFIG_NAME = "train_config.json"
 # Fields that fix the shapes of the checkpointed variables: a resumed run must match them.
 _ARCHITECTURE = ("vocab_size", "encoder", "image_size", "small_cnn_grid", "image_input", "embedding_size", "lstm_units")
-# What a train_config.json written before a field existed means by its absence.
+# A model field that a train_config.json lacks means that field's default.
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
@@ -38,66 +38,36 @@ class DatasetSpec:
     files: Mapping[str, tuple[str, ...]]
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
-def _read_text(path: str) -> str:
-    if not _is_remote(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return f.read().decode("utf-8")
-
-
-def _exists(path: str) -> bool:
-    if not _is_remote(path):
-        return os.path.exists(path)
-    from apache_beam.io.filesystems import FileSystems
-
-    return FileSystems.exists(path)
-
-
-def _glob(pattern: str) -> list[str]:
-    if not _is_remote(pattern):
-        return glob.glob(pattern)
-    from apache_beam.io.filesystems import FileSystems
-
-    return [m.path for r in FileSystems.match([pattern]) for m in r.metadata_list]
-
-
 def read_dataset(path: str) -> DatasetSpec:
     """Reads dataset.json and vocab.json and lists every split's shards; UsageError if unfit."""
-    info_path = join(path, INFO_NAME)
-    if not _exists(info_path):
+    info_path = files.join(path, INFO_NAME)
+    if not files.exists(info_path):
         raise UsageError(f"no prepared dataset at {path} ({INFO_NAME} not found; make one with python -m batch_caption.prepare)")
     try:
-        info = DatasetInfo.from_json(_read_text(info_path))
+        info = DatasetInfo.from_json(files.read_text(info_path))
     except (ValueError, TypeError, KeyError) as e:
         raise UsageError(f"{info_path} is invalid: {e}") from e
-    vocab_path = join(path, VOCAB_NAME)
+    vocab_path = files.join(path, VOCAB_NAME)
     try:
-        vocabulary = Vocabulary.from_json(_read_text(vocab_path))
+        vocabulary = Vocabulary.from_json(files.read_text(vocab_path))
     except OSError as e:
         raise UsageError(f"cannot read {vocab_path}: {e}") from e
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{vocab_path} is invalid: {e}") from e
     if len(vocabulary) != info.vocab_size:
         raise UsageError(f"{vocab_path} has {len(vocabulary)} tokens but {INFO_NAME} says vocab_size {info.vocab_size}")
-    files = {}
+    shards = {}
     for split, meta in info.splits.items():
         names = (meta or {}).get("files")
         if names:
-            paths = [n if _is_remote(n) or os.path.isabs(n) else join(path, n) for n in names]
-            missing = [p for p in paths if not _exists(p)]
+            paths = [n if files.is_remote(n) or os.path.isabs(n) else files.join(path, n) for n in names]
+            missing = [p for p in paths if not files.exists(p)]
             if missing:
                 raise UsageError(f"split {split!r} of {path}: shard {missing[0]} is missing ({len(missing)} of {len(paths)})")
         else:
-            paths = _glob(join(path, f"{split}-*.tfrecord"))
-        files[split] = tuple(sorted(paths))
-    return DatasetSpec(path, info, vocabulary, files)
+            paths = files.matched(files.join(path, f"{split}-*.tfrecord"))
+        shards[split] = tuple(sorted(paths))
+    return DatasetSpec(path, info, vocabulary, shards)
 
 
 def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, ModelConfig, list[str]]:
@@ -163,7 +133,7 @@ def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, ModelC
         raise UsageError(str(e)) from e
     if model_config.encoder_weights == "imagenet" and model_config.encoder == "small_cnn":
         raise UsageError("small_cnn has no imagenet weights; use a weights file or none")
-    if model_config.encoder_weights not in (None, "imagenet") and not _exists(model_config.encoder_weights):
+    if model_config.encoder_weights not in (None, "imagenet") and not files.exists(model_config.encoder_weights):
         raise UsageError(f"--encoder_weights file {model_config.encoder_weights} does not exist")
     return config, model_config, notes
 
@@ -173,11 +143,11 @@ def check_output(config: TrainConfig, model_config: ModelConfig) -> bool:
 
     Returns True when OUTPUT already holds a run (it will be resumed).
     """
-    path = join(config.output, TRAIN_CONFIG_NAME)
-    if not _exists(path):
+    path = files.join(config.output, TRAIN_CONFIG_NAME)
+    if not files.exists(path):
         return False
     try:
-        previous = json.loads(_read_text(path))["model"]
+        previous = json.loads(files.read_text(path))["model"]
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise UsageError(f"{path} is unreadable ({e}); use a new --output") from e
     current = model_config.to_dict()

@@ -8,6 +8,7 @@ from helpers import varied_images
 from batch_caption.model import bundle as B
 from batch_caption.model.captioner import Captioner
 from batch_caption.model.config import DecodeConfig
+from batch_caption.model.load import load_bundle
 
 DECODE = DecodeConfig(beam_size=3, max_length=8, num_alternatives=2)
 
@@ -23,7 +24,7 @@ def _texts(captioner):
 def test_local_round_trip_gives_identical_captions_and_id(tiny_model, tiny_vocab, tmp_path):
     bundle_id = B.save_bundle(tiny_model, tiny_vocab, str(tmp_path / "b"))
     assert sorted(os.listdir(tmp_path / "b")) == sorted(B.CONTENT_FILES + (B.MANIFEST,))
-    loaded = B.load_bundle(str(tmp_path / "b"))
+    loaded = load_bundle(str(tmp_path / "b"))
     assert loaded.bundle_id == bundle_id and loaded.config == tiny_model.config
     assert _texts(Captioner(loaded.model, loaded.vocabulary, DECODE)) == _texts(Captioner(tiny_model, tiny_vocab, DECODE))
     # Saving the loaded model again reproduces the id (the id is content, not history).
@@ -33,7 +34,7 @@ def test_local_round_trip_gives_identical_captions_and_id(tiny_model, tiny_vocab
 def test_every_step_model_round_trips_and_its_beams_agree_alone_and_batched(every_step_model, tiny_vocab, tmp_path):
     model = every_step_model
     B.save_bundle(model, tiny_vocab, str(tmp_path / "b"))
-    loaded = B.load_bundle(str(tmp_path / "b"))
+    loaded = load_bundle(str(tmp_path / "b"))
     assert loaded.config.image_input == "every_step"
     captioner = Captioner(loaded.model, loaded.vocabulary, DECODE)
     batched = _texts(captioner)
@@ -49,7 +50,7 @@ def test_every_step_model_round_trips_and_its_beams_agree_alone_and_batched(ever
 def test_gcs_round_trip_through_filesystems(tiny_model, tiny_vocab, tmp_path, gcs_emulator):
     path = f"gs://{gcs_emulator}/models/tiny"
     bundle_id = B.save_bundle(tiny_model, tiny_vocab, path)
-    loaded = B.load_bundle(path)
+    loaded = load_bundle(path)
     assert loaded.bundle_id == bundle_id
     assert _texts(Captioner(loaded.model, loaded.vocabulary, DECODE)) == _texts(Captioner(tiny_model, tiny_vocab, DECODE))
     assert B.save_bundle(tiny_model, tiny_vocab, str(tmp_path / "local")) == bundle_id
@@ -69,7 +70,7 @@ def test_missing_file_is_named(tiny_bundle, tmp_path, name):
     shutil.copytree(tiny_bundle, path)
     os.remove(os.path.join(path, name))
     with pytest.raises(B.BundleError, match=f"{name}.*cannot be read"):
-        B.load_bundle(path)
+        load_bundle(path)
 
 
 @pytest.mark.parametrize("name", B.CONTENT_FILES)
@@ -81,7 +82,7 @@ def test_corrupted_file_is_named(tiny_bundle, tmp_path, name):
     data[len(data) // 2] ^= 0xFF
     open(target, "wb").write(bytes(data))
     with pytest.raises(B.BundleError, match=f"{name} is corrupted"):
-        B.load_bundle(path)
+        load_bundle(path)
 
 
 def test_invalid_manifest_is_named(tiny_bundle, tmp_path):
@@ -90,12 +91,12 @@ def test_invalid_manifest_is_named(tiny_bundle, tmp_path):
     with open(os.path.join(path, B.MANIFEST), "w") as f:
         json.dump({"format": "something else"}, f)
     with pytest.raises(B.BundleError, match="bundle.json is invalid"):
-        B.load_bundle(path)
+        load_bundle(path)
 
 
 def test_missing_bundle_directory(tmp_path):
     with pytest.raises(B.BundleError, match="bundle.json cannot be read"):
-        B.load_bundle(str(tmp_path / "nope"))
+        load_bundle(str(tmp_path / "nope"))
 
 
 def test_vocab_size_must_match(tiny_model, tmp_path):
