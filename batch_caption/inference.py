@@ -83,7 +83,7 @@ class CaptionModelHandler(_ImageBatchHandler):
 
     def load_now(self):
         """Loads and traces the captioner in the calling thread."""
-        from batch_caption.model.bundle import load_captioner
+        from batch_caption.model.load import load_captioner
 
         gcs.configure_for_emulator()
         with gc_frozen_after_first_load():

@@ -129,15 +129,15 @@ def test_the_first_batch_reports_the_load_and_its_wait(monkeypatch):
 
 _FIRST_LOADS = """
 import gc, json, sys
-import batch_caption.model.bundle as bundle
+import batch_caption.model.load as load
 from batch_caption.inference import CaptionModelHandler
 from batch_caption.model.config import DecodeConfig
 
-real, gc_on = bundle.load_captioner, []
+real, gc_on = load.load_captioner, []
 def spy(*args, **kwargs):
     gc_on.append(gc.isenabled())
     return real(*args, **kwargs)
-bundle.load_captioner = spy
+load.load_captioner = spy
 handler = CaptionModelHandler(sys.argv[1], DecodeConfig(), batch_size=2)
 assert gc.get_freeze_count() == 0
 handler.load_model().result()

@@ -16,7 +16,7 @@ from PIL import Image
 
 from batch_caption import images, run
 from batch_caption.job.config import default_batch_size
-from batch_caption.model.bundle import load_captioner
+from batch_caption.model.load import load_captioner
 from batch_caption.model.config import DecodeConfig
 from batch_caption.progress import Reporter
 

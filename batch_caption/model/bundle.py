@@ -175,15 +175,3 @@ def _parse_config(path: str, raw: bytes) -> ModelConfig:
     except (ValueError, TypeError) as e:
         raise BundleError(f"model bundle file {files.join(path, CONFIG)} is invalid: {e}") from e
 
-
-# Names that `model.load` defines (they build the model, so they need TensorFlow), still
-# reachable from here for callers that import them from this module.
-_IN_LOAD = ("Bundle", "load_bundle", "load_captioner")
-
-
-def __getattr__(name: str):
-    if name in _IN_LOAD:
-        from batch_caption.model import load
-
-        return getattr(load, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,88 @@
+"""The package's shape: modules small enough to read in one sitting, no import cycles."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "batch_caption"
+MAX_LINES = 400
+# Tables of scene vocabulary and the metric plumbing: long, but one job each.
+LONG_MODULES_ALLOWED = {"data/scenes.py", "evaluate.py"}
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    """Dotted module name -> file, for every .py file of the package."""
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
+    return found
+
+
+def _imported(module: str, path: pathlib.Path, known: set[str]) -> set[str]:
+    """The package modules `module` imports anywhere in its file, function bodies included."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            # `from pkg import name` imports pkg.name when that is a module, else pkg.
+            names.update(f"{target}.{a.name}" if f"{target}.{a.name}" in known else target for a in node.names)
+    return {n for n in names if n in known and n != module}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycle_in_the_package():
+    modules = _modules()
+    graph = {m: _imported(m, p, set(modules)) for m, p in modules.items()}
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+@pytest.mark.parametrize("name", sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")))
+def test_module_is_short(name):
+    lines = len((PACKAGE / name).read_text().splitlines())
+    if name in LONG_MODULES_ALLOWED:
+        return
+    assert lines <= MAX_LINES, f"{name} has {lines} lines; split it by what its parts do"
