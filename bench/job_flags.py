@@ -1,47 +1,70 @@
 """The captioning job under several sets of flags, side by side in one process.
 
     python bench/job_flags.py [--images 2000] [--size 256] [--corpus small|large] [--rounds 3]
+                              [--latency_ms MS] [--out FILE] [--fold NAME]
                               [--variants "--batch_size 32" "--batch_size 128" ...]   (--variants last)
-                              [--out bench/results/job_flags.json]
 
-Runs the real job (`batch_caption.run.run`, DirectRunner in memory, bundled default model)
-over the fixed small corpus (`corpora.small_images`; `--corpus large`: the 12 MP photos of
-`corpora.large_photos`) once per variant per round,
-alternating (A B C A B C ...), after one untimed warm-up run, and reports for each variant
-the median images/s, steady (elapsed minus the wait for the model load + trace, as in job_vs_ceiling.py)
-and wall (the whole `run.run` call), CPU ms per image (all threads, the whole call), and
-the ratio of its steady rate to the first variant's. An empty string is the job's defaults.
-Every variant must give the same captions (checked; exit 1 if not).
+Runs the real job (`batch_caption.run`, DirectRunner in memory, bundled default model)
+over a fixed corpus (`corpora`: small synthetic scenes, or with `--corpus large` the 12 MP
+photos) once per variant per round, alternating (A B C A B C ...) after one untimed
+warm-up run, and reports for each variant the median images/s, steady (elapsed minus the
+wait for the model load) and wall (the whole `run.run` call), CPU ms per image (all
+threads, the whole call), and its steady rate over the first variant's. An empty string
+is the job's defaults. Every variant must give the same captions (checked; exit 1 if not).
+
+`--latency_ms` reads the corpus through `slowfs://`, the local filesystem with a fixed
+sleep before every open (an object store's time to first byte; matching is not delayed),
+e.g. to compare `--read_threads` values:
+
+    python bench/job_flags.py --images 500 --rounds 2 --latency_ms 30 --out bench/results/slow_storage.json \\
+        --variants "--read_threads 0" "--read_threads 2" "--read_threads 8" "--read_threads 16" "--read_threads 32"
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
-import statistics
 import sys
 import tempfile
+import time
 
-from _common import read_run, write_report
-
+import _common as c
 import corpora
-from job_vs_ceiling import job_rates, job_round
+
+SCHEME = "slowfs"
 
 
-def flags_round(input_dir: str, work: str, run_id: str, flags: str) -> dict:
-    """One job run (job_vs_ceiling.job_round) plus its rates, options and captions."""
-    job = job_round(input_dir, work, run_id, shlex.split(flags))
-    run_dir = os.path.join(work, f"run={run_id}")
-    with open(os.path.join(run_dir, "manifest.json")) as f:
-        job["options"] = json.load(f)["options"]
-    captions, _ = read_run(run_dir)
-    shutil.rmtree(run_dir)
-    job["steady_images_per_s"], job["wall_images_per_s"] = job_rates(job)
-    job["captions"] = {os.path.basename(p): r["caption"] for p, r in captions.items()}
-    return job
+def register_slow_filesystem(latency_s: float) -> None:
+    """Defines (once) and configures the slowfs:// FileSystem: Beam finds FileSystem
+    subclasses by their scheme, in this process (the in-memory runner's)."""
+    from apache_beam.io.filesystem import FileMetadata, MatchResult
+    from apache_beam.io.localfilesystem import LocalFileSystem
+
+    global SlowFileSystem
+    if "SlowFileSystem" not in globals():
+        prefix = SCHEME + "://"
+
+        class SlowFileSystem(LocalFileSystem):
+            latency_s = 0.0
+
+            @classmethod
+            def scheme(cls):
+                return SCHEME
+
+            def match(self, patterns, limits=None):
+                results = super().match([p[len(prefix):] for p in patterns], limits)
+                return [MatchResult(prefix + r.pattern,
+                                    [FileMetadata(prefix + m.path, m.size_in_bytes, m.last_updated_in_seconds)
+                                     for m in r.metadata_list]) for r in results]
+
+            def open(self, path, *args, **kwargs):
+                time.sleep(type(self).latency_s)
+                return super().open(path[len(prefix):], *args, **kwargs)
+
+        globals()["SlowFileSystem"] = SlowFileSystem
+    SlowFileSystem.latency_s = latency_s
 
 
 def main(argv=None) -> int:
@@ -50,7 +73,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256, help="corpus image side in pixels")
     corpora.add_corpus_flag(p, " (e.g. --images 200)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "job_flags.json"))
+    p.add_argument("--latency_ms", type=float, default=None, help="read through slowfs://: a sleep before every open")
+    c.add_out_flags(p, "job_flags")
     p.add_argument("--variants", nargs="*", default=["--batch_size 32", "--batch_size 64", "--batch_size 128"],
                    help="last: every argument after it is one variant's flag string (\"\" = the defaults, "
                         "\"--no-dedupe\" ...); the first is the reference")
@@ -66,57 +90,46 @@ def main(argv=None) -> int:
 
     paths = corpora.by_flag(args.corpus, args.images, args.size)
     input_dir = os.path.dirname(paths[0])
-    from batch_caption import run
-
-    # A variant the job's flag parser or model check refuses stops here, not after the
-    # other variants' rounds; so does one that sets what job_round sets itself.
-    fixed = ["--input", input_dir, "--output", "unset-output", "--run_id", "unset"]
-    plain = run.parse(fixed)[0]
+    # A variant the job refuses stops here, not after the other variants' rounds.
     for flags in args.variants:
-        try:
-            config = run.parse([*fixed, *shlex.split(flags)])[0]
-            run.check_model(config.model)
-        except run.UsageError as e:
-            p.error(f"variant {flags!r}: {e}")
-        if (config.inputs, config.input_lists, config.output, config.run_id) != (
-                plain.inputs, plain.input_lists, plain.output, plain.run_id):
-            p.error(f"variant {flags!r} sets the input, --output or --run_id, which the benchmark sets")
+        why = c.check_variant(input_dir, flags)
+        if why:
+            p.error(f"variant {flags!r}: {why}")
+    if args.latency_ms is not None:
+        register_slow_filesystem(args.latency_ms / 1000)
+        input_dir = f"{SCHEME}://{input_dir}/*.jpg"
     work = tempfile.mkdtemp(prefix="bench_flags_")
-    runs: list[list[dict]] = [[] for _ in args.variants]
     try:
-        flags_round(input_dir, work, "warm", args.variants[0])  # imports, first TensorFlow use
-        for r in range(args.rounds):
-            for i, flags in enumerate(args.variants):
-                runs[i].append(flags_round(input_dir, work, f"r{r}v{i}", flags))
-                print(f"round {r}: [{flags}] {runs[i][-1]['steady_images_per_s']:.1f} img/s steady", file=sys.stderr)
+        c.job_round(input_dir, work, "warm", shlex.split(args.variants[0]))  # imports, first TensorFlow use
+        sides = {flags: lambda r, i=i, flags=flags: c.job_round(input_dir, work, f"r{r}v{i}", shlex.split(flags),
+                                                                captions=True)
+                 for i, flags in enumerate(args.variants)}
+        runs = c.alternate(args.rounds, sides, log=c.log_round)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def median(i: int, key: str) -> float:
-        return statistics.median(j[key] for j in runs[i])
-
-    reference = runs[0][0]["captions"]
-    same = all(j["captions"] == reference for js in runs for j in js)
-    base = median(0, "steady_images_per_s")
-    variants = []
-    for i, flags in enumerate(args.variants):
-        variants.append({
+    reference = runs[args.variants[0]][0]["captions"]
+    same = all(j["captions"] == reference for js in runs.values() for j in js)
+    base = c.median(runs[args.variants[0]], lambda j: j["steady_images_per_s"])
+    report = []
+    for flags, js in runs.items():
+        steady = c.median(js, lambda j: j["steady_images_per_s"])
+        report.append({
             "flags": flags,
-            "steady_images_per_s": median(i, "steady_images_per_s"),
-            "wall_images_per_s": median(i, "wall_images_per_s"),
-            "cpu_ms_per_image": 1000 * statistics.median(j["cpu_s"] / j["captioned"] for j in runs[i]),
-            "steady_over_first": median(i, "steady_images_per_s") / base,
-            "rounds": [{k: v for k, v in j.items() if k != "captions"} for j in runs[i]],
+            "steady_images_per_s": steady,
+            "wall_images_per_s": c.median(js, lambda j: j["wall_images_per_s"]),
+            "cpu_ms_per_image": 1000 * c.median(js, lambda j: j["cpu_s"] / j["captioned"]),
+            "steady_over_first": steady / base,
+            "rounds": [{k: v for k, v in j.items() if k != "captions"} for j in js],
         })
     print(f"\n| flags | steady img/s (median of {args.rounds}) | wall img/s | CPU ms / image | steady / first |")
     print("| --- | --- | --- | --- | --- |")
-    for v in variants:
+    for v in report:
         print(f"| `{v['flags'] or '(defaults)'}` | {v['steady_images_per_s']:.1f} | {v['wall_images_per_s']:.1f} | "
               f"{v['cpu_ms_per_image']:.2f} | {v['steady_over_first']:.2f}x |")
-    what = f"{args.size} px" if args.corpus == "small" else "4000x3000"
-    print(f"\n{args.images} images of {what}; same captions in every run: {same}")
-    write_report(args.out, argv, "job_flags.py",
-                 {"settings": vars(args), "corpus": input_dir, "same_captions_in_every_run": same, "variants": variants})
+    print(f"\n{args.images} images ({args.corpus} corpus); same captions in every run: {same}")
+    c.write_report(args, argv, "job_flags.py",
+                   {"settings": vars(args), "corpus": input_dir, "same_captions_in_every_run": same, "variants": report})
     return 0 if same else 1
 
 

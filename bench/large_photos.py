@@ -2,23 +2,18 @@
 
     python bench/large_photos.py [--n 200] [--rounds 3] [--out bench/results/large_photos.json]
 
-The real job (`batch_caption.run.run`, DirectRunner in its default in-memory mode, the
-bundled default model) captions the same corpus of `--n` generated 4000x3000 JPEGs
-(`corpora.large_photos`) with `--draft` and with `--no-draft`, alternating (draft, full,
-draft, full, ...) in one process after an untimed warm-up run of each on a few photos, so
-both see the same machine load and neither pays the one-time imports. Throughput is the
-job's own: inputs / the manifest's `elapsed_seconds` (pipeline start to manifest written,
-model load included); a timed run of `--warmup` photos per mode also gives each run's fixed
-cost (Beam start-up, the model load's CPU), and the rate without it:
-(n - warmup) / (T(n) - T(warmup)), T a run's steady time (elapsed - `model_wait_ms`): a
-short run waits for the whole load, which a long one hides behind decoding, so elapsed
-times would credit the long run with that difference. Reports the median images/s of each, their ratio
-(the issue's target: draft >= 3x full), and compares the two modes' captions file by file (last
-round): how many are identical, and every one that differs.
-
-As context, decoding alone: `images.decode_image` of every photo's bytes (already in
-memory) at the model's input size, draft and full alternately, median ms per image, and
-the mean / max absolute pixel difference between the two outputs.
+The real job (`batch_caption.run`, DirectRunner in memory, bundled default model) captions
+the same `--n` generated 4000x3000 JPEGs (`corpora.large_photos`) with `--draft` and with
+`--no-draft`, alternating in one process after an untimed warm-up run of each on a few
+photos, so both see the same machine load and neither pays the one-time imports.
+Throughput is the job's own: inputs / the manifest's `elapsed_seconds` (model load
+included). A timed run of `--warmup` photos per mode gives each run's fixed cost, and the
+rate without it: (n - warmup) / (T(n) - T(warmup)), T a run's steady time (elapsed -
+`model_wait_ms`; a short run waits for the whole load, which a long one hides behind
+decoding). Reports the median images/s of each, their ratio, and the two modes' captions
+compared file by file (last round). As context, `images.decode_image` alone on every
+photo's bytes, draft and full alternately: median ms per image and the mean / max absolute
+pixel difference of the two outputs.
 """
 
 from __future__ import annotations
@@ -32,28 +27,24 @@ import tempfile
 import time
 
 import numpy as np
-from _common import read_run, steady_seconds, write_report
+
+import _common as c
 from corpora import large_photos
 
 MODES = {"draft": ["--draft"], "full": ["--no-draft"]}
 
 
 def _job(inputs: list[str], out: str, run_id: str, mode: str, batch_size: int | None) -> dict:
-    from batch_caption import run
-
     argv = [a for p in inputs for a in ("--input", p)]
     argv += ["--output", out, "--run_id", run_id, *MODES[mode]]
     if batch_size is not None:
         argv += ["--batch_size", str(batch_size)]
-    manifest = run.run(argv)
-    captions, errors = read_run(os.path.join(out, f"run={run_id}"))
+    manifest = c.run_job(argv)
+    captions, errors = c.read_run(os.path.join(out, f"run={run_id}"))
     return {"manifest": manifest, "captions": captions, "errors": errors}
 
 
 def _decode_timing(paths: list[str], image_size: int) -> dict:
-    from batch_caption import images
-
-    configs = {mode: images.ImageConfig(image_size=image_size, draft=(mode == "draft")) for mode in MODES}
     ms: dict[str, list[float]] = {mode: [] for mode in MODES}
     diffs_mean, diffs_max = [], []
     for i, path in enumerate(paths):
@@ -63,9 +54,9 @@ def _decode_timing(paths: list[str], image_size: int) -> dict:
         pixels = {}
         for mode in order:
             start = time.perf_counter()
-            decoded = images.decode_image(data, configs[mode])
+            decoded = c.decode(data, image_size, draft=(mode == "draft"))
             ms[mode].append((time.perf_counter() - start) * 1e3)
-            pixels[mode] = decoded.pixels.astype(np.int16)
+            pixels[mode] = decoded.astype(np.int16)
         diff = np.abs(pixels["draft"] - pixels["full"])
         diffs_mean.append(float(diff.mean()))
         diffs_max.append(int(diff.max()))
@@ -86,15 +77,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=4, help="photos in the untimed warm-up run of each mode")
     p.add_argument("--batch_size", type=int, default=None, help="the job's --batch_size (default: the job's own)")
     p.add_argument("--root", default=None, help="corpus cache (default bench/.corpus)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "large_photos.json"))
+    c.add_out_flags(p, "large_photos")
     args = p.parse_args(argv)
 
     paths = large_photos(args.n, root=args.root)
     corpus_dir = os.path.dirname(paths[0])
-    from batch_caption import run
-    from batch_caption.model.bundle import verify_bundle
-
-    manifest, model_config = verify_bundle(run.DEFAULT_MODEL)
+    model_id, image_size = c.model_image_size(c.default_model())
     work = tempfile.mkdtemp(prefix="bench_large_")
     try:
         for mode in MODES:  # Beam and TensorFlow imports, first traces: paid once, untimed
@@ -102,7 +90,7 @@ def main(argv=None) -> int:
         small: dict[str, float] = {}  # steady seconds of a run of --warmup photos: the per-run fixed cost
         for mode in MODES:
             job = _job(paths[: args.warmup], os.path.join(work, "warmup"), f"small-{mode}", mode, args.batch_size)
-            small[mode] = steady_seconds(job["manifest"])
+            small[mode] = c.steady_seconds(job["manifest"])
         runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
         last: dict[str, dict] = {}
         unstable = {mode: set() for mode in MODES}  # paths whose caption changed between rounds of one mode
@@ -111,7 +99,7 @@ def main(argv=None) -> int:
                 job = _job([corpus_dir], os.path.join(work, "runs"), f"{mode}-{r}", mode, args.batch_size)
                 m = job["manifest"]
                 rate = m["counts"]["inputs"] / m["elapsed_seconds"]
-                runs[mode].append({"seconds": m["elapsed_seconds"], "steady_s": steady_seconds(m), "images_per_s": rate,
+                runs[mode].append({"seconds": m["elapsed_seconds"], "steady_s": c.steady_seconds(m), "images_per_s": rate,
                                    "captioned": m["counts"]["captioned"], "errors": job["errors"],
                                    "model_loads": m["metrics"].get("model_loads")})
                 print(f"round {r + 1}/{args.rounds} {mode}: {m['counts']['captioned']} captioned in "
@@ -138,9 +126,9 @@ def main(argv=None) -> int:
     for mode, rs in runs.items():
         extra = statistics.median(x["steady_s"] for x in rs) - small[mode]
         marginal[mode] = (len(paths) - args.warmup) / extra if extra > 0 and len(paths) > args.warmup else None
-    decode = _decode_timing(paths, model_config.image_size)
+    decode = _decode_timing(paths, image_size)
     report = {
-        "model": manifest["bundle_id"],
+        "model": model_id,
         "settings": vars(args),
         "corpus": {"dir": corpus_dir, "files": len(paths),
                    "mean_bytes": int(np.mean([os.path.getsize(x) for x in paths]))},
@@ -170,14 +158,14 @@ def main(argv=None) -> int:
     ratio = report["marginal_draft_over_full"]
     print(f"\ndraft / full: job {med['draft'] / med['full']:.2f}x "
           f"(without the fixed cost {f'{ratio:.2f}x' if ratio else '-'}), decode alone {decode['full_over_draft']:.2f}x "
-          f"({len(paths)} photos of 4000x3000, model input {model_config.image_size} px)")
-    c = report["captions"]
-    print(f"captions identical: {c['identical']}/{c['compared']} (max |score diff| {c['max_abs_score_diff']:.4f}); "
+          f"({len(paths)} photos of 4000x3000, model input {image_size} px)")
+    cap = report["captions"]
+    print(f"captions identical: {cap['identical']}/{cap['compared']} (max |score diff| {cap['max_abs_score_diff']:.4f}); "
           f"pixels |draft - full|: mean {decode['pixel_abs_diff']['mean']:.3f}, max {decode['pixel_abs_diff']['max']}; "
-          f"changed between rounds of one mode: {c['changed_between_rounds_of_one_mode']}")
+          f"changed between rounds of one mode: {cap['changed_between_rounds_of_one_mode']}")
     for d in differing:
         print(f"  {d['path']}: draft {d['draft']!r} ({d['draft_score']:.3f}) | full {d['full']!r} ({d['full_score']:.3f})")
-    write_report(args.out, argv, "large_photos.py", report)
+    c.write_report(args, argv, "large_photos.py", report)
     return 0
 
 

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 
-from _common import write_report
+import _common as c
 from corpora import small_images
 
 
@@ -70,7 +70,7 @@ def _rss_tree_kib(root: int) -> int:
 
 
 def _measure(cmd: list[str], log: str, interval: float) -> dict:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = c.child_env()
     samples: list[tuple[float, int]] = []
     with open(log, "w") as out:
         start = time.perf_counter()
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--image_px", type=int, default=64, help="side of the generated JPEG scenes")
     p.add_argument("--interval", type=float, default=0.25, help="seconds between /proc samples")
     p.add_argument("--root", default=None, help="corpus cache (default bench/.corpus)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "peak_memory.json"))
+    c.add_out_flags(p, "peak_memory")
     p.add_argument("--with_no_dedupe", action="store_true",
                    help="also run every size with --no-dedupe (isolates the dedupe shuffle's share of the peak)")
     p.add_argument("job_args", nargs="*", help="extra batch_caption.run / Beam flags (after --)")
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         tree = ratio["tree_rss_peak"]
         print(f"{variant}: {sizes[-1]:,} / {sizes[0]:,} images: ru_maxrss {ratio['ru_maxrss']:.2f}x, "
               f"tree peak {f'{tree:.2f}x' if tree else '-'} (target <= 1.1x)")
-    write_report(args.out, argv, "peak_memory.py", report)
+    c.write_report(args, argv, "peak_memory.py", report)
     return 0
 
 

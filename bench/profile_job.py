@@ -31,13 +31,12 @@ import sys
 import tempfile
 import time
 
+import _common as c
 import corpora
 
 
 def _job(input_dir: str, out: str, run_id: str, extra: list[str]) -> dict:
-    from batch_caption import run
-
-    return run.run(["--input", input_dir, "--output", out, "--run_id", run_id, *extra])
+    return c.run_job(["--input", input_dir, "--output", out, "--run_id", run_id, *extra])
 
 
 def warm_up_run(input_dir: str, out: str, extra: list[str]) -> None:
@@ -53,18 +52,6 @@ def measured_run(input_dir: str, out: str, extra: list[str]) -> None:
           f"model load + trace {load:.2f} s (the first batch waited {wait:.2f} s for it)", file=sys.stderr)
 
 
-# What `timeline` times: (class in batch_caption.pipeline or .inference, method, label).
-_PHASES = (
-    ("pipeline", "_MatchPatternFn", "process", "match"),
-    ("pipeline", "_HashFileFn", "_work", "hash (dedupe, pool threads)"),
-    ("inference", "CaptionModelHandler", "load_now", "model load + trace (its thread)"),
-    ("pipeline", "_ReadDecodeFn", "_work", "read + decode (pool threads)"),
-    ("inference", "CaptionModelHandler", "run_inference", "model, per batch"),
-    ("pipeline", "_WriteShardFn", "finish_bundle", "shards closed"),
-    ("pipeline", "_WriteManifestFn", "process", "manifest"),
-)
-
-
 def timeline(input_dir: str, out: str, extra: list[str]) -> list[tuple[str, int, float, float, float]]:
     """A warm run with the job's phases timed: (label, calls, first start, last end, sum of
     call seconds), seconds from the start of the `run.run` call; "pipeline.run" marks where
@@ -73,8 +60,6 @@ def timeline(input_dir: str, out: str, extra: list[str]) -> list[tuple[str, int,
     import threading
 
     import apache_beam as beam
-
-    from batch_caption import inference, pipeline
 
     calls: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     lock, t0 = threading.Lock(), [0.0]
@@ -91,8 +76,7 @@ def timeline(input_dir: str, out: str, extra: list[str]) -> list[tuple[str, int,
                     calls[label].append((start - t0[0], time.perf_counter() - t0[0]))
         return g
 
-    patched = [(beam.Pipeline, "run", "pipeline.run")] + [
-        (getattr({"pipeline": pipeline, "inference": inference}[m], cls), meth, label) for m, cls, meth, label in _PHASES]
+    patched = [(beam.Pipeline, "run", "pipeline.run"), *c.job_phases()]
     originals = [(owner, name, owner.__dict__[name]) for owner, name, _ in patched]
     warm_up_run(input_dir, out, extra)
     try:
@@ -116,7 +100,7 @@ def timeline(input_dir: str, out: str, extra: list[str]) -> list[tuple[str, int,
     return rows
 
 
-_LOAD_THREAD = re.compile(r"(^|;)(BackgroundLoad\.)?_load \([^)]*inference\.py")  # BackgroundLoad's thread
+_LOAD_THREAD = re.compile(c.LOAD_THREAD_FRAME)
 
 
 def summary(path: str, under: str | None, top: int, with_load: bool) -> None:

@@ -15,19 +15,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
-from _common import write_report
-
-
-def _run(cmd: list[str]) -> str:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{out.stderr[-2000:]}")
-    return out.stdout
+import _common as c
 
 
 def main(argv=None) -> int:
@@ -36,29 +27,28 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--image_size", type=int, default=128)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train_speed.json"))
+    c.add_out_flags(p, "train_speed")
     args = p.parse_args(argv)
 
     work = tempfile.mkdtemp(prefix="bench_train_")
-    py = sys.executable
     # The encoder whose features the features-mode dataset stores (and whose weights the
     # features-mode bundle carries).
     weights = os.path.join(work, "small_cnn.weights.h5")
-    _run([py, "-c", (
+    c.run_child(["-c", (
         "from batch_caption.model.config import ModelConfig; from batch_caption.model.encoder import build_backbone;"
         f"build_backbone(ModelConfig(vocab_size=10, image_size={args.image_size})).save_weights({weights!r})")])
     counts = "train=600,val=40"
     common = ["--source", "synthetic", "--synthetic_counts", counts, "--image_size", str(args.image_size),
               "--min_word_count", "1"]
-    _run([py, "-m", "batch_caption.prepare", *common, "--output", os.path.join(work, "images")])
-    _run([py, "-m", "batch_caption.prepare", *common, "--output", os.path.join(work, "features"),
+    c.run_child(["-m", "batch_caption.prepare", *common, "--output", os.path.join(work, "images")])
+    c.run_child(["-m", "batch_caption.prepare", *common, "--output", os.path.join(work, "features"),
           "--precompute_features", "--encoder", "small_cnn", "--encoder_weights", weights])
 
     rates: dict[str, list[float]] = {"images": [], "features": []}
     for r in range(args.rounds):
         for mode in ("images", "features"):
             out_dir = os.path.join(work, f"train_{mode}_{r}")
-            stdout = _run([py, "-m", "batch_caption.train", "--data", os.path.join(work, mode), "--output", out_dir,
+            stdout = c.run_child(["-m", "batch_caption.train", "--data", os.path.join(work, mode), "--output", out_dir,
                            "--steps", str(args.steps), "--global_batch_size", str(args.batch),
                            "--embedding_size", "128", "--lstm_units", "256", "--log_every", str(args.steps),
                            "--checkpoint_every", str(args.steps), "--eval_every", str(10 * args.steps)])
@@ -76,7 +66,7 @@ def main(argv=None) -> int:
     print(f"\n| mode | examples/s (median of {args.rounds}) |\n| --- | --- |")
     print(f"| end to end (images) | {images:.1f} |\n| precomputed features | {features:.1f} |")
     print(f"\nfeatures / images = {features / images:.2f}x")
-    write_report(args.out, argv, "train_speed.py", report)
+    c.write_report(args, argv, "train_speed.py", report)
     return 0
 
 

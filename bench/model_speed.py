@@ -1,0 +1,124 @@
+"""The model alone on pre-decoded batches: beam search against greedy, and per encoder.
+
+    python bench/model_speed.py beam [--batch 32] [--rounds 20] [--model BUNDLE]
+    python bench/model_speed.py encoders [--batch 16] [--rounds 3] [--encoders small_cnn,resnet50,...]
+    (both: [--out FILE] [--fold NAME])
+
+Every call is made once untimed (trace, warm-up), then the calls are timed in alternating
+rounds (A B C A B C ...) on the same batch of synthetic scenes, so all see the same machine
+load; medians are reported.
+
+  beam      the bundled model's `Captioner.search` with beam search k=3 and with greedy
+            decoding (k=1), sharing the weights: seconds per batch and their ratio.
+  encoders  for every encoder of `ModelConfig`, a model built as a bundle builds it, with
+            random weights (no download) and the bundled model's decoder, at the
+            encoder's usual input side: `Captioner.search` (backbone + beam search k=3,
+            at most 20 tokens) and the backbone alone, images/s and the ratio to
+            small_cnn. With random weights the decoder seldom emits the end token, so
+            the search runs all its steps: the upper bound of a trained decoder's cost,
+            the same for every encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import _common as c
+
+
+def timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def beam(args, argv) -> int:
+    beam3 = c.load_captioner(args.model or c.default_model(), beam_size=3, num_alternatives=3)
+    greedy = c.with_search(beam3, beam_size=1, num_alternatives=1)
+    batch = c.scene_batch(args.batch, beam3.image_size)
+    for captioner in (beam3, greedy):
+        captioner.search(batch)  # trace + warm up
+    times = c.alternate(args.rounds, {"beam3": lambda r: timed(lambda: beam3.search(batch)),
+                                      "greedy": lambda r: timed(lambda: greedy.search(batch))})
+    b, g = c.median(times["beam3"]), c.median(times["greedy"])
+    print(f"| decoding | s / batch of {args.batch} (median of {args.rounds}) |\n| --- | --- |")
+    print(f"| beam k=3 | {b:.4f} |\n| greedy | {g:.4f} |\n\nbeam3 / greedy = {b / g:.2f}x")
+    c.write_report(args, argv, "model_speed.py", {"model": beam3.model_id, "settings": vars(args),
+                                                  "seconds_per_batch": times, "median": {"beam3": b, "greedy": g},
+                                                  "beam3_over_greedy": b / g})
+    return 0
+
+
+def encoders(args, argv) -> int:
+    import tensorflow as tf
+
+    from batch_caption.model.captioner import Captioner
+    from batch_caption.model.config import DecodeConfig
+
+    names = c.encoder_names(args.parser, args.encoders)
+    tf.get_logger().setLevel("ERROR")  # one Captioner per encoder: TF warns of "retracing" across them
+    decode = DecodeConfig(beam_size=3, max_length=20, num_alternatives=3)
+    setups, calls = {}, {}
+    for name in names:
+        size = c.USUAL_SIZE[name]
+        model, vocabulary, base = c.random_model(name)
+        captioner = Captioner(model, vocabulary, decode)
+        encode = tf.function(model.encode, input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
+        batch = c.scene_batch(args.batch, size)
+        calls[f"{name} caption"] = lambda r, f=captioner.search, b=batch: timed(lambda: f(b))
+        calls[f"{name} encoder"] = lambda r, f=encode, b=batch: timed(lambda: f(b).numpy())
+        calls[f"{name} caption"](0), calls[f"{name} encoder"](0)  # trace + warm up
+        setups[name] = {"image_size": size, "params": int(model.count_params()),
+                        "encoder_params": int(model.backbone.count_params()), "feature_size": model.feature_size}
+        c.say(f"built {name} ({size} px, {setups[name]['encoder_params']:,} encoder parameters)")
+    times = c.alternate(args.rounds, calls)
+    results = {}
+    for name in names:
+        per = {what: times[f"{name} {what}"] for what in ("caption", "encoder")}
+        med = {what: c.median(t) for what, t in per.items()}
+        results[name] = {**setups[name], "seconds_per_batch": per, "median_seconds_per_batch": med,
+                         "images_per_s": {what: args.batch / s for what, s in med.items()}}
+    ref = results.get("small_cnn")
+    for res in results.values():
+        res["speed_vs_small_cnn"] = ({what: res["images_per_s"][what] / ref["images_per_s"][what]
+                                      for what in ("caption", "encoder")} if ref else None)
+    print("| encoder | input | encoder params | caption img/s | vs small_cnn | encoder-only img/s | vs small_cnn |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, res in results.items():
+        ips, rel = res["images_per_s"], res["speed_vs_small_cnn"] or {}
+        print(f"| {name} | {res['image_size']} | {res['encoder_params'] / 1e6:.2f} M | {ips['caption']:.1f} | "
+              f"{rel.get('caption', 0):.2f}x | {ips['encoder']:.1f} | {rel.get('encoder', 0):.2f}x |")
+    c.write_report(args, argv, "model_speed.py", {
+        "measured": "Captioner.search (backbone + beam search k=3, max 20 tokens) and the backbone alone, "
+                    "per batch, random weights, median over alternating rounds",
+        "decoder": {"vocab_size": len(vocabulary), "image_input": base.image_input,
+                    "embedding_size": base.embedding_size, "lstm_units": base.lstm_units},
+        "decode": decode.to_dict(), "settings": {k: v for k, v in vars(args).items() if k != "parser"},
+        "tensorflow": tf.__version__, "encoders": results})
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("beam", help="beam search k=3 against greedy, bundled model")
+    b.add_argument("--batch", type=int, default=32)
+    b.add_argument("--rounds", type=int, default=20)
+    b.add_argument("--model", default=None, help="bundle (default: the bundled model)")
+    c.add_out_flags(b, "beam_vs_greedy")
+    e = sub.add_parser("encoders", help="captioning and backbone throughput per encoder, random weights")
+    e.add_argument("--batch", type=int, default=16)
+    e.add_argument("--rounds", type=int, default=3)
+    e.add_argument("--encoders", default=None, help="comma-separated subset (default: every encoder)")
+    c.add_out_flags(e, "encoders")
+    args = p.parse_args(argv)
+    if args.command == "beam":
+        return beam(args, argv)
+    args.parser = e
+    return encoders(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
