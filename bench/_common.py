@@ -222,16 +222,17 @@ def marginal_rate(big: dict, small: dict) -> float:
 def job_phases() -> list[tuple[object, str, str]]:
     """(class, method, label) of the job's phases, in data-flow order, for
     profile_job.py's timeline."""
-    from batch_caption import inference, pipeline
+    from batch_caption import inference
+    from batch_caption.job import match, read, write
 
     return [
-        (pipeline._MatchPatternFn, "process", "match"),
-        (pipeline._HashFileFn, "_work", "hash (dedupe, pool threads)"),
+        (match._MatchPatternFn, "process", "match"),
+        (read._HashFileFn, "_work", "hash (dedupe, pool threads)"),
         (inference.CaptionModelHandler, "load_now", "model load + trace (its thread)"),
-        (pipeline._ReadDecodeFn, "_work", "read + decode (pool threads)"),
+        (read._ReadDecodeFn, "_work", "read + decode (pool threads)"),
         (inference.CaptionModelHandler, "run_inference", "model, per batch"),
-        (pipeline._WriteShardFn, "finish_bundle", "shards closed"),
-        (pipeline._WriteManifestFn, "process", "manifest"),
+        (write._WriteShardFn, "finish_bundle", "shards closed"),
+        (write._WriteManifestFn, "process", "manifest"),
     ]
 
 
@@ -273,7 +274,7 @@ def run_child(args: list[str], package_root: str | None = None, cwd: str | None 
 def load_captioner(model: str, decode=None, **search):
     """The bundle's Captioner as the job loads it; `search` (beam_size, num_alternatives,
     ...) overrides the decode settings."""
-    from batch_caption.model.bundle import load_captioner as load
+    from batch_caption.model.load import load_captioner as load
     from batch_caption.model.config import DecodeConfig
 
     return load(model, DecodeConfig(**search) if search else decode)

@@ -12,7 +12,7 @@ from batch_caption.job import cpus
 # Local reads are cheap, so local inputs get one thread per CPU: more threads than cores
 # gain nothing, fewer leave cores idle where decoding is the bottleneck (large photos).
 # An object store answers each open after a network round trip, which many threads in
-# flight hide (bench/slow_storage.py).
+# flight hide (bench/job_flags.py --latency_ms).
 MIN_READ_THREADS = 2
 REMOTE_READ_THREADS = 16
 
