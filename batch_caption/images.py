@@ -92,7 +92,7 @@ class ImageConfig:
         image_size: output side length; output is ``image_size x image_size``.
         max_image_pixels: refuse images whose header says more pixels than
             this (before decoding).  See the module docstring.
-        draft: use JPEG DCT-domain downscaling (faster; slightly different
+        draft: use JPEG DCT-domain downscaling (less decoding; slightly different
             pixels from a full decode, so train and serve must agree).
         background: RGB colour transparent pixels are composited over.
         formats: Pillow format names to try, or ``None`` for every format
