@@ -1,116 +1,61 @@
 """Image bytes -> fixed-size RGB ``uint8`` array, or a typed, explained error.
 
-The pipeline reads each file's bytes and calls :func:`decode_image` once per
-image, *before* batching, so one bad file becomes one error record instead of
-taking a whole batch down.  Every failure caused by the data is raised as a
-subclass of :class:`ImageDecodeError`; the error record is
-``error = type(exc).__name__`` and ``message = str(exc)`` (a full sentence).
-Programming errors (``data`` is not bytes, ``config`` is not an
-:class:`ImageConfig`, bugs) are *not* converted and propagate as usual.
+The captioning job calls :func:`decode_image` once per image, before batching, so one
+bad file becomes one error record instead of failing a batch. Every failure caused by
+the data raises a subclass of :class:`ImageDecodeError`; the error record is
+``error = type(exc).__name__`` and ``message = str(exc)``. Programming errors (``data``
+not bytes, ``config`` not an :class:`ImageConfig`, bugs) propagate as usual.
 
-Training-data preparation calls this same function with the same
-:class:`ImageConfig`, so every choice below is part of the model contract:
-changing the filter, the draft rule or the background changes the pixels the
-model sees and must be treated like a model change.
+Training-data preparation calls this same function with the same :class:`ImageConfig`,
+so every choice below is part of the model contract: changing the filter, the draft
+rule or the background changes the pixels the model sees.
 
-Choices
--------
-Squash, don't crop.
-    The output is ``image_size x image_size`` and the whole picture is resized
-    to it ignoring the aspect ratio.  The captioner was trained on squashed
-    images, and a caption describes the whole picture: a centre crop can cut
-    away the very object the caption is about.
+* Squash, don't crop: the whole picture becomes ``image_size x image_size``.
+* Resize filter :data:`RESAMPLE` (BICUBIC, anti-aliased when shrinking), exact.
+* JPEG draft mode: decoded at 1/2, 1/4 or 1/8 scale while both axes stay
+  ``>= DRAFT_REDUCING_GAP * image_size``; the final BICUBIC step still shrinks >= 2x.
+* Transparency composited over ``ImageConfig.background`` (white).
+* EXIF orientation applied after the resize; ``width``/``height`` are as displayed.
+* ``max_image_pixels`` checked on the header size, before any pixel is decoded.
+* Only :data:`DEFAULT_FORMATS` by default; first frame of animations; truncated
+  files are errors (Pillow's global ``LOAD_TRUNCATED_IMAGES`` is never set).
 
-Resize filter: ``PIL.Image.Resampling.BICUBIC`` (:data:`RESAMPLE`), no
-``reducing_gap``.
-    Pillow's resampling filters are true convolutions whose support widens
-    with the scale factor, so BICUBIC is properly anti-aliased when shrinking
-    (unlike e.g. ``tf.image.resize`` without ``antialias``).  No
-    ``reducing_gap``: the result is the exact filter, not an approximation
-    whose output depends on the reduction factor.
-
-JPEG draft mode (``ImageConfig.draft``, on by default).
-    libjpeg can decode straight to 1/2, 1/4 or 1/8 scale in the DCT domain,
-    which skips most of the inverse-DCT and colour-conversion work: a 12 MP
-    photo decodes 2-5x faster (entropy decoding is still paid in full) and
-    needs a fraction of the memory.  The scale
-    is picked by Pillow's :meth:`~PIL.Image.Image.draft` so that *both* axes
-    stay ``>= DRAFT_REDUCING_GAP * image_size`` (the largest power-of-two
-    factor ``f`` in {1, 2, 4, 8} with ``f <= min(w, h) // target``, where
-    ``target = DRAFT_REDUCING_GAP * image_size``).  Because the output is a
-    square squash, the constraint is on each axis separately, which also makes
-    it independent of EXIF rotation; for a 6000x100 panorama the short axis is
-    already below the target, so it is decoded at full size.  The gap of 2 is
-    the same one :meth:`PIL.Image.Image.thumbnail` uses: the final BICUBIC
-    step still shrinks by >= 2x, which removes most of the aliasing that DCT
-    scaling alone leaves (on a 4000x3000 test photo the mean absolute
-    difference to a full decode is ~0.3 grey levels, max ~3, versus ~0.6 /
-    max ~11 when decoding right down to ``image_size``).
-
-Transparency is composited over ``ImageConfig.background`` (white).
-    Most transparent images in the wild (logos, product shots, clip art,
-    stickers) are designed to be shown on a white page.  Dropping alpha
-    instead would expose whatever colour happens to be stored under fully
-    transparent pixels (often black, sometimes garbage).
-
-High bit depth.
-    ``I;16*`` (16-bit greyscale PNG/TIFF) is scaled ``v -> round(v / 257)``;
-    ``I`` (32-bit int; what Pillow gives for 16-bit PGM, for instance) is
-    taken as 16-bit data the same way after clipping to [0, 65535]; ``F``
-    (float) is taken as [0, 1] if its finite maximum is <= 1 and as [0, 255]
-    otherwise (clipped; NaN -> 0).  Pillow's own ``convert`` *clips* these
-    modes to 0..255, which turns an ordinary mid-grey 16-bit PNG pure white.
-    16-bit RGB(A)/LA PNGs are already reduced to 8 bits by Pillow on open
-    (high byte).  ICC profiles are ignored (pixels are taken as sRGB), as in
-    most training pipelines.
-
-EXIF orientation.
-    Applied (the same 8 transposes as :func:`PIL.ImageOps.exif_transpose`,
-    read from EXIF or XMP via :meth:`~PIL.Image.Image.getexif`), after the
-    resize, where the image is small; with the square squash this is the same
-    image, up to rounding, as rotating first.  ``DecodedImage.width/height``
-    are the *original full-resolution* size as displayed, i.e. the header
-    size with width and height swapped for orientations 5-8 -- never the
-    draft size.
-
-Size limit (``ImageConfig.max_image_pixels``, default 100,000,000).
-    Checked on the header size right after identification, before any pixel
-    is decoded (decompression-bomb guard: a 30000x30000 PNG can be a few
-    hundred KB).  100 MP admits every real camera up to ~100 MP while bounding
-    worst-case memory per decode at roughly 0.4 GB (RGBA), which matters when
-    a worker runs several decode threads.  Pillow has its own process-global
-    guard (``PIL.Image.MAX_IMAGE_PIXELS``, 89,478,485 by default); this module
-    never reads or changes it.  When Pillow's guard fires first -- hard error
-    above 2x its limit (~179 MP), or its ``DecompressionBombWarning`` when the
-    process turns warnings into errors -- that is reported as
-    :class:`ImageTooLargeError` as well.  Consequences: a ``max_image_pixels``
-    above ~179 MP only takes effect if the process also raises Pillow's
-    global, and images between 89.5 MP and the limit decode fine but make
-    Pillow emit a ``DecompressionBombWarning`` (logged, harmless).
-
-Formats (``ImageConfig.formats``).
-    By default only the usual raster formats are tried (:data:`DEFAULT_FORMATS`).
-    Pillow can also open e.g. EPS, which runs Ghostscript on untrusted input,
-    and several formats whose weak signatures could make junk "decode";
-    ``formats=None`` allows everything this Pillow build can open.
-
-First frame only for animated GIF / WebP / APNG (Pillow opens frame 0).
-Truncated files are errors: this module never sets Pillow's global
-``ImageFile.LOAD_TRUNCATED_IMAGES`` (if some other code sets it, Pillow will
-fill the missing part with grey instead of raising).
+The error types live in :mod:`batch_caption.image_errors`, format sniffing and pixel
+mode conversion in :mod:`batch_caption.image_formats`; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import io
-import numbers
-import struct
-import zlib
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from batch_caption.image_errors import (
+    BOMB_ERRORS,
+    DATA_ERRORS,
+    EmptyImageError,
+    ImageDecodeError,
+    ImageTooLargeError,
+    ImageTooSmallError,
+    TruncatedImageError,
+    UnsupportedImageError,
+    load_error,
+    reason,
+)
+from batch_caption.image_formats import (
+    DEFAULT_FORMATS,
+    DRAFT_FORMATS,
+    TRANSPOSE,
+    enabled_formats,
+    is_int,
+    orientation,
+    sniff,
+    to_rgb,
+    unidentified,
+)
 
 __all__ = [
     "DEFAULT_FORMATS",
@@ -129,109 +74,14 @@ __all__ = [
     "resize_pixels",
 ]
 
-#: Default header pixel-count limit (see module docstring).
+#: Default header pixel-count limit: every real camera, bounded memory per decode.
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
-
-#: Formats tried by default, by Pillow format name.  "MPO" is how Pillow
-#: names the multi-picture JPEGs many phones write (decoded like JPEG).
-#: Names that this Pillow build cannot open (e.g. AVIF) are skipped.
-DEFAULT_FORMATS: Tuple[str, ...] = (
-    "JPEG",
-    "MPO",
-    "PNG",
-    "GIF",
-    "WEBP",
-    "BMP",
-    "TIFF",
-    "AVIF",
-    "PPM",
-    "ICO",
-)
 
 #: Resampling filter for every resize in this module (train/serve contract).
 RESAMPLE = Image.Resampling.BICUBIC
 
 #: JPEG draft decoding keeps both axes >= DRAFT_REDUCING_GAP * image_size.
 DRAFT_REDUCING_GAP = 2
-
-_ORIENTATION_TAG = ExifTags.Base.Orientation  # 0x0112
-_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-_DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
-_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
-_PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}
-
-# What Pillow raises for malformed data.  Deliberately no TypeError,
-# AttributeError, NameError...: those are bugs and must surface.
-_DATA_ERRORS = (
-    OSError,  # includes UnidentifiedImageError and "image file is truncated"
-    ValueError,
-    SyntaxError,  # Pillow's "not a valid <format> file"
-    EOFError,
-    struct.error,
-    zlib.error,
-    IndexError,
-    KeyError,
-)
-_BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
-
-
-# --------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------
-
-
-class ImageDecodeError(Exception):
-    """The bytes could not be turned into an image.
-
-    ``str(exc)`` is a complete, human-readable sentence; the class name is the
-    machine-readable reason.  Only a message is stored, so instances pickle.
-    """
-
-    def __init__(self, message: str) -> None:
-        if not isinstance(message, str) or not message:
-            raise ValueError("ImageDecodeError needs a non-empty message")
-        super().__init__(message)
-
-    @property
-    def message(self) -> str:
-        return self.args[0]
-
-
-class EmptyImageError(ImageDecodeError):
-    """The file has zero bytes."""
-
-
-class UnsupportedImageError(ImageDecodeError):
-    """Not an image, or a format / pixel mode this decoder does not handle."""
-
-
-class TruncatedImageError(ImageDecodeError):
-    """Recognised image whose header or pixel data is truncated or corrupt."""
-
-
-class ImageTooLargeError(ImageDecodeError):
-    """Pixel count over the limit (decompression-bomb guard)."""
-
-
-class ImageTooSmallError(ImageDecodeError):
-    """Width or height below ``ImageConfig.min_image_side`` (0 by default only)."""
-
-
-# --------------------------------------------------------------------------
-# Config and result
-# --------------------------------------------------------------------------
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -242,7 +92,7 @@ class ImageConfig:
         image_size: output side length; output is ``image_size x image_size``.
         max_image_pixels: refuse images whose header says more pixels than
             this (before decoding).  See the module docstring.
-        draft: use JPEG DCT-domain downscaling (faster; slightly different
+        draft: use JPEG DCT-domain downscaling (less decoding; slightly different
             pixels from a full decode, so train and serve must agree).
         background: RGB colour transparent pixels are composited over.
         formats: Pillow format names to try, or ``None`` for every format
@@ -260,18 +110,18 @@ class ImageConfig:
     min_image_side: int = 1
 
     def __post_init__(self) -> None:
-        if not _is_int(self.image_size) or self.image_size < 1:
+        if not is_int(self.image_size) or self.image_size < 1:
             raise ValueError(
                 f"ImageConfig.image_size must be a positive int, got {self.image_size!r}"
             )
-        if not _is_int(self.max_image_pixels) or self.max_image_pixels < 1:
+        if not is_int(self.max_image_pixels) or self.max_image_pixels < 1:
             raise ValueError(
                 "ImageConfig.max_image_pixels must be a positive int, "
                 f"got {self.max_image_pixels!r}"
             )
         if not isinstance(self.draft, bool):
             raise ValueError(f"ImageConfig.draft must be a bool, got {self.draft!r}")
-        if not _is_int(self.min_image_side) or self.min_image_side < 1:
+        if not is_int(self.min_image_side) or self.min_image_side < 1:
             raise ValueError(
                 "ImageConfig.min_image_side must be a positive int, "
                 f"got {self.min_image_side!r}"
@@ -290,7 +140,7 @@ def _check_background(value: object) -> Tuple[int, int, int]:
     )
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise ValueError(msg)
-    if len(value) != 3 or not all(_is_int(v) and 0 <= v <= 255 for v in value):
+    if len(value) != 3 or not all(is_int(v) and 0 <= v <= 255 for v in value):
         raise ValueError(msg)
     return (int(value[0]), int(value[1]), int(value[2]))
 
@@ -346,9 +196,6 @@ class DecodedImage:
             raise ValueError("DecodedImage.pixels must be C-contiguous")
 
 
-# --------------------------------------------------------------------------
-# Decoding
-# --------------------------------------------------------------------------
 
 
 def decode_image(data: bytes, config: ImageConfig) -> DecodedImage:
@@ -377,20 +224,20 @@ def decode_image(data: bytes, config: ImageConfig) -> DecodedImage:
     if len(data) == 0:
         raise EmptyImageError("image file is empty (0 bytes)")
 
-    formats = _enabled_formats(config.formats)
+    formats = enabled_formats(config.formats)
     try:
         im = Image.open(io.BytesIO(data), formats=formats)
     except UnidentifiedImageError:
-        raise _unidentified(data, config, formats) from None
-    except _BOMB_ERRORS as e:
+        raise unidentified(data, config.formats, formats) from None
+    except BOMB_ERRORS as e:
         raise ImageTooLargeError(
             f"image is too large to decode safely (limit {config.max_image_pixels:,} "
             f"pixels; Pillow's decompression-bomb guard refused it first: {e})"
         ) from e
-    except _DATA_ERRORS as e:
-        kind = _sniff(data) or "unknown format"
+    except DATA_ERRORS as e:
+        kind = sniff(data) or "unknown format"
         raise TruncatedImageError(
-            f"image header is truncated or corrupt ({kind}): {_reason(e)}"
+            f"image header is truncated or corrupt ({kind}): {reason(e)}"
         ) from e
 
     with im:
@@ -399,43 +246,43 @@ def decode_image(data: bytes, config: ImageConfig) -> DecodedImage:
         _check_size(fmt, width, height, config)
         what = f"{fmt}, {width}x{height}"
         try:
-            if config.draft and fmt in _DRAFT_FORMATS:
+            if config.draft and fmt in DRAFT_FORMATS:
                 target = DRAFT_REDUCING_GAP * config.image_size
                 im.draft("RGB", (target, target))
             # One decoder call for the whole file: Pillow takes the GIL back between
-            # blocks (64 KB by default, ~40 per 2.5 MB photo), and each take waits up
-            # to the interpreter's switch interval while another thread runs Python,
-            # such as the model's trace while it loads (PERFORMANCE.md, items 17 and 19).
+            # blocks (64 KB by default), and each take can wait a whole switch
+            # interval while another thread runs Python, such as the model's trace
+            # while it loads.
             im.decodermaxblock = max(im.decodermaxblock, len(data))
             im.load()
-        except _BOMB_ERRORS as e:
+        except BOMB_ERRORS as e:
             raise ImageTooLargeError(
                 f"image is too large to decode safely ({what}): {e}"
             ) from e
-        except _DATA_ERRORS as e:
-            raise _load_error(e, what) from e
-        if im.size != (width, height) and fmt not in _DRAFT_FORMATS:
+        except DATA_ERRORS as e:
+            raise load_error(e, what) from e
+        if im.size != (width, height) and fmt not in DRAFT_FORMATS:
             # A few formats (GIF frames larger than the logical screen) grow
             # on load; re-check what was actually allocated.
             _check_size(fmt, *im.size, config)
-        orientation = _orientation(im)
+        exif_orientation = orientation(im)
 
         try:
-            rgb = _to_rgb(im, config.background)
+            rgb = to_rgb(im, config.background)
         except ValueError as e:
             raise UnsupportedImageError(
                 f"cannot convert pixel mode {im.mode} to RGB ({what}): {e}"
             ) from e
-        except _DATA_ERRORS as e:
-            raise TruncatedImageError(f"image data is corrupt ({what}): {_reason(e)}") from e
+        except DATA_ERRORS as e:
+            raise TruncatedImageError(f"image data is corrupt ({what}): {reason(e)}") from e
 
         # Inside the `with`: `rgb` may be `im` itself, unusable once closed.
         out = _resize(rgb, config.image_size)
-        method = _TRANSPOSE.get(orientation)
+        method = TRANSPOSE.get(exif_orientation)
         if method is not None:
             out = out.transpose(method)
         pixels = np.array(out, dtype=np.uint8, order="C")
-    if orientation >= 5:
+    if exif_orientation >= 5:
         width, height = height, width
     return DecodedImage(pixels=pixels, width=width, height=height, format=fmt)
 
@@ -457,7 +304,7 @@ def resize_pixels(pixels: np.ndarray, image_size: int) -> np.ndarray:
         raise ValueError(f"pixels must have shape [H, W, 3] or [H, W], got {pixels.shape}")
     if pixels.shape[0] < 1 or pixels.shape[1] < 1:
         raise ValueError(f"pixels must not be empty, got shape {pixels.shape}")
-    if not _is_int(image_size) or image_size < 1:
+    if not is_int(image_size) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     im = Image.fromarray(np.ascontiguousarray(pixels))
     if im.mode != "RGB":
@@ -465,22 +312,9 @@ def resize_pixels(pixels: np.ndarray, image_size: int) -> np.ndarray:
     return np.array(_resize(im, int(image_size)), dtype=np.uint8, order="C")
 
 
-# --------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------
-
-
 def _resize(im: Image.Image, size: int) -> Image.Image:
     return im.resize((size, size), RESAMPLE)
 
-
-def _enabled_formats(formats: Optional[Tuple[str, ...]]) -> Optional[Tuple[str, ...]]:
-    """Config formats this Pillow build can open (Image.open raises KeyError
-    for a name it has no plugin for)."""
-    if formats is None:
-        return None
-    Image.init()  # idempotent; registers all plugins (Image.open may do it too)
-    return tuple(f for f in formats if f in Image.OPEN)
 
 
 def _check_size(fmt: str, width: int, height: int, config: ImageConfig) -> None:
@@ -496,128 +330,3 @@ def _check_size(fmt: str, width: int, height: int, config: ImageConfig) -> None:
             f"limit of {config.max_image_pixels:,}; refusing to decode it "
             f"(possible decompression bomb)"
         )
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).strip()
-    return text if text else type(e).__name__
-
-
-def _load_error(e: BaseException, what: str) -> ImageDecodeError:
-    text = _reason(e)
-    lower = text.lower()
-    if isinstance(e, OSError) and "not available" in lower:
-        # e.g. "decoder jpeg2k not available": a build without the codec.
-        return UnsupportedImageError(f"no decoder for this image ({what}): {text}")
-    if isinstance(e, EOFError) or "truncated" in lower:
-        return TruncatedImageError(f"image data is truncated ({what}): {text}")
-    return TruncatedImageError(f"image data is corrupt ({what}): {text}")
-
-
-# Signatures of formats worth naming when Pillow cannot identify the data.
-_FTYP_BRANDS = {
-    b"avif": "AVIF",
-    b"avis": "AVIF",
-    b"heic": "HEIF",
-    b"heix": "HEIF",
-    b"hevc": "HEIF",
-    b"hevx": "HEIF",
-    b"heim": "HEIF",
-    b"heis": "HEIF",
-    b"mif1": "HEIF",
-    b"msf1": "HEIF",
-}
-
-
-def _sniff(data: bytes) -> Optional[str]:
-    """Best-effort format name from magic bytes (only for error messages)."""
-    head = bytes(data[:32])
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "TIFF"
-    if head[:2] == b"BM" and len(head) >= 14:
-        return "BMP"
-    if head.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")):
-        return "JPEG2000"
-    if head[4:8] == b"ftyp":
-        return _FTYP_BRANDS.get(head[8:12])
-    return None
-
-
-def _unidentified(
-    data: bytes, config: ImageConfig, formats: Optional[Tuple[str, ...]]
-) -> ImageDecodeError:
-    kind = _sniff(data)
-    if kind is None:
-        return UnsupportedImageError(
-            f"data is not a recognised image format ({len(data):,} bytes, "
-            f"starting {bytes(data[:16])!r})"
-        )
-    Image.init()
-    if kind not in Image.OPEN:
-        hint = " (e.g. install and register pillow-heif)" if kind == "HEIF" else ""
-        return UnsupportedImageError(
-            f"{kind} images cannot be decoded: this Pillow build has no {kind} "
-            f"support{hint}"
-        )
-    if formats is not None and kind not in formats and not (kind == "JPEG" and "MPO" in formats):
-        return UnsupportedImageError(
-            f"{kind} images are not enabled (ImageConfig.formats = {config.formats})"
-        )
-    return TruncatedImageError(
-        f"data starts like a {kind} file but its header could not be parsed "
-        f"(truncated or corrupt, {len(data):,} bytes)"
-    )
-
-
-def _orientation(im: Image.Image) -> int:
-    """EXIF/XMP orientation 1..8; anything missing, corrupt or out of range is 1."""
-    try:
-        value = im.getexif().get(_ORIENTATION_TAG, 1)
-    except _DATA_ERRORS:
-        return 1
-    if _is_int(value) and 1 <= value <= 8:
-        return int(value)
-    return 1
-
-
-def _to_rgb(im: Image.Image, background: Tuple[int, int, int]) -> Image.Image:
-    """Any Pillow mode -> RGB, alpha composited over ``background``."""
-    mode = im.mode
-    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
-        im = _high_bit_to_8bit(im)
-    elif mode in _PREMULTIPLIED:
-        im = im.convert(_PREMULTIPLIED[mode])
-    if im.has_transparency_data:
-        rgba = im.convert("RGBA")
-        out = Image.new("RGB", rgba.size, background)
-        out.paste(rgba, (0, 0), rgba)  # out = fg * a + bg * (1 - a)
-        return out
-    return im if im.mode == "RGB" else im.convert("RGB")
-
-
-def _high_bit_to_8bit(im: Image.Image) -> Image.Image:
-    """I;16* / I / F -> L (or LA when a transparent value is set)."""
-    raw = np.asarray(im)
-    if im.mode == "F":
-        values = raw.astype(np.float64)
-        peak = float(np.max(values, where=np.isfinite(values), initial=0.0))
-        scale = 255.0 if peak <= 1.0 else 1.0
-        values = np.nan_to_num(values * scale, nan=0.0, posinf=255.0, neginf=0.0)
-        grey = np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8)
-    else:
-        values = np.clip(raw, 0, 65535).astype(np.uint32)
-        grey = ((values + 128) // 257).astype(np.uint8)
-    grey_im = Image.fromarray(grey)  # mode L
-    transparent = im.info.get("transparency")
-    if _is_int(transparent):
-        alpha = np.where(raw == transparent, 0, 255).astype(np.uint8)
-        return Image.merge("LA", (grey_im, Image.fromarray(alpha)))
-    return grey_im

@@ -10,7 +10,7 @@ self-contained page (default ``RUN_DIR/report.html``):
   id and times - or "incomplete run: no manifest" when the run never finished;
 * one card per caption record, sorted by path, at most ``--max_images`` (a note says when
   the list is cut): a JPEG thumbnail embedded as a ``data:`` URI (made from the image at
-  ``path``; when it can no longer be read the card says why), the caption and its score,
+  ``path``; when it cannot be read the card says why), the caption and its score,
   the alternatives with theirs, quality flags when the record has them, size and path;
 * a table with every error record (path, stage, error, message).
 
@@ -37,7 +37,7 @@ import sys
 import time
 from typing import Any, Iterator
 
-from batch_caption import cli, gcs, records
+from batch_caption import cli, files, gcs, records
 from batch_caption.cli import UsageError
 
 REPORT_NAME = "report.html"
@@ -71,13 +71,11 @@ def _e(value: Any) -> str:
 
 
 def _fs():
+    """Beam's FileSystems, for what batch_caption.files does not do: streamed and
+    size-capped reads, and a listing that stops at the first file."""
     from apache_beam.io.filesystems import FileSystems
 
     return FileSystems
-
-
-def _is_local(path: str) -> bool:
-    return _fs().get_scheme(path) in (None, "file")
 
 
 # --- reading the run -------------------------------------------------------------------
@@ -85,14 +83,14 @@ def _is_local(path: str) -> bool:
 
 def check_run_dir(run_dir: str) -> None:
     """Raises UsageError unless `run_dir` exists (on object stores: holds any object)."""
-    if _is_local(run_dir):
+    if not files.is_remote(run_dir):
         if not os.path.exists(run_dir):
             raise UsageError(f"run directory {run_dir} does not exist")
         if not os.path.isdir(run_dir):
             raise UsageError(f"{run_dir} is not a directory")
         return
     try:
-        found = _fs().match([_fs().join(run_dir, "*")], limits=[1])[0].metadata_list
+        found = _fs().match([files.join(run_dir, "*")], limits=[1])[0].metadata_list
     except Exception as e:  # Beam filesystems raise their own error types
         raise UsageError(f"cannot list run directory {run_dir}: {type(e).__name__}: {e}") from None
     if not found:
@@ -101,20 +99,18 @@ def check_run_dir(run_dir: str) -> None:
 
 def _match(run_dir: str, pattern: str) -> list[str]:
     try:
-        result = _fs().match([_fs().join(run_dir, pattern)])[0]
+        return sorted(files.matched(files.join(run_dir, pattern)))
     except Exception:  # nothing matched (some filesystems raise instead of returning [])
         return []
-    return sorted(m.path for m in result.metadata_list)
 
 
 def read_manifest(run_dir: str) -> tuple[dict | None, str | None]:
     """(manifest, None), or (None, why it is missing or unreadable)."""
-    path = _fs().join(run_dir, records.MANIFEST_NAME)
-    if not _fs().exists(path):
+    path = files.join(run_dir, records.MANIFEST_NAME)
+    if not files.exists(path):
         return None, "incomplete run: no manifest"
     try:
-        with _fs().open(path) as f:
-            manifest = json.loads(f.read().decode("utf-8"))
+        manifest = json.loads(files.read_text(path))
         if not isinstance(manifest, dict):
             raise ValueError("not a JSON object")
     except Exception as e:
@@ -161,7 +157,7 @@ def thumbnail(path: str, size: int) -> tuple[str, int, int]:
     if len(data) > MAX_IMAGE_BYTES:
         raise ValueError(f"file is larger than {MAX_IMAGE_BYTES} bytes")
     with Image.open(io.BytesIO(data)) as img:
-        img.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster
+        img.draft("RGB", (size, size))  # JPEG: decode at reduced scale, all a thumbnail needs
         img = ImageOps.exif_transpose(img)  # as displayed, like the job's width/height
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")
@@ -366,13 +362,10 @@ def run(argv: list[str] | None = None) -> str:
     gcs.configure_for_emulator()
     run_dir = args.run_dir
     check_run_dir(run_dir)
-    output = args.output or _fs().join(run_dir, REPORT_NAME)
+    output = args.output or files.join(run_dir, REPORT_NAME)
     page = render(run_dir, args.thumbnail_size, args.max_images)
-    if _is_local(output):
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     try:
-        with _fs().create(output, mime_type="text/html") as f:
-            f.write(page.encode("utf-8"))
+        files.write_bytes(output, page.encode("utf-8"), mime_type="text/html")
     except Exception as e:  # Beam filesystems raise their own error types
         raise UsageError(f"cannot write --output {output}: {type(e).__name__}: {e}") from None
     return output

@@ -238,7 +238,10 @@ def test_facts_give_content_accuracy_on_synthetic_scenes(tmp_path):
     assert acc["content_accuracy"] == 4 / 6
     assert (acc["n"], acc["n_correct"], acc["n_missing"], acc["n_without_facts"]) == (6, 4, 0, 0)
     assert report["counts"]["n_missing"] == 1 and report["counts"]["n_scored"] == 6
-    assert report["inputs"]["facts"] == split["scenes_file"]
+    # Inputs are named relative to the working directory, never by an absolute path.
+    assert report["inputs"]["facts"] == os.path.relpath(split["scenes_file"])
+    assert report["inputs"]["references"] == os.path.relpath(split["captions_file"])
+    assert report["inputs"]["caption_files"] == report["inputs"]["captions"] == [os.path.relpath(captions)]
 
 
 # ----------------------------------------------------------------- errors

@@ -1,4 +1,5 @@
-"""Tests for batch_caption.images (all test data is generated in memory)."""
+"""Tests for batch_caption.images and its image_errors / image_formats (all test data is
+generated in memory)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps, JpegImagePlugin, features
 
-from batch_caption import images
+from batch_caption import image_formats, images
 from batch_caption.images import (
     DEFAULT_FORMATS,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -346,7 +347,7 @@ def test_sixteen_bit_gradient_keeps_ordering_and_range():
 )
 def test_in_memory_only_modes(im, expected):
     # Modes that no writer here produces in a file; test the conversion step.
-    rgb = images._to_rgb(im, WHITE)
+    rgb = image_formats.to_rgb(im, WHITE)
     assert rgb.mode == "RGB"
     assert_colour(np.asarray(rgb)[4, 4], expected, 1)
 

@@ -15,8 +15,11 @@ from helpers import varied_images
 from PIL import Image
 
 from batch_caption import images, prepare
-from batch_caption.data import tfrecord
+from batch_caption.data import sources, tfrecord
 from batch_caption.model.vocab import UNK_ID, Vocabulary, tokenize
+from batch_caption.prepare.config import check_inputs, parse
+from batch_caption.prepare.read import source_tasks
+from batch_caption.prepare.write import vocabulary_from_counts
 
 SYNTHETIC_COUNTS = {"train": 24, "val": 6, "test": 6, "compositional": 6}
 MAX_LENGTH = 12  # below the longest synthetic captions, so some are cut
@@ -145,7 +148,7 @@ def test_vocabulary_from_counts_orders_like_vocabulary_build():
     for t in (t for c in captions for t in tokenize(c)):
         counts[t] = counts.get(t, 0) + 1
     for min_count in (1, 2, 3):
-        assert prepare.vocabulary_from_counts(reversed(list(counts.items())), min_count) == Vocabulary.build(
+        assert vocabulary_from_counts(reversed(list(counts.items())), min_count) == Vocabulary.build(
             captions, min_count)
 
 
@@ -312,27 +315,27 @@ def test_flags_become_reader_calls(tmp_path):
     karpathy.write_text(json.dumps({"images": [
         {"filename": f"{i}.jpg", "split": s, "imgid": i, "sentences": [{"raw": f"cap {i}"}]}
         for i, s in enumerate(["train", "restval", "val", "test"])]}))
-    config, _ = prepare.parse(["--source", "karpathy", "--captions", str(karpathy), "--image_root", str(tmp_path / "img"),
-                               "--output", str(tmp_path / "o"), "--restval", "none", "--split", "train",
-                               "--split", "test"])
-    config = prepare.check_inputs(config)
+    config, _ = parse(["--source", "karpathy", "--captions", str(karpathy), "--image_root", str(tmp_path / "img"),
+                       "--output", str(tmp_path / "o"), "--restval", "none", "--split", "train",
+                       "--split", "test"])
+    config = check_inputs(config)
     assert config.split_names == ("train", "test")
-    items = [i for task in prepare.source_tasks(config) for i in task()]
+    items = [i for task in source_tasks(config) for i in task()]
     assert [(i.image_id, i.split) for i in items] == [(0, "train"), (3, "test")]
 
     text = tmp_path / "Flickr8k_text"
     text.mkdir()
     (text / "Flickr8k.token.txt").write_text("a.jpg#0\tA cat\nb.jpg#0\tA dog\n")
-    for split, name in prepare.sources.FLICKR8K_SPLIT_FILES.items():
+    for split, name in sources.FLICKR8K_SPLIT_FILES.items():
         (text / name).write_text({"train": "a.jpg\n", "val": "", "test": ""}[split])
     (tmp_path / "mytest.txt").write_text("b.jpg\n")
-    config, _ = prepare.parse(["--source", "flickr8k", "--captions", str(text / "Flickr8k.token.txt"),
-                               "--image_root", str(tmp_path / "img"), "--output", str(tmp_path / "o"),
-                               "--split", "train", "--split", f"test={tmp_path / 'mytest.txt'}"])
-    config = prepare.check_inputs(config)
+    config, _ = parse(["--source", "flickr8k", "--captions", str(text / "Flickr8k.token.txt"),
+                       "--image_root", str(tmp_path / "img"), "--output", str(tmp_path / "o"),
+                       "--split", "train", "--split", f"test={tmp_path / 'mytest.txt'}"])
+    config = check_inputs(config)
     assert config.flickr8k_lists()["test"] == str(tmp_path / "mytest.txt")
     assert config.flickr8k_lists()["val"] == str(text / "Flickr_8k.devImages.txt")
-    items = [i for task in prepare.source_tasks(config) for i in task()]
+    items = [i for task in source_tasks(config) for i in task()]
     assert items == [CaptionedImage(1, str(tmp_path / "img" / "a.jpg"), "train", ("A cat",)),
                      CaptionedImage(2, str(tmp_path / "img" / "b.jpg"), "test", ("A dog",))]
 

@@ -1,36 +1,26 @@
 """Fact checker: does a caption state a synthetic scene's content correctly?
 
-A caption is parsed by a small deterministic scanner over the closed scene
-vocabulary (:mod:`batch_caption.data.scenes`) into *phrases* and the
+A small deterministic scanner over the closed scene vocabulary
+(:mod:`batch_caption.data.scenes`) parses a caption into *phrases* and the
 *relation words* between them:
 
-* object phrase: ``[count] [size] [colour] head`` where head is a shape
-  ("circle", "squares", ...) or a generic noun ("shape(s)", "object(s)",
-  "thing(s)", ...). Count words: "a"/"an"/"the" (at least one), "one"/"single"
-  (exactly one), "two".."five"/"both" (exactly), "no"/"zero" (none). A plural
-  head without a count means "at least two".
-* background phrase: ``[tone words] background`` with tone words "dark",
-  "light", "grey"/"gray"; "dark"/"light" must match the scene's tone, plain
-  "grey" fits every tone (all backgrounds are grey). Any object colour on a
-  background is wrong.
-* relation words ("left", "right", "above", "over", "top", "below", "under",
-  "beneath", "underneath", "bottom") link the two phrases right before and
-  after them: "a red circle to the left of a blue square and a green star"
-  states only red circle left-of blue square. A relation holds when *some*
-  matching subject object stands in it to *some* other matching object.
+* object phrase: ``[count] [size] [colour] head``, head a shape or a generic
+  noun ("shape(s)", "object(s)", ...). "a"/"an"/"the" mean at least one,
+  "one".."five"/"both"/"no" an exact count, a bare plural at least two.
+* background phrase: ``[tone words] background``; "dark"/"light" must match
+  the scene's tone, plain "grey" fits every tone, an object colour never does.
+* a relation word ("left", "right", "above", "below", "under", ...) links the
+  phrases right before and after it; it holds when *some* matching subject
+  stands in it to *some* other matching object.
 
-Everything else ("there", "is", "of", "<unk>", ...) is ignored, except that
-words which cannot be attached to an object (a colour or size with no shape,
-e.g. "a red <end>", a relation with nothing on one side, conflicting
-colours) are reported as errors, and negation ("not", "without") is rejected
-as unsupported.
+Other words are ignored, but words that attach to no object (a colour with no
+shape, a relation with nothing on one side, conflicting colours) are errors,
+and negation ("not", "without") is rejected as unsupported.
 
 A caption is correct when it has no errors and at least one object phrase
-with a colour *and* a concrete shape is true of the scene (so "", "a",
-"<unk> <unk>", "two shapes" or "a circle" are not correct). Captions need
-not be complete: mentioning one of three objects is fine. ``coverage`` in
-:class:`FactCheck` reports which fraction of the scene's objects the caption
-correctly named by colour and shape.
+with a colour *and* a concrete shape is true of the scene. Captions need not
+be complete; ``coverage`` in :class:`FactCheck` is the fraction of the scene's
+objects the caption correctly named by colour and shape.
 """
 
 from __future__ import annotations
@@ -42,6 +32,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
+from batch_caption import files
 from batch_caption.data.scenes import COLOURS, SHAPES
 
 __all__ = ["FactCheck", "check_caption", "content_accuracy", "load_facts"]
@@ -364,8 +355,7 @@ def check_caption(caption: str, facts: Mapping[str, Any]) -> FactCheck:
 
 def load_facts(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """Read a ``scenes_<split>.json`` written by :func:`scenes.write_dataset`."""
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
+    data = json.loads(files.read_text(os.fspath(path)))
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object keyed by image id")
     return data

@@ -4,39 +4,23 @@ No real dataset or pretrained weights are reachable, so caption quality is
 measured on generated scenes: 1-4 flat, saturated shapes on a neutral grey
 background, each with reference captions in varied but regular phrasing and a
 JSON "facts" record that :mod:`batch_caption.data.facts` checks captions
-against ("content accuracy").
+against ("content accuracy"). Everything aims at a task a small CNN+LSTM can
+learn at 96-128 px:
 
-Design choices (all aimed at a task a small CNN+LSTM can learn at 96-128 px):
+* a closed vocabulary (5 shapes x 7 colours x 2 sizes), colours far from each
+  other and from the grey backgrounds, sizes from disjoint ranges;
+* unambiguous relations: with >= 2 objects each sits in its own cell of a 3x3
+  grid, so two objects are either aligned or clearly apart; :class:`Scene`
+  re-checks this on construction;
+* a compositional hold-out: the (colour, shape) pairs in :data:`HELD_OUT_PAIRS`
+  occur only in the "compositional" split;
+* determinism: scene ``i`` of a split comes from ``SeedSequence([seed,
+  split_index, i])``, so a longer run extends a shorter one; image ids are
+  ``(split_index + 1) * 10_000_000 + i``, unique across splits.
 
-* Closed vocabulary: 5 shapes x 7 colours x 2 sizes. Colours are saturated and
-  far apart in RGB; backgrounds are neutral greys (three tones) so no object
-  colour can clash with them - chroma separates every colour from grey, and
-  white is >= 40 grey levels brighter than the lightest background.
-* Sizes are absolute: object "radius" (half the bounding-box side) is drawn
-  from disjoint ranges (``small`` <= 0.07, ``large`` >= 0.115 of the image),
-  so ``large`` is always >= 1.6x ``small``.
-* Unambiguous relations: scenes with >= 2 objects put each object in its own
-  cell of a 3x3 grid (centres at 0.18/0.5/0.82 of the image, tiny jitter). Two
-  objects are therefore either aligned on an axis (centres within 5 % of the
-  image) or clearly apart (>= 20 %); only the latter yields a relation. Objects
-  never overlap. :class:`Scene` re-checks all of this on construction.
-* Squares are never rotated and diamonds are tall rhombi, so the two cannot be
-  confused; triangles and stars get at most +-6 degrees of rotation.
-* Compositional hold-out: the (colour, shape) pairs in :data:`HELD_OUT_PAIRS`
-  never occur in train/val/test; every "compositional" scene has at least one.
-  Each colour and each shape still occurs in training with other partners.
-* Determinism: scene ``i`` of a split is drawn from
-  ``SeedSequence([seed, split_index, i])``, so the same arguments give the same
-  scenes (and byte-identical images), a longer run extends a shorter one, and
-  splits never share a random stream.
-* Image ids are unique across splits: ``(split_index + 1) * 10_000_000 + i``.
-
-Captions (all lower case) are built from a few templates; see
-:func:`caption_candidates`. Groups of objects that share a description are
-counted ("two red circles"); explicit numbers (one/single/two/three/four)
-always state the exact count, "a"/"an" means "at least one"; a relation word
-("to the left of", "left of", "to the right of", "right of", "above", "below",
-"under") always links the two object phrases right next to it.
+Captions (lower case) come from a few templates (:func:`caption_candidates`):
+explicit numbers state the exact count, "a"/"an" means "at least one", and a
+relation word always links the two object phrases right next to it.
 """
 
 from __future__ import annotations

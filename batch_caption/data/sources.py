@@ -24,6 +24,8 @@ import os
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any, Union
 
+from batch_caption import files
+
 # Karpathy's splits; "restval" (the COCO val2014 images outside his 5k val / 5k test)
 # is normally trained on.
 KARPATHY_SPLITS = ("train", "val", "test")
@@ -69,16 +71,9 @@ class SourceProblem:
 Item = Union[CaptionedImage, SourceProblem]
 
 
-def join_path(root: str, name: str) -> str:
-    """root + relative name, for local directories and URLs (gs://...) alike."""
-    if "://" in root:
-        from apache_beam.io.filesystems import FileSystems
-
-        return FileSystems.join(root, name)
-    return os.path.join(root, name)
-
-
 def _read_text(path: str) -> str:
+    # Not files.read_text: annotation files may be compressed, and FileSystems.open
+    # decompresses by suffix where files reads the bytes as they are.
     from apache_beam.io.filesystems import FileSystems
 
     try:
@@ -123,7 +118,7 @@ def read_coco(captions_file: str, split: str, image_root: str) -> Iterator[Item]
     paths: dict[int, str] = {}
     seen_paths: set[str] = set()
     for image_id, file_name in images:
-        path = join_path(image_root, file_name)
+        path = files.join(image_root, file_name)
         if image_id in paths or path in seen_paths:
             what = f"image id {image_id}" if image_id in paths else f"file {file_name}"
             yield SourceProblem(path, split, "DuplicateImage", f"{captions_file} lists {what} more than once")
@@ -189,7 +184,7 @@ def read_karpathy(
                 f"{dataset_file}: images[{index}] is not a Karpathy entry (filename, split, imgid|cocoid, sentences): "
                 f"{type(e).__name__}: {e}"
             ) from e
-        path = join_path(image_root, name)
+        path = files.join(image_root, name)
         if split == "restval":
             split = restval
             if split is None:
@@ -256,7 +251,7 @@ def read_flickr8k(
             if name in owner:
                 problems.append(
                     SourceProblem(
-                        join_path(image_dir, name), split, "DuplicateImage",
+                        files.join(image_dir, name), split, "DuplicateImage",
                         f"image listed in split {owner[name]!r} and again in {list_file}",
                     )
                 )
@@ -269,7 +264,7 @@ def read_flickr8k(
     for name in captions:
         if name not in owner:
             yield SourceProblem(
-                join_path(image_dir, name), None, "NotInSplit",
+                files.join(image_dir, name), None, "NotInSplit",
                 f"{len(captions[name])} caption(s) in {token_file}, but no split list names the image",
             )
     wanted = set(splits) if splits is not None else set(split_files)
@@ -277,4 +272,4 @@ def read_flickr8k(
         if split not in wanted:
             continue
         for name in names:
-            yield CaptionedImage(ids[name], join_path(image_dir, name), split, tuple(captions.get(name, ())))
+            yield CaptionedImage(ids[name], files.join(image_dir, name), split, tuple(captions.get(name, ())))

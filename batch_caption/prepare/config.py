@@ -1,0 +1,344 @@
+"""The job's options: PrepareConfig, its command line, and the input checks.
+
+`parse` turns argv into a PrepareConfig and Beam's PipelineOptions; `check_inputs`
+then checks that every input file exists before any work, so a bad command line
+fails with one line (exit code 2) and leaves the output directory untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import textwrap
+import time
+
+from batch_caption import cli, files, images, records
+from batch_caption.cli import UsageError
+from batch_caption.data import scenes, sources
+from batch_caption.model import vocab as vocab_lib
+from batch_caption.model.config import DEFAULT_SMALL_CNN_GRID, ENCODERS, ModelConfig
+
+SOURCES = ("coco", "karpathy", "flickr8k", "synthetic")
+DEFAULT_SYNTHETIC_COUNTS = "train=4000,val=200,test=500,compositional=500"
+SYNTHETIC_DIR = "source"  # OUTPUT/source/: the generated scenes (COCO layout)
+# Split names become file names (<split>-00000-of-00004.tfrecord); no "-" so that the
+# trainer's "<split>-*" glob never matches another split's shards.
+_SPLIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,63}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """The job's own options (Beam's live in PipelineOptions). Raises UsageError.
+
+    splits: (name, file or None) per output split, in output order. The file is the
+      COCO captions JSON (coco, required) or the image list (flickr8k, optional: the
+      official Flickr_8k.*Images.txt next to `captions` by default); karpathy and
+      synthetic take none.
+    captions: the Karpathy split JSON, or Flickr8k.token.txt.
+    image_root: directory the annotation files' image names are relative to.
+    restval: split that Karpathy's "restval" images join, or None to leave them out.
+    synthetic_counts: (split, number of scenes) for --source synthetic.
+    min_word_count: tokens seen fewer times in the vocab split's captions become <unk>.
+    num_shards: shards per split; 0 lets the runner decide.
+    encoder / encoder_weights / small_cnn_grid: the backbone that computes features
+      (features mode; the grid only for small_cnn).
+    """
+
+    source: str
+    output: str
+    splits: tuple[tuple[str, str | None], ...]
+    run_id: str
+    image_root: str | None = None
+    captions: str | None = None
+    restval: str | None = "train"
+    synthetic_counts: tuple[tuple[str, int], ...] = ()
+    seed: int = 0
+    image_size: int = 96
+    max_length: int = 20
+    min_word_count: int = 4
+    vocab_split: str = "train"
+    num_shards: int = 0
+    precompute_features: bool = False
+    encoder: str | None = None
+    encoder_weights: str | None = None
+    small_cnn_grid: int | None = None
+    batch_size: int = 32
+    max_image_pixels: int = 100_000_000
+    max_file_bytes: int = 256 * 1024 * 1024
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise UsageError(f"--source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        if not self.output:
+            raise UsageError("--output is required")
+        try:
+            records.check_run_id(self.run_id)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        self._check_splits()
+        if self.vocab_split not in self.split_names:
+            raise UsageError(
+                f"--vocab_split {self.vocab_split!r} is not among the splits ({', '.join(self.split_names)}): "
+                "the vocabulary is built from its captions"
+            )
+        if dict(self.synthetic_counts).get(self.vocab_split, 1) < 1:
+            raise UsageError(f"--synthetic_counts must give the vocab split {self.vocab_split!r} at least one scene")
+        if not 32 <= self.image_size <= 1024:
+            raise UsageError(f"--image_size must be in [32, 1024], got {self.image_size}")
+        for name, low in (("max_length", 1), ("min_word_count", 1), ("num_shards", 0), ("batch_size", 1),
+                          ("max_image_pixels", 1), ("max_file_bytes", 1), ("seed", 0)):
+            if getattr(self, name) < low:
+                raise UsageError(f"--{name} must be >= {low}, got {getattr(self, name)}")
+        if self.precompute_features:
+            if self.encoder not in ENCODERS:
+                raise UsageError(f"--encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
+            if not self.encoder_weights:
+                # A random backbone differs per worker process: the features would be
+                # inconsistent, and no model could reproduce them at captioning time.
+                raise UsageError("--precompute_features needs --encoder_weights (imagenet or a .weights.h5 file)")
+            if self.encoder == "small_cnn" and self.encoder_weights == "imagenet":
+                raise UsageError("small_cnn has no imagenet weights: give --encoder_weights a .weights.h5 file")
+            if self.small_cnn_grid is not None and self.encoder != "small_cnn":
+                raise UsageError(f"--small_cnn_grid only applies to --encoder small_cnn, not {self.encoder}")
+            if self.small_cnn_grid is not None and not 1 <= self.small_cnn_grid <= 8:
+                raise UsageError(f"--small_cnn_grid must be in [1, 8], got {self.small_cnn_grid}")
+        elif self.encoder or self.encoder_weights or self.small_cnn_grid is not None:
+            raise UsageError("--encoder, --encoder_weights and --small_cnn_grid only apply with --precompute_features")
+
+    def _check_splits(self):
+        names = [n for n, _ in self.splits]
+        if not names:
+            raise UsageError("no split: give --split" if self.source != "synthetic" else "--synthetic_counts is empty")
+        for name in names:
+            if not _SPLIT_RE.match(name):
+                raise UsageError(f"split name {name!r} must be letters, digits or '_' (it names the shard files)")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise UsageError(f"split {dupes[0]!r} is given more than once")
+        files = {n: f for n, f in self.splits}
+        known = {"karpathy": sources.KARPATHY_SPLITS, "flickr8k": sources.FLICKR8K_SPLITS,
+                 "synthetic": scenes.SPLITS}.get(self.source)
+        if known:
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise UsageError(f"unknown {self.source} split {unknown[0]!r}; choose from {', '.join(known)}")
+        need_root = self.source != "synthetic"
+        if need_root and not self.image_root:
+            raise UsageError(f"--source {self.source} needs --image_root (the directory its image names are relative to)")
+        if not need_root and self.image_root:
+            raise UsageError("--image_root does not apply to --source synthetic")
+        if self.source == "coco":
+            missing = [n for n in names if not files[n]]
+            if missing:
+                raise UsageError(f"--source coco needs --split {missing[0]}=CAPTIONS_JSON")
+            if self.captions:
+                raise UsageError("--captions does not apply to --source coco (give --split NAME=CAPTIONS_JSON)")
+        elif self.source in ("karpathy", "flickr8k"):
+            if not self.captions:
+                what = "the Karpathy split JSON" if self.source == "karpathy" else "Flickr8k.token.txt"
+                raise UsageError(f"--source {self.source} needs --captions ({what})")
+            if self.source == "karpathy" and any(files.values()):
+                raise UsageError("--source karpathy takes split names only (--split NAME): the JSON assigns the splits")
+        if self.source != "karpathy" and self.restval != "train":
+            raise UsageError("--restval only applies to --source karpathy")
+        if self.restval is not None and self.restval not in sources.KARPATHY_SPLITS:
+            raise UsageError(f"--restval must be one of {', '.join(sources.KARPATHY_SPLITS)} or none, got {self.restval!r}")
+        if self.source == "synthetic" and any(n < 0 for _, n in self.synthetic_counts):
+            raise UsageError("--synthetic_counts must be >= 0")
+
+    @property
+    def split_names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.splits)
+
+    @property
+    def mode(self) -> str:
+        return "features" if self.precompute_features else "images"
+
+    @property
+    def image_config(self) -> images.ImageConfig:
+        return images.ImageConfig(image_size=self.image_size, max_image_pixels=self.max_image_pixels)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The backbone's config (features mode). vocab_size is a placeholder: the backbone
+        does not use it, and the vocabulary is not known until the job has run."""
+        return ModelConfig(vocab_size=len(vocab_lib.SPECIAL_TOKENS) + 1, encoder=self.encoder,
+                           image_size=self.image_size, encoder_weights=self.encoder_weights, train_encoder=False,
+                           small_cnn_grid=self.small_cnn_grid or DEFAULT_SMALL_CNN_GRID)
+
+    @property
+    def synthetic_dir(self) -> str:
+        return files.join(self.output, SYNTHETIC_DIR)
+
+    def flickr8k_lists(self) -> dict[str, str]:
+        """Every Flickr8k split's image list: the given file, else the official one."""
+        base = os.path.dirname(self.captions or "")
+        given = {n: f for n, f in self.splits if f}
+        return {s: given.get(s) or files.join(base, name) for s, name in sources.FLICKR8K_SPLIT_FILES.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.ArgumentParser(
+        prog="python -m batch_caption.prepare",
+        description=textwrap.fill(
+            "Prepare a captioning dataset for batch_caption.train: decode and resize every image with the "
+            "captioning job's own code (or precompute its CNN features), build the vocabulary from the training "
+            "split, and write TFRecord shards, COCO references per split, vocab.json and dataset.json (last). "
+            "Every bad image or caption becomes a record in errors-*.jsonl.", 100),
+        epilog="Examples:\n"
+        "  --source coco --split train=annotations/captions_train2014.json --split val=annotations/captions_val2014.json "
+        "--image_root coco/ --output data/coco\n"
+        "  --source karpathy --captions dataset_coco.json --image_root coco/ --output data/karpathy\n"
+        "  --source flickr8k --captions Flickr8k_text/Flickr8k.token.txt --image_root Flicker8k_Dataset/ --output data/f8k\n"
+        "  --source synthetic --synthetic_counts train=4000,val=200,test=500,compositional=500 --output data/synth\n"
+        "Any Apache Beam pipeline option may be added (--runner=DataflowRunner --project=... --temp_location=gs://..., "
+        "--direct_num_workers=2 --direct_running_mode=multi_processing). Default runner: DirectRunner.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s = p.add_argument_group("source")
+    s.add_argument("--source", required=True, choices=SOURCES, help="annotation format")
+    s.add_argument("--split", action="append", default=[], metavar="NAME[=FILE]",
+                   help="coco: NAME=CAPTIONS_JSON, one per split (required). flickr8k: NAME[=IMAGE_LIST] (train, val, "
+                   "test; lists default to the official Flickr_8k.*Images.txt next to --captions). karpathy: NAME "
+                   "(train, val, test). Given names restrict the output to those splits. Repeatable.")
+    s.add_argument("--image_root", help="directory (local or gs://) the annotations' image names are relative to")
+    s.add_argument("--captions", help="karpathy: dataset_*.json; flickr8k: Flickr8k.token.txt")
+    s.add_argument("--restval", default="train", help="karpathy: split for 'restval' images, or 'none' (default train)")
+    s.add_argument("--synthetic_counts", default=DEFAULT_SYNTHETIC_COUNTS, metavar="SPLIT=N,...",
+                   help=f"synthetic: scenes per split, rendered into OUTPUT/{SYNTHETIC_DIR}/ at --image_size "
+                   f"(default {DEFAULT_SYNTHETIC_COUNTS})")
+    s.add_argument("--seed", type=int, default=0, help="synthetic: scene seed (default 0)")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", required=True, help="dataset directory (local or gs://); earlier shards there are replaced")
+    o.add_argument("--image_size", type=int, default=96, help="side of the stored square images, pixels (default 96)")
+    o.add_argument("--max_length", type=int, default=20, help="captions are cut to this many tokens (default 20)")
+    o.add_argument("--min_word_count", type=int, default=4,
+                   help="words seen fewer times in the vocab split become <unk> (default 4)")
+    o.add_argument("--vocab_split", default="train", help="split whose captions make the vocabulary (default train)")
+    o.add_argument("--num_shards", type=int, default=0, help="TFRecord shards per split (default 0: the runner decides)")
+    o.add_argument("--run_id", default=None, help="name in the error records (default: UTC timestamp)")
+    f = p.add_argument_group("precomputed features (decoder-only training)")
+    f.add_argument("--precompute_features", action="store_true",
+                   help="store pooled CNN features instead of pixels, computed with the captioning job's model handler")
+    f.add_argument("--encoder", default=None, help=f"backbone: {', '.join(ENCODERS)} (default small_cnn)")
+    f.add_argument("--encoder_weights", default=None,
+                   help="'imagenet' (Keras downloads them) or a backbone .weights.h5 file (local or gs://); required")
+    f.add_argument("--small_cnn_grid", type=int, default=None,
+                   help="small_cnn: side of the grid its features are pooled to, F = grid*grid*128 (default 4; "
+                   "3 matches the synthetic scenes' 3x3 layout); recorded in dataset.json for train")
+    f.add_argument("--batch_size", type=int, default=32, help="images per encoder call (default 32)")
+    r = p.add_argument_group("resources")
+    r.add_argument("--max_image_pixels", type=int, default=100_000_000, help="decoded pixel limit per image (default 100M)")
+    r.add_argument("--max_file_bytes", type=int, default=256 * 1024 * 1024, help="larger files are errors (default 256 MiB)")
+    return p
+
+
+def _parse_split(text: str) -> tuple[str, str | None]:
+    name, eq, path = text.partition("=")
+    if eq and not path:
+        raise UsageError(f"--split {text!r}: empty file name")
+    return name.strip(), (path or None)
+
+
+def _parse_counts(text: str) -> tuple[tuple[str, int], ...]:
+    counts = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, eq, number = part.partition("=")
+        try:
+            counts.append((name.strip(), int(number)))
+        except ValueError:
+            raise UsageError(f"--synthetic_counts: {part!r} is not SPLIT=N") from None
+        if not eq:
+            raise UsageError(f"--synthetic_counts: {part!r} is not SPLIT=N")
+    return tuple(counts)
+
+
+def parse(argv: list[str] | None):
+    """argv -> (PrepareConfig, beam PipelineOptions). Raises UsageError on any bad flag."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    args, beam_args = build_parser().parse_known_args(argv)
+    options = PipelineOptions(beam_args)
+    known = options.get_all_options(retain_unknown_options=False)
+    unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - set(known))
+    if unknown:
+        raise UsageError(f"unknown option(s): {', '.join('--' + u for u in unknown)} (see --help)")
+    given = tuple(_parse_split(s) for s in args.split)
+    counts: tuple[tuple[str, int], ...] = ()
+    if args.source == "synthetic":
+        if given:
+            raise UsageError("--source synthetic takes its splits from --synthetic_counts, not --split")
+        counts = _parse_counts(args.synthetic_counts)
+        splits = tuple((n, None) for n, _ in counts)
+    elif args.source in ("karpathy", "flickr8k") and not given:
+        splits = tuple((n, None) for n in sources.KARPATHY_SPLITS)
+    else:
+        splits = given
+    precompute = args.precompute_features
+    return PrepareConfig(
+        source=args.source,
+        output=args.output,
+        splits=splits,
+        run_id=args.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
+        image_root=args.image_root,
+        captions=args.captions,
+        restval=None if args.restval == "none" else args.restval,
+        synthetic_counts=counts,
+        seed=args.seed,
+        image_size=args.image_size,
+        max_length=args.max_length,
+        min_word_count=args.min_word_count,
+        vocab_split=args.vocab_split,
+        num_shards=args.num_shards,
+        precompute_features=precompute,
+        encoder=args.encoder or ("small_cnn" if precompute else None),
+        encoder_weights=args.encoder_weights,
+        small_cnn_grid=args.small_cnn_grid,
+        batch_size=args.batch_size,
+        max_image_pixels=args.max_image_pixels,
+        max_file_bytes=args.max_file_bytes,
+    ), options
+
+
+def _local(path: str | None) -> str | None:
+    """Local paths absolute (workers may run elsewhere; references name real files)."""
+    return path if path is None or files.is_remote(path) else os.path.abspath(path)
+
+
+def check_inputs(config: PrepareConfig) -> PrepareConfig:
+    """Checks that every input exists before any work; makes local paths absolute."""
+
+    def must_exist(path: str, what: str):
+        try:
+            ok = files.exists(path)
+        except Exception as e:
+            raise UsageError(f"cannot check {what} {path}: {e}") from e
+        if not ok:
+            raise UsageError(f"{what} {path} does not exist")
+
+    config = dataclasses.replace(
+        config,
+        output=_local(config.output),
+        image_root=_local(config.image_root),
+        captions=_local(config.captions),
+        splits=tuple((n, _local(f)) for n, f in config.splits),
+        encoder_weights=config.encoder_weights if config.encoder_weights == "imagenet" else _local(config.encoder_weights),
+    )
+    if config.image_root and not files.is_remote(config.image_root) and not os.path.isdir(config.image_root):
+        raise UsageError(f"--image_root {config.image_root} is not a directory")
+    if config.captions:
+        must_exist(config.captions, "--captions")
+    if config.source == "coco":
+        for name, path in config.splits:
+            must_exist(path, f"--split {name}:")
+    if config.source == "flickr8k":
+        for name, path in config.flickr8k_lists().items():
+            must_exist(path, f"the {name} image list")
+    if config.source == "synthetic" and files.is_remote(config.output):
+        raise UsageError("--source synthetic renders its scenes into OUTPUT/source/: --output must be a local directory")
+    if config.encoder_weights and config.encoder_weights != "imagenet":
+        must_exist(config.encoder_weights, "--encoder_weights")
+    return config
+
