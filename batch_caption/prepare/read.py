@@ -24,7 +24,7 @@ from batch_caption import files, gcs, records
 from batch_caption.data import scenes, sources
 from batch_caption.data.sources import CaptionedImage, SourceProblem
 from batch_caption.model import vocab as vocab_lib
-from batch_caption.pipeline import ERRORS, NAMESPACE, ReadImages
+from batch_caption.job import ERRORS, NAMESPACE, ReadImages
 from batch_caption.prepare.config import PrepareConfig
 
 __all__ = ["ERRORS", "ReadImages", "CaptionedExample", "CheckCaptions", "ComputeFeatures", "JoinCaptionsToImages",
@@ -215,7 +215,7 @@ class ComputeFeatures(beam.PTransform):
     def expand(self, examples):
         from apache_beam.ml.inference.base import RunInference
 
-        from batch_caption.pipeline import FailedBatchToErrorsFn
+        from batch_caption.job.caption import FailedBatchToErrorsFn
 
         predictions, dead = examples | "RunInference" >> RunInference(self._handler).with_exception_handling()
         out = predictions | "ToFeatures" >> beam.ParDo(_ToFeaturesFn(self._run_id)).with_outputs(ERRORS, main="features")
