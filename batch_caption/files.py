@@ -7,7 +7,9 @@ so entry points that only see local paths (train, evaluate) start without Beam.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
 
 
 def is_remote(path: str) -> bool:
@@ -49,13 +51,23 @@ def read_text(path: str) -> str:
 
 
 def write_bytes(path: str, data: bytes, mime_type: str = "application/octet-stream") -> None:
-    """Writes `data` to `path`, creating local parent directories."""
+    """Writes `data` to `path` whole or not at all: a local file is written under a
+    temporary name and renamed over `path` (a reader never sees it half written, and a
+    crash leaves the old file); an object store's upload appears at once when it ends."""
     if not is_remote(path):
-        parent = os.path.dirname(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
+        parent = os.path.dirname(path) or "."
+        os.makedirs(parent, exist_ok=True)
+        temp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(temp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(temp)
+            raise
         return
     with _filesystems().create(path, mime_type=mime_type, compression_type="uncompressed") as f:
         f.write(data)
