@@ -120,26 +120,43 @@ def failed_row(record: dict[str, Any], size: int | None, modified: float | None,
     }
 
 
-def write_rows(f, rows: Iterable[dict[str, Any]]) -> int:
-    """Writes rows as Parquet into the open binary stream `f` in row groups of
-    ROW_GROUP_ROWS; -> the number of rows. An empty iterable writes a valid empty file."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+class RowWriter:
+    """Streams rows into Parquet on the open binary stream `f`, ROW_GROUP_ROWS at a time,
+    so memory holds one row group at most. close() writes a valid file even with no rows."""
 
-    s = schema()
-    n = 0
-    with pq.ParquetWriter(f, s, compression="zstd") as writer:
-        batch: list[dict[str, Any]] = []
-        for row in rows:
-            batch.append(row)
-            if len(batch) >= ROW_GROUP_ROWS:
-                writer.write_table(pa.Table.from_pylist(batch, schema=s))
-                n += len(batch)
-                batch = []
-        if batch or n == 0:
-            writer.write_table(pa.Table.from_pylist(batch, schema=s))
-            n += len(batch)
-    return n
+    def __init__(self, f):
+        import pyarrow.parquet as pq
+
+        self._schema = schema()
+        self._writer = pq.ParquetWriter(f, self._schema, compression="zstd")
+        self._batch: list[dict[str, Any]] = []
+        self.rows = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._batch.append(row)
+        if len(self._batch) >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        self._writer.write_table(pa.Table.from_pylist(self._batch, schema=self._schema))
+        self.rows += len(self._batch)
+        self._batch = []
+
+    def close(self) -> None:
+        if self._batch or self.rows == 0:
+            self._flush()
+        self._writer.close()
+
+
+def write_rows(f, rows: Iterable[dict[str, Any]]) -> int:
+    """Writes rows as Parquet into the open binary stream `f`; -> the number of rows."""
+    writer = RowWriter(f)
+    for row in rows:
+        writer.write(row)
+    writer.close()
+    return writer.rows
 
 
 def read_rows(f, columns: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:

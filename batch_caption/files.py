@@ -38,6 +38,13 @@ def _filesystems():
     return FileSystems
 
 
+def open_read(path: str):
+    """A binary stream of the file at `path`, read as stored (no decompression)."""
+    if not is_remote(path):
+        return open(path, "rb")
+    return _filesystems().open(path, compression_type="uncompressed")
+
+
 def read_bytes(path: str) -> bytes:
     if not is_remote(path):
         with open(path, "rb") as f:

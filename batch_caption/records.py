@@ -7,7 +7,8 @@ Caption record (one JSON object a line, keys sorted, no NaN), `captions-*.jsonl`
     decode {beam_size, max_length, num_alternatives, length_normalization}
 Error record, `errors-*.jsonl`:
     path, stage (match | read | decode | infer | write), error (exception class name),
-    message, run_id
+    message, run_id, and what was known of the file: bytes, modified, sha256 (null when
+    unknown: a match error names a pattern or directory, not a file)
 Manifest, `manifest.json`, written last: a run directory without it is incomplete.
 """
 
@@ -59,7 +60,7 @@ def caption_record(
     if not captions:
         raise ValueError("no caption was produced")
     best = captions[0]
-    return {
+    return portable({
         "path": path or example.path,
         "modified": modified,
         "caption": best.text,
@@ -77,17 +78,44 @@ def caption_record(
         "model": model_id,
         "run_id": run_id,
         "decode": decode,
-    }
+    })
 
 
-def error_record(path: str, stage: str, error: BaseException | str, message: str | None = None, *, run_id: str) -> dict[str, Any]:
+def error_record(path: str, stage: str, error: BaseException | str, message: str | None = None, *, run_id: str,
+                 size: int | None = None, modified: float | None = None, sha256: str | None = None) -> dict[str, Any]:
     """Record for one input that produced no caption, and why."""
     if stage not in PREPARE_STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     name = error if isinstance(error, str) else type(error).__name__
     text = message if message is not None else (str(error) or name)
-    return {"path": path, "stage": stage, "error": name, "message": text, "run_id": run_id}
+    return portable({"path": path, "stage": stage, "error": name, "message": text, "run_id": run_id,
+                     "bytes": size, "modified": modified, "sha256": sha256})
+
+
+class _EscapedRecord(dict):
+    """A record holding text that is not valid UTF-8 (a path's undecodable bytes as
+    surrogate escapes). Beam's default coder writes a plain dict's strings as UTF-8,
+    which fails for those; it pickles this subclass instead."""
+
+
+def portable(record: dict[str, Any]) -> dict[str, Any]:
+    """`record`, as an _EscapedRecord when a top-level string cannot be UTF-8 encoded."""
+    for value in record.values():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return _EscapedRecord(record)
+    return record
 
 
 def to_json_line(record: dict[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    """One JSON line. Text that is not valid UTF-8 (a path's undecodable bytes, held as
+    surrogate escapes) is written as \\udcXX escapes, which json.loads gives back exactly
+    (os.fsencode then yields the original bytes); everything else stays as it is."""
+    line = json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(record, sort_keys=True, ensure_ascii=True, allow_nan=False)
+    return line

@@ -2,25 +2,27 @@
 
     python -m batch_caption.run --input photos/ --output out/ [--model BUNDLE] [Beam options]
 
-Writes OUTPUT/run=<run_id>/captions-*.jsonl, errors-*.jsonl and, last, manifest.json.
-With no input flags it captions the package's bundled sample images into ./captions/.
+Writes OUTPUT/run=<run_id>/captions-*.jsonl, errors-*.jsonl, catalog-*.parquet and,
+last, manifest.json; then OUTPUT/LATEST names the run. With no input flags it captions
+the package's bundled sample images into ./captions/.
 Exit codes: 0 the run completed (per-image errors are data, in errors-*.jsonl);
-2 bad flags / missing model / input matching nothing (nothing was started);
-1 the pipeline itself failed.
+2 bad flags / missing model / input matching nothing / another run holds the output's
+lock (nothing was started); 1 the pipeline itself failed (a listing that failed, say);
+3 the run completed but more than --max_failed_fraction of its inputs failed (LATEST
+stays where it was).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import logging
 import os
 import sys
 import time
 from typing import Any
 
-from batch_caption import cli, files, gcs, records
+from batch_caption import cli, files, gcs, runs
+from batch_caption import lock
 from batch_caption.cli import UsageError
 from batch_caption.job import JobConfig, build_pipeline
 from batch_caption.job.config import MIN_READ_THREADS, REMOTE_READ_THREADS, default_read_threads
@@ -30,7 +32,8 @@ from batch_caption.model_loading import BUNDLED_MODEL, resolve_model_path
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = resolve_model_path(BUNDLED_MODEL)
 SAMPLES_DIR = os.path.join(PACKAGE_DIR, "samples")
-LATEST_NAME = "LATEST"  # OUTPUT/LATEST: the run id of the newest complete run
+LATEST_NAME = runs.LATEST_NAME
+EXIT_TOO_MANY_FAILED = 3
 _GLOB_CHARS = set("*?[")
 
 
@@ -67,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "as skipped. Earlier runs of another model do not count unless --incremental_any_model.")
     n.add_argument("--incremental_any_model", action="store_true",
                    help="with --incremental: keep captions made by any model (default: a model change re-captions)")
+    n.add_argument("--retry_failed", action="store_true",
+                   help="with --incremental: read files that failed before even when unchanged (default: a failed "
+                   "file is tried again only once its size or modification time changes, or the model or decode "
+                   "settings do)")
+    n.add_argument("--max_failed_fraction", type=float, default=1.0,
+                   help="a run in which a larger share of its inputs failed exits 3 and does not move LATEST, nor is "
+                   "it the baseline of the next --incremental run (default 1.0: off)")
+    n.add_argument("--break_lock", default=None, metavar="AGE",
+                   help="take over the output's lock when it is older than AGE (90s, 45m, 6h, 2d): for a lock left "
+                   "by a run that was killed. Default: a held lock stops the run (exit 2, the holder named)")
     n.add_argument("--dedupe", action=argparse.BooleanOptionalAction, default=True,
                    help="decode and caption identical bytes under several paths once; every path still gets "
                    "its record (default on: files are hashed, only paths and hashes are shuffled, and one file per "
@@ -108,6 +121,10 @@ def parse(argv: list[str] | None):
     output = args.output or "captions"
     beam_size = args.beam_size
     n_alt = args.num_alternatives if args.num_alternatives is not None else max(1, min(3, beam_size))
+    try:
+        break_lock = lock.parse_age(args.break_lock) if args.break_lock is not None else None
+    except ValueError as e:
+        raise UsageError(f"--break_lock: {e}") from e
     config = JobConfig(
         inputs=tuple(args.input),
         input_lists=tuple(args.input_list),
@@ -129,6 +146,9 @@ def parse(argv: list[str] | None):
         dedupe=args.dedupe,
         incremental=args.incremental,
         incremental_any_model=args.incremental_any_model,
+        retry_failed=args.retry_failed,
+        max_failed_fraction=args.max_failed_fraction,
+        break_lock=break_lock,
     )
     return config, options
 
@@ -177,14 +197,6 @@ def check_model(path: str) -> tuple[str, Any]:
     return manifest["bundle_id"], config
 
 
-def clear_run_dir(run_dir: str) -> None:
-    """Removes an earlier attempt of the same run_id: manifest first (marks it incomplete)."""
-    manifest = files.join(run_dir, records.MANIFEST_NAME)
-    if files.exists(manifest):
-        files.delete([manifest])
-    files.delete_matching(files.join(run_dir, "**"))
-
-
 def check_output(config: JobConfig) -> None:
     """Writes and deletes a probe file in the run's directory, so that an --output that
     cannot be written stops the run before any work, not at its first shard (written the
@@ -200,22 +212,8 @@ def check_output(config: JobConfig) -> None:
         raise UsageError(f"--output {config.output}: cannot write there: {e}") from e
 
 
-def previous_runs(config: JobConfig) -> list[dict]:
-    """Manifests of the complete runs under --output other than this run_id, oldest first."""
-    manifests = []
-    for path in files.matched(files.join(config.output, "run=*/" + records.MANIFEST_NAME)):
-        run_dir = path[: -len(records.MANIFEST_NAME) - 1]
-        if run_dir.rstrip("/").endswith(f"run={config.run_id}"):
-            continue
-        manifest = json.loads(files.read_bytes(path))
-        manifest["run_dir"] = run_dir
-        manifests.append(manifest)
-    return sorted(manifests, key=lambda x: x.get("end_time", ""))
-
-
 def run(argv: list[str] | None = None) -> dict:
     """Runs the job; returns the manifest. Raises UsageError before any work on bad input."""
-    import apache_beam as beam
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
     from batch_caption import progress
@@ -231,20 +229,38 @@ def run(argv: list[str] | None = None) -> dict:
         options.view_as(DirectOptions).direct_running_mode in (None, "in_memory")
     )
     progress.reset()
+    try:
+        output_lock = lock.OutputLock(config.output, config.run_id).acquire(config.break_lock)
+    except lock.LockHeld as e:
+        raise UsageError(f"--output {config.output}: another run writes there: {e}") from e
+    except Exception as e:  # each filesystem raises its own types (OSError, BeamIOError, GCS errors)
+        raise UsageError(f"--output {config.output}: cannot write there: {e}") from e
+    try:
+        return _run_locked(config, options, model_id, model_config, single_process)
+    finally:
+        output_lock.release()
+
+
+def _run_locked(config: JobConfig, options, model_id: str, model_config, single_process: bool) -> dict:
+    """The run, once this process holds the output's lock."""
+    import apache_beam as beam
+
     check_output(config)  # first: nothing of an earlier attempt is deleted for a run that cannot start
     try:
-        previous = previous_runs(config) if config.incremental else []
-        clear_run_dir(config.run_dir)
-    except (OSError, ValueError) as e:  # BeamIOError is an OSError; ValueError: a manifest that is not JSON
+        earlier = runs.complete_runs(config.output, other_than=config.run_id)
+        baseline = runs.baseline(earlier) if config.incremental else None
+        runs.release_latest(config.output, config.run_id, earlier)
+        runs.clear_run_dir(config.run_dir)
+    except (OSError, ValueError) as e:  # BeamIOError is an OSError
         raise UsageError(f"--output {config.output}: cannot read or clear the earlier runs there: {e}") from e
     started = time.time()
     pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, config, model_id, model_config.image_size, single_process, previous)
+    build_pipeline(pipeline, config, model_id, model_config.image_size, single_process, baseline)
     result = pipeline.run()
     result.wait_until_finish()
-    manifest = json.loads(files.read_bytes(files.join(config.run_dir, records.MANIFEST_NAME)))
-    # The run is complete: point LATEST at it (written after its manifest).
-    files.write_bytes(files.join(config.output, LATEST_NAME), (config.run_id + "\n").encode())
+    manifest = runs.read_run(config.run_dir).manifest
+    if not manifest.get("rejected"):
+        runs.point_latest(config.output, config.run_id)  # the run is complete: LATEST names it
     manifest["elapsed_seconds"] = round(time.time() - started, 3)
     manifest["metrics"] = job_metrics(result)
     return manifest
@@ -286,21 +302,13 @@ def summary(manifest: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        manifest = run(argv)
-    except UsageError as e:
-        print(f"batch_caption.run: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("batch_caption.run: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # the pipeline failed as a whole: say so in one line, keep the trace in the log
-        logging.getLogger("batch_caption").debug("pipeline failed", exc_info=True)
-        print(f"batch_caption.run: pipeline failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-              file=sys.stderr)
-        return 1
+    code, manifest = cli.run_job("batch_caption.run", lambda: run(argv))
+    if code != 0:
+        return code
     print(summary(manifest))
+    if manifest.get("rejected"):
+        print(f"batch_caption.run: LATEST not moved: {manifest['rejected']}", file=sys.stderr)
+        return EXIT_TOO_MANY_FAILED
     return 0
 
 

@@ -219,7 +219,7 @@ def test_rerun_with_the_same_run_id_leaves_no_stale_shards(tiny_bundle, tmp_path
     captions, errors, _ = read_run(str(run_dir))
     assert sorted(r["path"] for r in captions) == sorted(str(p) for p in src.iterdir())
     on_disk = sorted(f for f in os.listdir(run_dir) if os.path.isfile(run_dir / f) and f != "manifest.json")
-    assert on_disk == sorted(manifest["files"]["captions"] + manifest["files"]["errors"])
+    assert on_disk == sorted(manifest["files"]["captions"] + manifest["files"]["errors"] + manifest["files"]["catalog"])
     assert manifest["counts"]["captioned"] == len(captions) == 4 and not errors
     assert not list(glob.glob(str(run_dir / "beam-temp-*" / "*")))
     assert not os.path.exists(run_dir / "_temporary")
@@ -281,7 +281,12 @@ def test_gcs_in_and_out_through_the_emulator(gcs_emulator, tiny_bundle, tmp_path
     blobs = {b.name: b for b in client.list_blobs(gcs_emulator, prefix="captions/run=gcs/")}
     manifest_blob = blobs.pop("captions/run=gcs/manifest.json")
     shard_names = sorted(n.rsplit("/", 1)[1] for n in blobs)
-    assert shard_names == sorted(manifest["files"]["captions"] + manifest["files"]["errors"])
+    assert shard_names == sorted(manifest["files"]["captions"] + manifest["files"]["errors"] + manifest["files"]["catalog"])
+    # The catalog, written through the GCS filesystem, reads back: one row per matched file.
+    import pyarrow.parquet as pq
+
+    rows = [r for n, b in blobs.items() if "/catalog-" in n for r in pq.read_table(io.BytesIO(b.download_as_bytes())).to_pylist()]
+    assert sorted(r["status"] for r in rows) == ["captioned"] * 4 + ["failed"]
     assert all(manifest_blob.updated >= b.updated for b in blobs.values())  # written last
     lines = [json.loads(x) for n, b in blobs.items() if "/captions-" in n for x in b.download_as_text().splitlines()]
     assert sorted(r["path"] for r in lines) == sorted(names)

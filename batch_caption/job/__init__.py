@@ -2,14 +2,17 @@
 
     patterns / list files
       -> MatchImages      (match.py)    SourceFile per distinct path
-      -> SelectChanged    (select.py)   --incremental: only new or changed files
+      -> SelectChanged    (select.py)   --incremental: join with the earlier catalog; skip
+                                        unchanged files unread, count deleted ones
       -> ReadImages       (read.py)     ImageExample (decoded, resized) | error | skip
       -> CaptionImages    (caption.py)  RunInference -> caption record | error record
-      -> WriteRun         (write.py)    captions-*.jsonl, errors-*.jsonl, manifest.json last
+      -> WriteRun         (write.py)    captions-*.jsonl, errors-*.jsonl, catalog-*.parquet
+                                        (this run's rows + carried ones), manifest.json last
 
-Every path that enters ReadImages leaves as exactly one caption record, error record or
-skip: each DoFn either yields its output or yields an error record, and inference
-failures come back from RunInference's dead-letter output per element.
+Every matched path leaves as exactly one caption record, error record or skip: each DoFn
+either yields its output or yields an error record, and inference failures come back
+from RunInference's dead-letter output per element. Every skip carries its earlier
+catalog row forward, so the catalog has one row per live path.
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ import time
 import apache_beam as beam
 
 # inference as a module (its names are looked up when the job is built): it imports job.elements.
-from batch_caption import files, images, inference
+from batch_caption import catalog, images, inference
 from batch_caption.job.caption import CaptionImages
 from batch_caption.job.config import JobConfig, default_batch_size
 from batch_caption.job.elements import ERRORS, NAMESPACE, ImageExample, SourceFile
 from batch_caption.job.match import MatchImages
 from batch_caption.job.read import ReadImages
-from batch_caption.job.select import SelectChanged
+from batch_caption.job.select import SelectChanged, Settings
 from batch_caption.job.write import RunInfo, WriteRun
 from batch_caption.model_loading import portable_model_path
 
@@ -37,12 +40,12 @@ __all__ = [
 
 
 def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, single_process: bool,
-                   previous: list[dict] = ()):
+                   baseline=None):
     """Adds the whole job to `pipeline`; returns the manifest PCollection.
 
     single_process: the runner runs everything in this process (the in-memory
       DirectRunner): the progress line can count, and no work needs spreading.
-    previous: manifests of earlier complete runs (with --incremental).
+    baseline: with --incremental, what to compare with (runs.Baseline).
     """
     if config.batch_size is None:
         config = dataclasses.replace(config, batch_size=default_batch_size(image_size))
@@ -54,20 +57,22 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
         model_path=config.model,
         options={k: v for k, v in dataclasses.asdict(config).items() if k not in ("output", "model", "run_id")},
         start_time=time.time(),
-        previous_runs=tuple(m["run_id"] for m in previous),
+        decode=decode.to_dict(),
+        previous_runs=baseline.run_ids if baseline else (),
+        previous_catalog=baseline.catalog_files if baseline else (),
+        max_failed_fraction=config.max_failed_fraction,
     )
     image_config = images.ImageConfig(image_size=image_size, max_image_pixels=config.max_image_pixels, draft=config.draft)
     handler = inference.CaptionModelHandler(
         portable_model_path(config.model), decode, config.batch_size, config.share_model)
 
     matched = pipeline | "MatchImages" >> MatchImages(config.inputs, config.input_lists, config.run_id, single_process)
-    to_read, skipped = matched["files"], []
-    if config.incremental:
-        caption_files = [files.join(m["run_dir"], name) for m in previous for name in m["files"]["captions"]]
-        end_times = {m["run_id"]: m.get("end_time", "") for m in previous}
+    to_read, skipped, deleted = matched["files"], [], []
+    if config.incremental and baseline is not None:
+        settings = Settings(model_id, catalog.decode_key(decode.to_dict()), config.incremental_any_model)
         selected = to_read | "SelectChanged" >> SelectChanged(
-            caption_files, end_times, model_id, config.incremental_any_model)
-        to_read, skipped = selected["files"], [selected["skipped"]]
+            baseline.catalog_files, settings, config.retry_failed, baseline.legacy_caption_files, baseline.end_times)
+        to_read, skipped, deleted = selected["files"], [selected["skipped"]], [selected["deleted"]]
     # Decoding runs a batch ahead of the model (positional: tests stand in for ReadImages).
     read = to_read | "ReadImages" >> ReadImages(
         image_config, config.max_file_bytes, config.run_id, config.dedupe, config.batch_size, config.read_threads,
@@ -81,5 +86,7 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
         ERRORS: errors,
         "files": matched["files"],
         "skipped": tuple(skipped) + (read["skipped"],) | "FlattenSkipped" >> beam.Flatten(),
+        "read": read["read"],
+        "deleted": tuple(deleted) | "FlattenDeleted" >> beam.Flatten(pipeline=pipeline),
     }
     return outputs | "WriteRun" >> WriteRun(info, single_process)

@@ -35,7 +35,8 @@ class _ToCaptionRecordFn(beam.DoFn):
 
     def process(self, result):
         example = result.example
-        for path, modified in example.source_paths():
+        for source in example.source_files():
+            path, modified = source.path, source.modified
             try:
                 record = records.caption_record(
                     example,
@@ -49,7 +50,7 @@ class _ToCaptionRecordFn(beam.DoFn):
                 )
             except ValueError as e:  # no caption, or a non-finite score: the model's failure
                 self._failed.inc()
-                yield beam.pvalue.TaggedOutput(ERRORS, records.error_record(path, "infer", e, run_id=self._run_id))
+                yield beam.pvalue.TaggedOutput(ERRORS, _infer_error(example, source, e, None, self._run_id))
                 continue
             self._captioned.inc()
             yield record
@@ -70,9 +71,16 @@ class FailedBatchToErrorsFn(beam.DoFn):
             lines = _failure_parts(exc)[1]
             raise ModelLoadError(message + ("\n" + "".join(lines) if lines else ""))
         for example in batch:
-            for path, _ in example.source_paths():
+            for source in example.source_files():
                 counter("failed_infer").inc()
-                yield records.error_record(path, "infer", name, message, run_id=self._run_id)
+                yield _infer_error(example, source, name, message, self._run_id)
+
+
+def _infer_error(example, source, error, message: str | None, run_id: str):
+    """The error record (stage infer) of one file of `example`."""
+    return records.error_record(source.path, "infer", error, message, run_id=run_id,
+                                size=source.size if source.size is not None else example.size_bytes,
+                                modified=source.modified, sha256=example.sha256)
 
 
 def _failure_parts(exc) -> tuple[type | None, list[str]]:

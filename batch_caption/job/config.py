@@ -48,6 +48,9 @@ class JobConfig:
     dedupe: bool = True
     incremental: bool = False
     incremental_any_model: bool = False
+    retry_failed: bool = False  # incremental: read files that failed before although unchanged
+    max_failed_fraction: float = 1.0  # a larger failed share: exit 3, LATEST stays
+    break_lock: float | None = None  # seconds: take over an output lock older than this
 
     def __post_init__(self):
         if not self.inputs and not self.input_lists:
@@ -61,6 +64,8 @@ class JobConfig:
         for name in ("batch_size", "max_image_pixels", "max_file_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.max_failed_fraction <= 1.0:
+            raise UsageError(f"--max_failed_fraction must be in [0, 1], got {self.max_failed_fraction}")
         if self.read_threads < 0:
             raise UsageError(f"--read_threads must be >= 0, got {self.read_threads}")
         try:

@@ -10,7 +10,7 @@ Every stage also has an ERRORS output of error records (records.error_record).
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from apache_beam.metrics import Metrics
@@ -25,13 +25,29 @@ def counter(name: str):
 
 class SourceFile(NamedTuple):
     """One input file. size and modified (seconds since the epoch) come from matching and
-    are None for paths read from list files; previous_sha256 is set in incremental runs
-    to the content captioned before (unchanged content is then skipped after reading)."""
+    are None for paths read from list files. In incremental runs, previous_sha256 is the
+    content the earlier catalog holds for the path (equal content is skipped after
+    reading), and previous what carries its earlier catalog row forward when the file is
+    skipped: a CatalogRef, or the row itself for outputs written without catalogs."""
 
     path: str
     size: int | None = None
     modified: float | None = None
     previous_sha256: str | None = None
+    previous: Any = None
+
+
+class CatalogRef(NamedTuple):
+    """A row of the earlier catalog: the index of its file in the run's list, its row number."""
+
+    file: int
+    row: int
+
+
+def path_key(path: str) -> bytes:
+    """A path as a shuffle key: its bytes, so that names that are not UTF-8 (held with
+    surrogate escapes) group like any other; a str key would have to encode as UTF-8."""
+    return path.encode("utf-8", "surrogateescape")
 
 
 def as_source(item: SourceFile | str) -> SourceFile:
@@ -69,6 +85,6 @@ class ImageExample:
     size_bytes: int
     sources: tuple = ()
 
-    def source_paths(self) -> list[tuple[str, float | None]]:
-        """(path, modification time or None) of every file with these bytes."""
-        return [(s.path, s.modified) for s in self.sources] or [(self.path, None)]
+    def source_files(self) -> tuple[SourceFile, ...]:
+        """Every file with these bytes (just `path` when sources is empty)."""
+        return self.sources or (SourceFile(self.path),)

@@ -6,7 +6,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from batch_caption import gcs, progress, records
-from batch_caption.job.elements import ERRORS, SourceFile, counter
+from batch_caption.job.elements import ERRORS, SourceFile, counter, path_key
 
 
 class _ListInputFn(beam.DoFn):
@@ -23,15 +23,22 @@ class _ListInputFn(beam.DoFn):
         return beam.pvalue.TaggedOutput(ERRORS, records.error_record(source, "match", error, message, run_id=self._run_id))
 
 
+class ListingError(RuntimeError):
+    """An input could not be listed at all: the run fails rather than pass for complete
+    with the files it did not see (an incremental run would count them as deleted)."""
+
+
 class _MatchPatternFn(_ListInputFn):
-    """pattern -> every file it matches (an empty match is an error record)."""
+    """pattern -> every file it matches (an empty match is an error record). A listing
+    that fails, after the filesystem client's own retries, fails the run."""
 
     def process(self, pattern: str):
         try:
             metadata = FileSystems.match([pattern])[0].metadata_list
         except Exception as e:  # BeamIOError wraps the filesystem's own error
-            yield self._error(pattern, e)
-            return
+            raise ListingError(f"cannot list {pattern}: {e}") from e
+        # Object stores' "folder" placeholders are objects whose names end in "/".
+        metadata = [m for m in metadata if not m.path.endswith("/")]
         if not metadata:
             yield self._error(pattern, "NoMatch", "pattern matched no file")
         if self._report:
@@ -45,12 +52,10 @@ class _ReadPathListFn(_ListInputFn):
 
     def process(self, list_path: str):
         try:
-            # FileSystems for local paths too: its errors name what the error records say.
             with FileSystems.open(list_path, compression_type="uncompressed") as f:
-                text = f.read().decode("utf-8")
+                text = f.read().decode("utf-8", "surrogateescape")
         except Exception as e:
-            yield self._error(list_path, e)
-            return
+            raise ListingError(f"cannot read --input_list {list_path}: {e}") from e
         paths = [line.strip() for line in text.splitlines()]
         paths = [p for p in paths if p and not p.startswith("#")]
         if self._report:
@@ -107,7 +112,7 @@ class MatchImages(beam.PTransform):
         files = (
             tuple(source.files for source in sources)
             | "FlattenFiles" >> beam.Flatten()
-            | "KeyByPath" >> beam.Map(lambda f: (f.path, f))
+            | "KeyByPath" >> beam.Map(lambda f: (path_key(f.path), f))
             | "DedupePaths" >> beam.CombinePerKey(_best_known)
             | "DropPathKey" >> beam.Values()
             # DedupePaths, a shuffle by path, also spreads the files across workers (one

@@ -51,8 +51,43 @@ class _FileFn(ReadAheadFn):
         """One error record (stage read) per path holding the file."""
         for source in sources:
             self._failed_read.inc()
-            yield beam.pvalue.TaggedOutput(
-                ERRORS, records.error_record(source.path, "read", error, message, run_id=self._run_id))
+            yield beam.pvalue.TaggedOutput(ERRORS, file_error(source, "read", error, message, self._run_id))
+
+
+def file_error(source: SourceFile, stage: str, error, message: str | None, run_id: str, sha256: str | None = None):
+    """The error record of one input file, with what is known of it."""
+    return records.error_record(source.path, stage, error, message, run_id=run_id,
+                                size=source.size, modified=source.modified, sha256=sha256)
+
+
+# Decoding is CPU and memory (a 12 MP PNG is 36 MB of pixels): however many threads read
+# ahead, in however many DoFn instances, at most this many decodes run at once per process.
+_decode_slots: dict[int, threading.BoundedSemaphore] = {}
+_decode_slots_lock = threading.Lock()
+
+
+def decode_slots(n: int) -> threading.BoundedSemaphore:
+    with _decode_slots_lock:
+        if n not in _decode_slots:
+            _decode_slots[n] = threading.BoundedSemaphore(n)
+        return _decode_slots[n]
+
+
+class _RefuseTooLargeFn(beam.DoFn):
+    """SourceFile (or path) -> itself, or an error record (stage read) when its matched
+    size is over the limit: refused without a byte read."""
+
+    def __init__(self, max_file_bytes: int, run_id: str):
+        self._max_bytes = max_file_bytes
+        self._run_id = run_id
+
+    def process(self, item):
+        source = as_source(item)
+        if source.size is not None and source.size > self._max_bytes:
+            counter("failed_read").inc()
+            yield beam.pvalue.TaggedOutput(ERRORS, file_error(source, "read", *_too_large(self._max_bytes), self._run_id))
+        else:
+            yield item
 
 
 class _HashFileFn(_FileFn):
@@ -86,7 +121,7 @@ class _HashFileFn(_FileFn):
             return
         if source.previous_sha256 == sha:
             self._skipped.inc()
-            yield beam.pvalue.TaggedOutput("skipped", source.path)
+            yield beam.pvalue.TaggedOutput("skipped", source)
             return
         yield FileData((source,), None, sha)
 
@@ -179,9 +214,7 @@ class _ReadDecodeFn(_FileFn):
         super().setup()
         self._decoded = counter("decoded")
         self._failed = counter("failed_decode")
-        # Many threads hide storage latency, but decoding is CPU and memory (a 12 MP PNG is
-        # 36 MB of pixels): more decodes at once than cores only add memory.
-        self._decode_slots = threading.BoundedSemaphore(self._max_decodes or available_cpus())
+        self._decode_slots = decode_slots(self._max_decodes or available_cpus())
 
     def _work(self, item: FileData | SourceFile | str):
         fd = item if isinstance(item, FileData) else FileData((as_source(item),))
@@ -219,14 +252,14 @@ class _ReadDecodeFn(_FileFn):
         sources = result.file.sources
         if isinstance(result, _Unchanged):
             self._skipped.inc()
-            yield beam.pvalue.TaggedOutput("skipped", sources[0].path)
+            yield beam.pvalue.TaggedOutput("skipped", sources[0])
         elif isinstance(result, _Unreadable):
             yield from self._read_errors(sources, result.error, result.message)
         elif isinstance(result, _Undecodable):
             for source in sources:
                 self._failed.inc()
                 yield beam.pvalue.TaggedOutput(
-                    ERRORS, records.error_record(source.path, "decode", result.error, run_id=self._run_id))
+                    ERRORS, file_error(source, "decode", result.error, None, self._run_id, result.file.sha256))
         else:
             self._decoded.inc()
             image = result.image
@@ -243,8 +276,9 @@ class _ReadDecodeFn(_FileFn):
 
 
 class ReadImages(beam.PTransform):
-    """PCollection[SourceFile | path] -> PCollection[ImageExample]; tags 'errors' and
-    'skipped' (paths whose content equals their previous_sha256).
+    """PCollection[SourceFile | path] -> PCollection[ImageExample]; tags 'errors',
+    'skipped' (SourceFiles whose content equals their previous_sha256) and 'read' (the
+    inputs whose bytes are read: all but those refused by their matched size).
 
     Args:
       dedupe: decode identical bytes once. Files are grouped by size; those whose size
@@ -275,8 +309,11 @@ class ReadImages(beam.PTransform):
         self._threads = decode_threads
         self._spread = spread_hashing
 
-    def expand(self, files):
-        to_decode, errors, skipped = files, [], []
+    def expand(self, given):
+        checked = given | "RefuseTooLarge" >> beam.ParDo(
+            _RefuseTooLargeFn(self._max_bytes, self._run_id)).with_outputs(ERRORS, main="files")
+        files = checked.files
+        to_decode, errors, skipped = files, [checked[ERRORS]], []
         if self._dedupe:
             # Only files of the same size can hold the same bytes: the others go straight to
             # decoding, read once instead of twice (hashing reads a file whole).
@@ -304,9 +341,9 @@ class ReadImages(beam.PTransform):
         decoded = to_decode | "ReadAndDecode" >> beam.ParDo(
             _ReadDecodeFn(self._config, self._max_bytes, self._run_id, self._threads, self._lookahead)
         ).with_outputs(ERRORS, "skipped", main="images")
-        if errors:
-            errors = (*errors, decoded[ERRORS]) | "FlattenReadErrors" >> beam.Flatten()
+        errors = (*errors, decoded[ERRORS]) | "FlattenReadErrors" >> beam.Flatten()
+        if skipped:
             skipped = (*skipped, decoded.skipped) | "FlattenSkipped" >> beam.Flatten()
         else:
-            errors, skipped = decoded[ERRORS], decoded.skipped
-        return {"images": decoded.images, ERRORS: errors, "skipped": skipped}
+            skipped = decoded.skipped
+        return {"images": decoded.images, ERRORS: errors, "skipped": skipped, "read": files}

@@ -1,10 +1,10 @@
-"""WriteRun: caption and error records -> the run's JSONL shards, then its manifest.
+"""WriteRun: records and catalog rows -> the run's shards, then its manifest, last.
 
-Every bundle writes its records to a file of its own in the run's `_temporary`
-directory; the manifest step, whose side inputs are the files of the bundles that
-completed, gives them their final names (kind-SSSSS-of-NNNNN.jsonl, an empty shard for a
-kind without records), deletes what is left there (attempts that failed) and writes the
-manifest last. The manifest's counts come from the records themselves, not from metrics.
+captions-*.jsonl and errors-*.jsonl hold this run's records; catalog-*.parquet the whole
+archive as of this run (job/carry.py). Every bundle writes a shard file of its own
+(job/shards.py); the manifest step names the files of the bundles that completed and
+writes the manifest last, so a run directory with a manifest is complete. The manifest's
+counts come from the records themselves, not from metrics.
 """
 
 from __future__ import annotations
@@ -12,19 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import uuid
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
-from apache_beam.utils.windowed_value import WindowedValue
 
-from batch_caption import files, gcs, progress, quality, records
+from batch_caption import catalog, files, gcs, progress, quality, records
+from batch_caption.job.carry import BuildCatalog
 from batch_caption.job.elements import ERRORS
-
-TEMP_DIR_NAME = "_temporary"  # readers skip it: it never matches captions-* / errors-*
+from batch_caption.job.shards import WriteShardFn, publish_shards, remove_temp_dir, temp_dir_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,90 +32,10 @@ class RunInfo:
     model_path: str
     options: dict[str, Any]
     start_time: float
+    decode: dict[str, Any] = dataclasses.field(default_factory=dict)  # the beam settings
     previous_runs: tuple[str, ...] = ()  # incremental: the earlier runs compared against
-
-
-def temp_dir_of(run_dir: str) -> str:
-    return files.join(run_dir, TEMP_DIR_NAME)
-
-
-class _WriteShardFn(beam.DoFn):
-    """record -> nothing per record; at the end of each bundle that had records, the path
-    of the temp file holding them as JSONL (one file per bundle attempt, a unique name, so
-    a retried bundle never writes into the file of another attempt)."""
-
-    def __init__(self, temp_dir: str, kind: str):
-        self._temp_dir = temp_dir
-        self._kind = kind
-
-    def setup(self):
-        gcs.configure_for_emulator()
-
-    def start_bundle(self):
-        self._discard()
-        self._file = self._path = None
-
-    def process(self, record):
-        if self._file is None:
-            self._path = files.join(self._temp_dir, f"{self._kind}-{uuid.uuid4().hex}.jsonl")
-            self._file = FileSystems.create(self._path, mime_type="text/plain")  # as WriteToText's
-        self._file.write(records.to_json_line(record).encode("utf-8") + b"\n")
-
-    def finish_bundle(self):
-        if self._file is not None:
-            f, self._file = self._file, None
-            f.close()
-            yield WindowedValue(self._path, MIN_TIMESTAMP, [GlobalWindow()])
-
-    def teardown(self):
-        self._discard()
-
-    def _discard(self):
-        """The file of a bundle that failed (never handed on): closed and deleted, best
-        effort (what is left is deleted with the temp directory)."""
-        if getattr(self, "_file", None) is None:
-            return
-        try:
-            self._file.close()
-            files.delete([self._path])
-        except Exception:  # noqa: BLE001 - best effort: the run's end removes the directory
-            pass
-        self._file = None
-
-
-def publish_shards(run_dir: str, kind: str, temp_files) -> list[str]:
-    """Renames a kind's temp files to run_dir/kind-SSSSS-of-NNNNN.jsonl (an empty shard
-    when there are none); -> the final paths. Safe to repeat: a retried manifest step
-    skips the files an earlier attempt already renamed. Two listings, not a lookup per
-    file: a run on many workers can have thousands of bundles, so thousands of shards."""
-    temp_files = sorted(temp_files)
-    n = max(1, len(temp_files))
-    final = [files.join(run_dir, f"{kind}-{i:05d}-of-{n:05d}.jsonl") for i in range(n)]
-    if not temp_files:
-        with FileSystems.create(final[0], mime_type="text/plain"):
-            pass
-        return final
-    # Compared by name: a local listing may spell the directory in another form (absolute).
-    pending = _names(files.join(temp_dir_of(run_dir), f"{kind}-*.jsonl"))
-    done = _names(files.join(run_dir, f"{kind}-*-of-{n:05d}.jsonl"))
-    moves = [(src, dst) for src, dst in zip(temp_files, final)
-             if files.basename(src) in pending or files.basename(dst) not in done]
-    if moves:
-        FileSystems.rename([m[0] for m in moves], [m[1] for m in moves])
-    return final
-
-
-def _names(pattern: str) -> set[str]:
-    return {files.basename(path) for path in files.matched(pattern)}
-
-
-def remove_temp_dir(run_dir: str) -> None:
-    """Deletes what failed bundle attempts left in the temp directory, then the directory
-    itself where the filesystem has one (an object store has only the files)."""
-    temp = temp_dir_of(run_dir)
-    files.delete_matching(files.join(temp, "*"))
-    if files.exists(temp):
-        files.delete([temp])
+    previous_catalog: tuple[str, ...] = ()  # incremental: the earlier catalog's files
+    max_failed_fraction: float = 1.0  # a larger failed share marks the manifest rejected
 
 
 class _WriteManifestFn(beam.DoFn):
@@ -130,15 +45,18 @@ class _WriteManifestFn(beam.DoFn):
     def setup(self):
         gcs.configure_for_emulator()
 
-    def process(self, _, caption_files, error_files, tallies):
+    def process(self, _, caption_files, error_files, catalog_files, tallies):
         info = self._info
         caption_files = publish_shards(info.run_dir, "captions", caption_files)
         error_files = publish_shards(info.run_dir, "errors", error_files)
+        catalog_files = publish_shards(info.run_dir, catalog.CATALOG_PREFIX, catalog_files, "parquet")
         remove_temp_dir(info.run_dir)
         tally = {key: n for key, n in tallies}  # (kind, name) -> count; absent = 0
         n_captions = tally.get(("captioned", ""), 0)
         failed = {name: n for (kind, name), n in tally.items() if kind == "failed"}
         flagged = {name: n for (kind, name), n in tally.items() if kind == "flagged"}
+        n_failed = sum(failed.values())
+        share = n_failed / (n_captions + n_failed) if n_captions + n_failed else 0.0
         manifest = {
             "format": records.MANIFEST_FORMAT,
             "run_id": info.run_id,
@@ -146,11 +64,15 @@ class _WriteManifestFn(beam.DoFn):
             "model_path": info.model_path,
             "counts": {
                 "captioned": n_captions,
-                "failed": sum(failed.values()),
+                "failed": n_failed,
                 "failed_by_stage": {s: failed.get(s, 0) for s in records.STAGES},
-                "inputs": n_captions + sum(failed.values()),
+                "inputs": n_captions + n_failed,
                 "matched": tally.get(("matched", ""), 0),
                 "skipped": tally.get(("skipped", ""), 0),
+                "read": tally.get(("read", ""), 0),
+                "carried": tally.get(("skipped", ""), 0),  # every skipped file keeps its earlier row
+                "deleted": tally.get(("deleted", ""), 0),
+                "catalog_rows": n_captions + n_failed - failed.get("match", 0) + tally.get(("skipped", ""), 0),
                 "flagged": {f: flagged.get(f, 0) for f in quality.FLAGS},
             },
             "options": info.options,
@@ -158,10 +80,14 @@ class _WriteManifestFn(beam.DoFn):
             "files": {
                 "captions": sorted(files.basename(f) for f in caption_files),
                 "errors": sorted(files.basename(f) for f in error_files),
+                "catalog": sorted(files.basename(f) for f in catalog_files),
             },
             "start_time": _iso(info.start_time),
             "end_time": _iso(time.time()),
         }
+        if share > info.max_failed_fraction:
+            manifest["rejected"] = (f"{n_failed:,} of {n_captions + n_failed:,} inputs failed ({share:.1%}), "
+                                    f"over --max_failed_fraction {info.max_failed_fraction:g}")
         text = json.dumps(manifest, indent=2, sort_keys=True)
         files.write_bytes(files.join(info.run_dir, records.MANIFEST_NAME), text.encode("utf-8"))
         yield manifest
@@ -172,12 +98,13 @@ def _iso(t: float) -> str:
 
 
 class WriteRun(beam.PTransform):
-    """{"captions", "errors", "files", "skipped"} -> JSONL shards, then the manifest
-    (the PCollection of its one dict).
+    """{"captions", "errors", "files", "skipped", "read", "deleted"} -> the run's shards
+    and catalog, then the manifest (the PCollection of its one dict).
 
-    "files" is every distinct matched file, "skipped" the paths left out as unchanged;
-    both only count. With `report_progress` the same tallies feed this process's progress
-    line: every matched path counts once, captioned, failed or skipped.
+    "files" is every distinct matched file, "read" those this run reads, "skipped" the
+    SourceFiles left unread or found unchanged (their earlier rows are carried forward),
+    "deleted" the path keys of earlier rows no longer listed. With `report_progress` the
+    tallies feed this process's progress line: every matched path counts once.
     """
 
     def __init__(self, info: RunInfo, report_progress: bool = False):
@@ -186,9 +113,12 @@ class WriteRun(beam.PTransform):
         self._report = report_progress
 
     def expand(self, outputs):
-        temp_dir = temp_dir_of(self._info.run_dir)
-        caption_files = outputs["captions"] | "WriteCaptions" >> beam.ParDo(_WriteShardFn(temp_dir, "captions"))
-        error_files = outputs[ERRORS] | "WriteErrors" >> beam.ParDo(_WriteShardFn(temp_dir, "errors"))
+        info = self._info
+        temp_dir = temp_dir_of(info.run_dir)
+        caption_files = outputs["captions"] | "WriteCaptions" >> beam.ParDo(WriteShardFn(temp_dir, "captions"))
+        error_files = outputs[ERRORS] | "WriteErrors" >> beam.ParDo(WriteShardFn(temp_dir, "errors"))
+        rows = outputs | "BuildCatalog" >> BuildCatalog(info.previous_catalog, info.model, info.decode)
+        catalog_files = rows | "WriteCatalog" >> beam.ParDo(WriteShardFn(temp_dir, catalog.CATALOG_PREFIX, "parquet"))
         # Every count of the manifest from one combine over (kind, name) keys: each
         # transform is a fixed cost of pipeline construction and stage setup on every run.
         tallies = (
@@ -197,6 +127,8 @@ class WriteRun(beam.PTransform):
                 outputs[ERRORS] | "TallyErrors" >> beam.Map(_error_tally, self._report),
                 outputs["files"] | "TallyMatched" >> beam.Map(lambda _: ("matched", "")),
                 outputs["skipped"] | "TallySkipped" >> beam.Map(_skip_tally, self._report),
+                outputs["read"] | "TallyRead" >> beam.Map(lambda _: ("read", "")),
+                outputs["deleted"] | "TallyDeleted" >> beam.Map(lambda _: ("deleted", "")),
             )
             | "FlattenTallies" >> beam.Flatten()
             | "CountTallies" >> beam.combiners.Count.PerElement()
@@ -206,9 +138,10 @@ class WriteRun(beam.PTransform):
             | "ManifestTrigger" >> beam.Impulse()  # one element, so the manifest is written once
             | "WriteManifest"
             >> beam.ParDo(
-                _WriteManifestFn(self._info),
+                _WriteManifestFn(info),
                 beam.pvalue.AsList(caption_files),
                 beam.pvalue.AsList(error_files),
+                beam.pvalue.AsList(catalog_files),
                 beam.pvalue.AsList(tallies),
             )
         )
@@ -228,7 +161,7 @@ def _error_tally(record, report: bool) -> tuple[str, str]:
     return ("failed", record["stage"])
 
 
-def _skip_tally(path, report: bool) -> tuple[str, str]:
+def _skip_tally(_, report: bool) -> tuple[str, str]:
     if report:
         progress.reporter().add(1, "skipped")
     return ("skipped", "")

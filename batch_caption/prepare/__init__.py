@@ -24,15 +24,12 @@ input files (nothing was started, the output is untouched); 1 the pipeline faile
 
 from __future__ import annotations
 
-import logging
-import sys
 import time
 from typing import Any
 
 import apache_beam as beam
 
-from batch_caption import files, gcs, records
-from batch_caption.cli import UsageError
+from batch_caption import cli, files, gcs, records
 from batch_caption.data import tfrecord
 from batch_caption.prepare.config import PrepareConfig, check_inputs, parse
 from batch_caption.prepare.read import (ERRORS, CheckCaptions, ComputeFeatures, JoinCaptionsToImages,
@@ -138,31 +135,9 @@ def summary(info: tfrecord.DatasetInfo, output: str, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     started = time.time()
-    try:
-        config, info = _prepare(argv)
-    except UsageError as e:
-        print(f"batch_caption.prepare: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("batch_caption.prepare: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # the pipeline failed as a whole: one line, the trace in the debug log
-        logging.getLogger("batch_caption").debug("pipeline failed", exc_info=True)
-        print(f"batch_caption.prepare: pipeline failed: {_one_line(e)}", file=sys.stderr)
-        return 1
-    print(summary(info, config.output, time.time() - started))
-    return 0
-
-
-def _one_line(e: BaseException) -> str:
-    """The gist of an exception; a worker's failure arrives as a whole traceback text,
-    whose last line names the real error."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if not lines:
-        return type(e).__name__
-    if lines[0].startswith("Traceback"):
-        return lines[-1]
-    return f"{type(e).__name__}: {lines[0]}"
-
+    code, prepared = cli.run_job("batch_caption.prepare", lambda: _prepare(argv))
+    if code == 0:
+        config, info = prepared
+        print(summary(info, config.output, time.time() - started))
+    return code

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from batch_caption.job import write
+from batch_caption.job import shards
 
 
 @pytest.fixture(params=["local", "gcs"])
@@ -37,8 +37,8 @@ def test_bundles_write_temp_shards_that_the_manifest_step_names_once(run_dir):
     step), and the temp dir goes, with what a failed attempt left there."""
     from apache_beam.io.filesystems import FileSystems
 
-    temp = write.temp_dir_of(run_dir)
-    fn = write._WriteShardFn(temp, "captions")
+    temp = shards.temp_dir_of(run_dir)
+    fn = shards.WriteShardFn(temp, "captions")
     fn.setup()
     rows = [{"path": f"p{i}", "caption": "a thing"} for i in range(5)]
     written = _write_bundle(fn, rows[:3]) + _write_bundle(fn, []) + _write_bundle(fn, rows[3:])
@@ -53,13 +53,35 @@ def test_bundles_write_temp_shards_that_the_manifest_step_names_once(run_dir):
     final = [FileSystems.join(run_dir, f"captions-0000{i}-of-00002.jsonl") for i in range(2)]
     written.sort()
     FileSystems.rename([written[0]], [final[0]])  # an earlier attempt of the step renamed one, then failed
-    first = write.publish_shards(run_dir, "captions", written)
-    again = write.publish_shards(run_dir, "captions", written)
+    first = shards.publish_shards(run_dir, "captions", written)
+    again = shards.publish_shards(run_dir, "captions", written)
     assert first == again == final
     assert sorted((r for f in first for r in _lines(f)), key=lambda r: r["path"]) == rows
-    [empty] = write.publish_shards(run_dir, "errors", [])
+    [empty] = shards.publish_shards(run_dir, "errors", [])
     assert empty.endswith("errors-00000-of-00001.jsonl") and _lines(empty) == []
 
-    write.remove_temp_dir(run_dir)
+    shards.remove_temp_dir(run_dir)
     left = sorted(m.path for m in FileSystems.match([FileSystems.join(run_dir, "**")])[0].metadata_list)
     assert left == sorted(first + [empty])
+
+
+def test_catalog_shards_are_parquet_and_an_empty_run_gets_a_valid_empty_one(run_dir):
+    """Catalog rows stream into Parquet per bundle; with no rows the published shard is
+    still a Parquet file (0 rows), so readers never meet an empty byte string."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    from batch_caption import catalog
+
+    fn = shards.WriteShardFn(shards.temp_dir_of(run_dir), "catalog", "parquet")
+    fn.setup()
+    rows = [catalog.failed_row({"path": f"p{i}", "stage": "decode", "error": "E", "message": "m", "run_id": "r"},
+                               1, 2.0, None, "m", {}) for i in range(3)]
+    written = _write_bundle(fn, rows)
+    [final] = shards.publish_shards(run_dir, "catalog", written, "parquet")
+    assert final.endswith("catalog-00000-of-00001.parquet")
+    with FileSystems.open(final) as f:
+        assert [r["path"] for r in catalog.read_rows(f)] == ["p0", "p1", "p2"]
+    [empty] = shards.publish_shards(run_dir + "-empty", "catalog", [], "parquet")
+    with FileSystems.open(empty) as f:
+        assert pq.read_table(f).num_rows == 0
