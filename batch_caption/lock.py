@@ -1,12 +1,12 @@
 """One writer per output: a lock object under --output, taken before a run touches it.
 
 The lock is one small JSON object, OUTPUT/_LOCK, naming its holder (run id, host, pid,
-start time, a random token). Taking it is a create that fails when the object exists:
-O_CREAT | O_EXCL on local disks, a create-only precondition (ifGenerationMatch=0) on
-gs://, which Beam's FileSystems does not expose, so google-cloud-storage is used
-directly. Release deletes the object only while it is still the holder's own (same token
-locally, same generation on GCS), so a lock broken and retaken by another run survives
-the first run's release.
+start time, a random token). Taking it is a create that fails when the object exists: a
+hard link to a fully written file on local disks, a create-only precondition
+(ifGenerationMatch=0) on gs://, which Beam's FileSystems does not expose, so
+google-cloud-storage is used directly. Release deletes the object only while it is still
+the holder's own (same token locally, same generation on GCS), so a lock broken and
+retaken by another run survives the first run's release.
 
 A lock left by a run that died (SIGKILL, a lost machine) stays until a run passes
 `break_older_than` seconds: a lock whose object is older than that is deleted, again
@@ -106,16 +106,31 @@ class _LocalStore:
         self.path = path
 
     def create(self, data: bytes, token: str) -> str:
+        """Written whole under a name of its own, then linked to the lock's name: link()
+        fails when the name exists, and a reader never sees a half-written lock."""
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        own = f"{self.path}.{token}.new"
+        with open(own, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(own, self.path)
+        except FileExistsError:
+            raise _AlreadyExists() from None
+        except OSError:  # a filesystem without hard links: an exclusive create, then the write
+            self._create_exclusive(data)
+        finally:
+            os.remove(own)
+        return token
+
+    def _create_exclusive(self, data: bytes) -> None:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             raise _AlreadyExists() from None
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return token
 
     def read(self) -> _Found | None:
         try:
@@ -174,11 +189,13 @@ class _GcsStore:
             blob = self._blob.bucket.get_blob(self._blob.name)
             if blob is None:
                 return None
-            data = blob.download_as_bytes(if_generation_match=blob.generation)
-        except (exceptions.NotFound, exceptions.PreconditionFailed):  # replaced meanwhile: read again
+            # Taken before the download, which may reset them. Replaced between the two
+            # calls: the generation is stale, so a conditional delete of it fails.
+            generation, updated = blob.generation, blob.updated
+            data = blob.download_as_bytes()
+        except exceptions.NotFound:  # released meanwhile
             return None
-        modified = blob.updated.timestamp() if blob.updated else time.time()
-        return _Found(data, str(blob.generation), modified)
+        return _Found(data, str(generation), updated.timestamp() if updated else time.time())
 
     def delete(self, version: str) -> bool:
         from google.api_core import exceptions

@@ -23,18 +23,16 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def gcs_emulator():
-    """A gcp-storage-emulator on 127.0.0.1 (in memory) with bucket 'test-bucket'.
+    """A gcp-storage-emulator on 127.0.0.1 (in memory) with bucket 'test-bucket', that
+    enforces generation preconditions as GCS does (tests/gcs_emulator.py).
 
     Sets STORAGE_EMULATOR_HOST for this process and its children; yields the bucket name.
     """
-    exe = shutil.which("gcp-storage-emulator", path=os.path.dirname(sys.executable)) or shutil.which(
-        "gcp-storage-emulator"
-    )
-    if exe is None:
-        pytest.fail("gcp-storage-emulator is not installed (pip install -e .[test])")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator.py")
     port = _free_port()
     proc = subprocess.Popen(
-        [exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", "test-bucket", "-q"],
+        [sys.executable, script, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
+         "--default-bucket", "test-bucket", "-q"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

