@@ -8,10 +8,11 @@ google-cloud-storage is used directly. Release deletes the object only while it 
 the holder's own (same token locally, same generation on GCS), so a lock broken and
 retaken by another run survives the first run's release.
 
-A lock left by a run that died (SIGKILL, a lost machine) stays until a run passes
-`break_older_than` seconds: a lock whose object is older than that is deleted, again
-conditionally, and taken. Other schemes (s3://, ...) have no create-only primitive here:
-their lock is checked, then written, which narrows the race but does not close it.
+A lock left by a run that died (SIGKILL, a lost machine) is broken, conditionally again,
+when its holder ran on this host and its process is gone, or when a run passes
+`break_older_than` seconds and the lock object is older than that. Other schemes (s3://,
+...) have no create-only primitive here: their lock is checked, then written, which
+narrows the race but does not close it.
 """
 
 from __future__ import annotations
@@ -71,6 +72,20 @@ class LockHeld(RuntimeError):
 def _age_text(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def _died_here(holder: Holder) -> bool:
+    """Whether the holder ran on this host and its process is gone (killed, crashed): its
+    lock is then broken at once, whatever its age."""
+    if holder.host != socket.gethostname() or holder.pid == os.getpid():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, but another user's
+        return False
+    return False
 
 
 def parse_age(text: str) -> float:
@@ -282,7 +297,8 @@ class OutputLock:
                 continue
             age = self._clock() - found.modified
             holder = Holder.from_json(found.data)
-            if break_older_than is None or age <= break_older_than:
+            dead = holder is not None and _died_here(holder)
+            if not dead and (break_older_than is None or age <= break_older_than):
                 raise LockHeld(self.path, holder, age)
             if self._store.delete(found.version):
                 who = holder.describe() if holder else "an unreadable lock object"

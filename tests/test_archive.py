@@ -275,3 +275,58 @@ def test_two_runs_started_together_one_runs_the_other_exits_2_naming_it(tiny_bun
     assert runs.read_latest(out) == winner
     done = runs.read_run(runs.run_dir_of(out, winner)).manifest
     assert done["counts"]["captioned"] == 30 and done["counts"]["catalog_rows"] == 30
+
+
+_CHILD = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import fault_fs; "
+          "from batch_caption.run import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _child(args: list[str], **env) -> int:
+    import subprocess
+    import sys
+
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    return subprocess.run([sys.executable, "-c", _CHILD, tests_dir, *args], env={**os.environ, **env},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300).returncode
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_any_change_leaves_latest_readable_and_a_rerun_completes(tiny_bundle, tmp_path):
+    """SIGKILL before each change a run makes to its output (every create, rename and
+    delete, through a fault-injecting filesystem with object-store semantics): LATEST
+    always names a run whose manifest and catalog read back, and the rerun completes."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    import fault_fs
+
+    src, base_dir = tmp_path / "archive", tmp_path / "base"
+    _write_pngs(src, ["a.png", "b.png", "c.png"], seed=14)
+    args = lambda out: ["--input", str(src), "--output", f"{fault_fs.SCHEME}://{out}", "--model", tiny_bundle,  # noqa: E731
+                        "--incremental"]
+    run.run(args(base_dir) + ["--run_id", "base"])
+    _write_pngs(src, ["d.png"], seed=15)  # the next night has work to do
+    count_file = tmp_path / "changes"
+    counted = tmp_path / "counted"
+    shutil.copytree(base_dir, counted)
+    assert _child(args(counted) + ["--run_id", "next"], FAULT_COUNT_FILE=str(count_file)) == 0
+    changes = int(count_file.read_text())
+    assert changes >= 10  # lock, probe, clearing, shards, renames, manifest, LATEST, unlock
+
+    def killed_at(k: int):
+        out = tmp_path / f"kill{k}"
+        shutil.copytree(base_dir, out)
+        return k, out, _child(args(out) + ["--run_id", "next"], FAULT_KILL_AT=str(k))
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(killed_at, range(1, changes + 1)))
+    for k, out, code in outcomes:
+        assert code == -9, f"change {k}: exit {code}"
+        latest = runs.read_latest(str(out))
+        assert latest in ("base", "next"), f"change {k}: LATEST {latest!r}"
+        done = runs.read_run(runs.run_dir_of(str(out), latest))
+        rows = pq.read_table(list(done.catalog_files), partitioning=None).num_rows
+        assert rows == (3 if latest == "base" else 4), f"change {k}"
+    for k, out, _ in outcomes:
+        rerun = run.run(args(out) + ["--run_id", "next"])
+        assert runs.read_latest(str(out)) == "next" and rerun["counts"]["catalog_rows"] == 4, f"change {k}"

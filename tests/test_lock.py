@@ -113,3 +113,18 @@ def test_parse_age():
     for bad in ("", "h", "-1h", "0", "soon"):
         with pytest.raises(ValueError):
             parse_age(bad)
+
+
+def test_a_lock_whose_holder_died_on_this_host_is_taken_at_once(output):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # that process has exited
+    holder = Holder("killed", __import__("socket").gethostname(), pid, 0.0, "t0")
+    files.write_bytes(files.join(output, LOCK_NAME), holder.to_json())
+    OutputLock(output, "next").acquire().release()
+    other_host = Holder("elsewhere", "another-host", pid, 0.0, "t1")
+    files.write_bytes(files.join(output, LOCK_NAME), other_host.to_json())
+    with pytest.raises(LockHeld, match="run elsewhere on another-host"):
+        OutputLock(output, "next").acquire()
