@@ -27,3 +27,16 @@ def configure_for_emulator() -> bool:
         auth._Credentials._credentials = None
         auth._Credentials._credentials_init = True
     return True
+
+
+def client():
+    """A google-cloud-storage client: anonymous for an emulator, else the default
+    credentials, with the project from the environment when it names one."""
+    from google.cloud import storage
+
+    project = os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("CLOUDSDK_CORE_PROJECT")
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project=project or "batch-caption", credentials=AnonymousCredentials())
+    return storage.Client(project=project) if project else storage.Client()

@@ -26,7 +26,7 @@ import time
 import uuid
 from typing import Callable
 
-from batch_caption import files
+from batch_caption import files, gcs
 
 LOCK_NAME = "_LOCK"
 _log = logging.getLogger(__name__)
@@ -182,11 +182,9 @@ class _GcsStore:
     """A lock object on Cloud Storage, created and deleted under generation preconditions."""
 
     def __init__(self, path: str):
-        from google.cloud import storage
-
         bucket, _, name = path[len("gs://"):].partition("/")
         self.path = path
-        self._blob = _gcs_client(storage).bucket(bucket).blob(name)
+        self._blob = gcs.client().bucket(bucket).blob(name)
 
     def create(self, data: bytes, token: str) -> str:
         from google.api_core import exceptions
@@ -223,16 +221,6 @@ class _GcsStore:
         except (exceptions.PreconditionFailed, exceptions.NotFound):
             return False
         return True
-
-
-def _gcs_client(storage):
-    """A client for the real service, or an anonymous one for an emulator."""
-    project = os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("CLOUDSDK_CORE_PROJECT")
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        from google.auth.credentials import AnonymousCredentials
-
-        return storage.Client(project=project or "batch-caption", credentials=AnonymousCredentials())
-    return storage.Client(project=project) if project else storage.Client()
 
 
 class _CheckThenWriteStore:

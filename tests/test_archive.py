@@ -156,21 +156,27 @@ def test_an_unreadable_catalog_falls_back_to_the_run_before(tiny_bundle, tmp_pat
 
 
 def test_a_failed_listing_fails_the_run_and_latest_stays(tiny_bundle, tmp_path, monkeypatch, capsys):
-    from batch_caption.job import match
+    from batch_caption.job import listing, match
 
     src, out = tmp_path / "archive", str(tmp_path / "out")
     _write_pngs(src, ["a.png"], seed=8)
-    base = ["--input", str(src), "--output", out, "--model", tiny_bundle]
-    assert run.main(base + ["--run_id", "ok"]) == 0
+    (tmp_path / "list.txt").write_text(str(src / "a.png") + "\n")
+    base = ["--output", out, "--model", tiny_bundle]
+    assert run.main(base + ["--input", str(src), "--run_id", "ok"]) == 0
 
-    class Storm:  # the job's listing fails, after the client's retries
-        @staticmethod
-        def match(patterns, limits=None):
-            raise OSError("503 Service Unavailable")
+    def storm(*args, **kwargs):  # the job's listing fails, after the client's retries
+        raise OSError("503 Service Unavailable")
 
-    monkeypatch.setattr(match, "FileSystems", Storm)
-    assert run.main(base + ["--run_id", "storm"]) == 1
-    assert "cannot list" in capsys.readouterr().err
+    class Storm:
+        match = open = staticmethod(storm)
+
+    monkeypatch.setattr(listing, "plan", storm)  # a directory or bucket prefix
+    assert run.main(base + ["--input", str(src), "--run_id", "storm"]) == 1
+    monkeypatch.setattr(match, "FileSystems", Storm)  # a glob, and a list file
+    assert run.main(base + ["--input", str(src / "*.png"), "--run_id", "storm"]) == 1
+    assert run.main(base + ["--input_list", str(tmp_path / "list.txt"), "--run_id", "storm"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("cannot list") == 2 and err.count("cannot read --input_list") == 1
     assert runs.read_latest(out) == "ok"
 
 
@@ -330,3 +336,24 @@ def test_a_run_killed_at_any_change_leaves_latest_readable_and_a_rerun_completes
     for k, out, _ in outcomes:
         rerun = run.run(args(out) + ["--run_id", "next"])
         assert runs.read_latest(str(out)) == "next" and rerun["counts"]["catalog_rows"] == 4, f"change {k}"
+
+
+def test_links_and_unlistable_directories_are_accounted_in_the_run(tiny_bundle, tmp_path, monkeypatch):
+    from batch_caption.job import listing
+
+    src = tmp_path / "archive"
+    _write_pngs(src / "sub", ["a.png"], seed=16)
+    _write_pngs(src / "locked", ["hidden.png"], seed=17)
+    os.symlink(src / "sub", src / "again")  # inside the tree: counted, not listed twice
+    real = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(listing.os, "scandir", scandir)
+    manifest = run.run(["--input", str(src), "--output", str(tmp_path / "out"), "--model", tiny_bundle,
+                        "--run_id", "links"])
+    c = manifest["counts"]
+    assert (c["captioned"], c["links_skipped"], c["failed_by_stage"]["match"]) == (1, 1, 1)

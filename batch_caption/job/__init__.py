@@ -87,6 +87,7 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
         "files": matched["files"],
         "skipped": tuple(skipped) + (read["skipped"],) | "FlattenSkipped" >> beam.Flatten(),
         "read": read["read"],
+        "links_skipped": matched["links_skipped"],
         "deleted": tuple(deleted) | "FlattenDeleted" >> beam.Flatten(pipeline=pipeline),
     }
     return outputs | "WriteRun" >> WriteRun(info, single_process)

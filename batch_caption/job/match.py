@@ -6,6 +6,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from batch_caption import gcs, progress, records
+from batch_caption.job import listing
 from batch_caption.job.elements import ERRORS, SourceFile, counter, path_key
 
 
@@ -29,22 +30,57 @@ class ListingError(RuntimeError):
 
 
 class _MatchPatternFn(_ListInputFn):
-    """pattern -> every file it matches (an empty match is an error record). A listing
-    that fails, after the filesystem client's own retries, fails the run."""
+    """pattern -> every file it matches (an empty match is an error record), or for a
+    whole tree (DIR/**, gs://BUCKET/PREFIX/**) its top level and a piece per subtree
+    (tag 'pieces'; job/listing.py). A listing that fails, after the filesystem client's
+    own retries, fails the run."""
 
     def process(self, pattern: str):
+        found = 0
         try:
-            metadata = FileSystems.match([pattern])[0].metadata_list
+            if listing.tree_of(pattern):
+                for item in listing.plan(pattern):
+                    found += 1
+                    yield from self._found(item)
+            else:
+                metadata = FileSystems.match([pattern])[0].metadata_list
+                # Object stores' "folder" placeholders are objects whose names end in "/".
+                paths = [m for m in metadata if not m.path.endswith("/")]
+                found = len(paths)
+                if self._report:
+                    _expect(m.path for m in paths)
+                for m in paths:
+                    yield SourceFile(m.path, m.size_in_bytes, m.last_updated_in_seconds)
         except Exception as e:  # BeamIOError wraps the filesystem's own error
             raise ListingError(f"cannot list {pattern}: {e}") from e
-        # Object stores' "folder" placeholders are objects whose names end in "/".
-        metadata = [m for m in metadata if not m.path.endswith("/")]
-        if not metadata:
+        if not found:
             yield self._error(pattern, "NoMatch", "pattern matched no file")
-        if self._report:
-            _expect(m.path for m in metadata)
-        for m in metadata:
-            yield SourceFile(m.path, m.size_in_bytes, m.last_updated_in_seconds)
+
+    def _found(self, item):
+        if isinstance(item, SourceFile):
+            if self._report:
+                _expect((item.path,))
+            yield item
+        elif isinstance(item, listing.Piece):
+            yield beam.pvalue.TaggedOutput("pieces", item)
+        elif isinstance(item, listing.Unlistable):
+            yield self._error(item.path, item.error)
+        elif isinstance(item, listing.NotAFile):
+            yield self._error(item.path, "NotARegularFile", "not a regular file (a socket, pipe or device): not read")
+        else:
+            counter("links_skipped").inc()
+            yield beam.pvalue.TaggedOutput("links_skipped", item.path)
+
+
+class _ListPieceFn(_MatchPatternFn):
+    """listing.Piece -> everything under it (as _MatchPatternFn's outputs, without pieces)."""
+
+    def process(self, piece):
+        try:
+            for item in listing.list_piece(piece):
+                yield from self._found(item)
+        except Exception as e:
+            raise ListingError(f"cannot list {piece.path}: {e}") from e
 
 
 class _ReadPathListFn(_ListInputFn):
@@ -77,7 +113,9 @@ def _best_known(files) -> SourceFile:
 
 
 class MatchImages(beam.PTransform):
-    """PBegin -> SourceFile per distinct path, spread across workers; tag 'errors'.
+    """PBegin -> SourceFile per distinct path, spread across workers; tags 'errors' and
+    'links_skipped' (symlinks to directories inside a listed tree, whose files are listed
+    under their own paths).
 
     Args:
       patterns: file paths, globs or recursive directory globs ("dir/**"), any scheme.
@@ -96,13 +134,21 @@ class MatchImages(beam.PTransform):
     def expand(self, pbegin):
         # A branch only for inputs that exist: every transform costs time to build and
         # set up on every run, even with nothing to do.
-        sources = []
+        sources, links = [], []
         if self._patterns or not self._lists:
-            sources.append(
+            matched = (
                 pbegin
                 | "CreatePatterns" >> beam.Create(self._patterns)
-                | "MatchPatterns" >> beam.ParDo(_MatchPatternFn(self._run_id, self._report)).with_outputs(ERRORS, main="files")
+                | "MatchPatterns" >> beam.ParDo(_MatchPatternFn(self._run_id, self._report)).with_outputs(
+                    ERRORS, "pieces", "links_skipped", main="files")
             )
+            pieces = matched.pieces
+            if not self._report:  # spread the subtrees over the workers (one process: no need)
+                pieces = pieces | "SpreadPieces" >> beam.Reshuffle()
+            listed = pieces | "ListPieces" >> beam.ParDo(_ListPieceFn(self._run_id, self._report)).with_outputs(
+                ERRORS, "links_skipped", main="files")
+            sources += [matched, listed]
+            links += [matched.links_skipped, listed.links_skipped]
         if self._lists:
             sources.append(
                 pbegin
@@ -120,7 +166,8 @@ class MatchImages(beam.PTransform):
             | "CountMatched" >> beam.Map(_count_matched)
         )
         errors = tuple(source[ERRORS] for source in sources) | "FlattenMatchErrors" >> beam.Flatten()
-        return {"files": files, ERRORS: errors}
+        links = tuple(links) | "FlattenSkippedLinks" >> beam.Flatten(pipeline=pbegin.pipeline)
+        return {"files": files, ERRORS: errors, "links_skipped": links}
 
 
 def _count_matched(f: SourceFile) -> SourceFile:

@@ -72,6 +72,7 @@ class _WriteManifestFn(beam.DoFn):
                 "read": tally.get(("read", ""), 0),
                 "carried": tally.get(("skipped", ""), 0),  # every skipped file keeps its earlier row
                 "deleted": tally.get(("deleted", ""), 0),
+                "links_skipped": tally.get(("links_skipped", ""), 0),
                 "catalog_rows": n_captions + n_failed - failed.get("match", 0) + tally.get(("skipped", ""), 0),
                 "flagged": {f: flagged.get(f, 0) for f in quality.FLAGS},
             },
@@ -98,7 +99,7 @@ def _iso(t: float) -> str:
 
 
 class WriteRun(beam.PTransform):
-    """{"captions", "errors", "files", "skipped", "read", "deleted"} -> the run's shards
+    """{"captions", "errors", "files", "skipped", "read", "deleted", "links_skipped"} -> the run's shards
     and catalog, then the manifest (the PCollection of its one dict).
 
     "files" is every distinct matched file, "read" those this run reads, "skipped" the
@@ -129,6 +130,7 @@ class WriteRun(beam.PTransform):
                 outputs["skipped"] | "TallySkipped" >> beam.Map(_skip_tally, self._report),
                 outputs["read"] | "TallyRead" >> beam.Map(lambda _: ("read", "")),
                 outputs["deleted"] | "TallyDeleted" >> beam.Map(lambda _: ("deleted", "")),
+                outputs["links_skipped"] | "TallyLinksSkipped" >> beam.Map(lambda _: ("links_skipped", "")),
             )
             | "FlattenTallies" >> beam.Flatten()
             | "CountTallies" >> beam.combiners.Count.PerElement()
