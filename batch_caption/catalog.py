@@ -132,10 +132,17 @@ class RowWriter:
         self._batch: list[dict[str, Any]] = []
         self.rows = 0
 
-    def write(self, row: dict[str, Any]) -> None:
-        self._batch.append(row)
-        if len(self._batch) >= ROW_GROUP_ROWS:
+    def write(self, row) -> None:
+        """One row (a dict), or a pyarrow Table of rows with this schema."""
+        if isinstance(row, dict):
+            self._batch.append(row)
+            if len(self._batch) >= ROW_GROUP_ROWS:
+                self._flush()
+            return
+        if self._batch:
             self._flush()
+        self._writer.write_table(row)
+        self.rows += row.num_rows
 
     def _flush(self) -> None:
         import pyarrow as pa

@@ -81,23 +81,26 @@ class Baseline:
     every complete run (read once: this run then writes the first catalog)."""
 
     catalog_files: tuple[str, ...] = ()
+    catalog_rows: int = 0
     legacy_caption_files: tuple[str, ...] = ()
     end_times: dict[str, str] = dataclasses.field(default_factory=dict)
     run_ids: tuple[str, ...] = ()
 
 
-def catalog_readable(run: EarlierRun) -> bool:
-    """Whether every catalog file of `run` opens as Parquet (its footer reads)."""
+def catalog_rows(run: EarlierRun) -> int | None:
+    """The rows of `run`'s catalog, from every file's Parquet footer; None (and a warning
+    naming the run) when a file does not read."""
     import pyarrow.parquet as pq
 
+    rows = 0
     try:
         for path in run.catalog_files or ():
             with files.open_read(path) as f:
-                pq.ParquetFile(f).metadata  # noqa: B018 - reading the footer is the check
+                rows += pq.ParquetFile(f).metadata.num_rows
     except Exception as e:  # noqa: BLE001 - any failure to read means: do not build on it
         _log.warning("skipping %s: its catalog cannot be read (%s)", run.run_dir, e)
-        return False
-    return True
+        return None
+    return rows
 
 
 def baseline(runs: list[EarlierRun]) -> Baseline:
@@ -107,8 +110,9 @@ def baseline(runs: list[EarlierRun]) -> Baseline:
     for run in reversed(usable):
         if run.catalog_files is None:
             break
-        if catalog_readable(run):
-            return Baseline(catalog_files=run.catalog_files, run_ids=(run.run_id,))
+        rows = catalog_rows(run)
+        if rows is not None:
+            return Baseline(catalog_files=run.catalog_files, catalog_rows=rows, run_ids=(run.run_id,))
     legacy = [r for r in usable if r.catalog_files is None]
     return Baseline(
         legacy_caption_files=tuple(p for r in legacy for p in r.caption_files),

@@ -30,6 +30,7 @@ from batch_caption.job.elements import ERRORS, NAMESPACE, ImageExample, SourceFi
 from batch_caption.job.match import MatchImages
 from batch_caption.job.read import ReadImages
 from batch_caption.job.select import SelectChanged, Settings
+from batch_caption.job.tallies import one
 from batch_caption.job.write import RunInfo, WriteRun
 from batch_caption.model_loading import portable_model_path
 
@@ -66,13 +67,19 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
     handler = inference.CaptionModelHandler(
         portable_model_path(config.model), decode, config.batch_size, config.share_model)
 
-    matched = pipeline | "MatchImages" >> MatchImages(config.inputs, config.input_lists, config.run_id, single_process)
-    to_read, skipped, deleted = matched["files"], [], []
-    if config.incremental and baseline is not None:
+    incremental = config.incremental and baseline is not None
+    matched = pipeline | "MatchImages" >> MatchImages(
+        config.inputs, config.input_lists, config.run_id, single_process, dedupe_paths=not incremental)
+    to_read, skipped, carry = matched["files"], [], []
+    if incremental:
         settings = Settings(model_id, catalog.decode_key(decode.to_dict()), config.incremental_any_model)
         selected = to_read | "SelectChanged" >> SelectChanged(
-            baseline.catalog_files, settings, config.retry_failed, baseline.legacy_caption_files, baseline.end_times)
-        to_read, skipped, deleted = selected["files"], [selected["skipped"]], [selected["deleted"]]
+            baseline.catalog_files, settings, config.retry_failed, baseline.legacy_caption_files, baseline.end_times,
+            baseline.catalog_rows, single_process)
+        to_read, skipped, carry = selected["files"], [selected["skipped"]], [selected["carry"]]
+        tallies = selected["tallies"]
+    else:
+        tallies = matched["files"] | "TallyMatched" >> beam.Map(one("matched"))
     # Decoding runs a batch ahead of the model (positional: tests stand in for ReadImages).
     read = to_read | "ReadImages" >> ReadImages(
         image_config, config.max_file_bytes, config.run_id, config.dedupe, config.batch_size, config.read_threads,
@@ -84,10 +91,10 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
     outputs = {
         "captions": captioned["captions"],
         ERRORS: errors,
-        "files": matched["files"],
         "skipped": tuple(skipped) + (read["skipped"],) | "FlattenSkipped" >> beam.Flatten(),
+        "carry": tuple(carry) | "FlattenCarry" >> beam.Flatten(pipeline=pipeline),
         "read": read["read"],
         "links_skipped": matched["links_skipped"],
-        "deleted": tuple(deleted) | "FlattenDeleted" >> beam.Flatten(pipeline=pipeline),
+        "tallies": tallies,
     }
     return outputs | "WriteRun" >> WriteRun(info, single_process)

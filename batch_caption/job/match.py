@@ -107,7 +107,7 @@ def _expect(paths) -> None:
     progress.reporter().expect(paths)
 
 
-def _best_known(files) -> SourceFile:
+def best_known(files) -> SourceFile:
     """The same path from a pattern and from a list: keep the one with metadata."""
     return max(files, key=lambda f: (f.size is not None, f.modified or 0.0))
 
@@ -122,10 +122,13 @@ class MatchImages(beam.PTransform):
       list_files: text files of paths, one a line.
       report_progress: give this process's progress line the matched paths (its total);
         only where matching runs in the driver's process (the in-memory DirectRunner).
+      dedupe_paths: keep one SourceFile per path (a path two inputs name is read once);
+        off where the next stage groups by path anyway (SelectChanged).
     """
 
-    def __init__(self, patterns, list_files, run_id: str, report_progress: bool = False):
+    def __init__(self, patterns, list_files, run_id: str, report_progress: bool = False, dedupe_paths: bool = True):
         super().__init__()
+        self._dedupe = dedupe_paths
         self._patterns = list(patterns)
         self._lists = list(list_files)
         self._run_id = run_id
@@ -155,16 +158,17 @@ class MatchImages(beam.PTransform):
                 | "CreateListFiles" >> beam.Create(self._lists)
                 | "ReadListFiles" >> beam.ParDo(_ReadPathListFn(self._run_id, self._report)).with_outputs(ERRORS, main="files")
             )
-        files = (
-            tuple(source.files for source in sources)
-            | "FlattenFiles" >> beam.Flatten()
-            | "KeyByPath" >> beam.Map(lambda f: (path_key(f.path), f))
-            | "DedupePaths" >> beam.CombinePerKey(_best_known)
-            | "DropPathKey" >> beam.Values()
-            # DedupePaths, a shuffle by path, also spreads the files across workers (one
-            # pattern's matches all come from one worker).
-            | "CountMatched" >> beam.Map(_count_matched)
-        )
+        files = tuple(source.files for source in sources) | "FlattenFiles" >> beam.Flatten()
+        if self._dedupe:
+            files = (
+                files
+                | "KeyByPath" >> beam.Map(lambda f: (path_key(f.path), f))
+                | "DedupePaths" >> beam.CombinePerKey(best_known)
+                | "DropPathKey" >> beam.Values()
+                # DedupePaths, a shuffle by path, also spreads the files across workers (one
+                # pattern's matches all come from one worker).
+                | "CountMatched" >> beam.Map(_count_matched)
+            )
         errors = tuple(source[ERRORS] for source in sources) | "FlattenMatchErrors" >> beam.Flatten()
         links = tuple(links) | "FlattenSkippedLinks" >> beam.Flatten(pipeline=pbegin.pipeline)
         return {"files": files, ERRORS: errors, "links_skipped": links}

@@ -1,8 +1,8 @@
 """SelectChanged (incremental runs): SourceFiles -> those to read; the rest skipped unread.
 
 The listing is joined by path with the newest complete run's catalog, of which only what
-the decision needs travels (size, mtime, sha256, failed, same settings, and a reference
-to the row). Per path:
+the decision needs travels (size, mtime, sha256, failed, same settings, the row's place).
+Per path:
 
     not listed now                       deleted: counted, drops out of the catalog
     no earlier row                       read (new)
@@ -13,31 +13,28 @@ to the row). Per path:
                                          reading, and the new mtime is recorded
     other size                           read
 
-A skipped file carries its earlier row forward (job/write.py). Outputs written before
-catalogs existed are read once from their caption records instead.
+The join runs on batches: both sides are cut into `partitions` by a hash of the path and
+each partition is joined in memory, so a night over millions of unchanged files moves
+thousands of elements through the runner, not millions. A skipped file carries its
+earlier row forward by reference (job/carry.py). Outputs written before catalogs existed
+are read once from their caption records instead, file by file.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any, NamedTuple
 
 import apache_beam as beam
+import numpy as np
 
-from batch_caption import catalog, gcs
-from batch_caption.job.elements import CatalogRef, counter, path_key
+from batch_caption import catalog, gcs, progress
+from batch_caption.job.elements import CatalogRef, SourceFile, counter, path_key
+from batch_caption.job.match import best_known
+from batch_caption.job.tallies import TAG, TallyFn
 
-
-class Previous(NamedTuple):
-    """What the decision needs of an earlier row."""
-
-    size: int | None
-    modified: float | None
-    sha256: str | None
-    failed: bool
-    same_settings: bool  # made by this run's model (or any, with --incremental_any_model) and decode settings
-    ref: Any  # CatalogRef, or the row itself (outputs without catalogs)
-    rank: tuple = ()  # outputs without catalogs: (run end time, run id); the newest record wins
+BATCH_FILES = 4096  # files per element on the listing side of the join
 
 
 class Settings(NamedTuple):
@@ -51,24 +48,169 @@ class Settings(NamedTuple):
         return (self.any_model or model == self.model) and decode == self.decode
 
 
-class _ReadCatalogFn(beam.DoFn):
-    """(file index, catalog file) -> (path key, Previous) per row, a row group at a time."""
+def partition_of(key: bytes, partitions: int) -> int:
+    return zlib.crc32(key) % partitions
 
-    def __init__(self, settings: Settings):
+
+def partitions_for(rows: int) -> int:
+    """Partitions of the join for a catalog of `rows` rows: ~16k rows each, 8 to 4096."""
+    return max(8, min(4096, rows // 16384 + 1))
+
+
+class CatalogPart(NamedTuple):
+    """The rows of one catalog file that fall into one partition, as columns."""
+
+    file: int
+    rows: np.ndarray  # int64 row numbers in the file
+    keys: list  # path keys (bytes)
+    size: np.ndarray  # int64, -1: unknown
+    modified: np.ndarray  # float64, nan: unknown
+    sha256: list
+    failed: np.ndarray  # bool
+    same_settings: np.ndarray  # bool
+
+
+class _ReadCatalogFn(beam.DoFn):
+    """(file index, catalog file) -> (partition, CatalogPart), a row group at a time."""
+
+    def __init__(self, settings: Settings, partitions: int):
         self._settings = settings
+        self._partitions = partitions
 
     def setup(self):
         gcs.configure_for_emulator()
 
     def process(self, item):
-        index, path = item
+        import pyarrow.parquet as pq
         from apache_beam.io.filesystems import FileSystems
 
+        index, path = item
         with FileSystems.open(path, compression_type="uncompressed") as f:
-            for row_number, row in enumerate(catalog.read_rows(f, catalog.DECISION_COLUMNS)):
-                yield path_key(catalog.path_of(row)), Previous(
-                    row["size"], row["modified"], row["sha256"], row["status"] == "failed",
-                    self._settings.match(row["model"], row["decode"]), CatalogRef(index, row_number))
+            parquet = pq.ParquetFile(f)
+            start = 0
+            for group in range(parquet.num_row_groups):
+                cols = parquet.read_row_group(group, columns=list(catalog.DECISION_COLUMNS)).to_pydict()
+                n = len(cols["path"])
+                keys = [path_key(catalog.path_of({"path": p, "path_bytes": b}))
+                        for p, b in zip(cols["path"], cols["path_bytes"])]
+                parts = np.fromiter((partition_of(k, self._partitions) for k in keys), np.int64, n)
+                same = np.fromiter((self._settings.match(m, d) for m, d in zip(cols["model"], cols["decode"])), bool, n)
+                size = np.array([-1 if s is None else s for s in cols["size"]], np.int64)
+                modified = np.array([np.nan if m is None else m for m in cols["modified"]], np.float64)
+                failed = np.array([s == "failed" for s in cols["status"]], bool)
+                for p in np.unique(parts):
+                    at = np.flatnonzero(parts == p)
+                    yield int(p), CatalogPart(index, at + start, [keys[i] for i in at], size[at], modified[at],
+                                              [cols["sha256"][i] for i in at], failed[at], same[at])
+                start += n
+
+
+class _BatchByPartitionFn(beam.DoFn):
+    """SourceFile -> (partition, (path keys, sizes, mtimes)): up to BATCH_FILES files as
+    three lists of plain values, which Beam's coder writes without pickling each file."""
+
+    def __init__(self, partitions: int):
+        self._partitions = partitions
+
+    def start_bundle(self):
+        self._buffers: dict[int, tuple[list, list, list]] = {}
+
+    def process(self, f: SourceFile):
+        key = path_key(f.path)
+        p = partition_of(key, self._partitions)
+        keys, sizes, mtimes = self._buffers.setdefault(p, ([], [], []))
+        keys.append(key)
+        sizes.append(f.size)
+        mtimes.append(f.modified)
+        if len(keys) >= BATCH_FILES:
+            yield p, self._buffers.pop(p)
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        for p, batch in self._buffers.items():
+            yield WindowedValue((p, batch), 0, [GlobalWindow()])
+        self._buffers = {}
+
+
+def _listed(batches) -> dict[bytes, SourceFile]:
+    """The files of a partition's batches, one per path (the best known of repeats)."""
+    listed: dict[bytes, SourceFile] = {}
+    for keys, sizes, mtimes in batches:
+        for key, size, mtime in zip(keys, sizes, mtimes):
+            f = SourceFile(key.decode("utf-8", "surrogateescape"), size, mtime)
+            seen = listed.get(key)
+            listed[key] = f if seen is None else best_known((seen, f))
+    return listed
+
+
+class _DecidePartitionFn(TallyFn):
+    """(partition, {files: [file batches], previous: [CatalogPart]}) -> the files to read;
+    tag 'carry': (catalog file index, (row numbers, mtimes now)) of the skipped files;
+    tag 'tallies': matched, skipped and deleted counts."""
+
+    def __init__(self, retry_failed: bool, report_progress: bool):
+        self._retry_failed = retry_failed
+        self._report = report_progress
+
+    def process(self, item):
+        _, grouped = item
+        listed = _listed(grouped["files"])
+        carried: dict[int, tuple[list, list]] = {}
+        skipped = deleted = n_read = 0
+        for part in grouped["previous"]:
+            for i, key in enumerate(part.keys):
+                f = listed.pop(key, None)
+                if f is None:
+                    deleted += 1
+                    continue
+                decision = self._decide(f, part, i)
+                if decision is None:
+                    rows, mtimes = carried.setdefault(part.file, ([], []))
+                    rows.append(int(part.rows[i]))
+                    mtimes.append(f.modified)
+                    skipped += 1
+                else:
+                    n_read += 1
+                    yield decision
+        for f in listed.values():  # no earlier row: new
+            n_read += 1
+            yield f
+        for index, (rows, mtimes) in carried.items():
+            yield beam.pvalue.TaggedOutput("carry", (index, (np.array(rows, np.int64), np.array(mtimes, np.float64))))
+        self.tally("matched", skipped + n_read)
+        counter("matched").inc(skipped + n_read)
+        self.tally("skipped", skipped)
+        self.tally("deleted", deleted)
+        counter("skipped").inc(skipped)
+        counter("deleted").inc(deleted)
+        if self._report and skipped:
+            progress.reporter().add(skipped, "skipped")
+
+    def _decide(self, f: SourceFile, part: CatalogPart, i: int) -> SourceFile | None:
+        """None: skip (carry the row); else the file to read, with what to compare."""
+        if not part.same_settings[i] or (part.failed[i] and self._retry_failed):
+            return f
+        size = int(part.size[i]) if part.size[i] >= 0 else None
+        modified = None if np.isnan(part.modified[i]) else float(part.modified[i])
+        if f.size is not None and f.size == size and f.modified is not None and f.modified == modified:
+            return None
+        ref = CatalogRef(part.file, int(part.rows[i]))
+        if f.size is None or f.size == size:
+            return f._replace(previous_sha256=part.sha256[i], previous=ref)
+        return f
+
+
+class Previous(NamedTuple):
+    """An earlier caption record, for outputs written without catalogs."""
+
+    size: int | None
+    modified: float | None
+    sha256: str | None
+    same_settings: bool
+    row: dict[str, Any]  # the catalog row it becomes
+    rank: tuple  # (run end time, run id): the newest record wins
 
 
 class _ParseCaptionRecordFn(beam.DoFn):
@@ -82,7 +224,7 @@ class _ParseCaptionRecordFn(beam.DoFn):
         try:
             r = json.loads(line)
             row = catalog.captioned_row(r, r.get("bytes"))
-            previous = Previous(row["size"], row["modified"], row["sha256"], False,
+            previous = Previous(row["size"], row["modified"], row["sha256"],
                                 self._settings.match(row["model"], row["decode"]), row,
                                 (self._end_times.get(r["run_id"], ""), r["run_id"]))
         except (ValueError, KeyError, TypeError):
@@ -91,44 +233,43 @@ class _ParseCaptionRecordFn(beam.DoFn):
         yield path_key(r["path"]), previous
 
 
-class _DecideFn(beam.DoFn):
-    """(path key, {files, previous}) -> the file to read; tags 'skipped' (SourceFiles that
-    carry their row forward) and 'deleted' (path keys no longer listed)."""
-
-    def __init__(self, retry_failed: bool):
-        self._retry_failed = retry_failed
+class _DecideFromRecordsFn(TallyFn):
+    """(path key, {files, previous}) -> the file to read; tag 'skipped': SourceFiles whose
+    `previous` is the row to carry; tag 'tallies'. Deleted paths are not counted: the
+    earlier records of all runs include files deleted long ago."""
 
     def process(self, item):
-        key, grouped = item
-        files_now, previous = list(grouped["files"]), list(grouped["previous"])
-        if not files_now:
-            counter("deleted").inc()
-            yield beam.pvalue.TaggedOutput("deleted", key)
+        _, grouped = item
+        files, previous = list(grouped["files"]), list(grouped["previous"])
+        if not files:
             return
-        f = files_now[0]
+        self.tally("matched")
+        counter("matched").inc()
+        f = best_known(files)
         if not previous:
             yield f
             return
         prev = max(previous, key=lambda p: p.rank)
-        retry = prev.failed and self._retry_failed
-        if not prev.same_settings or retry:
+        if not prev.same_settings:
             yield f
         elif f.size is not None and f.size == prev.size and f.modified is not None and f.modified == prev.modified:
             counter("skipped").inc()
-            yield beam.pvalue.TaggedOutput("skipped", f._replace(previous=prev.ref))
+            yield beam.pvalue.TaggedOutput("skipped", f._replace(previous=prev.row))
         elif f.size is None or f.size == prev.size:
-            yield f._replace(previous_sha256=prev.sha256, previous=prev.ref)
+            yield f._replace(previous_sha256=prev.sha256, previous=prev.row)
         else:
             yield f
 
 
 class SelectChanged(beam.PTransform):
-    """SourceFiles -> those to read; tags 'skipped' (SourceFiles with `previous` set, to
-    carry forward) and 'deleted' (path keys of earlier rows no longer listed).
+    """SourceFiles (a path may come more than once) -> the files to read, one per path;
+    tags 'skipped' (SourceFiles to carry forward, `previous` set), 'carry' (batched row
+    references of files skipped unread) and 'tallies' ((kind, name), n).
 
     Args:
       catalog_files: the newest complete run's catalog files, in its manifest's order
         (CatalogRef.file indexes them); empty for outputs written without catalogs.
+      catalog_rows: how many rows they hold (sizes the join's partitions).
       legacy_caption_files, end_times: without a catalog, the caption JSONL files of every
         earlier complete run and each run's end time (the newest record of a path wins).
       settings: this run's model and decode settings.
@@ -136,33 +277,47 @@ class SelectChanged(beam.PTransform):
     """
 
     def __init__(self, catalog_files, settings: Settings, retry_failed: bool = False,
-                 legacy_caption_files=(), end_times=None):
+                 legacy_caption_files=(), end_times=None, catalog_rows: int = 0, report_progress: bool = False):
         super().__init__()
         self._catalog = list(catalog_files)
+        self._rows = catalog_rows
         self._legacy = list(legacy_caption_files)
         self._end_times = dict(end_times or {})
         self._settings = settings
         self._retry_failed = retry_failed
+        self._report = report_progress
 
     def expand(self, listed):
         pipeline = listed.pipeline
-        if self._catalog:
-            previous = (
-                pipeline
-                | "CreateCatalogFiles" >> beam.Create(list(enumerate(self._catalog)))
-                | "ReadCatalog" >> beam.ParDo(_ReadCatalogFn(self._settings))
-            )
-        else:
-            previous = (
-                pipeline
-                | "CreatePreviousFiles" >> beam.Create(self._legacy)
-                | "ReadPreviousRuns" >> beam.io.ReadAllFromText()
-                | "ParsePrevious" >> beam.ParDo(_ParseCaptionRecordFn(self._settings, self._end_times))
-            )
+        if not self._catalog:
+            return self._from_records(listed)
+        n = partitions_for(self._rows)
+        previous = (
+            pipeline
+            | "CreateCatalogFiles" >> beam.Create(list(enumerate(self._catalog)))
+            | "ReadCatalog" >> beam.ParDo(_ReadCatalogFn(self._settings, n))
+        )
+        decided = (
+            {"files": listed | "BatchByPartition" >> beam.ParDo(_BatchByPartitionFn(n)), "previous": previous}
+            | "JoinCatalog" >> beam.CoGroupByKey()
+            | "Decide" >> beam.ParDo(_DecidePartitionFn(self._retry_failed, self._report)).with_outputs(
+                "carry", TAG, main="files")
+        )
+        skipped = pipeline | "NoSkippedFiles" >> beam.Create([])
+        return {"files": decided.files, "skipped": skipped, "carry": decided.carry, "tallies": decided[TAG]}
+
+    def _from_records(self, listed):
+        pipeline = listed.pipeline
+        previous = (
+            pipeline
+            | "CreatePreviousFiles" >> beam.Create(self._legacy)
+            | "ReadPreviousRuns" >> beam.io.ReadAllFromText()
+            | "ParsePrevious" >> beam.ParDo(_ParseCaptionRecordFn(self._settings, self._end_times))
+        )
         decided = (
             {"files": listed | "KeyFilesByPath" >> beam.Map(lambda f: (path_key(f.path), f)), "previous": previous}
             | "JoinPrevious" >> beam.CoGroupByKey()
-            | "Decide" >> beam.ParDo(_DecideFn(self._retry_failed)).with_outputs("skipped", "deleted", main="files")
+            | "Decide" >> beam.ParDo(_DecideFromRecordsFn()).with_outputs("skipped", TAG, main="files")
         )
-        return {"files": decided.files, "skipped": decided.skipped, "deleted": decided.deleted}
-
+        carry = pipeline | "NoCarriedRows" >> beam.Create([])
+        return {"files": decided.files, "skipped": decided.skipped, "carry": carry, "tallies": decided[TAG]}

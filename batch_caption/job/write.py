@@ -19,6 +19,7 @@ import apache_beam as beam
 from batch_caption import catalog, files, gcs, progress, quality, records
 from batch_caption.job.carry import BuildCatalog
 from batch_caption.job.elements import ERRORS
+from batch_caption.job.tallies import one
 from batch_caption.job.shards import WriteShardFn, publish_shards, remove_temp_dir, temp_dir_of
 
 
@@ -99,13 +100,14 @@ def _iso(t: float) -> str:
 
 
 class WriteRun(beam.PTransform):
-    """{"captions", "errors", "files", "skipped", "read", "deleted", "links_skipped"} -> the run's shards
-    and catalog, then the manifest (the PCollection of its one dict).
+    """{"captions", "errors", "skipped", "carry", "read", "links_skipped", "tallies"} ->
+    the run's shards and catalog, then the manifest (the PCollection of its one dict).
 
-    "files" is every distinct matched file, "read" those this run reads, "skipped" the
-    SourceFiles left unread or found unchanged (their earlier rows are carried forward),
-    "deleted" the path keys of earlier rows no longer listed. With `report_progress` the
-    tallies feed this process's progress line: every matched path counts once.
+    "skipped" are SourceFiles found unchanged one by one and "carry" batched references
+    to the rows of files skipped unread (both carried forward); "read" the files this run
+    reads; "tallies" ((kind, name), n) counts from the stages (matched, skipped, deleted).
+    With `report_progress` the tallies feed this process's progress line: every matched
+    path counts once.
     """
 
     def __init__(self, info: RunInfo, report_progress: bool = False):
@@ -126,14 +128,13 @@ class WriteRun(beam.PTransform):
             (
                 outputs["captions"] | "TallyCaptions" >> beam.FlatMap(_caption_tallies, self._report),
                 outputs[ERRORS] | "TallyErrors" >> beam.Map(_error_tally, self._report),
-                outputs["files"] | "TallyMatched" >> beam.Map(lambda _: ("matched", "")),
                 outputs["skipped"] | "TallySkipped" >> beam.Map(_skip_tally, self._report),
-                outputs["read"] | "TallyRead" >> beam.Map(lambda _: ("read", "")),
-                outputs["deleted"] | "TallyDeleted" >> beam.Map(lambda _: ("deleted", "")),
-                outputs["links_skipped"] | "TallyLinksSkipped" >> beam.Map(lambda _: ("links_skipped", "")),
+                outputs["read"] | "TallyRead" >> beam.Map(one("read")),
+                outputs["links_skipped"] | "TallyLinksSkipped" >> beam.Map(one("links_skipped")),
+                outputs["tallies"],
             )
             | "FlattenTallies" >> beam.Flatten()
-            | "CountTallies" >> beam.combiners.Count.PerElement()
+            | "SumTallies" >> beam.CombinePerKey(sum)
         )
         return (
             outputs["captions"].pipeline
@@ -149,21 +150,21 @@ class WriteRun(beam.PTransform):
         )
 
 
-def _caption_tallies(record, report: bool) -> list[tuple[str, str]]:
+def _caption_tallies(record, report: bool):
     if report:
         progress.reporter().add(1, "captioned")
-    return [("captioned", "")] + [("flagged", flag) for flag in record["flags"]]
+    return [(("captioned", ""), 1)] + [(("flagged", flag), 1) for flag in record["flags"]]
 
 
-def _error_tally(record, report: bool) -> tuple[str, str]:
+def _error_tally(record, report: bool):
     # A match error is about a pattern or list file, not one of the matched paths that
     # make the progress total.
     if report and record["stage"] != "match":
         progress.reporter().add(1, "failed")
-    return ("failed", record["stage"])
+    return ("failed", record["stage"]), 1
 
 
-def _skip_tally(_, report: bool) -> tuple[str, str]:
+def _skip_tally(_, report: bool):
     if report:
         progress.reporter().add(1, "skipped")
-    return ("skipped", "")
+    return ("skipped", ""), 1
