@@ -6,8 +6,8 @@
 
 Each night first changes the archive (new, modified, deleted and touched files, each
 --churn of N; a last, extra night changes nothing), then runs this tree and the baseline on
-it, each into an output of its own, with the runner settings jobs/nightly_archive.sh
-gives (each side its own copy of the script). Per night and side: wall time, peak RSS of
+it, each into an output of its own, with the runner settings this tree's
+jobs/nightly_archive.sh gives (the baseline's package first on PYTHONPATH). Per night and side: wall time, peak RSS of
 the whole process tree, files read and catalog rows (from the manifest, where that code
 writes them), captioned and skipped.
 """
@@ -160,8 +160,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--nights", type=int, default=3,
                    help="nightly runs with churn after the first full run; one night without churn follows")
     p.add_argument("--churn", type=float, default=0.001, help="share of N new, modified, deleted and touched each night")
+    p.add_argument("--rss_per_file_from", default=None, metavar="JSON",
+                   help="an earlier report of this drill at a smaller N: report the growth of the no-change "
+                        "night's peak RSS per archived file between the two")
     p.add_argument("--distinct", type=int, default=300, help="distinct image contents in the archive")
     p.add_argument("--baseline", default=None, help="git revision run beside this tree (its own nightly script)")
+    p.add_argument("--baseline_nights", choices=("all", "ends"), default="all",
+                   help="nights the baseline runs: all, or the first, the last with churn and the one without "
+                        "(its history is then shorter, which can only make it faster)")
     p.add_argument("--work", default=None, help="folder for the archive and outputs (default: a temp dir, removed)")
     p.add_argument("--seed", type=int, default=0)
     c.add_out_flags(p, "archive_nightly")
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
             base_root = os.path.join(work, "baseline")
             os.makedirs(base_root)
             commit = c.export_revision(args.baseline, base_root)
-            sides["baseline"] = {"root": base_root, "script": os.path.join(base_root, "jobs", "nightly_archive.sh"),
+            sides["baseline"] = {"root": base_root, "script": sides["tree"]["script"],
                                  "out": os.path.join(work, "out-baseline"), "commit": commit}
         archive = os.path.join(work, "archive")
         contents = _contents(args.distinct, args.seed)
@@ -188,7 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
         for night in range(args.nights + 2):
             changes = k if 1 <= night <= args.nights else 0
             live, next_id = churn(archive, live, next_id, changes, contents, rng)
-            rows = {name: run_side(name, side, archive, night) for name, side in sides.items()}
+            runs_here = {name: side for name, side in sides.items()
+                         if name == "tree" or args.baseline_nights == "all" or night in (0, args.nights, args.nights + 1)}
+            rows = {name: run_side(name, side, archive, night) for name, side in runs_here.items()}
             nights.append({"night": night, "churn_each": changes, "live_files": len(live), **rows})
         report = {"files": args.files, "nights": args.nights, "churn": args.churn, "distinct": args.distinct,
                   "baseline": sides.get("baseline", {}).get("commit"), "per_night": nights}
@@ -198,6 +206,13 @@ def main(argv: list[str] | None = None) -> dict:
         churned = [n for n in nights if n["churn_each"]]
         if len(churned) >= 2:
             report["last_vs_first_churn_night"] = round(churned[-1]["tree"]["wall_s"] / churned[0]["tree"]["wall_s"], 3)
+        if args.rss_per_file_from:
+            import json
+
+            with open(args.rss_per_file_from) as f:
+                small = json.load(f)  # the file's main report
+            a, b = small["per_night"][-1]["tree"]["peak_rss_mb"], last["tree"]["peak_rss_mb"]
+            report["rss_growth_bytes_per_file"] = round((b - a) * 2**20 / (args.files - small["files"]), 1)
         return c.write_report(args, argv, "archive_nightly.py", report)
     finally:
         if not args.work:

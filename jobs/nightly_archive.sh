@@ -14,14 +14,17 @@
 #   PYTHON   interpreter with batch_caption installed (default: python on PATH)
 #   PROJECT, REGION   set both to run on Dataflow (then ARCHIVE and OUT must be gs://)
 #   DRY_RUN=1   print the command instead of running it
-# Without PROJECT it runs here on the DirectRunner with every core; extra arguments are
-# appended, so e.g. --runner=FlinkRunner ... or --direct_num_workers=4 override that.
-# Exit code: batch_caption.run's (0 complete, 2 bad flags / no input, 1 pipeline failed).
+# Without PROJECT it runs here on the in-memory DirectRunner: one process, whose read-ahead
+# threads and TensorFlow use every core. A night is mostly listing and the catalog join,
+# which worker processes would only pass back and forth (bench/archive_nightly.py). Extra
+# arguments are appended, so e.g. --runner=FlinkRunner ... overrides that.
+# Exit code: batch_caption.run's (0 complete, 2 bad flags / no input / the output's lock is
+# held by another run, 1 pipeline failed, 3 more than --max_failed_fraction failed).
 #
-# cron (02:30 UTC nightly; flock -n skips a night while the previous run still holds the lock;
-# no '%' in the crontab line: the date is computed here):
+# cron (02:30 UTC nightly; a night whose previous run still holds OUT/_LOCK exits 2 and
+# leaves that run alone; no '%' in the crontab line: the date is computed here):
 #   30 2 * * * cd /srv/batch_caption && ARCHIVE=gs://bucket/photos OUT=gs://bucket/captions
-#     PYTHON=/srv/batch_caption/.venv/bin/python flock -n /tmp/batch_caption-nightly.lock
+#     PYTHON=/srv/batch_caption/.venv/bin/python
 #     jobs/nightly_archive.sh >> /var/log/batch_caption-nightly.log 2>&1
 #   (one line in the crontab; CRON_TZ=UTC if the machine's clock is not UTC)
 set -euo pipefail
@@ -37,7 +40,7 @@ if [[ -n "${PROJECT:-}" ]]; then
   [[ "${DRY_RUN:-0}" == 1 ]] && cmd+=(--dry_run)
 else
   cmd=("$PYTHON" -m batch_caption.run --input "$ARCHIVE" --output "$OUT" --incremental --run_id "$RUN_ID"
-       --runner=DirectRunner --direct_num_workers=0 --direct_running_mode=multi_processing "$@")
+       --runner=DirectRunner "$@")
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
     printf '%q ' "${cmd[@]}"
     echo
