@@ -357,3 +357,27 @@ def test_links_and_unlistable_directories_are_accounted_in_the_run(tiny_bundle, 
                         "--run_id", "links"])
     c = manifest["counts"]
     assert (c["captioned"], c["links_skipped"], c["failed_by_stage"]["match"]) == (1, 1, 1)
+
+
+def test_the_latest_catalog_alone_gives_every_current_caption(tiny_bundle, tmp_path):
+    """What a consumer does (the README's DuckDB query, with pyarrow): read LATEST, then
+    that run's catalog files, and get the current caption of every image."""
+    import pyarrow.dataset as ds
+
+    src, out = tmp_path / "archive", tmp_path / "out"
+    _write_pngs(src, ["a.png", "b.png", "c.png"], seed=18)
+    base = ["--input", str(src), "--output", str(out), "--model", tiny_bundle, "--incremental"]
+    run.run(base + ["--run_id", "mon"])
+    (src / "c.png").unlink()
+    _write_pngs(src, ["d.png"], seed=19)
+    run.run(base + ["--run_id", "tue"])
+    latest = (out / "LATEST").read_text().strip()
+    table = ds.dataset(sorted((out / f"run={latest}").glob("catalog-*.parquet")), format="parquet").to_table(
+        filter=ds.field("status") == "captioned", columns=["path", "caption", "captioned_run"])
+    current = {os.path.basename(r["path"]): r["captioned_run"] for r in table.to_pylist()}
+    assert current == {"a.png": "mon", "b.png": "mon", "d.png": "tue"}
+    records = [json.loads(x) for run_id in ("mon", "tue") for n in (out / f"run={run_id}").glob("captions-*")
+               for x in n.read_text().splitlines()]
+    by_path = {os.path.basename(r["path"]): r["caption"] for r in records}
+    assert {os.path.basename(r["path"]): r["caption"] for r in table.to_pylist()} == {
+        k: by_path[k] for k in ("a.png", "b.png", "d.png")}

@@ -30,7 +30,7 @@ from batch_caption.job.elements import ERRORS, NAMESPACE, ImageExample, SourceFi
 from batch_caption.job.match import MatchImages
 from batch_caption.job.read import ReadImages
 from batch_caption.job.select import SelectChanged, Settings
-from batch_caption.job.tallies import one
+from batch_caption.job.tallies import count, each
 from batch_caption.job.write import RunInfo, WriteRun
 from batch_caption.model_loading import portable_model_path
 
@@ -79,7 +79,7 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
         to_read, skipped, carry = selected["files"], [selected["skipped"]], [selected["carry"]]
         tallies = selected["tallies"]
     else:
-        tallies = matched["files"] | "TallyMatched" >> beam.Map(one("matched"))
+        tallies = count(matched["files"], "TallyMatched", each("matched"))
     # Decoding runs a batch ahead of the model (positional: tests stand in for ReadImages).
     read = to_read | "ReadImages" >> ReadImages(
         image_config, config.max_file_bytes, config.run_id, config.dedupe, config.batch_size, config.read_threads,

@@ -91,7 +91,9 @@ def _failed_row(record, model: str, decode: dict[str, Any]):
 
 
 class BuildCatalog(beam.PTransform):
-    """{"captions", "errors", "skipped"} -> catalog rows (dicts, catalog.COLUMNS).
+    """{"captions", "errors", "skipped", "carry"} -> {"captioned", "failed", "carried",
+    "inline"}: the catalog's rows by where they come from (dicts of catalog.COLUMNS, or
+    Arrow tables of carried rows), each written by a writer of its own.
 
     Args:
       catalog_files: the earlier catalog's files, which CatalogRef.file indexes.
@@ -118,4 +120,4 @@ class BuildCatalog(beam.PTransform):
             | "GroupByCatalogFile" >> beam.GroupByKey()
             | "CarryRows" >> beam.ParDo(_CarryFromCatalogFn(self._catalog))
         )
-        return (*new, carried, skips.inline) | "FlattenRows" >> beam.Flatten()
+        return {"captioned": new[0], "failed": new[1], "carried": carried, "inline": skips.inline}

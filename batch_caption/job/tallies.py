@@ -2,7 +2,9 @@
 
 A stage that decides about many files at once (a partition of the incremental join)
 counts in a TallyFn and emits one ((kind, name), n) per kind at the end of each bundle,
-on its 'tallies' output; WriteRun sums every stage's tallies per key.
+on its 'tallies' output; `count` does the same for any PCollection. WriteRun sums every
+stage's tallies per key. Per-bundle sums keep a million-file run from moving a million
+one-count elements into the sum.
 """
 
 from __future__ import annotations
@@ -31,6 +33,21 @@ class TallyFn(beam.DoFn):
         self._tallies = {}
 
 
-def one(kind: str, name: str = ""):
-    """A per-element tally: element -> ((kind, name), 1)."""
-    return lambda _: ((kind, name), 1)
+class _CountFn(TallyFn):
+    def __init__(self, keys):
+        self._keys = keys
+
+    def process(self, element):
+        for kind, name in self._keys(element):
+            self.tally(kind, 1, name)
+
+
+def count(pcoll, label: str, keys):
+    """The per-bundle counts of the (kind, name) keys that `keys(element)` lists for each
+    element of `pcoll`: ((kind, name), n) elements, one per key and bundle."""
+    return (pcoll | label >> beam.ParDo(_CountFn(keys)).with_outputs(TAG, main="nothing"))[TAG]
+
+
+def each(kind: str, name: str = ""):
+    """keys() for `count`: every element counts once as (kind, name)."""
+    return lambda _: ((kind, name),)

@@ -19,7 +19,7 @@ import apache_beam as beam
 from batch_caption import catalog, files, gcs, progress, quality, records
 from batch_caption.job.carry import BuildCatalog
 from batch_caption.job.elements import ERRORS
-from batch_caption.job.tallies import one
+from batch_caption.job.tallies import count, each
 from batch_caption.job.shards import WriteShardFn, publish_shards, remove_temp_dir, temp_dir_of
 
 
@@ -120,17 +120,23 @@ class WriteRun(beam.PTransform):
         temp_dir = temp_dir_of(info.run_dir)
         caption_files = outputs["captions"] | "WriteCaptions" >> beam.ParDo(WriteShardFn(temp_dir, "captions"))
         error_files = outputs[ERRORS] | "WriteErrors" >> beam.ParDo(WriteShardFn(temp_dir, "errors"))
+        # One writer per kind of row, each fused with what makes its rows: a Flatten in
+        # front of one writer would hold a whole run's rows in memory on the in-memory runner.
         rows = outputs | "BuildCatalog" >> BuildCatalog(info.previous_catalog, info.model, info.decode)
-        catalog_files = rows | "WriteCatalog" >> beam.ParDo(WriteShardFn(temp_dir, catalog.CATALOG_PREFIX, "parquet"))
+        catalog_files = tuple(
+            rows[kind] | f"Write{kind.title()}Rows" >> beam.ParDo(WriteShardFn(temp_dir, catalog.CATALOG_PREFIX, "parquet"))
+            for kind in sorted(rows)
+        ) | "FlattenCatalogFiles" >> beam.Flatten()
         # Every count of the manifest from one combine over (kind, name) keys: each
         # transform is a fixed cost of pipeline construction and stage setup on every run.
+        report = self._report
         tallies = (
             (
-                outputs["captions"] | "TallyCaptions" >> beam.FlatMap(_caption_tallies, self._report),
-                outputs[ERRORS] | "TallyErrors" >> beam.Map(_error_tally, self._report),
-                outputs["skipped"] | "TallySkipped" >> beam.Map(_skip_tally, self._report),
-                outputs["read"] | "TallyRead" >> beam.Map(one("read")),
-                outputs["links_skipped"] | "TallyLinksSkipped" >> beam.Map(one("links_skipped")),
+                count(outputs["captions"], "TallyCaptions", lambda r: _caption_tallies(r, report)),
+                count(outputs[ERRORS], "TallyErrors", lambda r: _error_tally(r, report)),
+                count(outputs["skipped"], "TallySkipped", lambda f: _skip_tally(f, report)),
+                count(outputs["read"], "TallyRead", each("read")),
+                count(outputs["links_skipped"], "TallyLinksSkipped", each("links_skipped")),
                 outputs["tallies"],
             )
             | "FlattenTallies" >> beam.Flatten()
@@ -153,7 +159,7 @@ class WriteRun(beam.PTransform):
 def _caption_tallies(record, report: bool):
     if report:
         progress.reporter().add(1, "captioned")
-    return [(("captioned", ""), 1)] + [(("flagged", flag), 1) for flag in record["flags"]]
+    return [("captioned", "")] + [("flagged", flag) for flag in record["flags"]]
 
 
 def _error_tally(record, report: bool):
@@ -161,10 +167,10 @@ def _error_tally(record, report: bool):
     # make the progress total.
     if report and record["stage"] != "match":
         progress.reporter().add(1, "failed")
-    return ("failed", record["stage"]), 1
+    return (("failed", record["stage"]),)
 
 
 def _skip_tally(_, report: bool):
     if report:
         progress.reporter().add(1, "skipped")
-    return ("skipped", ""), 1
+    return (("skipped", ""),)
