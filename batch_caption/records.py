@@ -25,7 +25,7 @@ STAGES = ("match", "read", "decode", "infer", "write")
 # Dataset preparation also rejects captions (empty after tokenisation, unknown image).
 PREPARE_STAGES = STAGES + ("caption",)
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "batch_caption.run/1"
+MANIFEST_FORMAT = "batch_caption.run/2"  # 2: catalog files; read, carried, deleted counts
 # A run id names a directory (run=<id>) and appears in every record.
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RUN_ID_RULE = "must be letters, digits, '.', '_' or '-' (max 128)"
