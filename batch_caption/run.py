@@ -183,6 +183,24 @@ def resolve_inputs(config: JobConfig) -> JobConfig:
     return dataclasses.replace(config, inputs=tuple(resolved))
 
 
+def check_remote_paths(config: JobConfig, options) -> None:
+    """On Dataflow, workers read the inputs and write the output on machines of their own:
+    a local --output, --input, --input_list or --model would be the worker's disk, not
+    this one's. The bundled default model travels with the package."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    runner = options.view_as(StandardOptions).runner or ""
+    if runner.lower().removesuffix("runner") != "dataflow":
+        return
+    named = [("--output", config.output), *(("--input", p) for p in config.inputs),
+             *(("--input_list", p) for p in config.input_lists)]
+    if config.model != DEFAULT_MODEL:
+        named.append(("--model", config.model))
+    for flag, path in named:
+        if not files.is_remote(path) or path.startswith("file://"):
+            raise UsageError(f"{flag} {path}: {runner} workers cannot see this machine's files; use a gs:// path")
+
+
 def check_model(path: str) -> tuple[str, Any]:
     """(bundle id, ModelConfig) of the bundle at `path`: every file read and checked
     against its hash here, so a broken bundle stops the run before any work."""
@@ -219,6 +237,7 @@ def run(argv: list[str] | None = None) -> dict:
     from batch_caption import progress
 
     config, options = parse(argv)
+    check_remote_paths(config, options)
     gcs.configure_for_emulator()
     model_id, model_config = check_model(config.model)
     config = resolve_inputs(config)

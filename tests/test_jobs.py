@@ -211,6 +211,9 @@ def test_main_dry_run_prints_and_does_not_run(launcher, monkeypatch, capsys):
         raise AssertionError("dry run started the job")
 
     monkeypatch.setattr(run, "main", must_not_run)
+    # One clock for both assemblies: the default job name holds the UTC second.
+    job_name = launcher.default_job_name
+    monkeypatch.setattr(launcher, "default_job_name", lambda run_id, now=None: job_name(run_id, now=1_800_000_000))
     argv = BASE + ["--gpu", "nvidia-tesla-t4:1", "--sdk_container_image", "img:1", "--beam_size", "5"]
     assert launcher.main(argv + ["--dry_run"]) == 0
     printed = shlex.split(capsys.readouterr().out)

@@ -599,3 +599,20 @@ def test_no_flags_captions_the_bundled_samples_with_the_bundled_model(tmp_path, 
     captions, errors, _ = read_run(str(tmp_path / "captions" / "run=samples"))
     assert sorted(os.path.basename(r["path"]) for r in captions) == samples and not errors
     assert all(r["caption"] for r in captions) and manifest["model_path"] == run.DEFAULT_MODEL
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--input", "gs://b/photos/", "--output", "out"], "--output out"),
+    (["--input", "photos/", "--output", "gs://b/out"], "--input photos/"),
+    (["--input", "gs://b/p/", "--input_list", "list.txt", "--output", "gs://b/out"], "--input_list list.txt"),
+    (["--input", "gs://b/p/", "--output", "gs://b/out", "--model", "/models/m"], "--model /models/m"),
+])
+def test_dataflow_with_a_local_path_fails_fast_in_one_line(flags, named, capsys):
+    assert run.main(["--runner=DataflowRunner", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err and "gs://" in err
+
+
+def test_dataflow_with_remote_paths_and_the_bundled_model_passes_the_check():
+    config, options = run.parse(["--runner=DataflowRunner", "--input", "gs://b/p/", "--output", "gs://b/out"])
+    run.check_remote_paths(config, options)  # the bundled model travels with the package
