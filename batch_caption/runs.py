@@ -71,7 +71,8 @@ def complete_runs(output: str, other_than: str | None = None) -> list[EarlierRun
             found.append(read_run(run_dir))
         except (OSError, ValueError, KeyError, TypeError) as e:
             _log.warning("skipping %s: its manifest cannot be read (%s)", run_dir, e)
-    return sorted(found, key=lambda r: (r.end_time, r.run_id))
+    # end_time has whole seconds; end_seconds (absent before format 2) orders runs within one.
+    return sorted(found, key=lambda r: (r.end_time, r.manifest.get("end_seconds", 0.0), r.run_id))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -381,3 +381,12 @@ def test_the_latest_catalog_alone_gives_every_current_caption(tiny_bundle, tmp_p
     by_path = {os.path.basename(r["path"]): r["caption"] for r in records}
     assert {os.path.basename(r["path"]): r["caption"] for r in table.to_pylist()} == {
         k: by_path[k] for k in ("a.png", "b.png", "d.png")}
+
+
+def test_runs_that_end_within_one_second_are_ordered_by_their_end(tmp_path):
+    out = tmp_path / "out"
+    for run_id, seconds in (("zzz", 100.2), ("aaa", 100.7)):  # the later run has the smaller id
+        (out / f"run={run_id}").mkdir(parents=True)
+        (out / f"run={run_id}" / "manifest.json").write_text(json.dumps(
+            {"run_id": run_id, "files": {"captions": []}, "end_time": "1970-01-01T00:01:40Z", "end_seconds": seconds}))
+    assert [r.run_id for r in runs.complete_runs(str(out))] == ["zzz", "aaa"]

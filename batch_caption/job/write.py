@@ -58,6 +58,7 @@ class _WriteManifestFn(beam.DoFn):
         flagged = {name: n for (kind, name), n in tally.items() if kind == "flagged"}
         n_failed = sum(failed.values())
         share = n_failed / (n_captions + n_failed) if n_captions + n_failed else 0.0
+        ended = time.time()
         manifest = {
             "format": records.MANIFEST_FORMAT,
             "run_id": info.run_id,
@@ -85,7 +86,8 @@ class _WriteManifestFn(beam.DoFn):
                 "catalog": sorted(files.basename(f) for f in catalog_files),
             },
             "start_time": _iso(info.start_time),
-            "end_time": _iso(time.time()),
+            "end_time": _iso(ended),
+            "end_seconds": round(ended, 6),  # orders runs that end within one second
         }
         if share > info.max_failed_fraction:
             manifest["rejected"] = (f"{n_failed:,} of {n_captions + n_failed:,} inputs failed ({share:.1%}), "
