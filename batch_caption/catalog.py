@@ -24,8 +24,6 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 CATALOG_PREFIX = "catalog"
-CATALOG_FORMAT = "batch_caption.catalog/1"
-STATUSES = ("captioned", "failed")
 ROW_GROUP_ROWS = 50_000
 
 COLUMNS = (

@@ -32,7 +32,6 @@ from batch_caption.model_loading import BUNDLED_MODEL, resolve_model_path
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = resolve_model_path(BUNDLED_MODEL)
 SAMPLES_DIR = os.path.join(PACKAGE_DIR, "samples")
-LATEST_NAME = runs.LATEST_NAME
 EXIT_TOO_MANY_FAILED = 3
 _GLOB_CHARS = set("*?[")
 

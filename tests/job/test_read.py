@@ -8,7 +8,6 @@ import io
 import weakref
 
 import apache_beam as beam
-import numpy as np
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
