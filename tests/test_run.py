@@ -345,6 +345,26 @@ def test_a_missing_model_is_reported_without_loading_tensorflow(tmp_path):
     assert "--model" in done.stderr.strip().splitlines()[-1]
 
 
+def test_a_bundle_with_swapped_weights_is_refused_before_any_work(tiny_model, tiny_vocab, tiny_bundle, tmp_path, capsys):
+    import shutil
+
+    from batch_caption.model.bundle import WEIGHTS, save_bundle
+    from batch_caption.model.show_and_tell import ShowAndTell
+
+    other = ShowAndTell(tiny_model.config)  # same architecture, other weights
+    other.build_all()
+    save_bundle(other, tiny_vocab, str(tmp_path / "other"))
+    shutil.copytree(tiny_bundle, tmp_path / "swapped")
+    shutil.copyfile(tmp_path / "other" / WEIGHTS, tmp_path / "swapped" / WEIGHTS)  # beside the old bundle.json
+    Image.fromarray(varied_images(1, 32)[0]).save(tmp_path / "a.png")
+    code = run.main(["--model", str(tmp_path / "swapped"), "--input", str(tmp_path / "a.png"),
+                     "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{tmp_path / 'swapped' / WEIGHTS} is corrupted or replaced" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("cpus, local, remote", [(1, 2, 16), (2, 2, 16), (8, 8, 16), (32, 32, 16)])
 def test_read_threads_default_to_one_per_cpu_for_local_inputs_and_16_for_remote_ones(tmp_path, monkeypatch, cpus, local, remote):
     from batch_caption.job import cpus as job_cpus

@@ -8,10 +8,14 @@
 The bundle id is a hash of the config, the vocabulary and the weight values (every array
 of the weights file with its path, dtype and shape; not the file's bytes, because Keras
 also writes auto-generated layer names into it that depend on process history), so two
-bundles with the same id caption identically. Reading checks every file against
-bundle.json, so a corrupted or truncated file is reported by name rather than as an h5
-error. Only weights are stored: the architecture is rebuilt from code and config, so
-nothing is unpickled or deserialised as code.
+bundles with the same id caption identically. Reading checks config.json and vocab.json
+against their sha256 in bundle.json and recomputes the id from them and the weight values:
+a corrupted, truncated or replaced file (new weights beside a stale bundle.json) is refused
+by name before the model is built, and the id a run records is always that of the weights
+it ran. The weights are hashed once per read, as arrays (the id needs them); their file
+sha256 is compared only when the id differs, to tell replaced weights from a bundle.json
+that does not fit its files. Only weights are stored: the architecture is rebuilt from
+code and config, so nothing is unpickled or deserialised as code.
 
 This module writes, reads and verifies those files without TensorFlow, so the job can
 check a bundle before loading it; `model.load` builds the model and Captioner from them.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -78,8 +83,9 @@ def arrays_digest(arrays: Iterable[tuple[str, np.ndarray]]) -> str:
     return h.hexdigest()
 
 
-def weights_file_digest(weights_file: str) -> str:
-    """`arrays_digest` of every array of a local Keras .weights.h5 file, by its h5 path."""
+def weights_file_digest(weights_file) -> str:
+    """`arrays_digest` of every array of a Keras .weights.h5 file (a local path or a binary
+    file object), by its h5 path."""
     import h5py
 
     with h5py.File(weights_file, "r") as f:
@@ -125,8 +131,28 @@ def _read_checked(path: str, name: str, expected_sha: str | None) -> bytes:
     except Exception as e:  # OSError locally; FileSystems raises BeamIOError / GCS errors
         raise BundleError(f"model bundle file {full} cannot be read: {e}") from e
     if expected_sha is not None and _sha256(data) != expected_sha:
-        raise BundleError(f"model bundle file {full} is corrupted (sha256 does not match {MANIFEST})")
+        raise BundleError(f"model bundle file {full} is corrupted or replaced (sha256 does not match {MANIFEST})")
     return data
+
+
+def _check_bundle_id(path: str, manifest: dict, contents: dict[str, bytes]) -> None:
+    """Recomputes the id from the files; raises BundleError naming the file at fault: the
+    weights when they differ from what bundle.json lists (config and vocabulary are
+    checked already), else bundle.json, whose id does not fit the files it lists."""
+    full = files.join(path, WEIGHTS)
+    try:
+        digest = weights_file_digest(io.BytesIO(contents[WEIGHTS]))
+    except Exception as e:  # h5py raises OSError, KeyError, ValueError... for a broken file
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise BundleError(f"model bundle file {full} is corrupted (not a readable weights file: {reason})") from e
+    found, said = compute_bundle_id(contents[CONFIG], contents[VOCAB], digest), manifest["bundle_id"]
+    if found == said:
+        return
+    if _sha256(contents[WEIGHTS]) != manifest["files"][WEIGHTS]:  # only on this path: one hash per good read
+        raise BundleError(f"model bundle file {full} is corrupted or replaced (sha256 does not match {MANIFEST}; "
+                          f"the files give bundle id {found}, {MANIFEST} says {said})")
+    raise BundleError(f"model bundle file {files.join(path, MANIFEST)} does not fit the files it lists "
+                      f"(they give bundle id {found}, it says {said}): save the bundle again")
 
 
 def read_manifest(path: str) -> dict:
@@ -136,22 +162,25 @@ def read_manifest(path: str) -> dict:
         manifest = json.loads(raw)
         if manifest.get("format") != BUNDLE_FORMAT or set(manifest["files"]) != set(CONTENT_FILES):
             raise ValueError(f"expected format {BUNDLE_FORMAT} listing {', '.join(CONTENT_FILES)}")
+        if not isinstance(manifest.get("bundle_id"), str):
+            raise ValueError("no bundle_id")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise BundleError(f"model bundle file {files.join(path, MANIFEST)} is invalid: {e}") from e
     return manifest
 
 
 def verify_bundle(path: str) -> tuple[dict, ModelConfig]:
-    """Checks every file of the bundle at `path` without building the model (no
+    """Checks every file of the bundle at `path` and its id without building the model (no
     TensorFlow work): returns (bundle.json contents, ModelConfig). Raises BundleError."""
     manifest, contents = _read_verified(path)
     return manifest, _parse_config(path, contents[CONFIG])
 
 
 def read_bundle(path: str) -> BundleFiles:
-    """Reads and verifies every file of the bundle at `path`, parsing config and vocabulary.
+    """Reads and verifies every file of the bundle at `path` and its id, parsing config and
+    vocabulary.
 
-    Raises BundleError naming the file that is missing, corrupted or invalid.
+    Raises BundleError naming the file that is missing, corrupted, replaced or invalid.
     """
     manifest, contents = _read_verified(path)
     config = _parse_config(path, contents[CONFIG])
@@ -166,7 +195,10 @@ def read_bundle(path: str) -> BundleFiles:
 
 def _read_verified(path: str) -> tuple[dict, dict[str, bytes]]:
     manifest = read_manifest(path)
-    return manifest, {name: _read_checked(path, name, manifest["files"][name]) for name in CONTENT_FILES}
+    contents = {name: _read_checked(path, name, manifest["files"][name]) for name in (CONFIG, VOCAB)}
+    contents[WEIGHTS] = _read_checked(path, WEIGHTS, None)  # checked through the id: one hash
+    _check_bundle_id(path, manifest, contents)
+    return manifest, contents
 
 
 def _parse_config(path: str, raw: bytes) -> ModelConfig:

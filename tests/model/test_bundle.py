@@ -1,5 +1,7 @@
+import hashlib
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -83,6 +85,78 @@ def test_corrupted_file_is_named(tiny_bundle, tmp_path, name):
     open(target, "wb").write(bytes(data))
     with pytest.raises(B.BundleError, match=f"{name} is corrupted"):
         load_bundle(path)
+
+
+@pytest.fixture(scope="module")
+def other_weights(tiny_model, tiny_vocab, tmp_path_factory):
+    """A model.weights.h5 of tiny_model's architecture with other values."""
+    from batch_caption.model.show_and_tell import ShowAndTell
+
+    other = ShowAndTell(tiny_model.config)
+    other.build_all()
+    path = tmp_path_factory.mktemp("other")
+    B.save_bundle(other, tiny_vocab, str(path))
+    return str(path / B.WEIGHTS)
+
+
+def _copy(tiny_bundle, tmp_path):
+    path = str(tmp_path / "b")
+    shutil.copytree(tiny_bundle, path)
+    return path
+
+
+def _relist(path, name):
+    """bundle.json listing the sha256 of `name` as it is now, its bundle_id kept."""
+    manifest = json.load(open(os.path.join(path, B.MANIFEST)))
+    manifest["files"][name] = hashlib.sha256(open(os.path.join(path, name), "rb").read()).hexdigest()
+    json.dump(manifest, open(os.path.join(path, B.MANIFEST), "w"))
+
+
+def test_an_intact_bundle_verifies_with_its_recomputed_id(tiny_bundle):
+    saved = json.load(open(os.path.join(tiny_bundle, B.MANIFEST)))["bundle_id"]
+    manifest, config = B.verify_bundle(tiny_bundle)
+    assert manifest["bundle_id"] == saved and config.image_size == 64
+    assert B.read_bundle(tiny_bundle).bundle_id == saved
+
+
+def test_swapped_weights_beside_the_old_manifest_are_refused_by_name(tiny_bundle, other_weights, tmp_path):
+    path = _copy(tiny_bundle, tmp_path)
+    shutil.copyfile(other_weights, os.path.join(path, B.WEIGHTS))
+    for check in (B.verify_bundle, load_bundle):
+        with pytest.raises(B.BundleError, match=re.escape(f"file {path}/{B.WEIGHTS} is corrupted or replaced")) as e:
+            check(path)
+        assert "\n" not in str(e.value)
+
+
+def test_new_weights_under_a_stale_id_are_refused(tiny_bundle, other_weights, tmp_path):
+    # bundle.json lists the new file's sha256 but keeps the id of the old weights.
+    path = _copy(tiny_bundle, tmp_path)
+    shutil.copyfile(other_weights, os.path.join(path, B.WEIGHTS))
+    _relist(path, B.WEIGHTS)
+    with pytest.raises(B.BundleError, match=re.escape(f"file {path}/{B.MANIFEST} does not fit the files it lists")):
+        load_bundle(path)
+
+
+def test_an_edited_config_is_refused(tiny_bundle, tmp_path):
+    path = _copy(tiny_bundle, tmp_path)
+    target = os.path.join(path, B.CONFIG)
+    config = json.load(open(target))
+    config["dropout"] = 0.5  # the same architecture: the weights would load
+    json.dump(config, open(target, "w"))
+    with pytest.raises(B.BundleError, match=re.escape(f"file {target} is corrupted or replaced")):
+        B.verify_bundle(path)
+    _relist(path, B.CONFIG)  # listed, but the id is of the other config
+    with pytest.raises(B.BundleError, match=f"{B.MANIFEST} does not fit the files it lists"):
+        load_bundle(path)
+
+
+def test_unreadable_weights_are_named(tiny_bundle, tmp_path):
+    path = _copy(tiny_bundle, tmp_path)
+    target = os.path.join(path, B.WEIGHTS)
+    data = open(target, "rb").read()
+    open(target, "wb").write(data[: len(data) // 3])
+    with pytest.raises(B.BundleError, match=re.escape(f"file {target} is corrupted (not a readable")):
+        B.verify_bundle(path)
 
 
 def test_invalid_manifest_is_named(tiny_bundle, tmp_path):
