@@ -9,9 +9,10 @@ self-contained page (default ``RUN_DIR/report.html``):
 * a header with the manifest's counts (inputs, captioned, failed by stage), model id, run
   id and times - or "incomplete run: no manifest" when the run never finished;
 * one card per caption record, sorted by path, at most ``--max_images`` (a note says when
-  the list is cut): a JPEG thumbnail embedded as a ``data:`` URI (made from the image at
-  ``path``; when it cannot be read the card says why), the caption and its score,
-  the alternatives with theirs, quality flags when the record has them, size and path;
+  the list is cut): a JPEG thumbnail embedded as a ``data:`` URI (the image at ``path``
+  read and decoded with the run's own settings, see :mod:`batch_caption.thumbnails`; when
+  that fails the card says why), the caption and its score, the alternatives with theirs,
+  quality flags when the record has them, size and path;
 * a table with every error record (path, stage, error, message).
 
 The page loads nothing: no scripts, fonts or remote images; a Content-Security-Policy
@@ -24,7 +25,6 @@ one-line reason on stderr.
 from __future__ import annotations
 
 import argparse
-import base64
 import calendar
 import collections
 import concurrent.futures
@@ -37,13 +37,12 @@ import sys
 import time
 from typing import Any, Iterator
 
-from batch_caption import cli, files, gcs, records
+from batch_caption import cli, files, gcs, records, thumbnails
 from batch_caption.cli import UsageError
 
 REPORT_NAME = "report.html"
 DEFAULT_MAX_IMAGES = 2000
 DEFAULT_THUMBNAIL_SIZE = 160
-MAX_IMAGE_BYTES = 256 * 1024 * 1024  # the job's default --max_file_bytes
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 _THREADS = 16  # thumbnails are I/O bound on object stores
 
@@ -71,8 +70,8 @@ def _e(value: Any) -> str:
 
 
 def _fs():
-    """Beam's FileSystems, for what batch_caption.files does not do: streamed and
-    size-capped reads, and a listing that stops at the first file."""
+    """Beam's FileSystems, for what batch_caption.files does not do: streamed reads, and a
+    listing that stops at the first file."""
     from apache_beam.io.filesystems import FileSystems
 
     return FileSystems
@@ -141,43 +140,6 @@ class _Records:
                         continue
                     self.count += 1
                     yield record
-
-
-# --- thumbnails ------------------------------------------------------------------------
-
-
-def thumbnail(path: str, size: int) -> tuple[str, int, int]:
-    """(data: URI of a JPEG at most size x size, width, height) of the image at `path`."""
-    from PIL import Image, ImageOps
-
-    from apache_beam.io.filesystem import CompressionTypes
-
-    with _fs().open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:  # bytes as they are
-        data = f.read(MAX_IMAGE_BYTES + 1)
-    if len(data) > MAX_IMAGE_BYTES:
-        raise ValueError(f"file is larger than {MAX_IMAGE_BYTES} bytes")
-    with Image.open(io.BytesIO(data)) as img:
-        img.draft("RGB", (size, size))  # JPEG: decode at reduced scale, all a thumbnail needs
-        img = ImageOps.exif_transpose(img)  # as displayed, like the job's width/height
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            img = Image.new("RGB", rgba.size, "white")
-            img.paste(rgba, mask=rgba.getchannel("A"))
-        else:
-            img = img.convert("RGB")
-        img.thumbnail((size, size))
-        out = io.BytesIO()
-        img.save(out, "JPEG", quality=80, optimize=True)
-    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii"), img.width, img.height
-
-
-def _safe_thumbnail(path: str, size: int) -> tuple[str, int, int] | str:
-    """thumbnail(), or the reason it failed (one line)."""
-    try:
-        return thumbnail(path, size)
-    except Exception as e:  # any unreadable image becomes a note on its card
-        text = " ".join(str(e).split())
-        return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 
 # --- HTML ------------------------------------------------------------------------------
@@ -306,8 +268,11 @@ def render(run_dir: str, thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE,
         if source.bad_lines:
             notes.append(f"{source.bad_lines:,} line(s) in the {what} files are not {what} records and were skipped")
 
+    decoding, unusable = thumbnails.run_decoding(manifest, thumbnail_size)
+    if unusable:
+        notes.append(unusable)
     with concurrent.futures.ThreadPoolExecutor(max_workers=_THREADS) as pool:
-        thumbs = list(pool.map(lambda r: _safe_thumbnail(r["path"], thumbnail_size), shown))
+        thumbs = list(pool.map(lambda r: thumbnails.safe_thumbnail(r["path"], decoding), shown))
 
     title = f"Captions: {(manifest or {}).get('run_id') or run_dir}"
     page = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',

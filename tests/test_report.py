@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch_caption import report
+from batch_caption import images, report
 
 EVIL = '<script>alert("x")</script>'
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
@@ -247,6 +247,97 @@ def test_thumbnails_and_an_image_that_is_gone(run_dir):
     assert gone.find("img") is None
     assert gone.find("p", "missing").text().startswith("image unavailable: ")
     assert gone.find("p", "caption").text() == "a magenta square" and gone.find(cls="size").text() == "120 \u00d7 90"
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
+# Every way Python starts a program; a report that calls one fails the test.
+_SPAWNERS = {subprocess: ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"),
+             os: ("system", "popen", "fork", "forkpty", "posix_spawn", "posix_spawnp", "execv", "execve", "execl",
+                  "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
+                  "spawnl", "spawnle", "spawnlp", "spawnlpe")}
+
+
+@pytest.fixture
+def no_programs(monkeypatch):
+    """Patches every way to start a program to record the call and raise; returns the calls."""
+    from PIL import EpsImagePlugin
+
+    calls = []
+
+    def refuse(name):
+        def spawn(*args, **kwargs):
+            calls.append((name, args))
+            raise AssertionError(f"the report started a program: {name}{args}")
+        return spawn
+
+    for module, names in _SPAWNERS.items():
+        for name in names:
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, refuse(f"{module.__name__}.{name}"))
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # unprobed: Pillow would look for Ghostscript
+    return calls
+
+
+def _one_image_run(root, options=None):
+    """root/photo.jpg and root/out/run=r1/ holding its caption record and a manifest."""
+    photo = os.path.join(root, "photo.jpg")
+    Image.new("RGB", (120, 90), COLOURS["red"]).save(photo, "JPEG")
+    run_dir = os.path.join(root, "out", "run=r1")
+    os.makedirs(run_dir)
+    _write_jsonl(os.path.join(run_dir, "captions-00000-of-00001.jsonl"), [_caption(photo, "a red square", -1.0)])
+    with open(os.path.join(run_dir, "manifest.json"), "w") as f:
+        json.dump({"run_id": "r1", "counts": {"captioned": 1, "failed": 0}, "options": options or {}}, f)
+    return run_dir, photo
+
+
+def _card(run_dir, photo):
+    return _cards(parse(open(report.run([run_dir]), encoding="utf-8").read()))[photo]
+
+
+def _card_note(run_dir, photo):
+    missing = _card(run_dir, photo).find("p", "missing")
+    return None if missing is None else missing.text()
+
+
+def test_an_image_replaced_by_eps_shows_its_error_and_starts_no_program(tmp_path, no_programs):
+    from batch_caption.job.config import JobConfig
+
+    defaults = {k: getattr(JobConfig, k) for k in ("max_image_pixels", "max_file_bytes", "draft")}
+    run_dir, photo = _one_image_run(str(tmp_path), defaults)
+    thumb = _card(run_dir, photo).find("img", "thumb")  # the run's image, never enlarged
+    assert _decode_data_uri(thumb.attrs["src"]).size == (120, 90)
+    assert (thumb.attrs["width"], thumb.attrs["height"]) == ("120", "90")
+    with open(photo, "wb") as f:
+        f.write(EPS)
+    page = os.path.join(run_dir, "report.html")
+    os.remove(page)
+    note = _card_note(run_dir, photo)
+    assert os.path.getsize(page) > 1000
+    assert note.startswith("image unavailable: UnsupportedImageError: data is not a recognised image format"), note
+    assert no_programs == []
+
+
+@pytest.mark.parametrize("options, error", [
+    ({"max_image_pixels": 120 * 90 - 1}, "ImageTooLargeError: image is 120x90 = 10,800 pixels (JPEG), over the limit"),
+    ({"max_file_bytes": 100}, "FileTooLargeError: file is larger than the limit of 100 bytes"),
+])
+def test_thumbnails_keep_the_runs_limits(tmp_path, options, error):
+    run_dir, photo = _one_image_run(str(tmp_path), options)
+    assert _card_note(run_dir, photo).startswith(f"image unavailable: {error}")
+
+
+def test_unusable_decoder_options_fall_back_to_the_jobs_defaults(tmp_path):
+    from batch_caption import thumbnails
+    from batch_caption.job.config import JobConfig
+
+    run_dir, photo = _one_image_run(str(tmp_path), {"max_image_pixels": "many"})
+    dom = parse(open(report.run([run_dir]), encoding="utf-8").read())
+    assert _cards(dom)[photo].find("img", "thumb") is not None
+    assert any("decoder options are not usable" in n.text() for n in dom.find_all("p", "note"))
+    decoding, note = thumbnails.run_decoding(None, 64)
+    assert note is None and decoding.max_file_bytes == JobConfig.max_file_bytes
+    assert (decoding.image.max_image_pixels, decoding.image.draft) == (JobConfig.max_image_pixels, JobConfig.draft)
+    assert decoding.image.formats == images.DEFAULT_FORMATS and "EPS" not in images.DEFAULT_FORMATS
 
 
 def test_max_images_caps_cards_but_not_errors(run_dir):
