@@ -7,14 +7,16 @@ Each caption record carries `flags`, a sorted list of:
   low_score       the caption's score (logprob / length**alpha) is below the run's
                   --low_score_threshold (default -1.5: on average the model gave each
                   token less than ~e**-1.5 = 22% probability, length-normalised)
+  truncated       the best caption reached --max_caption_length without an end token:
+                  the sentence was cut off
 """
 
 from __future__ import annotations
 
 from batch_caption.model import vocab as V
 
-UNKNOWN_WORD, REPEATED_NGRAM, LOW_SCORE = "unknown_word", "repeated_ngram", "low_score"
-FLAGS = (LOW_SCORE, REPEATED_NGRAM, UNKNOWN_WORD)
+LOW_SCORE, REPEATED_NGRAM, TRUNCATED, UNKNOWN_WORD = "low_score", "repeated_ngram", "truncated", "unknown_word"
+FLAGS = (LOW_SCORE, REPEATED_NGRAM, TRUNCATED, UNKNOWN_WORD)
 DEFAULT_LOW_SCORE = -1.5
 
 
@@ -30,7 +32,8 @@ def has_repeated_ngram(words: list[str]) -> bool:
     return False
 
 
-def caption_flags(caption: str, score: float, low_score_threshold: float = DEFAULT_LOW_SCORE) -> list[str]:
+def caption_flags(caption: str, score: float, low_score_threshold: float = DEFAULT_LOW_SCORE,
+                  truncated: bool = False) -> list[str]:
     """Sorted flags for one caption (see module docstring)."""
     # <unk> becomes one word token; punctuation is not a word.
     words = [w for w in V.tokenize(caption.replace(V.UNK, f" {_UNK_WORD} ")) if w[0].isalnum() or w[0] == "'"]
@@ -39,6 +42,8 @@ def caption_flags(caption: str, score: float, low_score_threshold: float = DEFAU
         flags.append(LOW_SCORE)
     if has_repeated_ngram(words):
         flags.append(REPEATED_NGRAM)
+    if truncated:
+        flags.append(TRUNCATED)
     if _UNK_WORD in words:
         flags.append(UNKNOWN_WORD)
     return sorted(flags)

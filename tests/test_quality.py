@@ -1,5 +1,14 @@
-import pytest
+import types
 
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from batch_caption import records
+from batch_caption.model import vocab as V
+from batch_caption.model.beam_search import beam_search
+from batch_caption.model.captioner import Caption, Captioner
+from batch_caption.model.config import DecodeConfig
 from batch_caption.quality import caption_flags, has_repeated_ngram
 
 
@@ -27,3 +36,51 @@ def test_threshold_is_the_boundary():
 def test_repeated_ngram_needs_two_words_or_a_direct_repeat():
     assert not has_repeated_ngram("a red circle and a blue square".split())
     assert has_repeated_ngram("a red circle and a red square".split())
+
+
+def test_truncated_is_flagged_and_sorted_with_the_rest():
+    assert caption_flags("a red circle and a", -0.2, -1.5, truncated=True) == ["truncated"]
+    assert caption_flags("a <unk> and a", -9.0, -1.5, truncated=True) == ["low_score", "truncated", "unknown_word"]
+
+
+# --- truncated: through a real beam search ----------------------------------------------
+
+def _search(tiny_vocab, max_length: int):
+    """Beam search over a fixed next-token table: image 0 may emit the end token only at
+    the last step (so it ends exactly at the limit), image 1 never (so it is cut)."""
+    n = len(tiny_vocab)
+    logits = np.linspace(-1.0, -3.0, n).astype(np.float32)
+    logits[[V.PAD_ID, V.START_ID]] = -np.inf
+
+    def step(tokens, state):
+        may_end, t = state[:, 0], state[:, 1]
+        end_ok = tf.logical_and(may_end > 0, t >= max_length - 1)
+        end_col = tf.where(end_ok, 5.0, -np.inf)[:, None]
+        row = tf.broadcast_to(logits, [tf.shape(tokens)[0], n])
+        row = tf.concat([row[:, : V.END_ID], end_col, row[:, V.END_ID + 1 :]], axis=1)
+        return tf.nn.log_softmax(row), tf.stack([may_end, t + 1], axis=1)
+
+    state = tf.constant([[1.0, 0.0], [0.0, 0.0]])
+    return beam_search(step, state, start_id=V.START_ID, end_id=V.END_ID, pad_id=V.PAD_ID,
+                       beam_size=2, max_length=max_length, num_results=1, alpha=0.7)
+
+
+def test_a_caption_cut_at_the_length_limit_is_truncated_one_ending_there_is_not(tiny_model, tiny_vocab):
+    result = _search(tiny_vocab, max_length=5)
+    assert result.lengths.numpy().tolist() == [[5], [5]]  # both use every step
+    captioner = Captioner(tiny_model, tiny_vocab, DecodeConfig(beam_size=2, max_length=5, num_alternatives=1))
+    ended, cut = (row[0] for row in captioner.to_captions(type(result)(*(t.numpy() for t in result))))
+    assert not ended.truncated and len(ended.tokens) == 4
+    assert cut.truncated and len(cut.tokens) == 5
+    assert cut.text == tiny_vocab.decode(cut.tokens)
+
+
+def test_the_caption_record_flags_a_truncated_best_caption():
+    example = types.SimpleNamespace(path="/x.png", width=4, height=4, format="PNG", size_bytes=10, sha256="0" * 64)
+
+    def record(truncated):
+        best = Caption("a red circle and a", (4, 5, 6, 7, 4), -1.0, -0.3, truncated)
+        return records.caption_record(example, [best], model_id="m", run_id="r", decode={}, low_score_threshold=-1.5)
+
+    assert record(True)["flags"] == ["truncated"]
+    assert record(False)["flags"] == []
