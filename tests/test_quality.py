@@ -4,12 +4,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from batch_caption import records
+from batch_caption import quality, records
+from batch_caption.data import scenes
 from batch_caption.model import vocab as V
 from batch_caption.model.beam_search import beam_search
 from batch_caption.model.captioner import Caption, Captioner
 from batch_caption.model.config import DecodeConfig
-from batch_caption.quality import caption_flags, has_repeated_ngram
+from batch_caption.quality import caption_flags
+
+
+def repeated(text: str) -> bool:
+    return quality.has_repeated_ngram(V.tokenize(text))
 
 
 @pytest.mark.parametrize(
@@ -33,14 +38,57 @@ def test_threshold_is_the_boundary():
     assert caption_flags("a red circle", -1.5001, -1.5) == ["low_score"]
 
 
-def test_repeated_ngram_needs_two_words_or_a_direct_repeat():
-    assert not has_repeated_ngram("a red circle and a blue square".split())
-    assert has_repeated_ngram("a red circle and a red square".split())
-
-
 def test_truncated_is_flagged_and_sorted_with_the_rest():
     assert caption_flags("a red circle and a", -0.2, -1.5, truncated=True) == ["truncated"]
     assert caption_flags("a <unk> and a", -9.0, -1.5, truncated=True) == ["low_score", "truncated", "unknown_word"]
+
+
+@pytest.mark.parametrize("text", [
+    "a red circle and a red circle",
+    "a circle circle",
+    "red red red",
+    "a a red circle",
+    "a red circle, a blue square, a red circle",
+    "the blue square and the blue square",
+    "a white star and and and and",
+    "three shapes: a large blue square, a large blue circle and two large blue square and a large",
+])
+def test_repetition_is_flagged(text):
+    assert repeated(text)
+
+
+@pytest.mark.parametrize("text", [
+    "a small white star and a small red diamond",
+    "a large red circle, a large white square and a large purple circle",
+    "a small red circle and a small red star",
+    "a large red circle and a small red circle",
+    "a red circle, a red square and a red star",
+    "a red circle is to the left of a blue square, and a green star is to the left of the blue square",
+    "a red circle is above a blue square, and a green star is above the blue square",
+    "two red circles and a red circle on a grey background",
+])
+def test_enumerations_and_back_references_are_not_repetition(text):
+    assert not repeated(text)
+
+
+def test_content_phrases_are_the_runs_between_function_words_and_punctuation():
+    tokens = V.tokenize("a large red circle, the blue square and two stars")
+    assert quality.content_phrases(tokens) == [
+        (False, ("large", "red", "circle")), (True, ("blue", "square")), (False, ("stars",))]
+
+
+def test_no_true_caption_of_the_synthetic_scenes_is_flagged_repeated():
+    """Every template caption (the training language, up to four objects, relations
+    included) is ordinary phrasing: none may look like a stutter."""
+    config = scenes.SceneConfig(max_objects=4)
+    checked = 0
+    for split in ("train", "val"):
+        for scene in scenes.generate_scenes(split, 400, seed=11, config=config):
+            plain, relational = scenes.caption_candidates(scene)
+            for text in plain + relational:
+                assert not repeated(text), text
+                checked += 1
+    assert checked > 4000
 
 
 # --- truncated: through a real beam search ----------------------------------------------
