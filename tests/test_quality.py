@@ -1,16 +1,22 @@
+import glob
+import json
+import os
+import re
 import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from batch_caption import quality, records
+from batch_caption import files, quality, records
 from batch_caption.data import scenes
 from batch_caption.model import vocab as V
 from batch_caption.model.beam_search import beam_search
 from batch_caption.model.captioner import Caption, Captioner
 from batch_caption.model.config import DecodeConfig
 from batch_caption.quality import caption_flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def repeated(text: str) -> bool:
@@ -132,3 +138,51 @@ def test_the_caption_record_flags_a_truncated_best_caption():
 
     assert record(True)["flags"] == ["truncated"]
     assert record(False)["flags"] == []
+
+
+# --- the bundled model ------------------------------------------------------------------
+
+def _results() -> dict:
+    with open(os.path.join(REPO, "bench", "results", "low_score.json")) as f:
+        return json.load(f)
+
+
+def test_the_default_threshold_is_bench_low_score_for_the_bundled_model():
+    """DEFAULT_LOW_SCORE is what bench/low_score.py chose, for the model bundled now."""
+    from batch_caption import run
+    from batch_caption.job.config import JobConfig
+
+    results = _results()
+    with open(os.path.join(run.DEFAULT_MODEL, "bundle.json")) as f:
+        bundled = json.load(f)["bundle_id"]
+    assert results["model"] == bundled, "the bundled model changed: rerun python bench/low_score.py"
+    assert quality.DEFAULT_LOW_SCORE == results["threshold"]
+    assert run.parse(["--output", "o"])[0].low_score_threshold == quality.DEFAULT_LOW_SCORE
+    assert JobConfig(inputs=("x",), input_lists=(), output="o", model="m", run_id="r").low_score_threshold \
+        == quality.DEFAULT_LOW_SCORE
+
+
+def _readme_sample_counts() -> dict[str, int]:
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        rows = re.findall(r"^\| `(\w+)` \|.*\| (\d+) of 8 \|$", f.read(), re.M)
+    return {flag: int(n) for flag, n in rows}
+
+
+def test_the_readme_says_how_often_each_flag_fires_on_the_samples():
+    """With the bundled model and the job's default settings: the README's counts hold,
+    and no sample is cut or flagged repeated."""
+    from batch_caption import images, run
+    from batch_caption.model.load import load_captioner
+
+    config = run.parse(["--output", "o"])[0]
+    captioner = load_captioner(run.DEFAULT_MODEL, config.decode)
+    paths = sorted(glob.glob(os.path.join(run.SAMPLES_DIR, "*")))
+    assert len(paths) == 8
+    decode = images.ImageConfig(image_size=captioner.image_size, max_image_pixels=config.max_image_pixels,
+                                draft=config.draft)
+    pixels = np.stack([images.decode_image(files.read_bytes(p), decode).pixels for p in paths])
+    best = [row[0] for row in captioner.caption(pixels)]
+    flags = [caption_flags(c.text, c.score, config.low_score_threshold, c.truncated) for c in best]
+    counts = {f: sum(f in fl for fl in flags) for f in quality.FLAGS}
+    assert counts[quality.REPEATED_NGRAM] == 0 and counts[quality.TRUNCATED] == 0
+    assert _readme_sample_counts() == counts
