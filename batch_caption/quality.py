@@ -1,45 +1,90 @@
 """Quality flags: cheap signs that a caption is probably wrong.
 
 Each caption record carries `flags`, a sorted list of:
-  unknown_word    the caption contains <unk> (the model met something outside its vocabulary)
-  repeated_ngram  a word repeated back to back ("red red"), or any 2+-word phrase said
-                  twice ("a circle and a circle"): the classic LSTM stutter
   low_score       the caption's score (logprob / length**alpha) is below the run's
-                  --low_score_threshold (default -1.5: on average the model gave each
-                  token less than ~e**-1.5 = 22% probability, length-normalised)
+                  --low_score_threshold (default DEFAULT_LOW_SCORE: the 1st percentile
+                  of the bundled model's scores on held-out synthetic scenes, chosen by
+                  bench/low_score.py; it marks images unlike the training scenes)
+  repeated_ngram  the caption says something twice (see has_repeated_ngram): the LSTM
+                  stutter, never ordinary enumeration
+  truncated       the best caption reached --max_caption_length without an end token:
+                  the sentence was cut off
+  unknown_word    the caption contains <unk> (the model met something outside its vocabulary)
 """
 
 from __future__ import annotations
 
 from batch_caption.model import vocab as V
 
-UNKNOWN_WORD, REPEATED_NGRAM, LOW_SCORE = "unknown_word", "repeated_ngram", "low_score"
-FLAGS = (LOW_SCORE, REPEATED_NGRAM, UNKNOWN_WORD)
-DEFAULT_LOW_SCORE = -1.5
+LOW_SCORE, REPEATED_NGRAM, TRUNCATED, UNKNOWN_WORD = "low_score", "repeated_ngram", "truncated", "unknown_word"
+FLAGS = (LOW_SCORE, REPEATED_NGRAM, TRUNCATED, UNKNOWN_WORD)
+# bench/low_score.py's threshold for the bundled model (bench/results/low_score.json, whose
+# model id tests/test_quality.py checks): rerun it when that model changes.
+DEFAULT_LOW_SCORE = -0.57
+
+# Words that relate or count the things a caption names rather than name them: articles,
+# numbers, pronouns, prepositions (spatial relations included), conjunctions, auxiliaries.
+# A phrase of them said twice ("to the left of ... to the left of") is grammar, not a stutter.
+FUNCTION_WORDS = frozenset("""
+    a an the this that these those some any each every another other its it they them their there here
+    one two three four five six seven eight nine ten many several both all few no not
+    and or but with without of in on at to from by for into onto over under above below beneath
+    between among around near next beside behind across along through against off up down out
+    left right top bottom front middle side inside outside
+    is are was were be been being has have had do does while as than then who which where what
+""".split())
+_DEFINITE = "the"
 
 
-def has_repeated_ngram(words: list[str]) -> bool:
-    """True for an immediate word repeat or any n-gram (n >= 2) occurring twice."""
+def content_phrases(tokens: list[str]) -> list[tuple[bool, tuple[str, ...]]]:
+    """(after "the", words) of each maximal run of content words in `tokens` (words not
+    in FUNCTION_WORDS; punctuation ends a run): "a large red circle" -> "large red circle"."""
+    phrases, run, definite = [], [], False
+    for prev, tok in zip([""] + tokens, tokens):
+        word = tok[0].isalnum() or tok[0] == "'"
+        if word and tok not in FUNCTION_WORDS:
+            if not run:
+                definite = prev == _DEFINITE
+            run.append(tok)
+            continue
+        if run:
+            phrases.append((definite, tuple(run)))
+        run = []
+    if run:
+        phrases.append((definite, tuple(run)))
+    return phrases
+
+
+def has_repeated_ngram(tokens: list[str]) -> bool:
+    """True when the caption says something twice:
+      * a word twice in a row ("red red", "circle circle", "a a");
+      * the same content phrase twice ("a red circle and a red circle", "a circle on a
+        circle"). A phrase after "the" refers back to one named before ("a blue square
+        ... the blue square") and is compared only with other phrases after "the".
+    Lists that share modifiers name different phrases and do not count ("a small red
+    circle and a small red star", "a large red circle, a large white square and a large
+    purple circle"), nor do repeated function words ("is to the left of ... is to the
+    left of"). `tokens`: V.tokenize's words and punctuation."""
+    words = [t for t in tokens if t[0].isalnum() or t[0] == "'"]
     if any(a == b for a, b in zip(words, words[1:])):
         return True
-    seen = set()
-    for gram in zip(words, words[1:]):
-        if gram in seen:
-            return True
-        seen.add(gram)
-    return False
+    phrases = content_phrases(tokens)
+    return len(set(phrases)) < len(phrases)
 
 
-def caption_flags(caption: str, score: float, low_score_threshold: float = DEFAULT_LOW_SCORE) -> list[str]:
+def caption_flags(caption: str, score: float, low_score_threshold: float = DEFAULT_LOW_SCORE,
+                  truncated: bool = False) -> list[str]:
     """Sorted flags for one caption (see module docstring)."""
-    # <unk> becomes one word token; punctuation is not a word.
-    words = [w for w in V.tokenize(caption.replace(V.UNK, f" {_UNK_WORD} ")) if w[0].isalnum() or w[0] == "'"]
+    # <unk> becomes one word token, so that it is one content word like any other.
+    tokens = V.tokenize(caption.replace(V.UNK, f" {_UNK_WORD} "))
     flags = []
     if score < low_score_threshold:
         flags.append(LOW_SCORE)
-    if has_repeated_ngram(words):
+    if has_repeated_ngram(tokens):
         flags.append(REPEATED_NGRAM)
-    if _UNK_WORD in words:
+    if truncated:
+        flags.append(TRUNCATED)
+    if _UNK_WORD in tokens:
         flags.append(UNKNOWN_WORD)
     return sorted(flags)
 

@@ -69,7 +69,7 @@ def caption_record(
         "alternatives": [
             {"caption": c.text, "score": _finite(c.score), "logprob": _finite(c.logprob)} for c in captions[1:]
         ],
-        "flags": quality.caption_flags(best.text, best.score, low_score_threshold),
+        "flags": quality.caption_flags(best.text, best.score, low_score_threshold, best.truncated),
         "width": example.width,
         "height": example.height,
         "format": example.format,

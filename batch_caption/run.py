@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from batch_caption import cli, files, gcs, runs
+from batch_caption import cli, files, gcs, quality, runs
 from batch_caption import lock
 from batch_caption.cli import UsageError
 from batch_caption.job import JobConfig, build_pipeline
@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="n-best captions kept per image, <= beam_size (default min(3, beam_size))")
     m.add_argument("--length_normalization", type=float, default=0.7,
                    help="alpha in score = logprob / length**alpha (default 0.7; 0 = raw log-prob)")
-    m.add_argument("--low_score_threshold", type=float, default=-1.5,
-                   help="captions scoring below this get the low_score flag (default -1.5)")
+    m.add_argument("--low_score_threshold", type=float, default=quality.DEFAULT_LOW_SCORE,
+                   help="captions scoring below this get the low_score flag (default %(default)s: the bundled "
+                   "model's 1st percentile on held-out scenes, bench/low_score.py)")
     n = p.add_argument_group("incremental runs and duplicates")
     n.add_argument("--incremental", action="store_true",
                    help="caption only files that are new or changed since the earlier complete runs under --output "

@@ -14,7 +14,7 @@ import pytest
 from helpers import varied_images
 from PIL import Image
 
-from batch_caption import images, run
+from batch_caption import images, quality, run
 from batch_caption.job.config import default_batch_size
 from batch_caption.model.load import load_captioner
 from batch_caption.model.config import DecodeConfig
@@ -127,6 +127,7 @@ def test_every_input_path_appears_exactly_once(mixed, in_memory_run):
     assert counts["captioned"] == len(captions) and counts["failed"] == len(errors)
     assert counts["inputs"] == counts["matched"] == len(expected)
     assert counts["failed_by_stage"]["decode"] == len(BROKEN)
+    assert sorted(counts["flagged"]) == sorted(quality.FLAGS)
     for flag, n in counts["flagged"].items():
         assert n == sum(flag in r["flags"] for r in captions)
 

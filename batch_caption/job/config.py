@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from batch_caption import files, records
+from batch_caption import files, quality, records
 from batch_caption.cli import UsageError
 from batch_caption.job import cpus
 
@@ -44,7 +44,7 @@ class JobConfig:
     draft: bool = True
     read_threads: int = MIN_READ_THREADS  # run.parse gives default_read_threads(the inputs)
     share_model: bool = False
-    low_score_threshold: float = -1.5
+    low_score_threshold: float = quality.DEFAULT_LOW_SCORE
     dedupe: bool = True
     incremental: bool = False
     incremental_any_model: bool = False

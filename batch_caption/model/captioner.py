@@ -20,12 +20,14 @@ from batch_caption.model.show_and_tell import ShowAndTell
 
 @dataclasses.dataclass(frozen=True)
 class Caption:
-    """One caption hypothesis: text, ids (end token excluded), log-prob and score."""
+    """One caption hypothesis: text, ids (end token excluded), log-prob and score;
+    `truncated` when the search cut it at max_length before it emitted the end token."""
 
     text: str
     tokens: tuple[int, ...]
     logprob: float
     score: float
+    truncated: bool = False
 
 
 def search_features(model: ShowAndTell, features, decode: DecodeConfig) -> BeamSearchResult:
@@ -115,6 +117,7 @@ class Captioner:
                 if not np.isfinite(sc):  # fewer finished hypotheses than asked for
                     continue
                 ids = tuple(int(i) for i in seq[:n] if i != V.END_ID)
-                row.append(Caption(self.vocabulary.decode(ids), ids, float(lp), float(sc)))
+                cut = len(ids) == n  # no end token among its n tokens
+                row.append(Caption(self.vocabulary.decode(ids), ids, float(lp), float(sc), cut))
             out.append(row)
         return out
