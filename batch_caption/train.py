@@ -35,7 +35,7 @@ import sys
 from collections.abc import Sequence
 
 from batch_caption import cli
-from batch_caption.model.config import ENCODERS, IMAGE_INPUTS
+from batch_caption.model.config import DECODERS, ENCODERS, IMAGE_INPUTS
 from batch_caption.training import preflight
 from batch_caption.training import strategy as strategies
 from batch_caption.training.config import (
@@ -114,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--image_input", choices=IMAGE_INPUTS, default=default("image_input"),
                        help="where the LSTM sees the image: first (Show and Tell: its first input) or every_step "
                        "(beside every word) (default %(default)s)")
+    model.add_argument("--decoder", choices=DECODERS, default=default("decoder"),
+                       help="show_and_tell (the image as one pooled vector) or attention (Show, Attend and Tell: "
+                       "soft attention over the encoder's grid cells at every step) (default %(default)s)")
+    model.add_argument("--attention_units", type=int, default=default("attention_units"),
+                       help="attention decoder: hidden size of the additive attention (default %(default)s)")
+    model.add_argument("--attention_penalty", type=float, default=default("attention_penalty"),
+                       help="attention decoder: weight of the doubly stochastic attention penalty, 0 = off "
+                       "(default %(default)s)")
     model.add_argument("--embedding_size", type=int, default=default("embedding_size"), help="(default %(default)s)")
     model.add_argument("--lstm_units", type=int, default=default("lstm_units"), help="(default %(default)s)")
     model.add_argument("--dropout", type=float, default=default("dropout"), help="(default %(default)s)")

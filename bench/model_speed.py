@@ -2,6 +2,7 @@
 
     python bench/model_speed.py beam [--batch 32] [--rounds 20] [--model BUNDLE]
     python bench/model_speed.py encoders [--batch 16] [--rounds 3] [--encoders small_cnn,resnet50,...]
+    python bench/model_speed.py models --old REV [--new BUNDLE] [--batch 32] [--images 1000] [--rounds 5]
     (both: [--out FILE] [--fold NAME])
 
 Every call is made once untimed (trace, warm-up), then the calls are timed in alternating
@@ -17,15 +18,22 @@ load; medians are reported.
             small_cnn. With random weights the decoder seldom emits the end token, so
             the search runs all its steps: the upper bound of a trained decoder's cost,
             the same for every encoder.
+  models    two bundles side by side: the bundled model of git revision REV (old) and
+            the bundled model of the checkout or --new (new). Per model: beam k=3 and
+            greedy seconds per batch, and the whole job's images/s (steady: without its
+            wait for the model load) on the small corpus; then new / old of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 
 import _common as c
+import corpora
 
 
 def timed(call) -> float:
@@ -100,6 +108,50 @@ def encoders(args, argv) -> int:
     return 0
 
 
+def models(args, argv) -> int:
+    old_tree = tempfile.mkdtemp(prefix="bench_old_model_")
+    old_commit = c.export_revision(args.old, old_tree)
+    bundles = {"old": os.path.join(old_tree, "batch_caption", "default_model"), "new": args.new or c.default_model()}
+    paths = corpora.small_images(args.images, args.size)
+    input_dir, work = os.path.dirname(paths[0]), tempfile.mkdtemp(prefix="bench_models_")
+    calls, ids = {}, {}
+    for name, bundle in bundles.items():
+        beam3 = c.load_captioner(bundle, beam_size=3, num_alternatives=3)
+        greedy = c.with_search(beam3, beam_size=1, num_alternatives=1)
+        batch = c.scene_batch(args.batch, beam3.image_size)
+        ids[name] = {"bundle_id": beam3.model_id, "decoder": beam3.model.config.decoder}
+        for captioner in (beam3, greedy):
+            captioner.search(batch)  # trace + warm up
+        calls[f"{name} beam3"] = lambda r, f=beam3.search, b=batch: timed(lambda: f(b))
+        calls[f"{name} greedy"] = lambda r, f=greedy.search, b=batch: timed(lambda: f(b))
+        calls[f"{name} job"] = lambda r, n=name, m=bundle: c.job_round(input_dir, work, f"{n}{r}", ["--model", m])
+    times = c.alternate(args.rounds, calls)
+    results = {}
+    for name in bundles:
+        b, g = c.median(times[f"{name} beam3"]), c.median(times[f"{name} greedy"])
+        steady, wall = c.median_job_rates(times[f"{name} job"])
+        results[name] = {**ids[name], "beam3_s_per_batch": b, "greedy_s_per_batch": g, "beam3_over_greedy": b / g,
+                         "job_steady_images_per_s": steady, "job_wall_images_per_s": wall}
+    old, new = results["old"], results["new"]
+    ratios = {"job_steady_new_over_old": new["job_steady_images_per_s"] / old["job_steady_images_per_s"],
+              "job_wall_new_over_old": new["job_wall_images_per_s"] / old["job_wall_images_per_s"],
+              "beam3_time_new_over_old": new["beam3_s_per_batch"] / old["beam3_s_per_batch"]}
+    print(f"| model | decoder | beam k=3 s / batch of {args.batch} | greedy | beam3 / greedy | job img/s steady | wall |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, res in results.items():
+        print(f"| {name} {res['bundle_id']} | {res['decoder']} | {res['beam3_s_per_batch']:.4f} | "
+              f"{res['greedy_s_per_batch']:.4f} | {res['beam3_over_greedy']:.2f}x | "
+              f"{res['job_steady_images_per_s']:.1f} | {res['job_wall_images_per_s']:.1f} |")
+    print("\n" + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
+    for job in (j for name in bundles for j in times[f"{name} job"]):
+        job.pop("options", None)
+    c.write_report(args, argv, "model_speed.py", {
+        "old_revision": old_commit, "settings": vars(args), "models": results, "ratios": ratios,
+        "seconds_per_batch": {k: v for k, v in times.items() if not k.endswith(" job")},
+        "job_rounds": {k: v for k, v in times.items() if k.endswith(" job")}})
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -113,9 +165,19 @@ def main(argv=None) -> int:
     e.add_argument("--rounds", type=int, default=3)
     e.add_argument("--encoders", default=None, help="comma-separated subset (default: every encoder)")
     c.add_out_flags(e, "encoders")
+    m = sub.add_parser("models", help="an older revision's bundled model against this one's: decoding and the job")
+    m.add_argument("--old", required=True, help="git revision whose batch_caption/default_model is the old model")
+    m.add_argument("--new", default=None, help="bundle (default: the bundled model)")
+    m.add_argument("--batch", type=int, default=32)
+    m.add_argument("--images", type=int, default=1000, help="job corpus size (small synthetic scenes)")
+    m.add_argument("--size", type=int, default=256, help="corpus image side in pixels")
+    m.add_argument("--rounds", type=int, default=5)
+    c.add_out_flags(m, "default_models")
     args = p.parse_args(argv)
     if args.command == "beam":
         return beam(args, argv)
+    if args.command == "models":
+        return models(args, argv)
     args.parser = e
     return encoders(args, argv)
 

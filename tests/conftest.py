@@ -72,19 +72,21 @@ def tiny_vocab():
 
 
 def _tiny_model(vocab, seed: int, **config):
-    """A randomly initialised small_cnn Show-and-Tell model, 64 px, built."""
+    """A randomly initialised small_cnn model, 64 px, built (Show and Tell unless `config`
+    names another decoder)."""
     import keras
 
     from batch_caption.model.config import ModelConfig
-    from batch_caption.model.show_and_tell import ShowAndTell
+    from batch_caption.model.network import build_model
 
     keras.utils.set_random_seed(seed)
-    model = ShowAndTell(ModelConfig(vocab_size=len(vocab), image_size=64, embedding_size=32, lstm_units=48,
+    model = build_model(ModelConfig(vocab_size=len(vocab), image_size=64, embedding_size=32, lstm_units=48,
                                     dropout=0.0, **config))
     model.build_all()
     # Sharpen the random projections so different images get different captions
     # (a freshly initialised model says the same thing for everything).
-    for layer in (model.image_projection, model.output_projection):
+    sharpen = ("image_projection", "output_projection", "init_h", "init_c", "attention_score")
+    for layer in (getattr(model, name) for name in sharpen if hasattr(model, name)):
         layer.kernel.assign(layer.kernel * 6.0)
     return model
 
@@ -99,6 +101,12 @@ def tiny_model(tiny_vocab):
 def every_step_model(tiny_vocab):
     """tiny_model's shape with the image fed at every step (LSTM inputs 2 x 32)."""
     return _tiny_model(tiny_vocab, seed=4, image_input="every_step")
+
+
+@pytest.fixture(scope="session")
+def attention_model(tiny_vocab):
+    """tiny_model's shape with the attention decoder over small_cnn's 2x2 grid of cells."""
+    return _tiny_model(tiny_vocab, seed=6, decoder="attention", attention_units=24, small_cnn_grid=2)
 
 
 @pytest.fixture(scope="session")

@@ -258,32 +258,41 @@ def test_missing_dataset_and_missing_encoder_weights_are_reported(features_datas
 
 
 # --- single-device runs, in process -------------------------------------------------------
-@pytest.mark.parametrize("image_input", ["first", "every_step"])
-def test_one_replica_step_is_the_plain_mean_token_loss_step(features_dataset, encoder_weights, tmp_path, image_input):
-    """One SGD step of the entry point == w - lr * grad(mean token loss) computed by hand."""
+@pytest.mark.parametrize("flags", [["--image_input", "first"], ["--image_input", "every_step"],
+                                   ["--decoder", "attention", "--attention_units", "16", "--attention_penalty", "0.3"]])
+def test_one_replica_step_is_the_plain_mean_token_loss_step(features_dataset, encoder_weights, tmp_path, flags):
+    """One SGD step of the entry point == w - lr * grad(mean token loss) computed by hand
+    (plus, for the attention decoder, lambda * its penalty over the same token count)."""
     import keras
 
+    from batch_caption.model.attend_and_tell import attention_penalty
     from batch_caption.model.load import load_bundle
-    from batch_caption.model.show_and_tell import ShowAndTell, caption_loss
+    from batch_caption.model.network import build_model
+    from batch_caption.model.show_and_tell import caption_loss
 
     data, _ = features_dataset
     lr, seed = 0.5, 3
     result = train_cli.run(["--data", data, "--output", str(tmp_path / "out"), "--encoder_weights", encoder_weights,
                             "--strategy", "one_device", "--steps", "1", "--optimizer", "sgd", "--learning_rate", str(lr),
                             "--lr_schedule", "constant", "--clip_norm", "0", "--dropout", "0", "--bucket_width", "0",
-                            "--eval_every", "0", "--seed", str(seed), "--image_input", image_input, *TINY])
+                            "--eval_every", "0", "--seed", str(seed), *flags, *TINY])
     trained = load_bundle(result.export_path).model
-    assert trained.config.image_input == image_input
+    assert [trained.config.image_input, trained.config.decoder][flags[0] == "--decoder"] == flags[1]
 
     keras.utils.set_random_seed(seed)
-    model = ShowAndTell(trained.config)
+    model = build_model(trained.config)
     model.build_all()
     batch = next(iter(data_input.make_dataset(_files(data, "train"), _info(data), 8, training=True, seed=seed,
                                               bucket_width=0)))
     variables = [v for v in model.trainable_variables if not v.path.startswith("small_cnn")]
+    inputs = {"features": batch["features"], "tokens": batch["tokens"]}
     with tf.GradientTape() as tape:
-        loss_sum, count = caption_loss(batch["targets"], model({"features": batch["features"], "tokens": batch["tokens"]},
-                                                               training=True))
+        if model.config.decoder == "attention":
+            logits, alphas = model.call_with_attention(inputs, training=True)
+            loss_sum, count = caption_loss(batch["targets"], logits)
+            loss_sum += 0.3 * attention_penalty(alphas, batch["targets"])
+        else:
+            loss_sum, count = caption_loss(batch["targets"], model(inputs, training=True))
         loss = loss_sum / count
     grads = tape.gradient(loss, variables)
     assert result.loss == pytest.approx(float(loss), rel=1e-5)
@@ -439,12 +448,13 @@ def test_two_workers_train_in_sync_and_only_the_chief_writes(images_dataset, tmp
 
 
 @pytest.mark.slow
-def test_mirrored_on_two_cpus_matches_one_device_with_clipping_on(features_dataset, encoder_weights, tmp_path):
+@pytest.mark.parametrize("decoder", [[], ["--decoder", "attention", "--attention_penalty", "0.3"]])
+def test_mirrored_on_two_cpus_matches_one_device_with_clipping_on(features_dataset, encoder_weights, tmp_path, decoder):
     """2 replicas == 1 device, with SGD (sensitive to a doubled gradient) and clipping active."""
     data, _ = features_dataset
     common = ["--data", data, "--encoder_weights", encoder_weights, "--steps", "4", "--optimizer", "sgd",
               "--learning_rate", "5", "--lr_schedule", "constant", "--clip_norm", "0.05", "--dropout", "0",
-              "--bucket_width", "0", "--eval_every", "0", "--log_every", "1", *TINY]
+              "--bucket_width", "0", "--eval_every", "0", "--log_every", "1", *decoder, *TINY]
     mirrored = _start(common + ["--output", str(tmp_path / "mirrored"), "--strategy", "mirrored", "--num_cpu_devices", "2"])
     # Meanwhile, the one-device reference in this process (a OneDeviceStrategy is safe here).
     one_lines: list[str] = []

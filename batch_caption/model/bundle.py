@@ -2,7 +2,7 @@
 
     config.json         ModelConfig (architecture, format_version)
     vocab.json          Vocabulary
-    model.weights.h5    Keras 3 weights of the whole ShowAndTell model
+    model.weights.h5    Keras 3 weights of the whole network (encoder and decoder)
     bundle.json         {"format", "bundle_id", "files": {name: sha256}}, written last
 
 The bundle id is a hash of the config, the vocabulary and the weight values (every array
@@ -39,7 +39,7 @@ from batch_caption.model.config import ModelConfig
 from batch_caption.model.vocab import Vocabulary
 
 if TYPE_CHECKING:  # annotations only: this module imports no TensorFlow
-    from batch_caption.model.show_and_tell import ShowAndTell
+    from batch_caption.model.network import CaptionModel
 
 CONFIG, VOCAB, WEIGHTS, MANIFEST = "config.json", "vocab.json", "model.weights.h5", "bundle.json"
 CONTENT_FILES = (CONFIG, VOCAB, WEIGHTS)
@@ -101,7 +101,7 @@ def compute_bundle_id(config_json: bytes, vocab_json: bytes, weights_digest_hex:
     return _sha256(joined.encode())[:16]
 
 
-def save_bundle(model: ShowAndTell, vocabulary: Vocabulary, path: str) -> str:
+def save_bundle(model: CaptionModel, vocabulary: Vocabulary, path: str) -> str:
     """Writes the bundle under `path` (created if needed); returns the bundle id."""
     if len(vocabulary) != model.config.vocab_size:
         raise ValueError(f"vocabulary has {len(vocabulary)} tokens, model expects {model.config.vocab_size}")

@@ -15,7 +15,7 @@ import tensorflow as tf
 from batch_caption.model import vocab as V
 from batch_caption.model.beam_search import BeamSearchResult, beam_search
 from batch_caption.model.config import DecodeConfig
-from batch_caption.model.show_and_tell import ShowAndTell
+from batch_caption.model.network import CaptionModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +30,8 @@ class Caption:
     truncated: bool = False
 
 
-def search_features(model: ShowAndTell, features, decode: DecodeConfig) -> BeamSearchResult:
-    """The beam search `decode` asks for, from pooled image features [B, F] (graph code).
+def search_features(model: CaptionModel, features, decode: DecodeConfig) -> BeamSearchResult:
+    """The beam search `decode` asks for, from image features [B, F] (graph code).
 
     The one place decode settings become beam_search arguments: the Captioner runs it
     after its encoder, training's sample captions on a features dataset run it alone.
@@ -51,7 +51,7 @@ def search_features(model: ShowAndTell, features, decode: DecodeConfig) -> BeamS
 
 
 class Captioner:
-    """Captions batches of images with a trained `ShowAndTell` model.
+    """Captions batches of images with a trained captioning model (`network.build_model`).
 
     Args:
       model: a built model with trained weights.
@@ -60,7 +60,7 @@ class Captioner:
       model_id: the bundle id, carried into every record.
     """
 
-    def __init__(self, model: ShowAndTell, vocabulary: V.Vocabulary, decode: DecodeConfig | None = None, model_id: str = ""):
+    def __init__(self, model: CaptionModel, vocabulary: V.Vocabulary, decode: DecodeConfig | None = None, model_id: str = ""):
         self.model = model
         self.vocabulary = vocabulary
         self.decode = decode or DecodeConfig()

@@ -35,10 +35,15 @@ FORMAT_VERSION = 1
 # embedding, so the LSTM can look at the image again while it lists the objects.
 IMAGE_INPUTS = ("first", "every_step")
 
+# The decoder: "show_and_tell" (Vinyals et al. 2015) takes the image as one pooled vector;
+# "attention" (Show, Attend and Tell, Xu et al. 2015) looks at the encoder's grid of cell
+# features at every step, through additive attention.
+DECODERS = ("show_and_tell", "attention")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a Show-and-Tell captioner.
+    """Architecture of a captioner: a CNN encoder and an LSTM decoder.
 
     Attributes:
       vocab_size: number of tokens including the 4 special ones.
@@ -57,6 +62,9 @@ class ModelConfig:
       image_input: where the LSTM gets the image, one of `IMAGE_INPUTS`: "first" (Show and
         Tell) or "every_step" (the image embedding beside every word embedding: LSTM
         inputs of 2 * embedding_size).
+      decoder: one of `DECODERS`. "attention" needs features that keep a grid: small_cnn's
+        grid pool, or a Keras application's last feature map (not globally pooled).
+      attention_units: attention only: size of the additive attention's hidden layer.
       embedding_size: size of the image embedding and of the word embeddings.
       lstm_units: LSTM state size.
       dropout: dropout rate on the LSTM inputs and outputs during training.
@@ -70,6 +78,8 @@ class ModelConfig:
     train_encoder: bool = True
     small_cnn_grid: int = DEFAULT_SMALL_CNN_GRID
     image_input: str = "first"
+    decoder: str = "show_and_tell"
+    attention_units: int = 256
     embedding_size: int = 256
     lstm_units: int = 512
     dropout: float = 0.3
@@ -88,14 +98,23 @@ class ModelConfig:
             raise ValueError(f"small_cnn_grid only applies to small_cnn, not {self.encoder}")
         if self.image_input not in IMAGE_INPUTS:
             raise ValueError(f"image_input must be one of {', '.join(IMAGE_INPUTS)}, got {self.image_input!r}")
-        for name in ("embedding_size", "lstm_units", "max_length"):
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        if self.decoder == "attention" and self.image_input != "first":
+            raise ValueError("image_input applies to the show_and_tell decoder only; attention looks at the image every step")
+        for name in ("embedding_size", "lstm_units", "max_length", "attention_units"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        data = dataclasses.asdict(self)
+        if self.decoder == "show_and_tell":
+            # Unused by this decoder: left out, so a Show-and-Tell config.json (and so its
+            # bundle id) holds only what shapes its network.
+            del data["decoder"], data["attention_units"]
+        return {"format_version": FORMAT_VERSION, **data}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":

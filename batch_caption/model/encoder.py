@@ -1,10 +1,14 @@
 """CNN encoder factory: uint8 RGB images -> pooled feature vectors.
 
+Features are flat [B, F] either way; F = cells x channels keeps a grid of cell features
+(small_cnn's grid pool, or an application's last feature map when the decoder attends),
+which the attention decoder reshapes to [B, cells, channels] (`backbone.grid_shape`).
+
 Every backbone takes raw uint8 pixels and does its own preprocessing inside the model,
 so callers (the Beam job, dataset preparation, training) never need to know which
-normalisation a backbone expects. The projection to the embedding size lives in the
-decoder (`ShowAndTell.image_projection`), so pooled backbone features can be precomputed
-once and reused to train the decoder alone.
+normalisation a backbone expects. Everything with weights after the CNN lives in the
+decoder (`ShowAndTell.image_projection`, `AttendAndTell`'s attention), so backbone
+features can be precomputed once and reused to train the decoder alone.
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ def _small_cnn(x, grid: int):
 def build_backbone(config: ModelConfig, load_weights: bool = True) -> keras.Model:
     """Builds the CNN: uint8 [B, S, S, 3] -> float32 [B, F] (pooled features).
 
+    The returned model's `grid_shape` is (cells, channels) with cells * channels = F:
+    small_cnn's grid²; a Keras application's global average (1 cell) for the Show-and-Tell
+    decoder, its last feature map unpooled (h * w cells) for the attention decoder.
+
     Weights follow `config.encoder_weights`: None (random), "imagenet" (downloaded by
     Keras; needs network), or a path (local or any Beam FileSystems scheme) to a
     `.weights.h5` file of this backbone. `load_weights=False` skips them (random init),
@@ -73,17 +81,24 @@ def build_backbone(config: ModelConfig, load_weights: bool = True) -> keras.Mode
     if config.encoder == "small_cnn":
         features = _small_cnn(x, config.small_cnn_grid)
         backbone = keras.Model(images, features, name="small_cnn")
+        grid_shape = (config.small_cnn_grid ** 2, SMALL_CNN_CHANNELS)
         if weights == "imagenet":
             raise ValueError("small_cnn has no imagenet weights; use a weights file or None")
     else:
         ctor_name, mode = _APPLICATIONS[config.encoder]
         ctor = getattr(keras.applications, ctor_name)
         imagenet = "imagenet" if weights == "imagenet" else None
-        app = ctor(include_top=False, weights=imagenet, input_shape=(size, size, 3), pooling="avg")
+        attend = config.decoder == "attention"
+        app = ctor(include_top=False, weights=imagenet, input_shape=(size, size, 3), pooling=None if attend else "avg")
         features = app(_preprocess(x, mode))
+        h, w, channels = app.output.shape[1:] if attend else (1, 1, app.output.shape[-1])
+        if attend:
+            features = layers.Flatten(name="flatten")(features)
         backbone = keras.Model(images, features, name=config.encoder)
+        grid_shape = (int(h) * int(w), int(channels))
     if weights not in (None, "imagenet"):
         _load_weights_file(backbone, weights)
+    backbone.grid_shape = grid_shape
     backbone.trainable = config.train_encoder
     return backbone
 

@@ -1,4 +1,4 @@
-"""A trained model from a bundle: the ShowAndTell network, and a Captioner over it.
+"""A trained model from a bundle: the network, and a Captioner over it.
 
 `model.bundle` reads and verifies the files; this module rebuilds the architecture from
 the config and loads the weights into it (no network: the backbone's initial weights are
@@ -15,7 +15,7 @@ from batch_caption import files
 from batch_caption.model.bundle import WEIGHTS, BundleError, read_bundle
 from batch_caption.model.captioner import Captioner
 from batch_caption.model.config import DecodeConfig, ModelConfig
-from batch_caption.model.show_and_tell import ShowAndTell
+from batch_caption.model.network import CaptionModel, build_model
 from batch_caption.model.vocab import Vocabulary
 
 
@@ -23,7 +23,7 @@ from batch_caption.model.vocab import Vocabulary
 class Bundle:
     """A loaded bundle: the built model with its weights, and what came with it."""
 
-    model: ShowAndTell
+    model: CaptionModel
     vocabulary: Vocabulary
     config: ModelConfig
     bundle_id: str
@@ -33,7 +33,7 @@ class Bundle:
 def load_bundle(path: str) -> Bundle:
     """Reads, verifies and builds the model of the bundle at `path`. Raises BundleError."""
     contents = read_bundle(path)
-    model = ShowAndTell(contents.config, initial_encoder_weights=False)
+    model = build_model(contents.config, initial_encoder_weights=False)
     model.build_all()
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, WEIGHTS)

@@ -13,7 +13,7 @@ from typing import Any
 
 from batch_caption import files
 from batch_caption.cli import UsageError  # noqa: F401  (re-exported: raised by TrainConfig)
-from batch_caption.model.config import ENCODERS, IMAGE_INPUTS
+from batch_caption.model.config import DECODERS, ENCODERS, IMAGE_INPUTS
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 OPTIMIZERS = ("adam", "sgd")
@@ -59,6 +59,10 @@ class TrainConfig:
         the features dataset's record, or 4.
       image_input: where the decoder sees the image (`ModelConfig.image_input`): "first"
         (Show and Tell) or "every_step".
+      decoder, attention_units: `ModelConfig.decoder` ("show_and_tell" or "attention")
+        and the attention's hidden size.
+      attention_penalty: attention decoder: weight lambda of the doubly stochastic
+        penalty (`attend_and_tell.attention_penalty`) added to the loss; 0 = off.
       embedding_size, lstm_units, dropout: decoder architecture.
       encoder_weights: backbone initialisation: None (random), "imagenet", or a
         .weights.h5 file. In features mode it must be the backbone that computed the
@@ -102,6 +106,9 @@ class TrainConfig:
     image_size: int | None = None
     small_cnn_grid: int | None = None
     image_input: str = "first"
+    decoder: str = "show_and_tell"
+    attention_units: int = 256
+    attention_penalty: float = 0.0
     embedding_size: int = 256
     lstm_units: int = 512
     dropout: float = 0.3
@@ -150,6 +157,11 @@ class TrainConfig:
              f"--small_cnn_grid must be in [1, 8], got {self.small_cnn_grid}")
         need(self.image_input in IMAGE_INPUTS,
              f"--image_input must be one of {', '.join(IMAGE_INPUTS)}, got {self.image_input!r}")
+        need(self.decoder in DECODERS, f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        need(self.attention_units >= 1, f"--attention_units must be >= 1, got {self.attention_units}")
+        need(self.attention_penalty >= 0, f"--attention_penalty must be >= 0, got {self.attention_penalty}")
+        need(self.attention_penalty == 0 or self.decoder == "attention",
+             "--attention_penalty applies to --decoder attention only")
         need(self.embedding_size >= 1, f"--embedding_size must be >= 1, got {self.embedding_size}")
         need(self.lstm_units >= 1, f"--lstm_units must be >= 1, got {self.lstm_units}")
         need(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")

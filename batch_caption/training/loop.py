@@ -38,7 +38,9 @@ import tensorflow as tf
 from batch_caption import files
 from batch_caption.model.bundle import save_bundle
 from batch_caption.model.config import ModelConfig
-from batch_caption.model.show_and_tell import ShowAndTell, caption_loss
+from batch_caption.model.attend_and_tell import attention_penalty
+from batch_caption.model.network import build_model
+from batch_caption.model.show_and_tell import caption_loss
 from batch_caption.training import input as data_input
 from batch_caption.training import optim
 from batch_caption.training.config import TrainConfig, TrainingError, UsageError
@@ -101,7 +103,7 @@ class Trainer:
 
     # --- setup -----------------------------------------------------------------------
     def _build_model(self):
-        model = ShowAndTell(self.model_config)  # loads --encoder_weights into the backbone
+        model = build_model(self.model_config)  # loads --encoder_weights into the backbone
         model.build_all()
         info = self.spec.info
         if info.mode == "features" and model.feature_size != info.feature_size:
@@ -145,12 +147,19 @@ class Trainer:
         state = self.state_vars if train_encoder else []  # frozen BN layers run in inference mode
         replicas = float(self.replicas)
         dec_opt, enc_opt = self.decoder_optimizer, self.encoder_optimizer
+        penalty = self.config.attention_penalty if self.model_config.decoder == "attention" else 0.0
 
         def replica_step(batch, stop):
             ctx = tf.distribute.get_replica_context()
             with tf.GradientTape() as tape:
-                logits = model({key: batch[key], "tokens": batch["tokens"]}, training=True)
+                inputs = {key: batch[key], "tokens": batch["tokens"]}
+                if penalty:
+                    logits, alphas = model.call_with_attention(inputs, training=True)
+                else:
+                    logits = model(inputs, training=True)
                 loss_sum, count = caption_loss(batch["targets"], logits)
+                if penalty:  # summed like the token losses: normalised by the global token count
+                    loss_sum += penalty * attention_penalty(alphas, batch["targets"])
             grads = [tf.zeros_like(v) if g is None else optim.densify(g)
                      for g, v in zip(tape.gradient(loss_sum, variables), variables)]
             stats = tf.stack([loss_sum, count, stop])

@@ -20,7 +20,8 @@ from batch_caption.training.config import TrainConfig, UsageError
 
 TRAIN_CONFIG_NAME = "train_config.json"
 # Fields that fix the shapes of the checkpointed variables: a resumed run must match them.
-_ARCHITECTURE = ("vocab_size", "encoder", "image_size", "small_cnn_grid", "image_input", "embedding_size", "lstm_units")
+_ARCHITECTURE = ("vocab_size", "encoder", "image_size", "small_cnn_grid", "image_input", "decoder",
+                 "attention_units", "embedding_size", "lstm_units")
 # A model field that a train_config.json lacks means that field's default.
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
@@ -124,6 +125,8 @@ def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, ModelC
             encoder_weights=config.encoder_weights,
             train_encoder=config.train_encoder,
             image_input=config.image_input,
+            decoder=config.decoder,
+            attention_units=config.attention_units,
             embedding_size=config.embedding_size,
             lstm_units=config.lstm_units,
             dropout=config.dropout,
@@ -150,7 +153,7 @@ def check_output(config: TrainConfig, model_config: ModelConfig) -> bool:
         previous = json.loads(files.read_text(path))["model"]
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise UsageError(f"{path} is unreadable ({e}); use a new --output") from e
-    current = model_config.to_dict()
+    current = dataclasses.asdict(model_config)
     before = {k: previous.get(k, _MODEL_DEFAULTS[k]) for k in _ARCHITECTURE}
     diffs = [f"{k} {before[k]!r} -> {current[k]!r}" for k in _ARCHITECTURE if before[k] != current[k]]
     if diffs:

@@ -14,7 +14,7 @@ from batch_caption.data.tfrecord import parse_example
 from batch_caption.model.beam_search import BeamSearchResult
 from batch_caption.model.captioner import Captioner, search_features
 from batch_caption.model.config import DecodeConfig
-from batch_caption.model.show_and_tell import ShowAndTell
+from batch_caption.model.network import CaptionModel
 from batch_caption.training.preflight import DatasetSpec
 
 
@@ -26,7 +26,7 @@ class SampleCaptions:
       spec: the dataset; key: its input, "images" or "features".
     """
 
-    def __init__(self, model: ShowAndTell, spec: DatasetSpec, split: str, count: int, key: str):
+    def __init__(self, model: CaptionModel, spec: DatasetSpec, split: str, count: int, key: str):
         self.model, self.spec, self.split, self.count, self.key = model, spec, split, count, key
         self._loaded = None
 
