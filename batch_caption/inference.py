@@ -66,16 +66,19 @@ class CaptionModelHandler(_ImageBatchHandler):
     Args:
       model_path: bundle directory (local or any FileSystems path), or model_loading.BUNDLED_MODEL.
       decode: beam search settings.
+      attention_maps: return the best captions' attention maps (attention decoder only).
 
     The load runs in the background (`BackgroundLoad`); the first batch of each DoFn
     instance waits for it and reports `model_load_ms` (the load's own time, once per
     load) and `model_wait_ms` (how long that batch waited) in the job's metrics.
     """
 
-    def __init__(self, model_path: str, decode: DecodeConfig, batch_size: int = 32, share_across_processes: bool = False):
+    def __init__(self, model_path: str, decode: DecodeConfig, batch_size: int = 32, share_across_processes: bool = False,
+                 attention_maps: bool = False):
         super().__init__(batch_size, share_across_processes)
         self._model_path = model_path
         self._decode = decode
+        self._attention_maps = attention_maps
         self._load_seen = False  # per DoFn instance: each worker unpickles its own handler
 
     def load_model(self) -> BackgroundLoad:
@@ -87,7 +90,7 @@ class CaptionModelHandler(_ImageBatchHandler):
 
         gcs.configure_for_emulator()
         with gc_frozen_after_first_load():
-            captioner = load_captioner(resolve_model_path(self._model_path), self._decode)
+            captioner = load_captioner(resolve_model_path(self._model_path), self._decode, self._attention_maps)
             # Traced inside the one-time load, not in the first batch.
             captioner.warm_up()
         return captioner

@@ -4,7 +4,8 @@ Caption record (one JSON object a line, keys sorted, no NaN), `captions-*.jsonl`
     path, caption, score, logprob, alternatives [{caption, score, logprob}] (the n-best
     after the first), flags (quality.py), width, height, format, bytes, sha256,
     modified (file time, seconds since the epoch, null when unknown), model, run_id,
-    decode {beam_size, max_length, num_alternatives, length_normalization}
+    decode {beam_size, max_length, num_alternatives, length_normalization}; with
+    --attention_maps also attention {grid [rows, cols], words, percent [word][cell]}
 Error record, `errors-*.jsonl`:
     path, stage (match | read | decode | infer | write), error (exception class name),
     message, run_id, and what was known of the file: bytes, modified, sha256 (null when
@@ -78,7 +79,15 @@ def caption_record(
         "model": model_id,
         "run_id": run_id,
         "decode": decode,
+        **({"attention": attention_field(best.attention)} if best.attention is not None else {}),
     })
+
+
+def attention_field(attention) -> dict[str, Any]:
+    """A captioner.AttentionMap -> the record's compact "attention": the grid's [rows, cols],
+    the caption's words, and per word its weight on each cell in whole percent, row-major."""
+    return {"grid": list(attention.grid), "words": list(attention.words),
+            "percent": [[round(100 * a) for a in step] for step in attention.weights]}
 
 
 def error_record(path: str, stage: str, error: BaseException | str, message: str | None = None, *, run_id: str,

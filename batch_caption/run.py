@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--low_score_threshold", type=float, default=quality.DEFAULT_LOW_SCORE,
                    help="captions scoring below this get the low_score flag (default %(default)s: the bundled "
                    "model's 1st percentile on held-out scenes, bench/low_score.py)")
+    m.add_argument("--attention_maps", action="store_true",
+                   help="models with the attention decoder: each caption record gets 'attention', where the "
+                   "decoder looked (grid cells, in percent) as it said each word; the report overlays it")
     n = p.add_argument_group("incremental runs and duplicates")
     n.add_argument("--incremental", action="store_true",
                    help="caption only files that are new or changed since the earlier complete runs under --output "
@@ -143,6 +146,7 @@ def parse(argv: list[str] | None):
             [*args.input, *args.input_list]),
         share_model=args.share_model,
         low_score_threshold=args.low_score_threshold,
+        attention_maps=args.attention_maps,
         dedupe=args.dedupe,
         incremental=args.incremental,
         incremental_any_model=args.incremental_any_model,
@@ -240,6 +244,9 @@ def run(argv: list[str] | None = None) -> dict:
     check_remote_paths(config, options)
     gcs.configure_for_emulator()
     model_id, model_config = check_model(config.model)
+    if config.attention_maps and model_config.decoder != "attention":
+        raise UsageError(f"--attention_maps needs a model with the attention decoder; {config.model} has "
+                         f"{model_config.decoder}")
     config = resolve_inputs(config)
     standard = options.view_as(StandardOptions)
     if not standard.runner:

@@ -637,3 +637,31 @@ def test_dataflow_with_a_local_path_fails_fast_in_one_line(flags, named, capsys)
 def test_dataflow_with_remote_paths_and_the_bundled_model_passes_the_check():
     config, options = run.parse(["--runner=DataflowRunner", "--input", "gs://b/p/", "--output", "gs://b/out"])
     run.check_remote_paths(config, options)  # the bundled model travels with the package
+
+
+def test_attention_maps_reach_the_records(attention_model, tiny_vocab, tiny_bundle, tmp_path, capsys):
+    from batch_caption.model.bundle import save_bundle
+
+    bundle = str(tmp_path / "attention")
+    save_bundle(attention_model, tiny_vocab, bundle)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, px in enumerate(varied_images(3, 64, seed=11)):
+        Image.fromarray(px).save(src / f"{i}.png")
+    run.run(["--input", str(src), "--output", str(tmp_path / "out"), "--model", bundle, "--run_id", "maps",
+             "--attention_maps"])
+    captions, errors, _ = read_run(str(tmp_path / "out" / "run=maps"))
+    assert len(captions) == 3 and not errors
+    for record in captions:
+        attention = record["attention"]
+        assert attention["grid"] == [2, 2]
+        assert len(attention["words"]) == len(attention["percent"]) >= 1
+        assert " ".join(attention["words"]).replace(" ,", ",") == record["caption"]
+        assert all(len(row) == 4 and 97 <= sum(row) <= 103 for row in attention["percent"])
+    # A Show-and-Tell model has no attention to show: refused before any work.
+    capsys.readouterr()
+    assert run.main(["--input", str(src), "--output", str(tmp_path / "o2"), "--model", tiny_bundle,
+                     "--attention_maps"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--attention_maps needs a model with the attention decoder" in err
+    assert not (tmp_path / "o2").exists()

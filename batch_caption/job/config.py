@@ -45,6 +45,7 @@ class JobConfig:
     read_threads: int = MIN_READ_THREADS  # run.parse gives default_read_threads(the inputs)
     share_model: bool = False
     low_score_threshold: float = quality.DEFAULT_LOW_SCORE
+    attention_maps: bool = False  # attention decoder: each record gets its best caption's maps
     dedupe: bool = True
     incremental: bool = False
     incremental_any_model: bool = False

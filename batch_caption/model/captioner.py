@@ -8,6 +8,7 @@ The encoder, the image embedding and the whole beam search run inside one
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import tensorflow as tf
@@ -19,15 +20,28 @@ from batch_caption.model.network import CaptionModel
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionMap:
+    """Where an attention decoder looked while it said a caption: per word (`words`, the
+    vocabulary's tokens of the caption), its attention over the encoder's grid cells
+    (`weights`, [len(words)][rows * cols], row-major, each row summing to 1)."""
+
+    grid: tuple[int, int]
+    words: tuple[str, ...]
+    weights: tuple[tuple[float, ...], ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Caption:
     """One caption hypothesis: text, ids (end token excluded), log-prob and score;
-    `truncated` when the search cut it at max_length before it emitted the end token."""
+    `truncated` when the search cut it at max_length before it emitted the end token.
+    `attention`: the best caption's `AttentionMap`, when asked for."""
 
     text: str
     tokens: tuple[int, ...]
     logprob: float
     score: float
     truncated: bool = False
+    attention: AttentionMap | None = None
 
 
 def search_features(model: CaptionModel, features, decode: DecodeConfig) -> BeamSearchResult:
@@ -58,13 +72,23 @@ class Captioner:
       vocabulary: the model's `Vocabulary`.
       decode: search settings.
       model_id: the bundle id, carried into every record.
+      attention_maps: also return the best caption's attention maps (`Caption.attention`);
+        the model must have the attention decoder. They are computed in the same graph
+        call, by teacher-forcing the found caption through the decoder once more.
     """
 
-    def __init__(self, model: CaptionModel, vocabulary: V.Vocabulary, decode: DecodeConfig | None = None, model_id: str = ""):
+    def __init__(self, model: CaptionModel, vocabulary: V.Vocabulary, decode: DecodeConfig | None = None, model_id: str = "",
+                 attention_maps: bool = False):
+        if attention_maps and model.config.decoder != "attention":
+            raise ValueError(f"attention maps need a model with the attention decoder, not {model.config.decoder}")
         self.model = model
         self.vocabulary = vocabulary
         self.decode = decode or DecodeConfig()
         self.model_id = model_id
+        self.attention_maps = attention_maps
+        cells = getattr(model, "cells", 1)
+        side = math.isqrt(cells)
+        self._grid = (side, side) if side * side == cells else (1, cells)
         size = model.config.image_size
         # The batch axis is None: any batch size runs the one trace. No autograph: the
         # graph code has no Python control flow on tensors (beam search calls
@@ -85,7 +109,7 @@ class Captioner:
 
     def with_decode(self, decode: DecodeConfig) -> "Captioner":
         """A Captioner sharing this one's model, with other search settings."""
-        return Captioner(self.model, self.vocabulary, decode, self.model_id)
+        return Captioner(self.model, self.vocabulary, decode, self.model_id, self.attention_maps)
 
     def warm_up(self) -> None:
         """Traces the graph and runs it once on one blank image, so that the first real
@@ -93,31 +117,46 @@ class Captioner:
         s = self.image_size
         self._search(np.zeros([1, s, s, 3], np.uint8))
 
-    def _search_graph(self, images) -> BeamSearchResult:
-        return search_features(self.model, self.model.encode(images), self.decode)
+    def _search_graph(self, images):
+        """-> (BeamSearchResult, the best captions' attention maps [B, max_length, cells] or ())."""
+        features = self.model.encode(images)
+        result = search_features(self.model, features, self.decode)
+        if not self.attention_maps:
+            return result, ()
+        return result, self.model.attention_maps(features, result.tokens[:, 0])
 
-    def search(self, images: np.ndarray) -> BeamSearchResult:
-        """uint8 [B, S, S, 3] -> BeamSearchResult of numpy arrays (see beam_search)."""
+    def _run(self, images: np.ndarray):
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(
                 f"expected uint8 images [B, {self.image_size}, {self.image_size}, 3], got {images.dtype} {images.shape}"
             )
-        return BeamSearchResult(*(t.numpy() for t in self._search(images)))
+        result, maps = self._search(images)
+        return BeamSearchResult(*(t.numpy() for t in result)), (maps.numpy() if self.attention_maps else None)
+
+    def search(self, images: np.ndarray) -> BeamSearchResult:
+        """uint8 [B, S, S, 3] -> BeamSearchResult of numpy arrays (see beam_search)."""
+        return self._run(images)[0]
 
     def caption(self, images: np.ndarray) -> list[list[Caption]]:
         """uint8 [B, S, S, 3] -> for each image its n-best captions, best first."""
-        return self.to_captions(self.search(images))
+        return self.to_captions(*self._run(images))
 
-    def to_captions(self, result: BeamSearchResult) -> list[list[Caption]]:
+    def to_captions(self, result: BeamSearchResult, maps: np.ndarray | None = None) -> list[list[Caption]]:
+        """Search results (and the best captions' attention maps [B, T, cells]) -> Captions."""
         out = []
-        for toks, lens, logps, scores in zip(result.tokens, result.lengths, result.logprobs, result.scores):
+        for b, (toks, lens, logps, scores) in enumerate(zip(result.tokens, result.lengths, result.logprobs, result.scores)):
             row = []
             for seq, n, lp, sc in zip(toks, lens, logps, scores):
                 if not np.isfinite(sc):  # fewer finished hypotheses than asked for
                     continue
                 ids = tuple(int(i) for i in seq[:n] if i != V.END_ID)
                 cut = len(ids) == n  # no end token among its n tokens
-                row.append(Caption(self.vocabulary.decode(ids), ids, float(lp), float(sc), cut))
+                attention = None
+                if maps is not None and not row:  # the maps follow hypothesis 0, the best
+                    words = tuple(self.vocabulary.words[i] for i in ids)
+                    weights = tuple(tuple(float(a) for a in step) for step in maps[b, : len(ids)])
+                    attention = AttentionMap(self._grid, words, weights)
+                row.append(Caption(self.vocabulary.decode(ids), ids, float(lp), float(sc), cut, attention))
             out.append(row)
         return out

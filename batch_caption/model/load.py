@@ -45,7 +45,8 @@ def load_bundle(path: str) -> Bundle:
     return Bundle(model, contents.vocabulary, contents.config, contents.bundle_id, path)
 
 
-def load_captioner(path: str, decode: DecodeConfig | None = None) -> Captioner:
-    """A `Captioner` over the bundle at `path`, searching with `decode` (default settings if None)."""
+def load_captioner(path: str, decode: DecodeConfig | None = None, attention_maps: bool = False) -> Captioner:
+    """A `Captioner` over the bundle at `path`, searching with `decode` (default settings if
+    None), returning the best captions' attention maps when asked (attention decoder only)."""
     b = load_bundle(path)
-    return Captioner(b.model, b.vocabulary, decode, b.bundle_id)
+    return Captioner(b.model, b.vocabulary, decode, b.bundle_id, attention_maps)

@@ -160,3 +160,23 @@ def test_a_keras_application_keeps_its_grid_for_the_attention_decoder():
     cells, channels = model.cells, model.channels
     assert cells == 4 and model.feature_size == cells * channels  # 64 px / 32 = a 2x2 map
     assert model.encode(_images(1)).shape == (1, cells * channels)
+
+
+def test_captioner_returns_the_best_captions_attention_maps(attention_model, tiny_vocab):
+    images = _images(3, seed=10)
+    plain = Captioner(attention_model, tiny_vocab).caption(images)
+    with_maps = Captioner(attention_model, tiny_vocab, attention_maps=True).caption(images)
+    features = attention_model.encode(images)
+    for b, (row, plain_row) in enumerate(zip(with_maps, plain)):
+        best = row[0]
+        assert [c.tokens for c in row] == [c.tokens for c in plain_row]  # the maps change no caption
+        assert all(c.attention is None for c in row[1:])
+        assert best.attention.grid == (2, 2)
+        assert best.attention.words == tuple(tiny_vocab.words[i] for i in best.tokens)
+        expected = attention_model.attention_maps(features[b : b + 1], tf.constant([list(best.tokens)]))[0]
+        np.testing.assert_allclose(best.attention.weights, expected.numpy(), atol=1e-5)
+
+
+def test_attention_maps_need_the_attention_decoder(tiny_model, tiny_vocab):
+    with pytest.raises(ValueError, match="attention maps need a model with the attention decoder"):
+        Captioner(tiny_model, tiny_vocab, attention_maps=True)
