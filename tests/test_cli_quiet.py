@@ -5,19 +5,36 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from batch_caption import cli, quiet
+from batch_caption import cli, evaluate, quiet, report, run, train
+from batch_caption.prepare import config as prepare_config
+from batch_caption.training import scene_encoder
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY_POINTS = ["batch_caption.run", "batch_caption.train", "batch_caption.prepare", "batch_caption.evaluate",
+                "batch_caption.report", "batch_caption.training.scene_encoder"]
+PARSERS = [run.build_parser, train.build_parser, prepare_config.build_parser, evaluate.build_parser,
+           report.build_parser, scene_encoder.build_parser]
 # What TensorFlow 2.21 prints on a CPU machine as it loads and looks for devices.
 ONEDNN = (b"I0000 00:00:1796290368.816228   27486 port.cc:153] oneDNN custom operations are on. You may see "
           b"slightly different numerical results due to floating-point round-off errors.\n")
 CUINIT = (b"E0000 00:00:1796290373.756568   27486 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA "
           b"error: Failed call to cuInit: UNKNOWN ERROR (303)\n")
 NOTICE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+TF_LINE = re.compile(r"I0000|W0000|E0000|oneDNN|absl|cuda", re.IGNORECASE)
+
+
+def _clean_env() -> dict[str, str]:
+    """This environment without what the suite or a quiet parent set: what a user's shell has."""
+    env = {k: v for k, v in os.environ.items() if k not in (quiet.TF_LEVEL, quiet.MARK)}
+    env["PYTHONPATH"] = REPO
+    return env
 
 
 # --- the pieces -----------------------------------------------------------------------
@@ -43,12 +60,19 @@ def test_verbose_is_read_from_the_flags(argv, verbose):
     assert quiet.wants_verbose(argv) is verbose
 
 
+@pytest.mark.parametrize("build_parser", PARSERS, ids=ENTRY_POINTS)
+def test_every_entry_point_lists_verbose(build_parser):
+    assert "--verbose" in build_parser().format_help()
+
+
 def test_verbose_is_accepted_and_left_out_of_the_parsed_arguments():
     parser = cli.ArgumentParser()
     parser.add_argument("--steps", type=int)
     quiet.add_verbose_flag(parser)
     assert vars(parser.parse_args(["--verbose", "--steps", "2"])) == {"steps": 2}
     assert vars(parser.parse_args([])) == {"steps": None}
+    # A config built from every parsed argument takes the flag as well.
+    assert train.parse(["--data", "d", "--output", "o", "--verbose"]).steps == train.parse(["--data", "d", "--output", "o"]).steps
 
 
 def _fake_library(tmp_path, name: str, body: str) -> None:
@@ -140,3 +164,34 @@ def test_verbose_setup_changes_nothing_and_unmarks_the_environment(fresh_process
     meta_path = list(sys.meta_path)
     assert quiet.setup(["--verbose"]) is True
     assert quiet.MARK not in os.environ and quiet.TF_LEVEL not in os.environ and sys.meta_path == meta_path
+
+
+# --- the real command lines, in processes of their own ---------------------------------
+
+
+def test_entry_points_leave_tensorflow_unimported():
+    # setup() runs in each entry point's __main__ block, after the module's own imports:
+    # early enough only while those imports leave TensorFlow and Keras alone.
+    code = f"import sys, {', '.join(ENTRY_POINTS)}; print(sorted({{'tensorflow', 'keras'}} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_clean_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_verbose_is_accepted_on_the_command_line():
+    done = subprocess.run([sys.executable, "-m", "batch_caption.evaluate", "--verbose", "--help"],
+                          capture_output=True, text=True, timeout=120, env=_clean_env())
+    assert done.returncode == 0, done.stderr
+    assert "--verbose" in done.stdout
+
+
+@pytest.mark.parametrize("mode", [[], ["--direct_num_workers=1", "--direct_running_mode=multi_processing"]],
+                         ids=["in_memory", "worker_process"])
+def test_captioning_the_samples_prints_no_tensorflow_line(mode, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "batch_caption.run", "--runner=DirectRunner",
+                           "--output", str(tmp_path / "out"), *mode],
+                          capture_output=True, text=True, timeout=300, env=_clean_env(), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "8 inputs, 8 captioned, 0 failed" in done.stdout
+    noise = [line for line in done.stderr.splitlines() if TF_LINE.search(line)]
+    assert noise == [], "\n".join(noise)
