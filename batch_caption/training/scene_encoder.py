@@ -216,7 +216,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
         epoch_accuracy.append(acc)
         print(f"epoch {epoch + 1}: val accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
 
-    history = model.fit(data, epochs=args.epochs, validation_data=(x_val, y_val), verbose=2,
+    # `data` shuffles itself: Keras ignores fit's shuffle for a Dataset, and warns when it is on.
+    history = model.fit(data, epochs=args.epochs, validation_data=(x_val, y_val), verbose=2, shuffle=False,
                         callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=report_val)])
 
     accuracy = epoch_accuracy[-1]
