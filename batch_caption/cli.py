@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+from batch_caption import quiet
+
 T = TypeVar("T")
 
 
@@ -37,7 +39,7 @@ def run_job(prog: str, work: Callable[[], T]) -> tuple[int, T | None]:
     """Runs an entry point's `work` -> (exit code, its result): 0 with the result, 2 for a
     UsageError (found before any work), 130 when interrupted, 1 when the job failed as a
     whole; each failure said in one line on stderr, the trace in the debug log."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format=quiet.LOG_FORMAT)
     try:
         return 0, work()
     except UsageError as e:

@@ -32,7 +32,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from batch_caption import files
+from batch_caption import files, quiet
 from batch_caption.coco_metrics import (ALL_METRICS, DEFAULT_TIMEOUT_S, METRIC_NAMES, METRIC_NOTES, TOKENIZERS,
                                         EvaluationError, check_metrics, needs_java, require_java, score_captions,
                                         tokenize)
@@ -345,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(ALL_METRICS)} (default all; meteor needs Java)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help=f"limit for each Java step (tokenizer, METEOR) (default {DEFAULT_TIMEOUT_S:g})")
+    quiet.add_verbose_flag(p)
     return p
 
 
@@ -376,7 +377,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet.setup()  # this process's command line: quiet unless --verbose
     run()
 
 

@@ -37,7 +37,7 @@ import sys
 import time
 from typing import Any, Iterator
 
-from batch_caption import cli, files, gcs, records, thumbnails
+from batch_caption import cli, files, gcs, quiet, records, thumbnails
 from batch_caption.cli import UsageError
 
 REPORT_NAME = "report.html"
@@ -314,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_images", type=int, default=DEFAULT_MAX_IMAGES, metavar="N",
                    help="cards for at most the first N paths (sorted); errors are always all listed "
                    f"(default {DEFAULT_MAX_IMAGES})")
+    quiet.add_verbose_flag(p)
     return p
 
 
@@ -337,6 +338,7 @@ def run(argv: list[str] | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet.setup_when_command_line(argv)
     try:
         path = run(argv)
     except UsageError as e:

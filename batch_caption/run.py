@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from batch_caption import cli, files, gcs, quality, runs
+from batch_caption import cli, files, gcs, quality, quiet, runs
 from batch_caption import lock
 from batch_caption.cli import UsageError
 from batch_caption.job import JobConfig, build_pipeline
@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "an --input or --input_list is on a remote filesystem such as gs://; 0: inline)")
     r.add_argument("--share_model", action="store_true",
                    help="one model copy per machine shared by all worker processes (large models)")
+    quiet.add_verbose_flag(p)
     return p
 
 
@@ -328,6 +329,7 @@ def summary(manifest: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet.setup_when_command_line(argv)
     code, manifest = cli.run_job("batch_caption.run", lambda: run(argv))
     if code != 0:
         return code

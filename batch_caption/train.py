@@ -30,11 +30,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Sequence
 
-from batch_caption import cli
+from batch_caption import cli, quiet
 from batch_caption.model.config import DECODERS, ENCODERS, IMAGE_INPUTS
 from batch_caption.training import preflight
 from batch_caption.training import strategy as strategies
@@ -158,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="steps between progress lines (default %(default)s)")
     mon.add_argument("--preempt_exit_code", type=int, default=default("preempt_exit_code"),
                      help="exit status after a SIGTERM/SIGINT-triggered checkpoint (default %(default)s)")
+    quiet.add_verbose_flag(p)
     return p
 
 
@@ -205,7 +205,7 @@ def run(argv: Sequence[str] | None = None):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet.setup_when_command_line(argv)
     try:
         config = parse(argv)
         result = train(config, log=lambda line: print(line, flush=True))

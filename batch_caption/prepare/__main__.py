@@ -2,6 +2,10 @@
 
 import sys
 
-from batch_caption.prepare import main
+from batch_caption import quiet
+
+quiet.setup()  # before the package below imports Beam, and anything TensorFlow
+
+from batch_caption.prepare import main  # noqa: E402
 
 sys.exit(main())

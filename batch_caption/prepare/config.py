@@ -14,7 +14,7 @@ import re
 import textwrap
 import time
 
-from batch_caption import cli, files, images, records
+from batch_caption import cli, files, images, quiet, records
 from batch_caption.cli import UsageError
 from batch_caption.data import scenes, sources
 from batch_caption.model import vocab as vocab_lib
@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("resources")
     r.add_argument("--max_image_pixels", type=int, default=100_000_000, help="decoded pixel limit per image (default 100M)")
     r.add_argument("--max_file_bytes", type=int, default=256 * 1024 * 1024, help="larger files are errors (default 256 MiB)")
+    quiet.add_verbose_flag(p)
     return p
 
 

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from batch_caption import cli
+from batch_caption import cli, quiet
 from batch_caption.model.config import ENCODERS, ModelConfig
 
 PROG = "python -m batch_caption.training.scene_encoder"
@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scenes of the train split to render and learn from (default 16000)")
     p.add_argument("--val_scenes", type=int, default=300, help="scenes of the val split to report on (default 300)")
     p.add_argument("--seed", type=int, default=0, help="scene seed: use the caption dataset's (default 0)")
+    quiet.add_verbose_flag(p)
     return p
 
 
@@ -215,7 +216,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
         epoch_accuracy.append(acc)
         print(f"epoch {epoch + 1}: val accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
 
-    history = model.fit(data, epochs=args.epochs, validation_data=(x_val, y_val), verbose=2,
+    # `data` shuffles itself: Keras ignores fit's shuffle for a Dataset, and warns when it is on.
+    history = model.fit(data, epochs=args.epochs, validation_data=(x_val, y_val), verbose=2, shuffle=False,
                         callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=report_val)])
 
     accuracy = epoch_accuracy[-1]
@@ -239,6 +241,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet.setup_when_command_line(argv)
     try:
         run(argv)
     except cli.UsageError as e:
