@@ -109,6 +109,9 @@ def encoders(args, argv) -> int:
 
 
 def models(args, argv) -> int:
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")  # a Captioner per model and search: TF warns of "retracing" across them
     old_tree = tempfile.mkdtemp(prefix="bench_old_model_")
     old_commit = c.export_revision(args.old, old_tree)
     bundles = {"old": os.path.join(old_tree, "batch_caption", "default_model"), "new": args.new or c.default_model()}

@@ -211,4 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from batch_caption import quiet
+
+    quiet.setup()  # this command line's --verbose, as run.main does for its own
     sys.exit(main())
