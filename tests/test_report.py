@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch_caption import images, report
+from batch_caption import images, report, report_attention
 
 EVIL = '<script>alert("x")</script>'
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
@@ -502,3 +502,142 @@ def test_in_a_real_browser(chromium, run_dir, tmp_path):
     assert "data-ran" not in ran
     ran = parse(_headless(chromium, tmp_path, without_csp.as_uri(), "--dump-dom")).find("body").attrs
     assert ran.get("data-ran") == "yes"
+
+
+# --- attention maps --------------------------------------------------------------------
+
+
+def _with_attention(run_dir, attention_by_path):
+    """Rewrites run_dir's caption records, adding "attention" to those in `attention_by_path`."""
+    path = os.path.join(run_dir, "captions-00000-of-00001.jsonl")
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    for row in rows:
+        if row["path"] in attention_by_path:
+            row["attention"] = attention_by_path[row["path"]]
+    _write_jsonl(path, rows)
+
+
+def _custom_properties(node):
+    """{"--name": "value"} of a node's style attribute."""
+    pairs = (p.split(":", 1) for p in node.attrs.get("style", "").split(";") if p.startswith("--"))
+    return {k: v for k, v in pairs}
+
+
+def test_attention_overlay_cells_and_word_maps(run_dir):
+    run_dir, captions, _ = run_dir
+    red = {"grid": [2, 3], "words": ["a", "red", "square"],
+           "percent": [[50, 10, 10, 10, 10, 10], [0, 0, 0, 0, 25, 75], [17, 17, 16, 17, 17, 16]]}
+    evil_words = captions[3]["caption"].split()  # markup and quotes, as words
+    evil = {"grid": [1, 1], "words": evil_words, "percent": [[100]] * len(evil_words)}
+    _with_attention(run_dir, {captions[0]["path"]: red, captions[3]["path"]: evil})
+    page = open(report.run([run_dir]), encoding="utf-8").read()
+    assert "<script" not in page.lower() and ".w3:hover" in page and ".w4:hover" not in page
+    cards = _cards(parse(page))
+
+    card = cards[captions[0]["path"]]
+    grid = card.find("div", "attn-grid")
+    assert card.find("div", "attn").find("img", "thumb") is not None  # the grid lies over the thumbnail
+    assert grid.attrs["style"].startswith("grid-template:repeat(2,1fr)/repeat(3,1fr);")
+    cells = grid.find_all("i", "cell")
+    assert len(cells) == 6
+    for c, cell in enumerate(cells):  # each cell holds every word's percent for it
+        props = _custom_properties(cell)
+        assert props == {f"--p{w}": str(row[c]) for w, row in enumerate(red["percent"])}
+    scales = _custom_properties(grid)  # each word's strongest cell is drawn at MAX_OPACITY
+    assert {k: float(v) for k, v in scales.items()} == pytest.approx(
+        {f"--s{w}": report_attention.MAX_OPACITY / max(row) for w, row in enumerate(red["percent"])}, rel=1e-3)
+    words = card.find("p", "caption").find_all("span", "word")
+    assert [(w.text(), w.attrs["tabindex"]) for w in words] == [("a", "0"), ("red", "0"), ("square", "0")]
+    assert [f"w{i}" in w.classes for i, w in enumerate(words)] == [True] * 3
+    assert card.find("p", "caption").text() == "a red square"
+
+    card = cards[captions[3]["path"]]  # untrusted words stay text
+    assert card.find("p", "caption").text() == captions[3]["caption"]
+    assert [w.text() for w in card.find_all("span", "word")] == evil_words
+    assert len(card.find_all("i", "cell")) == 1
+    for path in (r["path"] for r in captions[1:3]):  # records without attention: no overlay
+        assert cards[path].find("div", "attn") is None and cards[path].find("span", "word") is None
+
+
+def test_attention_words_keep_the_captions_punctuation(tmp_path):
+    record = {"caption": "a dog, on grass.",
+              "attention": {"grid": [1, 2], "words": ["a", "dog", ",", "on", "grass", "."],
+                            "percent": [[40, 60]] * 6}}
+    attention = report_attention.parse(record)
+    words = parse(f"<p>{report_attention.caption_words(attention)}</p>").find("p")
+    assert words.text() == "a dog, on grass."
+    assert [w.text() for w in words.find_all("span", "word")] == ["a", "dog", ",", "on", "grass", "."]
+
+
+GOOD_ATTENTION = {"grid": [1, 2], "words": ["a", "blue", "square"], "percent": [[40, 60], [90, 10], [50, 50]]}
+
+
+@pytest.mark.parametrize("bad", [
+    "x", [], {"grid": [1, 2]},
+    {**GOOD_ATTENTION, "grid": [2]}, {**GOOD_ATTENTION, "grid": [0, 2]}, {**GOOD_ATTENTION, "grid": [1, "2"]},
+    {**GOOD_ATTENTION, "grid": [True, 2]}, {**GOOD_ATTENTION, "grid": [1, 2.0]}, {**GOOD_ATTENTION, "grid": None},
+    {**GOOD_ATTENTION, "words": []}, {**GOOD_ATTENTION, "words": ["a", 2, "square"]},
+    {**GOOD_ATTENTION, "words": ["a", "", "blue", "square"], "percent": [[50, 50]] * 4},
+    {**GOOD_ATTENTION, "words": ["a", "red", "square"]},  # not the caption's words
+    {**GOOD_ATTENTION, "words": ["a", "blue"], "percent": [[40, 60], [90, 10]]},  # a word short
+    {**GOOD_ATTENTION, "percent": [[40, 60], [90, 10]]},  # a row short
+    {**GOOD_ATTENTION, "percent": [[40, 60], [90, 10], [50]]},  # a cell short
+    {**GOOD_ATTENTION, "percent": [[40, 60], [90, 10], [50, 50, 0]]},
+    {**GOOD_ATTENTION, "percent": [[40, 60], [90, "10"], [50, 50]]},
+    {**GOOD_ATTENTION, "percent": [[40, 60], [90, None], [50, 50]]},
+    {**GOOD_ATTENTION, "percent": [[40, 60], [90, float("nan")], [50, 50]]},
+    {**GOOD_ATTENTION, "percent": [[40, 60], [90, -1], [50, 50]]},
+    {**GOOD_ATTENTION, "percent": [[40, 60], [90, 101], [50, 50]]},
+    {**GOOD_ATTENTION, "percent": [[40, 60], [90, False], [50, 50]]},
+    {**GOOD_ATTENTION, "percent": "40 60"},
+])
+def test_malformed_attention_is_ignored(run_dir, bad):
+    """A card with malformed attention is byte for byte the card without it."""
+    run_dir, captions, _ = run_dir
+    blue = captions[2]["path"]
+    page = report.run([run_dir])
+    plain = open(page, encoding="utf-8").read()
+    _with_attention(run_dir, {blue: bad})
+    assert report_attention.parse({"caption": "a blue square", "attention": bad}) is None
+    assert report_attention.parse({"caption": "a blue square", "attention": GOOD_ATTENTION}) is not None
+    got = open(report.run([run_dir]), encoding="utf-8").read()
+    footer = '<footer><p class="meta">Generated by batch_caption.report at '
+    assert got.split(footer)[0] == plain.split(footer)[0]
+
+
+def test_attention_overlay_in_a_real_browser(chromium, tmp_path):
+    """Focusing a word (what a keyboard user does; hovering takes the same rule) draws that
+    word's map over the thumbnail; with no word focused the thumbnail shows as it is."""
+    run_dir, photo = _one_image_run(str(tmp_path))
+    Image.new("RGB", (120, 90), COLOURS["blue"]).save(photo, "JPEG")
+    _with_attention(run_dir, {photo: {"grid": [2, 2], "words": ["a", "red", "square"],
+                                      "percent": [[100, 0, 0, 0], [0, 0, 0, 100], [25, 25, 25, 25]]}})
+    page = report.run([run_dir])
+    html_text = open(page, encoding="utf-8").read()
+    assert html_text.count('class="word w1"') == 1
+
+    def quadrants(path):
+        """The mean colour of each quarter of the thumbnail (found as the non-white area)."""
+        _headless(chromium, tmp_path, pathlib.Path(path).as_uri(), f"--screenshot={tmp_path / 'shot.png'}",
+                  "--window-size=800,600")
+        with Image.open(tmp_path / "shot.png") as im:
+            pixels = np.asarray(im.convert("RGB"), dtype=np.float64)
+        ys, xs = np.nonzero((np.abs(pixels - [0, 0, 255]).max(axis=-1) < 40))
+        top, left, bottom, right = ys.min(), xs.min(), ys.max() + 1, xs.max() + 1
+        assert (right - left, bottom - top) == (120, 90), "the thumbnail is not where the test looks for it"
+        my, mx = (top + bottom) // 2, (left + right) // 2
+        return [pixels[y0 + 5:y1 - 5, x0 + 5:x1 - 5].mean(axis=(0, 1))
+                for y0, y1 in ((top, my), (my, bottom)) for x0, x1 in ((left, mx), (mx, right))]
+
+    for colour in quadrants(page):  # nothing focused: no cell drawn
+        assert np.abs(colour - [0, 0, 255]).max() < 24, colour
+    focused = tmp_path / "focused.html"
+    focused.write_text(html_text.replace('class="word w1"', 'class="word w1" autofocus'), encoding="utf-8")
+    # "red" looked at the bottom-right cell only: it is drawn at MAX_OPACITY, the rest not.
+    mixed = report_attention.MAX_OPACITY * np.array([255, 212, 0]) + (1 - report_attention.MAX_OPACITY) * np.array(
+        [0, 0, 255])
+    *others, bottom_right = quadrants(focused)
+    assert np.abs(bottom_right - mixed).max() < 24, bottom_right
+    for colour in others:
+        assert np.abs(colour - [0, 0, 255]).max() < 24, colour
