@@ -338,8 +338,9 @@ def test_nightly_archive_dataflow_command(tmp_path):
 
 
 def test_dockerfile_pins_launcher_beam_version():
-    """Dataflow needs the worker image's Beam to be the launcher's: the FROM tag must be the
-    installed apache-beam, inside requirements.txt's range, on the Python setup.py allows."""
+    """Dataflow needs the worker image's Beam and Python to be the launcher's: the FROM tag
+    must be the installed apache-beam, inside requirements.txt's range, on a Python set by
+    a build argument whose default setup.py allows, as it allows this interpreter's."""
     import apache_beam
     from packaging.requirements import Requirement
     from packaging.specifiers import SpecifierSet
@@ -347,9 +348,11 @@ def test_dockerfile_pins_launcher_beam_version():
     text = (JOBS / "Dockerfile").read_text()
     froms = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
     assert len(froms) == 1, froms
-    m = re.fullmatch(r"apache/beam_python(\d+\.\d+)_sdk:(\d+\.\d+\.\d+)", froms[0])
+    m = re.fullmatch(r"apache/beam_python\$\{PYTHON\}_sdk:(\d+\.\d+\.\d+)", froms[0])
     assert m, froms[0]
-    python, beam = m.groups()
+    (beam,) = m.groups()
+    before_from = text[:re.search(r"^FROM\s", text, flags=re.M).start()]  # where FROM can use an ARG
+    (python,) = re.findall(r"^ARG PYTHON=(\d+\.\d+)$", before_from, flags=re.M)
     assert beam == apache_beam.__version__
     reqs = [Requirement(line) for line in (REPO / "requirements.txt").read_text().splitlines()
             if line.strip() and not line.startswith("#")]
@@ -357,7 +360,7 @@ def test_dockerfile_pins_launcher_beam_version():
     assert beam_req.specifier.contains(beam)
     python_requires = re.search(r"python_requires=\"([^\"]+)\"", (REPO / "setup.py").read_text()).group(1)
     assert SpecifierSet(python_requires).contains(python + ".0")
-    assert f"{sys.version_info.major}.{sys.version_info.minor}" == python
+    assert SpecifierSet(python_requires).contains(f"{sys.version_info.major}.{sys.version_info.minor}.0")
     for src in re.findall(r"^COPY\s+(.+?)\s+\S+$", text, flags=re.M):  # everything it copies exists
         for name in src.split():
             assert (REPO / name).exists(), name

@@ -142,6 +142,22 @@ def test_wheel_contents(wheel):
     assert not missing, f"bundled model files missing from the wheel: {missing}"
 
 
+def test_wheel_metadata_names_the_supported_pythons(wheel):
+    """Requires-Python and the classifiers agree: 3.11, 3.12 and 3.13, and this interpreter."""
+    from packaging.specifiers import SpecifierSet
+
+    with zipfile.ZipFile(wheel) as whl:
+        (name,) = [n for n in whl.namelist() if n.endswith(".dist-info/METADATA")]
+        lines = whl.read(name).decode().splitlines()
+    (requires,) = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Requires-Python:")]
+    supported = SpecifierSet(requires)
+    assert [v for v in ("3.10", "3.11", "3.12", "3.13", "3.14") if v in supported] == ["3.11", "3.12", "3.13"]
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" in supported
+    prefix = "Classifier: Programming Language :: Python :: 3."
+    minors = {ln.rsplit("::", 1)[1].strip() for ln in lines if ln.startswith(prefix)}
+    assert minors == {"3.11", "3.12", "3.13"}
+
+
 def test_sdist_for_dataflow_setup_file(wheel, work):
     """Dataflow workers install the sdist Beam builds from --setup_file (`setup.py sdist`,
     as Beam 2.77's stager does without the `build` package): it must carry the samples

@@ -6,6 +6,7 @@ import dataclasses
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -399,9 +400,18 @@ def test_bad_command_lines_fail_fast_with_one_line(args, message, inputs, capsys
 
 
 def _cli(*args, timeout=180):
+    """`python -m batch_caption.prepare ARGS`; a run past `timeout` seconds is killed with
+    its worker processes (its own session) and fails the test."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, "-m", "batch_caption.prepare", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    child = subprocess.Popen([sys.executable, "-m", "batch_caption.prepare", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        _, err = child.communicate()
+        pytest.fail(f"prepare did not finish within {timeout} s: {err[-2000:]}")
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err)
 
 
 def test_cli_help():
@@ -410,15 +420,55 @@ def test_cli_help():
     assert all(flag in helped.stdout for flag in ("--source", "--split", "--precompute_features", "--runner"))
 
 
+def test_the_join_shuffles_no_image():
+    """Captions are looked up by path (a side input): a GroupByKey of the pixels would reach
+    each multi-processing worker as one data-plane message holding all of its images."""
+    import apache_beam as beam
+    from apache_beam.portability import common_urns
+
+    from batch_caption.prepare.read import ERRORS, JoinCaptionsToImages
+
+    pipeline = beam.Pipeline()
+    inputs = {
+        "items": pipeline | "Items" >> beam.Create([sources.CaptionedImage(1, "a.png", "train", ("a cat",))]),
+        "payloads": pipeline | "Payloads" >> beam.Create([("a.png", np.zeros((2, 2, 3), np.uint8))]),
+        ERRORS: pipeline | "Errors" >> beam.Create([{"path": "a.png", "stage": "decode"}]),
+    }
+    _ = inputs | "Join" >> JoinCaptionsToImages()
+    transforms = pipeline.to_runner_api().components.transforms.values()
+    assert any(t.unique_name.startswith("Join/") for t in transforms)
+    assert not [t.unique_name for t in transforms if t.unique_name.startswith("Join/")
+                and t.spec.urn == common_urns.primitives.GROUP_BY_KEY.urn]
+
+
 @pytest.mark.slow
-def test_cli_on_the_multi_processing_runner(tmp_path):
-    """`python -m` on worker processes: they must unpickle the job's classes by module name."""
+@pytest.mark.parametrize("mode", ["images", "features"])
+def test_cli_on_the_multi_processing_runner(tmp_path, mode):
+    """`python -m` on two worker processes, in both modes, within a time limit: the workers
+    unpickle the job's classes by module name and receive the images in a stream."""
     out = tmp_path / "data"
-    done = _cli("--source", "synthetic", "--synthetic_counts", "train=4,val=2", "--image_size", "32",
+    flags = []
+    if mode == "features":
+        import keras
+
+        from batch_caption.model.config import ModelConfig
+        from batch_caption.model.encoder import build_backbone
+
+        keras.utils.set_random_seed(5)
+        weights = str(tmp_path / "small_cnn.weights.h5")
+        build_backbone(ModelConfig(vocab_size=5, encoder="small_cnn", image_size=32, small_cnn_grid=2)).save_weights(
+            weights)
+        flags = ["--precompute_features", "--encoder", "small_cnn", "--small_cnn_grid", "2", "--encoder_weights",
+                 weights]
+    done = _cli("--source", "synthetic", "--synthetic_counts", "train=6,val=2", "--image_size", "32",
                 "--min_word_count", "1", "--output", str(out), "--direct_num_workers=2",
-                "--direct_running_mode=multi_processing")
+                "--direct_running_mode=multi_processing", *flags, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    what = "features of small_cnn, 512 floats" if mode == "features" else "images 32 px"
     assert done.stdout.strip().splitlines()[-1].startswith(
-        f"prepared {out} (images 32 px): train 4 images / 20 captions, val 2 images / 10 captions; vocabulary ")
+        f"prepared {out} ({what}): train 6 images / 30 captions, val 2 images / 10 captions; vocabulary ")
     info, _, parsed = read_dataset(out)
-    assert {s: len(r) for s, r in parsed.items()} == {"train": 4, "val": 2}
+    assert info.mode == mode
+    assert {s: len(r) for s, r in parsed.items()} == {"train": 6, "val": 2}
+    payload = "features" if mode == "features" else "image"
+    assert all(r[payload].shape == ((512,) if mode == "features" else (32, 32, 3)) for r in parsed["train"])

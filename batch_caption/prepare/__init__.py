@@ -69,7 +69,7 @@ def build_pipeline(pipeline, config: PrepareConfig, source: dict[str, Any]):
         payloads = read["images"] | "KeyPixelsByPath" >> beam.Map(lambda e: (e.path, e.pixels))
         image_errors = read[ERRORS]
     joined = {"items": checked["items"], "payloads": payloads, ERRORS: image_errors} | (
-        "JoinCaptionsToImages" >> JoinCaptionsToImages(run_id))
+        "JoinCaptionsToImages" >> JoinCaptionsToImages())
     examples = joined["examples"]
     vocabulary = examples | "BuildVocabulary" >> BuildVocabulary(config.vocab_split, config.min_word_count)
     vocab_file = vocabulary | "WriteVocabulary" >> beam.Map(

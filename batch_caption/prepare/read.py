@@ -4,7 +4,7 @@
     CheckCaptions         drops captions with no token; an image left without one -> error
     (ReadImages, the captioning job's own read + decode + resize, runs between these)
     ComputeFeatures       features mode: RunInference(FeatureModelHandler) on the images
-    JoinCaptionsToImages  CoGroupByKey on path: CaptionedExample | the image's error
+    JoinCaptionsToImages  each image (or its error) with the captions listed for its path
 
 Every step returns its items and, under the tag ERRORS, error records that carry the
 job's fields plus `split` (None for annotations that no split claims).
@@ -227,46 +227,40 @@ class ComputeFeatures(beam.PTransform):
 # --- JoinCaptionsToImages --------------------------------------------------------------
 
 
-class _JoinFn(beam.DoFn):
-    """(path, {items, payloads, errors}) -> one CaptionedExample or error per item.
+class _AttachCaptionsFn(beam.DoFn):
+    """(path, payload) -> a CaptionedExample per item of that path; an image's error
+    record -> a copy per item, each with its item's split.
 
     A path listed in several splits was read once; each split gets its own copy of
     the outcome, so every split's counts add up.
     """
 
-    def __init__(self, run_id: str):
-        self._run_id = run_id
-
-    def process(self, element):
-        path, group = element
-        payloads, errors = list(group["payloads"]), list(group["errors"])
-        for item in group["items"]:
-            if payloads:
-                yield CaptionedExample(item, payloads[0])
-            elif errors:
-                yield beam.pvalue.TaggedOutput(ERRORS, {**errors[0], "split": item.split})
-            else:  # cannot happen: ReadImages gives every path an image or an error
-                yield beam.pvalue.TaggedOutput(ERRORS, _error(
-                    path, item.split, "read", "ImageLost", "the image was neither read nor rejected", self._run_id))
+    def process(self, element, items_by_path):
+        if isinstance(element, dict):  # an image's error record
+            for item in items_by_path[element["path"]]:
+                yield beam.pvalue.TaggedOutput(ERRORS, {**element, "split": item.split})
+            return
+        path, payload = element
+        for item in items_by_path[path]:
+            yield CaptionedExample(item, payload)
 
 
 class JoinCaptionsToImages(beam.PTransform):
     """{"items": CaptionedImage, "payloads": (path, array), "errors": error records of
-    images} -> CaptionedExample per item; tag 'errors' (image errors, each with its item's split)."""
+    images} -> CaptionedExample per item; tag 'errors' (image errors, each with its item's split).
 
-    def __init__(self, run_id: str):
-        super().__init__()
-        self._run_id = run_id
+    The items are a side input looked up by path (AsMultiMap, fetched per key), so the
+    payloads pass through no shuffle: the multi-processing DirectRunner hands a worker its
+    share of a GroupByKey's output as one data-plane message, which for pixels grows with
+    the dataset (copied on both sides, and gRPC caps a message at 2 GB).
+    """
 
     def expand(self, inputs):
-        keyed = {
-            "items": inputs["items"] | "KeyItemsByPath" >> beam.Map(lambda i: (i.path, i)),
-            "payloads": inputs["payloads"],
-            "errors": inputs[ERRORS] | "KeyErrorsByPath" >> beam.Map(lambda r: (r["path"], r)),
-        }
+        items = inputs["items"] | "KeyItemsByPath" >> beam.Map(lambda i: (i.path, i))
         out = (
-            keyed
-            | "GroupByPath" >> beam.CoGroupByKey()
-            | "PairCaptionsWithImages" >> beam.ParDo(_JoinFn(self._run_id)).with_outputs(ERRORS, main="examples")
+            (inputs["payloads"], inputs[ERRORS])
+            | "FlattenImageOutcomes" >> beam.Flatten()
+            | "PairCaptionsWithImages" >> beam.ParDo(_AttachCaptionsFn(), beam.pvalue.AsMultiMap(items))
+            .with_outputs(ERRORS, main="examples")
         )
         return {"examples": out.examples, ERRORS: out[ERRORS]}
