@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 WORK=${1:-default_model_work}
 WORK=$(python -c 'import os, sys; print(os.path.relpath(sys.argv[1]))' "$WORK")
 DECODER=${DECODER:-attention}
-STEPS=${STEPS:-12000}
+STEPS=${STEPS:-20000}
 ENCODER_EPOCHS=${ENCODER_EPOCHS:-7}
 IMAGE_SIZE=128
 # The test, val and compositional scenes depend only on (seed, split, index), so the train

@@ -16,18 +16,20 @@ MODEL = os.path.join(os.path.dirname(batch_caption.__file__), "default_model")
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(MODEL, "EVALUATION.json")), reason="no default model yet")
-def test_content_accuracy_in_the_report_is_reproduced_on_the_test_split_and_meets_the_target():
+@pytest.mark.parametrize("split, seed, target", [("test", 0, 0.95), ("test-seed1", 1, 0.98)])
+def test_content_accuracy_in_the_report_is_reproduced_and_meets_the_target(split, seed, target):
+    """The report's test figures, rendered again here: seed 0's test split, and seed 1's,
+    which no training or model choice ever saw."""
     from batch_caption.model.load import load_captioner
 
-    report = json.load(open(os.path.join(MODEL, "EVALUATION.json")))["test"]["content_accuracy"]
+    report = json.load(open(os.path.join(MODEL, "EVALUATION.json")))[split]["content_accuracy"]
     captioner = load_captioner(MODEL)  # the job's default decoding
-    # The synthetic test split exactly as `prepare --source synthetic --seed 0` renders it
-    # (the PNGs decode to these pixels unchanged, see tests/test_scene_encoder.py).
+    # The test split exactly as `prepare --source synthetic --seed SEED` renders it (the
+    # PNGs decode to these pixels unchanged, see tests/test_scene_encoder.py).
     config = scenes.SceneConfig(image_size=captioner.image_size)
-    test = scenes.generate_scenes("test", report["n"], seed=0, config=config)
+    test = scenes.generate_scenes("test", report["n"], seed=seed, config=config)
     pixels = np.stack([np.asarray(scenes.render_scene(s, config)) for s in test])
     texts = [c[0].text for i in range(0, len(pixels), 100) for c in captioner.caption(pixels[i : i + 100])]
     correct = [F.check_caption(text, scene.to_facts()).correct for text, scene in zip(texts, test)]
     assert sum(correct) == report["n_correct"]
-    # The quality target of the default model (issue 3): every statement true in >= 95%.
-    assert report["n_correct"] / report["n"] >= 0.95
+    assert report["n_correct"] / report["n"] >= target
