@@ -24,6 +24,7 @@ from keras import layers
 from batch_caption.model import vocab as V
 from batch_caption.model.config import ModelConfig
 from batch_caption.model.encoder import build_backbone
+from batch_caption.model.show_and_tell import forbidden_logits
 
 
 class AttendAndTell(keras.Model):
@@ -51,9 +52,7 @@ class AttendAndTell(keras.Model):
         self.lstm = layers.LSTMCell(units, name="lstm")
         self.dropout = layers.Dropout(config.dropout, name="dropout")
         self.output_projection = layers.Dense(config.vocab_size, name="output_projection")
-        self._forbidden = tf.constant(
-            [-float("inf") if i in (V.PAD_ID, V.START_ID) else 0.0 for i in range(config.vocab_size)]
-        )
+        self._forbidden = forbidden_logits(config.vocab_size)
 
     @property
     def feature_size(self) -> int:

@@ -50,10 +50,7 @@ class ShowAndTell(keras.Model):
         self.lstm = layers.LSTM(config.lstm_units, return_sequences=True, name="lstm")
         self.dropout = layers.Dropout(config.dropout, name="dropout")
         self.output_projection = layers.Dense(config.vocab_size, name="output_projection")
-        # Never produce <pad> or <start>: their logits are pinned to -inf at inference.
-        self._forbidden = tf.constant(
-            [-float("inf") if i in (V.PAD_ID, V.START_ID) else 0.0 for i in range(config.vocab_size)]
-        )
+        self._forbidden = forbidden_logits(config.vocab_size)
 
     @property
     def feature_size(self) -> int:
@@ -139,6 +136,12 @@ class ShowAndTell(keras.Model):
             self.lstm.build((None, None, 2 * e if self.image_every_step else e))
             self.output_projection.build((None, self.config.lstm_units))
         self.built = True
+
+
+def forbidden_logits(vocab_size: int):
+    """float32 [vocab_size]: -inf for <pad> and <start>, 0 elsewhere; added to the logits at
+    inference, so that a decoder never produces either."""
+    return tf.constant([-float("inf") if i in (V.PAD_ID, V.START_ID) else 0.0 for i in range(vocab_size)])
 
 
 def caption_loss(targets, logits):
