@@ -1,4 +1,4 @@
-"""batch_caption: batch image captioning (Show and Tell) on Apache Beam.
+"""batch_caption: batch image captioning (Show and Tell, Show Attend and Tell) on Apache Beam.
 
 Runtime requirements come from requirements.txt (one list for pip, Docker images and
 Dataflow's --setup_file), extras from here.
@@ -7,7 +7,7 @@ Dataflow's --setup_file), extras from here.
 import pathlib
 import re
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 HERE = pathlib.Path(__file__).parent
 
@@ -25,7 +25,7 @@ def _version():
 setup(
     name="batch_caption",
     version=_version(),
-    description="Batch image captioning (Show and Tell: CNN encoder + LSTM beam search) on Apache Beam",
+    description="Batch image captioning (CNN encoder + LSTM decoder with attention, beam search) on Apache Beam",
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.14",
@@ -35,9 +35,11 @@ setup(
         "Programming Language :: Python :: 3.12",
         "Programming Language :: Python :: 3.13",
     ],
-    packages=find_packages(include=["batch_caption", "batch_caption.*"]),
+    # Namespace packages too: the bundled model and samples are data directories without an
+    # __init__.py, which setuptools ships as packages of their own.
+    packages=find_namespace_packages(include=["batch_caption", "batch_caption.*"], exclude=["*.__pycache__"]),
     include_package_data=True,
-    package_data={"batch_caption": ["default_model/*", "default_model/*/*", "samples/*"]},
+    package_data={"batch_caption.default_model": ["*"], "batch_caption.samples": ["*"]},
     install_requires=_requirements(),
     extras_require={
         "test": [
