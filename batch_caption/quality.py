@@ -4,7 +4,8 @@ Each caption record carries `flags`, a sorted list of:
   low_score       the caption's score (logprob / length**alpha) is below the run's
                   --low_score_threshold (default DEFAULT_LOW_SCORE: the 1st percentile
                   of the bundled model's scores on held-out synthetic scenes, chosen by
-                  bench/low_score.py; it marks images unlike the training scenes)
+                  bench/low_score.py; it marks the model's least confident captions,
+                  which with the bundled model are not those of images unlike training)
   repeated_ngram  the caption says something twice (see has_repeated_ngram): the LSTM
                   stutter, never ordinary enumeration
   truncated       the best caption reached --max_caption_length without an end token:
@@ -57,7 +58,8 @@ def content_phrases(tokens: list[str]) -> list[tuple[bool, tuple[str, ...]]]:
 
 def has_repeated_ngram(tokens: list[str]) -> bool:
     """True when the caption says something twice:
-      * a word twice in a row ("red red", "circle circle", "a a");
+      * a word twice in a row ("red red", "circle circle", "a a"), or words said again
+        right after themselves ("a red circle red circle");
       * the same content phrase twice ("a red circle and a red circle", "a circle on a
         circle"). A phrase after "the" refers back to one named before ("a blue square
         ... the blue square") and is compared only with other phrases after "the".
@@ -69,7 +71,14 @@ def has_repeated_ngram(tokens: list[str]) -> bool:
     if any(a == b for a, b in zip(words, words[1:])):
         return True
     phrases = content_phrases(tokens)
-    return len(set(phrases)) < len(phrases)
+    return len(set(phrases)) < len(phrases) or any(_says_twice(run) for _, run in phrases)
+
+
+def _says_twice(run: tuple[str, ...]) -> bool:
+    """True when a run of content words holds a part said again right after it ("red circle
+    red circle"): back to back, the two copies join into one run."""
+    return any(run[i : i + n] == run[i + n : i + 2 * n]
+               for n in range(2, len(run) // 2 + 1) for i in range(len(run) - 2 * n + 1))
 
 
 def caption_flags(caption: str, score: float, low_score_threshold: float = DEFAULT_LOW_SCORE,

@@ -58,6 +58,8 @@ def test_truncated_is_flagged_and_sorted_with_the_rest():
     "the blue square and the blue square",
     "a white star and and and and",
     "three shapes: a large blue square, a large blue circle and two large blue square and a large",
+    "a red circle red circle",
+    "a large red circle large red circle on a grey background",
 ])
 def test_repetition_is_flagged(text):
     assert repeated(text)
