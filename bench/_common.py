@@ -247,7 +247,7 @@ def export_revision(rev: str, dest: str) -> str:
     commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--verify", f"{rev}^{{commit}}"], capture_output=True,
                             text=True)
     if commit.returncode != 0:
-        raise SystemExit(f"--baseline {rev}: not a commit of this repository")
+        raise SystemExit(f"{rev}: not a commit of this repository")
     archive = subprocess.run(["git", "-C", REPO, "archive", commit.stdout.strip()], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True)
     return commit.stdout.strip()

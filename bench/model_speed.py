@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -113,10 +114,19 @@ def models(args, argv) -> int:
 
     tf.get_logger().setLevel("ERROR")  # a Captioner per model and search: TF warns of "retracing" across them
     old_tree = tempfile.mkdtemp(prefix="bench_old_model_")
+    work = tempfile.mkdtemp(prefix="bench_models_")
+    try:
+        return _models(args, argv, old_tree, work)
+    finally:
+        shutil.rmtree(old_tree, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _models(args, argv, old_tree: str, work: str) -> int:
     old_commit = c.export_revision(args.old, old_tree)
     bundles = {"old": os.path.join(old_tree, "batch_caption", "default_model"), "new": args.new or c.default_model()}
     paths = corpora.small_images(args.images, args.size)
-    input_dir, work = os.path.dirname(paths[0]), tempfile.mkdtemp(prefix="bench_models_")
+    input_dir = os.path.dirname(paths[0])
     calls, ids = {}, {}
     for name, bundle in bundles.items():
         beam3 = c.load_captioner(bundle, beam_size=3, num_alternatives=3)
