@@ -15,8 +15,9 @@ while tensorflow is first imported, by whichever module: the held lines are writ
 back after the import, less those that TF_CPP_MIN_LOG_LEVEL hides (all of them when the
 import fails), so other threads' lines arrive late but arrive (a process killed by a
 signal during that import loses them: --verbose shows them). Worker processes' log
-records below ERROR from Beam's, TensorFlow's, Keras' or absl's own code are dropped;
-the job's warnings, Beam's about the pipeline and every error stay. Worker processes
+records below ERROR from Beam's, TensorFlow's, Keras' or absl's own code are dropped
+(Beam's worker set-up chatter among them, but also any other warning Beam's code logs in
+a worker); the job's own warnings and every error stay. Worker processes
 learn the setting from the environment: the package's __init__ calls inherit().
 """
 

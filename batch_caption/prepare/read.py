@@ -252,7 +252,9 @@ class JoinCaptionsToImages(beam.PTransform):
     The items are a side input looked up by path (AsMultiMap, fetched per key), so the
     payloads pass through no shuffle: the multi-processing DirectRunner hands a worker its
     share of a GroupByKey's output as one data-plane message, which for pixels grows with
-    the dataset (copied on both sides, and gRPC caps a message at 2 GB).
+    the dataset (copied on both sides, and gRPC caps a message at 2 GB). The TFRecord
+    writer with a fixed `--num_shards` groups its records, pixels included, in the same
+    way; the default (0) lets the runner shard without a grouping.
     """
 
     def expand(self, inputs):
