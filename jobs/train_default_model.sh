@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Trains the bundled default model on synthetic scenes on this machine's CPUs, chooses its
-# decoder on the validation split, and evaluates the choice on held-out splits of two seeds
-# with the captioning job + evaluate. The recipe of Show and Tell on real data, with a
+# Trains a default model candidate with the decoder DECODER on synthetic scenes on this
+# machine's CPUs, keeps it or the bundled model, whichever scores higher on the validation
+# split, and evaluates the kept one on held-out splits of two seeds with the captioning
+# job + evaluate. The recipe of Show and Tell on real data, with a
 # synthetic stand-in for ImageNet:
 #   1. render the scenes (prepare --source synthetic, seed 0);
 #   2. the CNN: the bundled default model's own (its decoders train on frozen features, so
