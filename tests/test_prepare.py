@@ -298,7 +298,9 @@ def test_bad_images_and_captions_become_error_records(tmp_path, capsys):
     assert info.source["errors"] == {**info.source["errors"], "total": 9, "without_split": 0,
                                      "by_stage": {"caption": 6, "decode": 2, "read": 1}}
     # Every listed image ends as a record or as one image-level error.
-    assert vocab.words[4:] == (".", "a", "dog", "runs")  # all seen once: alphabetical
+    # The vocabulary counts the train split's checked captions, the unreadable images'
+    # too ("a broken file", "a missing file"): most frequent first, then alphabetical.
+    assert vocab.words[4:] == ("a", "file", ".", "broken", "dog", "missing", "runs")
     assert [r["captions"] for r in parsed["train"]] == [[[vocab.token_id(t) for t in ("a", "dog", "runs", ".")]]]
     assert [r["captions"] for r in parsed["test"]] == [[[vocab.token_id("a"), UNK_ID, vocab.token_id("runs")]]]
     with open(os.path.join(out, "references_train.json")) as f:

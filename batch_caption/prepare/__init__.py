@@ -11,7 +11,7 @@ one module a part (`build_pipeline` below wires it up):
               -> ReadCaptionSource -> CheckCaptions -> DedupePaths + ReadImages (the
               captioning job's own read + decode + resize) -> [ComputeFeatures]
               -> JoinCaptionsToImages
-    write   -> BuildVocabulary -> EncodeRecords -> WriteSplit per split
+    write   BuildVocabulary (of the checked captions); -> EncodeRecords -> WriteSplit per split
               -> errors-*.jsonl, vocab.json, then dataset.json LAST
 
 Nothing is dropped silently: every listed image ends as one record or one error record
@@ -71,7 +71,7 @@ def build_pipeline(pipeline, config: PrepareConfig, source: dict[str, Any]):
     joined = {"items": checked["items"], "payloads": payloads, ERRORS: image_errors} | (
         "JoinCaptionsToImages" >> JoinCaptionsToImages())
     examples = joined["examples"]
-    vocabulary = examples | "BuildVocabulary" >> BuildVocabulary(config.vocab_split, config.min_word_count)
+    vocabulary = checked["items"] | "BuildVocabulary" >> BuildVocabulary(config.vocab_split, config.min_word_count)
     vocab_file = vocabulary | "WriteVocabulary" >> beam.Map(
         lambda v: write_named(files.join(config.output, tfrecord.VOCAB_NAME), v.to_json()))
     encoded = examples | "EncodeRecords" >> EncodeRecords(vocabulary, config.max_length, config.mode)

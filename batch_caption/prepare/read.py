@@ -228,41 +228,42 @@ class ComputeFeatures(beam.PTransform):
 
 
 class _AttachCaptionsFn(beam.DoFn):
-    """(path, payload) -> a CaptionedExample per item of that path; an image's error
-    record -> a copy per item, each with its item's split.
+    """(path, payload) -> a CaptionedExample per item of that path.
 
     A path listed in several splits was read once; each split gets its own copy of
     the outcome, so every split's counts add up.
     """
 
     def process(self, element, items_by_path):
-        if isinstance(element, dict):  # an image's error record
-            for item in items_by_path[element["path"]]:
-                yield beam.pvalue.TaggedOutput(ERRORS, {**element, "split": item.split})
-            return
         path, payload = element
         for item in items_by_path[path]:
             yield CaptionedExample(item, payload)
 
 
+class _AttachSplitsFn(beam.DoFn):
+    """An image's error record -> a copy per item of its path, each with its item's split."""
+
+    def process(self, record, items_by_path):
+        for item in items_by_path[record["path"]]:
+            yield {**record, "split": item.split}
+
+
 class JoinCaptionsToImages(beam.PTransform):
     """{"items": CaptionedImage, "payloads": (path, array), "errors": error records of
-    images} -> CaptionedExample per item; tag 'errors' (image errors, each with its item's split).
+    images} -> {"examples": CaptionedExample per item, "errors": image errors, each with
+    its item's split}.
 
-    The items are a side input looked up by path (AsMultiMap, fetched per key), so the
-    payloads pass through no shuffle: the multi-processing DirectRunner hands a worker its
-    share of a GroupByKey's output as one data-plane message, which for pixels grows with
-    the dataset (copied on both sides, and gRPC caps a message at 2 GB). The TFRecord
-    writer with a fixed `--num_shards` groups its records, pixels included, in the same
-    way; the default (0) lets the runner shard without a grouping.
+    The items are a side input looked up by path (AsMultiMap, fetched per key), and the
+    payloads meet nothing else on their way: no shuffle and no Flatten, either of which
+    would end the fused stage that decoded them. Between stages the multi-processing
+    DirectRunner streams a worker its whole share of a PCollection before it starts the
+    bundle, into a receive queue of a few messages: pixels of a large dataset fill it and
+    the runner waits for a bundle that never starts. The TFRecord writer with a fixed
+    `--num_shards` groups its records, pixels included; the default (0) does not.
     """
 
     def expand(self, inputs):
-        items = inputs["items"] | "KeyItemsByPath" >> beam.Map(lambda i: (i.path, i))
-        out = (
-            (inputs["payloads"], inputs[ERRORS])
-            | "FlattenImageOutcomes" >> beam.Flatten()
-            | "PairCaptionsWithImages" >> beam.ParDo(_AttachCaptionsFn(), beam.pvalue.AsMultiMap(items))
-            .with_outputs(ERRORS, main="examples")
-        )
-        return {"examples": out.examples, ERRORS: out[ERRORS]}
+        items = beam.pvalue.AsMultiMap(inputs["items"] | "KeyItemsByPath" >> beam.Map(lambda i: (i.path, i)))
+        examples = inputs["payloads"] | "PairCaptionsWithImages" >> beam.ParDo(_AttachCaptionsFn(), items)
+        errors = inputs[ERRORS] | "AttachSplitsToImageErrors" >> beam.ParDo(_AttachSplitsFn(), items)
+        return {"examples": examples, ERRORS: errors}

@@ -58,9 +58,12 @@ def vocabulary_from_counts(counts: Iterable[tuple[str, int]], min_count: int) ->
 
 
 class BuildVocabulary(beam.PTransform):
-    """PCollection[CaptionedExample] -> a one-element PCollection[Vocabulary] of `split`.
+    """PCollection[CaptionedImage] -> a one-element PCollection[Vocabulary] of `split`.
 
-    Only captions that reach the dataset count: those of images that were read.
+    Built from the checked captions, before any image is read: the encoding that needs
+    it then runs in the stage that decodes the images, so pixels never wait between
+    stages (see read.JoinCaptionsToImages). Captions of an image that fails to read
+    count too: they are the dataset's captions as listed.
     """
 
     def __init__(self, split: str, min_count: int):
@@ -68,12 +71,12 @@ class BuildVocabulary(beam.PTransform):
         self._split = split
         self._min_count = min_count
 
-    def expand(self, examples):
+    def expand(self, items):
         split, min_count = self._split, self._min_count
         return (
-            examples
-            | "KeepVocabSplit" >> beam.Filter(lambda e: e.item.split == split)
-            | "Tokenize" >> beam.FlatMap(lambda e: [t for c in e.item.captions for t in vocab_lib.tokenize(c)])
+            items
+            | "KeepVocabSplit" >> beam.Filter(lambda i: i.split == split)
+            | "Tokenize" >> beam.FlatMap(lambda i: [t for c in i.captions for t in vocab_lib.tokenize(c)])
             | "CountTokens" >> beam.combiners.Count.PerElement()
             | "CollectCounts" >> beam.combiners.ToList()
             | "SortVocabulary" >> beam.Map(vocabulary_from_counts, min_count)
