@@ -71,7 +71,7 @@ def thumbnail(path: str, decoding: Decoding) -> tuple[str, int, int]:
 
     data = file_reads.read_file(path, decoding.max_file_bytes)
     if len(data) > decoding.max_file_bytes:
-        raise FileTooLargeError(f"file is larger than the limit of {decoding.max_file_bytes:,} bytes")
+        raise FileTooLargeError(file_reads.too_large(decoding.max_file_bytes)[1])
     decoded = images.decode_image(data, decoding.image)
     scale = min(1.0, decoding.image.image_size / max(decoded.width, decoded.height))
     width, height = (max(1, round(side * scale)) for side in (decoded.width, decoded.height))

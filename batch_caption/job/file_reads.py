@@ -16,6 +16,12 @@ from apache_beam.io.filesystems import FileSystems
 READ_CHUNK_BYTES = 1 << 20
 
 
+def too_large(max_bytes: int) -> tuple[str, str]:
+    """(error name, message) for a file over `max_bytes`: what the job's error records and
+    the report's cards say."""
+    return "FileTooLargeError", f"file is larger than the limit of {max_bytes:,} bytes"
+
+
 def read_file(path: str, max_bytes: int, size_hint: int | None = None) -> bytes:
     """The file's first max_bytes + 1 bytes (all of it if shorter). size_hint: the size
     matching reported, if any (the file may have changed since)."""

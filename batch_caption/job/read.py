@@ -28,10 +28,6 @@ DECODE_THREADS = 2
 DECODE_LOOKAHEAD = 32  # images in flight per DoFn instance; >= the batch size hides decoding
 
 
-def _too_large(max_bytes: int) -> tuple[str, str]:
-    return "FileTooLargeError", f"file is larger than the limit of {max_bytes:,} bytes"
-
-
 class _FileFn(ReadAheadFn):
     """What the DoFns that read files share: the size limit, the run id, the read counters."""
 
@@ -85,7 +81,8 @@ class _RefuseTooLargeFn(beam.DoFn):
         source = as_source(item)
         if source.size is not None and source.size > self._max_bytes:
             counter("failed_read").inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, file_error(source, "read", *_too_large(self._max_bytes), self._run_id))
+            error = file_error(source, "read", *file_reads.too_large(self._max_bytes), self._run_id)
+            yield beam.pvalue.TaggedOutput(ERRORS, error)
         else:
             yield item
 
@@ -117,7 +114,7 @@ class _HashFileFn(_FileFn):
         self._hashed.inc()
         self._bytes_read.inc(size)
         if size > self._max_bytes:
-            yield from self._read_errors((source,), *_too_large(self._max_bytes))
+            yield from self._read_errors((source,), *file_reads.too_large(self._max_bytes))
             return
         if source.previous_sha256 == sha:
             self._skipped.inc()
@@ -228,7 +225,7 @@ class _ReadDecodeFn(_FileFn):
                 return _Unreadable(fd, file_reads.root_cause(e))
             counted = len(data) if first_read else 0
             if len(data) > self._max_bytes:
-                return _Unreadable(fd, *_too_large(self._max_bytes), bytes_read=counted)
+                return _Unreadable(fd, *file_reads.too_large(self._max_bytes), bytes_read=counted)
             sha = hashlib.sha256(data).hexdigest()
             if first_read and source.previous_sha256 == sha:
                 return _Unchanged(fd, counted)
