@@ -95,11 +95,8 @@ acc = {n: json.load(open(f"{sys.argv[1]}/eval/val-{n}.json"))["content_accuracy"
 print("new" if acc["new"] > acc["bundled"] else "bundled")
 PY
 )
-if [ "$kept" = new ]; then
-  [ -e "$WORK/kept/bundle.json" ] || { rm -rf "$WORK/kept"; cp -r "$bundle" "$WORK/kept"; }
-else
-  [ -e "$WORK/kept/bundle.json" ] || { rm -rf "$WORK/kept"; cp -r "$BUNDLED" "$WORK/kept"; }
-fi
+if [ "$kept" = new ]; then chosen=$bundle; else chosen=$BUNDLED; fi
+[ -e "$WORK/kept/bundle.json" ] || { rm -rf "$WORK/kept"; cp -r "$chosen" "$WORK/kept"; }
 for split in test compositional; do
   score "$WORK/kept" "$WORK/data" "$split" "$split"
   score "$WORK/kept" "$WORK/data_seed1" "$split" "$split-seed1"
