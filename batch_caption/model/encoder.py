@@ -21,6 +21,7 @@ from keras import layers, ops
 
 from batch_caption import files
 from batch_caption.model.config import SMALL_CNN_CHANNELS, ModelConfig
+from batch_caption.model.efficientnet_lite import efficientnet_lite0
 
 # name -> (keras.applications constructor, preprocessing of float pixels in [0, 255]).
 #   "none":  the application does it itself (MobileNetV3 / EfficientNet include it).
@@ -70,7 +71,8 @@ def build_backbone(config: ModelConfig, load_weights: bool = True) -> keras.Mode
     decoder, its last feature map unpooled (h * w cells) for the attention decoder.
 
     Weights follow `config.encoder_weights`: None (random), "imagenet" (downloaded by
-    Keras; needs network), or a path (local or any Beam FileSystems scheme) to a
+    Keras; needs network; Keras applications only: efficientnet_lite0's ImageNet weights
+    come from `python -m batch_caption.training.convert_lite0`), or a path (local or any Beam FileSystems scheme) to a
     `.weights.h5` file of this backbone. `load_weights=False` skips them (random init),
     for when trained weights of the whole model are loaded next.
     """
@@ -84,6 +86,11 @@ def build_backbone(config: ModelConfig, load_weights: bool = True) -> keras.Mode
         grid_shape = (config.small_cnn_grid ** 2, SMALL_CNN_CHANNELS)
         if weights == "imagenet":
             raise ValueError("small_cnn has no imagenet weights; use a weights file or None")
+    elif config.encoder == "efficientnet_lite0":
+        if weights == "imagenet":
+            raise ValueError("efficientnet_lite0's imagenet weights are a file: convert them with "
+                             "python -m batch_caption.training.convert_lite0 and pass its path")
+        backbone, grid_shape = _keep_grid_or_pool(images, efficientnet_lite0(x), config)
     else:
         ctor_name, mode = _APPLICATIONS[config.encoder]
         ctor = getattr(keras.applications, ctor_name)
@@ -101,6 +108,17 @@ def build_backbone(config: ModelConfig, load_weights: bool = True) -> keras.Mode
     backbone.grid_shape = grid_shape
     backbone.trainable = config.train_encoder
     return backbone
+
+
+def _keep_grid_or_pool(images, feature_map, config: ModelConfig):
+    """[B, h, w, C] -> (the backbone model, grid_shape): flattened cells [B, h*w*C] for
+    the attention decoder, their global average [B, C] for Show and Tell."""
+    h, w, channels = (int(d) for d in feature_map.shape[1:])
+    if config.decoder == "attention":
+        features, grid_shape = layers.Flatten(name="flatten")(feature_map), (h * w, channels)
+    else:
+        features, grid_shape = layers.GlobalAveragePooling2D(name="avg_pool")(feature_map), (1, channels)
+    return keras.Model(images, features, name=config.encoder), grid_shape
 
 
 def _load_weights_file(backbone: keras.Model, path: str) -> None:
