@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training directory: checkpoints/, logs/ (TensorBoard), export/, train_config.json, result.json; "
                     "an existing one is resumed")
     io.add_argument("--export", default=None, help="bundle directory written at the end (default OUTPUT/export)")
+    io.add_argument("--export_weights_dtype", choices=("float32", "float16"), default=default("export_weights_dtype"),
+                    help="how the bundle stores the weights: float16 halves its size, the model still computes in "
+                    "float32 (default %(default)s)")
     io.add_argument("--train_split", default=default("train_split"), help="split to train on (default %(default)s)")
     io.add_argument("--eval_split", default=default("eval_split"), help="split for validation (default %(default)s)")
 
@@ -118,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "soft attention over the encoder's grid cells at every step) (default %(default)s)")
     model.add_argument("--attention_units", type=int, default=default("attention_units"),
                        help="attention decoder: hidden size of the additive attention (default %(default)s)")
+    model.add_argument("--deep_output", action=argparse.BooleanOptionalAction, default=default("deep_output"),
+                       help="attention decoder: predict words from emb(previous word) + L_h h + L_z context "
+                       "(Xu et al. eq. 7) rather than from [h ; context] (default %(default)s)")
     model.add_argument("--attention_penalty", type=float, default=default("attention_penalty"),
                        help="attention decoder: weight of the doubly stochastic attention penalty, 0 = off "
                        "(default %(default)s)")

@@ -103,10 +103,12 @@ def every_step_model(tiny_vocab):
     return _tiny_model(tiny_vocab, seed=4, image_input="every_step")
 
 
-@pytest.fixture(scope="session")
-def attention_model(tiny_vocab):
-    """tiny_model's shape with the attention decoder over small_cnn's 2x2 grid of cells."""
-    return _tiny_model(tiny_vocab, seed=6, decoder="attention", attention_units=24, small_cnn_grid=2)
+@pytest.fixture(scope="session", params=[False, True], ids=["plain_output", "deep_output"])
+def attention_model(tiny_vocab, request):
+    """tiny_model's shape with the attention decoder over small_cnn's 2x2 grid of cells;
+    each test runs with the plain output layer and with the deep output."""
+    return _tiny_model(tiny_vocab, seed=6, decoder="attention", attention_units=24, small_cnn_grid=2,
+                       deep_output=request.param)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@
         z     = sigmoid(f_beta(h)) * sum_i alpha_i a_i                [B, D]   gated context
         h, c  = LSTM([emb(w) ; z], (h, c))
         logits = Dense(dropout([h ; z]))                             [B, vocab]
+    or, with `deep_output` (the paper's eq. 7, fewer weights than [h ; z] -> vocab):
+        logits = L_o(dropout(emb(w) + L_h h + L_z z))                [B, vocab]
 
 Teacher forcing (`call`) and step-by-step inference (`step`) run the same `_advance`, so
 they agree by construction; `call` scans it over the caption with `tf.scan`. The beam
@@ -52,6 +54,9 @@ class AttendAndTell(keras.Model):
         self.lstm = layers.LSTMCell(units, name="lstm")
         self.dropout = layers.Dropout(config.dropout, name="dropout")
         self.output_projection = layers.Dense(config.vocab_size, name="output_projection")
+        if config.deep_output:
+            self.output_state = layers.Dense(config.embedding_size, use_bias=False, name="output_state")
+            self.output_context = layers.Dense(config.embedding_size, use_bias=False, name="output_context")
         self._forbidden = forbidden_logits(config.vocab_size)
 
     @property
@@ -70,10 +75,18 @@ class AttendAndTell(keras.Model):
         context = tf.reduce_sum(alpha[:, :, None] * cells, axis=1)
         return self.context_gate(h) * context, alpha
 
+    @property
+    def _output_size(self) -> int:
+        """Width of what the output projection reads: E (deep output) or U + D."""
+        return self.config.embedding_size if self.config.deep_output else self.config.lstm_units + self.channels
+
     def _advance(self, words, h, c, cells, keys):
-        """One step from word embeddings [N, E] -> (h, c, output [N, U + D], alpha [N, L])."""
+        """One step from word embeddings [N, E] -> (h, c, output [N, `_output_size`], alpha [N, L])."""
         context, alpha = self._attend(h, cells, keys)
-        out, (h, c) = self.lstm(tf.concat([tf.cast(words, h.dtype), context], axis=1), [h, c], training=False)
+        words = tf.cast(words, h.dtype)
+        out, (h, c) = self.lstm(tf.concat([words, context], axis=1), [h, c], training=False)
+        if self.config.deep_output:
+            return h, c, words + self.output_state(out) + self.output_context(context), alpha
         return h, c, tf.concat([out, context], axis=1), alpha
 
     def initial_state(self, features):
@@ -92,10 +105,10 @@ class AttendAndTell(keras.Model):
             h, c, _, _ = carry
             return self._advance(w, h, c, cells, keys)
 
-        first = (h, c, tf.zeros([tf.shape(h)[0], self.config.lstm_units + self.channels], h.dtype),
+        first = (h, c, tf.zeros([tf.shape(h)[0], self._output_size], h.dtype),
                  tf.zeros([tf.shape(h)[0], self.cells], h.dtype))
         _, _, outputs, alphas = tf.scan(scan_step, tf.transpose(words, [1, 0, 2]), initializer=first)
-        outputs = tf.transpose(outputs, [1, 0, 2])  # [B, T, U + D]
+        outputs = tf.transpose(outputs, [1, 0, 2])  # [B, T, _output_size]
         logits = self.output_projection(self.dropout(outputs, training=training))
         return logits, tf.transpose(alphas, [1, 0, 2])
 
@@ -127,7 +140,10 @@ class AttendAndTell(keras.Model):
             self.context_gate.build((None, u))
             self.word_embedding.build((None, None))
             self.lstm.build((None, e + d))
-            self.output_projection.build((None, u + d))
+            self.output_projection.build((None, self._output_size))
+            if self.config.deep_output:
+                self.output_state.build((None, u))
+                self.output_context.build((None, d))
         self.built = True
 
 

@@ -37,6 +37,8 @@ class TrainConfig:
       data, output: prepared dataset directory; training directory (checkpoints/, logs/,
         train_config.json, result.json, and export/ unless `export` is given).
       export: bundle directory written at the end by the chief; None = OUTPUT/export.
+      export_weights_dtype: how the bundle stores its weights: "float32", or "float16"
+        (half the size; the model still computes in float32).
       strategy: "auto" (multi_worker if TF_CONFIG names several tasks, else mirrored over
         several GPUs / CPU devices, else one_device), "default" (TensorFlow's no-op
         strategy), "one_device", "mirrored", "multi_worker" (needs TF_CONFIG), "tpu".
@@ -61,6 +63,7 @@ class TrainConfig:
         (Show and Tell) or "every_step".
       decoder, attention_units: `ModelConfig.decoder` ("show_and_tell" or "attention")
         and the attention's hidden size.
+      deep_output: attention decoder: `ModelConfig.deep_output`.
       attention_penalty: attention decoder: weight lambda of the doubly stochastic
         penalty (`attend_and_tell.attention_penalty`) added to the loss; 0 = off.
       embedding_size, lstm_units, dropout: decoder architecture.
@@ -83,6 +86,7 @@ class TrainConfig:
     data: str
     output: str
     export: str | None = None
+    export_weights_dtype: str = "float32"
     strategy: str = "auto"
     tpu: str = ""
     num_cpu_devices: int = 0
@@ -108,6 +112,7 @@ class TrainConfig:
     image_input: str = "first"
     decoder: str = "show_and_tell"
     attention_units: int = 256
+    deep_output: bool = False
     attention_penalty: float = 0.0
     embedding_size: int = 256
     lstm_units: int = 512
@@ -129,6 +134,8 @@ class TrainConfig:
 
         need(bool(self.data), "--data is required")
         need(bool(self.output), "--output is required")
+        need(self.export_weights_dtype in ("float32", "float16"),
+             f"--export_weights_dtype must be float32 or float16, got {self.export_weights_dtype!r}")
         need(self.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         need(0 <= self.num_cpu_devices <= 64, f"--num_cpu_devices must be in [0, 64], got {self.num_cpu_devices}")
         need(self.global_batch_size >= 1, f"--global_batch_size must be >= 1, got {self.global_batch_size}")
@@ -160,6 +167,7 @@ class TrainConfig:
         need(self.decoder in DECODERS, f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         need(self.attention_units >= 1, f"--attention_units must be >= 1, got {self.attention_units}")
         need(self.attention_penalty >= 0, f"--attention_penalty must be >= 0, got {self.attention_penalty}")
+        need(not self.deep_output or self.decoder == "attention", "--deep_output applies to --decoder attention only")
         need(self.attention_penalty == 0 or self.decoder == "attention",
              "--attention_penalty applies to --decoder attention only")
         need(self.embedding_size >= 1, f"--embedding_size must be >= 1, got {self.embedding_size}")

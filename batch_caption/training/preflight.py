@@ -21,7 +21,7 @@ from batch_caption.training.config import TrainConfig, UsageError
 TRAIN_CONFIG_NAME = "train_config.json"
 # Fields that fix the shapes of the checkpointed variables: a resumed run must match them.
 _ARCHITECTURE = ("vocab_size", "encoder", "image_size", "small_cnn_grid", "image_input", "decoder",
-                 "attention_units", "embedding_size", "lstm_units")
+                 "attention_units", "deep_output", "embedding_size", "lstm_units")
 # A model field that a train_config.json lacks means that field's default.
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
@@ -105,6 +105,11 @@ def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, ModelC
                 "(the exported bundle pairs the decoder with that backbone)"
             )
         changes.update(encoder=info.encoder, train_encoder=False, encoder_weights=weights)
+        made_for = info.source.get("decoder", "show_and_tell")
+        if info.encoder != "small_cnn" and made_for != config.decoder:
+            # An application's features are pooled for Show and Tell and a grid for attention.
+            raise UsageError(f"the dataset's {info.encoder} features were made for --decoder {made_for}, not "
+                             f"{config.decoder} (prepare them again with --decoder {config.decoder})")
         if grid is not None and info.feature_size != grid * grid * SMALL_CNN_CHANNELS:
             raise UsageError(f"the dataset's features have {info.feature_size} floats, not the "
                              f"{grid * grid * SMALL_CNN_CHANNELS} of small_cnn pooled to {grid}x{grid}")
@@ -127,6 +132,7 @@ def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, ModelC
             image_input=config.image_input,
             decoder=config.decoder,
             attention_units=config.attention_units,
+            deep_output=config.deep_output,
             embedding_size=config.embedding_size,
             lstm_units=config.lstm_units,
             dropout=config.dropout,

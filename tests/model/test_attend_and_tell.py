@@ -180,3 +180,44 @@ def test_captioner_returns_the_best_captions_attention_maps(attention_model, tin
 def test_attention_maps_need_the_attention_decoder(tiny_model, tiny_vocab):
     with pytest.raises(ValueError, match="attention maps need a model with the attention decoder"):
         Captioner(tiny_model, tiny_vocab, attention_maps=True)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def test_one_step_matches_the_papers_equations_in_numpy(attention_model):
+    """An independent reference: the first step written out in numpy from Xu et al.'s
+    equations (init MLPs, additive attention, gated context, LSTM, output layer)."""
+    model = attention_model
+    features = model.encode(_images(2, seed=5)).numpy()
+    tokens = np.array([V.START_ID, 5], np.int32)
+    w = lambda layer: [np.asarray(x, np.float64) for x in layer.get_weights()]  # noqa: E731
+    a = features.astype(np.float64).reshape(2, model.cells, model.channels)
+    mean = a.mean(axis=1)
+    (kh, bh), (kc, bc) = w(model.init_h), w(model.init_c)
+    h, c = np.tanh(mean @ kh + bh), np.tanh(mean @ kc + bc)
+    (ka,), (ks, bs), (v,), (kg, bg) = w(model.cell_keys), w(model.state_keys), w(model.attention_score), w(model.context_gate)
+    energy = (np.tanh(a @ ka + (h @ ks + bs)[:, None, :]) @ v)[:, :, 0]
+    alpha = np.exp(energy - energy.max(axis=1, keepdims=True))
+    alpha /= alpha.sum(axis=1, keepdims=True)
+    z = _sigmoid(h @ kg + bg) * (alpha[:, :, None] * a).sum(axis=1)
+    (embedding,) = w(model.word_embedding)
+    words = embedding[tokens]
+    kernel, recurrent, bias = w(model.lstm)
+    gates = np.concatenate([words, z], axis=1) @ kernel + h @ recurrent + bias
+    i, f, g, o = np.split(gates, 4, axis=1)  # Keras' gate order
+    c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+    h = _sigmoid(o) * np.tanh(c)
+    ko, bo = w(model.output_projection)
+    if model.config.deep_output:
+        (kl,), (kz,) = w(model.output_state), w(model.output_context)
+        logits = (words + h @ kl + z @ kz) @ ko + bo
+    else:
+        logits = np.concatenate([h, z], axis=1) @ ko + bo
+    logits = logits + model._forbidden.numpy()
+    expected = logits - logits.max(axis=1, keepdims=True)
+    expected = expected - np.log(np.exp(expected).sum(axis=1, keepdims=True))
+    log_probs, _ = model.step(tf.constant(tokens), model.initial_state(tf.constant(features)))
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(log_probs.numpy()[finite], expected[finite], atol=1e-4)
