@@ -233,6 +233,7 @@ def test_precomputed_features_equal_the_backbones(tmp_path, size, grid):
     assert (info.mode, info.encoder, info.feature_size) == ("features", "small_cnn", features)
     assert features == (grid or 4) ** 2 * 128
     assert info.source["encoder_weights"] == weights and info.source["small_cnn_grid"] == (grid or 4)
+    assert info.source["decoder"] == "show_and_tell"  # the default: train checks it for application encoders
     _, _, parsed = read_dataset(out)
     keras.utils.set_random_seed(6)  # a fresh backbone gets other weights unless they are loaded
     backbone = build_backbone(dataclasses.replace(config, encoder_weights=weights))
@@ -385,6 +386,9 @@ def inputs(tmp_path):
          "does not exist"),
         (["--source", "synthetic", "--encoder", "small_cnn"], "only apply with --precompute_features"),
         (["--source", "synthetic", "--small_cnn_grid", "3"], "only apply with --precompute_features"),
+        (["--source", "synthetic", "--decoder", "attention"], "only apply with --precompute_features"),
+        (["--source", "synthetic", "--precompute_features", "--encoder_weights", "/w.weights.h5", "--decoder", "lstm"],
+         "invalid choice: 'lstm'"),
         (["--source", "synthetic", "--precompute_features", "--encoder_weights", "/w.weights.h5", "--small_cnn_grid",
           "9"], "--small_cnn_grid must be in [1, 8]"),
         (["--source", "synthetic", "--precompute_features", "--encoder", "resnet50", "--encoder_weights", "imagenet",

@@ -8,6 +8,7 @@ devices can only be configured in a fresh one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -279,8 +280,10 @@ def test_one_replica_step_is_the_plain_mean_token_loss_step(features_dataset, en
     trained = load_bundle(result.export_path).model
     assert [trained.config.image_input, trained.config.decoder][flags[0] == "--decoder"] == flags[1]
 
+    # The bundle names the backbone's first weights by file name only (no machine path).
+    assert trained.config.encoder_weights == os.path.basename(encoder_weights)
     keras.utils.set_random_seed(seed)
-    model = build_model(trained.config)
+    model = build_model(dataclasses.replace(trained.config, encoder_weights=encoder_weights))
     model.build_all()
     batch = next(iter(data_input.make_dataset(_files(data, "train"), _info(data), 8, training=True, seed=seed,
                                               bucket_width=0)))
@@ -601,3 +604,26 @@ def test_a_run_from_before_a_model_field_still_resumes(tmp_path, field, changed,
     assert check_output(config, ModelConfig(vocab_size=9, image_size=96)) is True
     with pytest.raises(UsageError, match=message):
         check_output(config, ModelConfig(vocab_size=9, image_size=96, **{field: changed}))
+
+
+@pytest.mark.parametrize("made_for, decoder, ok", [
+    ("attention", "attention", True), ("show_and_tell", "show_and_tell", True), (None, "show_and_tell", True),
+    ("show_and_tell", "attention", False), ("attention", "show_and_tell", False),
+])
+def test_application_features_must_be_made_for_the_decoder(tmp_path, made_for, decoder, ok):
+    """efficientnet_lite0 features are a grid for attention and pooled for Show and Tell."""
+    from batch_caption.cli import UsageError
+    from batch_caption.training.config import TrainConfig
+    from batch_caption.training.preflight import resolve
+
+    spec = _features_spec(tmp_path, None, 49 * 1280 if made_for == "attention" else 1280)
+    source = dict(spec.info.source, **({"decoder": made_for} if made_for else {}))
+    spec = dataclasses.replace(spec, info=dataclasses.replace(spec.info, encoder="efficientnet_lite0", image_size=224,
+                                                              source=source))
+    config = TrainConfig(data=spec.path, output=str(tmp_path / "out"), decoder=decoder, eval_every=0)
+    if ok:
+        _, model_config, _ = resolve(config, spec)
+        assert model_config.encoder == "efficientnet_lite0" and model_config.decoder == decoder
+    else:
+        with pytest.raises(UsageError, match=f"made for --decoder {made_for}, not {decoder}"):
+            resolve(config, spec)

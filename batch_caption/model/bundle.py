@@ -101,16 +101,52 @@ def compute_bundle_id(config_json: bytes, vocab_json: bytes, weights_digest_hex:
     return _sha256(joined.encode())[:16]
 
 
-def save_bundle(model: CaptionModel, vocabulary: Vocabulary, path: str) -> str:
-    """Writes the bundle under `path` (created if needed); returns the bundle id."""
+WEIGHT_DTYPES = ("float32", "float16")
+
+
+def _store_as(weights_file: str, dtype: str) -> None:
+    """Rewrites every float32 array of a .weights.h5 file as `dtype` (Keras casts them back
+    to the variables' float32 on load: half the bytes, the network still computes in float32)."""
+    import h5py
+
+    with h5py.File(weights_file, "r+") as f:
+        arrays = []
+        f.visititems(lambda name, obj: arrays.append(name) if isinstance(obj, h5py.Dataset) else None)
+        for name in arrays:
+            if f[name].dtype == np.float32:
+                data = f[name][()]
+                del f[name]
+                f.create_dataset(name, data=data.astype(dtype))
+
+
+def _portable_config(config: ModelConfig) -> dict:
+    """config.json's content: a local encoder_weights path (where the backbone's first
+    weights came from; informational, the bundle carries trained ones) is cut to its file
+    name, so no machine's path goes into a bundle."""
+    data = config.to_dict()
+    weights = data.get("encoder_weights")
+    if weights not in (None, "imagenet") and "://" not in weights:
+        data["encoder_weights"] = os.path.basename(weights)
+    return data
+
+
+def save_bundle(model: CaptionModel, vocabulary: Vocabulary, path: str, weights_dtype: str = "float32") -> str:
+    """Writes the bundle under `path` (created if needed); returns the bundle id.
+
+    weights_dtype: how model.weights.h5 stores the float weights, one of `WEIGHT_DTYPES`.
+    """
     if len(vocabulary) != model.config.vocab_size:
         raise ValueError(f"vocabulary has {len(vocabulary)} tokens, model expects {model.config.vocab_size}")
+    if weights_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weights_dtype!r}")
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, WEIGHTS)
         model.save_weights(local)
+        if weights_dtype != "float32":
+            _store_as(local, weights_dtype)
         digest = weights_file_digest(local)
         contents = {
-            CONFIG: json.dumps(model.config.to_dict(), indent=2, sort_keys=True).encode(),
+            CONFIG: json.dumps(_portable_config(model.config), indent=2, sort_keys=True).encode(),
             VOCAB: vocabulary.to_json().encode(),
             WEIGHTS: files.read_bytes(local),
         }

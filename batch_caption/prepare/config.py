@@ -18,7 +18,7 @@ from batch_caption import cli, files, images, quiet, records
 from batch_caption.cli import UsageError
 from batch_caption.data import scenes, sources
 from batch_caption.model import vocab as vocab_lib
-from batch_caption.model.config import DEFAULT_SMALL_CNN_GRID, ENCODERS, ModelConfig
+from batch_caption.model.config import DECODERS, DEFAULT_SMALL_CNN_GRID, ENCODERS, ModelConfig
 
 SOURCES = ("coco", "karpathy", "flickr8k", "synthetic")
 DEFAULT_SYNTHETIC_COUNTS = "train=4000,val=200,test=500,compositional=500"
@@ -44,6 +44,9 @@ class PrepareConfig:
     num_shards: shards per split; 0 lets the runner decide.
     encoder / encoder_weights / small_cnn_grid: the backbone that computes features
       (features mode; the grid only for small_cnn).
+    decoder: the decoder the features are for (features mode): "attention" keeps a Keras
+      application's or efficientnet_lite0's last feature map as a grid of cells,
+      "show_and_tell" pools it to one vector. small_cnn always keeps its pooled grid.
     """
 
     source: str
@@ -64,6 +67,7 @@ class PrepareConfig:
     encoder: str | None = None
     encoder_weights: str | None = None
     small_cnn_grid: int | None = None
+    decoder: str = "show_and_tell"
     batch_size: int = 32
     max_image_pixels: int = 100_000_000
     max_file_bytes: int = 256 * 1024 * 1024
@@ -104,8 +108,11 @@ class PrepareConfig:
                 raise UsageError(f"--small_cnn_grid only applies to --encoder small_cnn, not {self.encoder}")
             if self.small_cnn_grid is not None and not 1 <= self.small_cnn_grid <= 8:
                 raise UsageError(f"--small_cnn_grid must be in [1, 8], got {self.small_cnn_grid}")
-        elif self.encoder or self.encoder_weights or self.small_cnn_grid is not None:
-            raise UsageError("--encoder, --encoder_weights and --small_cnn_grid only apply with --precompute_features")
+            if self.decoder not in DECODERS:
+                raise UsageError(f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        elif self.encoder or self.encoder_weights or self.small_cnn_grid is not None or self.decoder != "show_and_tell":
+            raise UsageError("--encoder, --encoder_weights, --small_cnn_grid and --decoder only apply with "
+                             "--precompute_features")
 
     def _check_splits(self):
         names = [n for n, _ in self.splits]
@@ -166,7 +173,7 @@ class PrepareConfig:
         does not use it, and the vocabulary is not known until the job has run."""
         return ModelConfig(vocab_size=len(vocab_lib.SPECIAL_TOKENS) + 1, encoder=self.encoder,
                            image_size=self.image_size, encoder_weights=self.encoder_weights, train_encoder=False,
-                           small_cnn_grid=self.small_cnn_grid or DEFAULT_SMALL_CNN_GRID)
+                           small_cnn_grid=self.small_cnn_grid or DEFAULT_SMALL_CNN_GRID, decoder=self.decoder)
 
     @property
     def synthetic_dir(self) -> str:
@@ -228,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--small_cnn_grid", type=int, default=None,
                    help="small_cnn: side of the grid its features are pooled to, F = grid*grid*128 (default 4; "
                    "3 matches the synthetic scenes' 3x3 layout); recorded in dataset.json for train")
+    f.add_argument("--decoder", default="show_and_tell", choices=DECODERS,
+                   help="the decoder the features are for: attention keeps the encoder's last feature map as a grid "
+                   "of cells (h*w*C floats), show_and_tell pools it (C floats); small_cnn keeps its grid either way "
+                   "(default show_and_tell); recorded in dataset.json for train")
     f.add_argument("--batch_size", type=int, default=32, help="images per encoder call (default 32)")
     r = p.add_argument_group("resources")
     r.add_argument("--max_image_pixels", type=int, default=100_000_000, help="decoded pixel limit per image (default 100M)")
@@ -297,6 +308,7 @@ def parse(argv: list[str] | None):
         encoder=args.encoder or ("small_cnn" if precompute else None),
         encoder_weights=args.encoder_weights,
         small_cnn_grid=args.small_cnn_grid,
+        decoder=args.decoder,
         batch_size=args.batch_size,
         max_image_pixels=args.max_image_pixels,
         max_file_bytes=args.max_file_bytes,

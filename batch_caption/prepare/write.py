@@ -248,6 +248,7 @@ class _WriteInfoFn(beam.DoFn):
         }
         if config.precompute_features:
             source["encoder_weights"] = config.encoder_weights
+            source["decoder"] = config.decoder
             if config.encoder == "small_cnn":
                 source["small_cnn_grid"] = config.model_config.small_cnn_grid
         info = tfrecord.DatasetInfo(

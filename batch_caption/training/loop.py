@@ -309,7 +309,7 @@ class Trainer:
         bundle_id = export_path = None
         if self.role.is_chief and not preempted:
             export_path = c.export_path
-            bundle_id = save_bundle(self.model, self.spec.vocabulary, export_path)
+            bundle_id = save_bundle(self.model, self.spec.vocabulary, export_path, c.export_weights_dtype)
             self.log(f"exported bundle {bundle_id} to {export_path}")
         result = TrainResult(
             step=step, steps=c.steps, loss=loss, val_loss=val_loss, examples_per_second=rate,

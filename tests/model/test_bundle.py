@@ -178,3 +178,46 @@ def test_vocab_size_must_match(tiny_model, tmp_path):
 
     with pytest.raises(ValueError, match="vocabulary has"):
         B.save_bundle(tiny_model, Vocabulary.build(["x"]), str(tmp_path / "b"))
+
+
+def test_float16_bundle_is_half_the_size_and_captions_alike(tiny_model, tiny_vocab, tmp_path):
+    import h5py
+    import numpy as np
+
+    full = B.save_bundle(tiny_model, tiny_vocab, str(tmp_path / "f32"))
+    half = B.save_bundle(tiny_model, tiny_vocab, str(tmp_path / "f16"), weights_dtype="float16")
+    assert half != full  # other bytes, other id
+    sizes = [os.path.getsize(tmp_path / d / B.WEIGHTS) for d in ("f32", "f16")]
+    assert sizes[1] < 0.6 * sizes[0]
+    with h5py.File(tmp_path / "f16" / B.WEIGHTS) as f:
+        dtypes = set()
+        f.visititems(lambda _, obj: dtypes.add(obj.dtype) if isinstance(obj, h5py.Dataset) else None)
+    assert np.dtype("float16") in dtypes and np.dtype("float32") not in dtypes
+    loaded = load_bundle(str(tmp_path / "f16"))
+    assert loaded.bundle_id == half
+    assert all(v.dtype == "float32" for v in loaded.model.weights)  # stored half, computed in float32
+    for got, want in zip(loaded.model.weights, tiny_model.weights):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="weights_dtype"):
+        B.save_bundle(tiny_model, tiny_vocab, str(tmp_path / "bad"), weights_dtype="int8")
+
+
+def test_config_json_names_no_machine_path(tiny_vocab, tmp_path):
+    import dataclasses
+
+    from batch_caption.model.network import build_model
+
+    model = build_model(dataclasses.replace(
+        load_bundle_config_of_tiny(tiny_vocab), encoder_weights=str(tmp_path / "enc" / "backbone.weights.h5")),
+        initial_encoder_weights=False)
+    model.build_all()
+    B.save_bundle(model, tiny_vocab, str(tmp_path / "b"))
+    config = json.loads((tmp_path / "b" / B.CONFIG).read_text())
+    assert config["encoder_weights"] == "backbone.weights.h5"
+    assert str(tmp_path) not in (tmp_path / "b" / B.CONFIG).read_text()
+
+
+def load_bundle_config_of_tiny(vocab):
+    from batch_caption.model.config import ModelConfig
+
+    return ModelConfig(vocab_size=len(vocab), image_size=64, embedding_size=16, lstm_units=16)
