@@ -20,7 +20,7 @@ import os
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 MARKER = "bundled:"
-# What workers were sent before models had names: still the default model.
+# The default model too: the marker earlier versions' manifests and commands carry.
 LEGACY_MARKER = "bundled:default_model"
 
 

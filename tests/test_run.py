@@ -430,7 +430,7 @@ def test_model_takes_a_bundled_models_name_or_its_marker():
     scenes_path = bundled.BUNDLED["scenes"].path
     for value in ("scenes", "bundled:scenes", scenes_path):
         assert run.parse(["--model", value])[0].model == scenes_path
-    # Workers were once sent this marker for the one bundled model: it is the default now.
+    # The marker of earlier versions' manifests and commands: the default model.
     assert run.parse(["--model", "bundled:default_model"])[0].model == bundled.default().path
     assert run.parse([])[0].model == bundled.default().path
 
