@@ -59,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--length_normalization", type=float, default=0.7,
                    help="alpha in score = logprob / length**alpha (default 0.7; 0 = raw log-prob)")
     m.add_argument("--low_score_threshold", type=float, default=None,
-                   help="captions scoring below this get the low_score flag (default: the model's calibrated "
-                   "threshold; " + ", ".join(f"{m.name} {m.low_score}" for m in bundled.BUNDLED.values())
-                   + f"; a bundle of your own gets the default model's: calibrate yours with bench/low_score.py)")
+                   help="captions scoring below this get the low_score flag (default: the bundled model's calibrated "
+                   "threshold, " + ", ".join(f"{b.name} {b.low_score}" for b in bundled.BUNDLED.values())
+                   + "; another bundle gets the default model's)")
     m.add_argument("--attention_maps", action="store_true",
                    help="models with the attention decoder: each caption record gets 'attention', where the "
                    "decoder looked (grid cells, in percent) as it said each word; the report overlays it")
