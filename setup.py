@@ -17,6 +17,13 @@ def _requirements():
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 
+def _data_packages():
+    """Every directory of the bundled models and the sample images, each a package of data."""
+    roots = [HERE / "batch_caption" / "models", HERE / "batch_caption" / "samples"]
+    dirs = [d for root in roots if root.is_dir() for d in [root, *root.rglob("*")] if d.is_dir()]
+    return {".".join(d.relative_to(HERE).parts): ["*"] for d in dirs if d.name != "__pycache__"}
+
+
 def _version():
     text = (HERE / "batch_caption" / "__init__.py").read_text()
     return re.search(r'__version__ = "([^"]+)"', text).group(1)
@@ -35,11 +42,11 @@ setup(
         "Programming Language :: Python :: 3.12",
         "Programming Language :: Python :: 3.13",
     ],
-    # Namespace packages too: the bundled model and samples are data directories without an
+    # Namespace packages too: the bundled models and samples are data directories without an
     # __init__.py, which setuptools ships as packages of their own.
     packages=find_namespace_packages(include=["batch_caption", "batch_caption.*"], exclude=["*.__pycache__"]),
     include_package_data=True,
-    package_data={"batch_caption.default_model": ["*"], "batch_caption.samples": ["*"]},
+    package_data=_data_packages(),
     install_requires=_requirements(),
     extras_require={
         "test": [

@@ -18,14 +18,13 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from batch_caption import gcs
+from batch_caption import bundled, gcs
 from batch_caption.job.elements import ImageExample
 from batch_caption.model.config import DecodeConfig, ModelConfig
 from batch_caption.model_loading import (
     BackgroundLoad,
     gc_frozen_after_first_load,
     quiet_beam_memory_warning,
-    resolve_model_path,
 )
 
 # Beam warns before load_model runs, so the filter goes in at import: every process that
@@ -64,7 +63,8 @@ class CaptionModelHandler(_ImageBatchHandler):
     """Loads a model bundle and captions batches: PredictionResult(example, n-best).
 
     Args:
-      model_path: bundle directory (local or any FileSystems path), or model_loading.BUNDLED_MODEL.
+      model_path: bundle directory (local or any FileSystems path), or a bundled model's marker
+        ("bundled:<name>", resolved on the worker: batch_caption.bundled).
       decode: beam search settings.
       attention_maps: return the best captions' attention maps (attention decoder only).
 
@@ -90,7 +90,7 @@ class CaptionModelHandler(_ImageBatchHandler):
 
         gcs.configure_for_emulator()
         with gc_frozen_after_first_load():
-            captioner = load_captioner(resolve_model_path(self._model_path), self._decode, self._attention_maps)
+            captioner = load_captioner(bundled.resolve(self._model_path), self._decode, self._attention_maps)
             # Traced inside the one-time load, not in the first batch.
             captioner.warm_up()
         return captioner

@@ -3,8 +3,6 @@
     BackgroundLoad               a load in a thread of its own; callers wait for it
     ModelLoadError               a failed load: the run fails, no image is blamed
     gc_frozen_after_first_load   the process's first load runs without the cyclic GC
-    resolve_model_path           BUNDLED_MODEL -> this installation's bundled model
-    portable_model_path          the other way, for the driver
     quiet_beam_memory_warning    drops a Beam warning repeated on every model load
 """
 
@@ -13,29 +11,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
-
-# Stands for the package's bundled model: the driver's absolute path to it means nothing
-# on a Dataflow worker, where the package is installed elsewhere.
-BUNDLED_MODEL = "bundled:default_model"
-
-
-def resolve_model_path(path: str) -> str:
-    """BUNDLED_MODEL -> this installation's default_model directory; other paths as given."""
-    if path == BUNDLED_MODEL:
-        return os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
-    return path
-
-
-def portable_model_path(path: str) -> str:
-    """This installation's bundled model -> BUNDLED_MODEL (what a worker resolves again);
-    other paths as given."""
-    return BUNDLED_MODEL if path == resolve_model_path(BUNDLED_MODEL) else path
-
 
 class _DropBeamResourceWarning(logging.Filter):
     """Beam (2.77) disables its memory probe when torch is absent (model_manager imports torch in

@@ -2,10 +2,10 @@
 
 Each caption record carries `flags`, a sorted list of:
   low_score       the caption's score (logprob / length**alpha) is below the run's
-                  --low_score_threshold (default DEFAULT_LOW_SCORE: the 1st percentile
-                  of the bundled model's scores on held-out synthetic scenes, chosen by
-                  bench/low_score.py; it marks the model's least confident captions,
-                  which with the bundled model are not those of images unlike training)
+                  --low_score_threshold (default: the model's own calibration, kept per
+                  bundled model in batch_caption/bundled.py; for the scenes model the 1st
+                  percentile of its scores on held-out scenes, bench/low_score.py: its
+                  least confident captions, not those of images unlike training)
   repeated_ngram  the caption says something twice (see has_repeated_ngram): the LSTM
                   stutter, never ordinary enumeration
   truncated       the best caption reached --max_caption_length without an end token:
@@ -19,9 +19,6 @@ from batch_caption.model import vocab as V
 
 LOW_SCORE, REPEATED_NGRAM, TRUNCATED, UNKNOWN_WORD = "low_score", "repeated_ngram", "truncated", "unknown_word"
 FLAGS = (LOW_SCORE, REPEATED_NGRAM, TRUNCATED, UNKNOWN_WORD)
-# bench/low_score.py's threshold for the bundled model (bench/results/low_score.json, whose
-# model id tests/test_quality.py checks): rerun it when that model changes.
-DEFAULT_LOW_SCORE = -0.54
 
 # Words that relate or count the things a caption names rather than name them: articles,
 # numbers, pronouns, prepositions (spatial relations included), conjunctions, auxiliaries.
@@ -81,7 +78,7 @@ def _says_twice(run: tuple[str, ...]) -> bool:
                for n in range(2, len(run) // 2 + 1) for i in range(len(run) - 2 * n + 1))
 
 
-def caption_flags(caption: str, score: float, low_score_threshold: float = DEFAULT_LOW_SCORE,
+def caption_flags(caption: str, score: float, low_score_threshold: float,
                   truncated: bool = False) -> list[str]:
     """Sorted flags for one caption (see module docstring)."""
     # <unk> becomes one word token, so that it is one content word like any other.

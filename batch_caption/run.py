@@ -1,10 +1,10 @@
 """`python -m batch_caption.run`: caption image collections with a Beam pipeline.
 
-    python -m batch_caption.run --input photos/ --output out/ [--model BUNDLE] [Beam options]
+    python -m batch_caption.run --input photos/ --output out/ [--model NAME|BUNDLE] [Beam options]
 
 Writes OUTPUT/run=<run_id>/captions-*.jsonl, errors-*.jsonl, catalog-*.parquet and,
 last, manifest.json; then OUTPUT/LATEST names the run. With no input flags it captions
-the package's bundled sample images into ./captions/.
+the bundled model's sample images into ./captions/ (batch_caption/bundled.py).
 Exit codes: 0 the run completed (per-image errors are data, in errors-*.jsonl);
 2 bad flags / missing model / input matching nothing / another run holds the output's
 lock (nothing was started); 1 the pipeline itself failed (a listing that failed, say);
@@ -21,17 +21,13 @@ import sys
 import time
 from typing import Any
 
-from batch_caption import cli, files, gcs, quality, quiet, runs
+from batch_caption import bundled, cli, files, gcs, quiet, runs
 from batch_caption import lock
 from batch_caption.cli import UsageError
 from batch_caption.job import JobConfig, build_pipeline
 from batch_caption.job.config import MIN_READ_THREADS, REMOTE_READ_THREADS, default_read_threads
 from batch_caption.job.elements import NAMESPACE
-from batch_caption.model_loading import BUNDLED_MODEL, resolve_model_path
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL = resolve_model_path(BUNDLED_MODEL)
-SAMPLES_DIR = os.path.join(PACKAGE_DIR, "samples")
 EXIT_TOO_MANY_FAILED = 3
 _GLOB_CHARS = set("*?[")
 
@@ -53,16 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--output", default=None, help="output directory; the run goes to OUTPUT/run=<run_id>/ (default ./captions)")
     io.add_argument("--run_id", default=None, help="run name (default: UTC timestamp). Re-using one replaces that run's files.")
     m = p.add_argument_group("model and decoding")
-    m.add_argument("--model", default=None, help="model bundle directory (default: the bundled model)")
+    m.add_argument("--model", default=None, metavar="NAME|BUNDLE",
+                   help=f"a bundled model by name ({', '.join(bundled.BUNDLED)}; default {bundled.DEFAULT_MODEL_NAME}) "
+                   "or a model bundle directory, local or gs:// (./NAME for a directory named like a bundled model)")
     m.add_argument("--beam_size", type=int, default=3, help="beam width k; 1 = greedy (default 3)")
     m.add_argument("--max_caption_length", type=int, default=20, help="max tokens per caption incl. the end token (default 20)")
     m.add_argument("--num_alternatives", type=int, default=None,
                    help="n-best captions kept per image, <= beam_size (default min(3, beam_size))")
     m.add_argument("--length_normalization", type=float, default=0.7,
                    help="alpha in score = logprob / length**alpha (default 0.7; 0 = raw log-prob)")
-    m.add_argument("--low_score_threshold", type=float, default=quality.DEFAULT_LOW_SCORE,
-                   help="captions scoring below this get the low_score flag (default %(default)s: the bundled "
-                   "model's 1st percentile on held-out scenes, bench/low_score.py)")
+    m.add_argument("--low_score_threshold", type=float, default=None,
+                   help="captions scoring below this get the low_score flag (default: the bundled model's calibrated "
+                   "threshold, " + ", ".join(f"{b.name} {b.low_score}" for b in bundled.BUNDLED.values())
+                   + "; another bundle gets the default model's)")
     m.add_argument("--attention_maps", action="store_true",
                    help="models with the attention decoder: each caption record gets 'attention', where the "
                    "decoder looked (grid cells, in percent) as it said each word; the report overlays it")
@@ -120,8 +119,13 @@ def parse(argv: list[str] | None):
     unknown = sorted(set(every) - set(known))
     if unknown:
         raise UsageError(f"unknown option(s): {', '.join('--' + u for u in unknown)} (see --help)")
+    try:
+        model = bundled.resolve(args.model or bundled.DEFAULT_MODEL_NAME)
+    except KeyError as e:
+        raise UsageError(f"--model {args.model}: {e.args[0]}") from e
     if not args.input and not args.input_list:
-        args.input = [SAMPLES_DIR]
+        samples = bundled.find(model) or bundled.default()
+        args.input = samples.sample_files() or [samples.samples_dir]  # none: the check names the directory
     output = args.output or "captions"
     beam_size = args.beam_size
     n_alt = args.num_alternatives if args.num_alternatives is not None else max(1, min(3, beam_size))
@@ -133,7 +137,7 @@ def parse(argv: list[str] | None):
         inputs=tuple(args.input),
         input_lists=tuple(args.input_list),
         output=output,
-        model=args.model or DEFAULT_MODEL,
+        model=model,
         run_id=args.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
         beam_size=beam_size,
         max_caption_length=args.max_caption_length,
@@ -191,7 +195,7 @@ def resolve_inputs(config: JobConfig) -> JobConfig:
 def check_remote_paths(config: JobConfig, options) -> None:
     """On Dataflow, workers read the inputs and write the output on machines of their own:
     a local --output, --input, --input_list or --model would be the worker's disk, not
-    this one's. The bundled default model travels with the package."""
+    this one's. A bundled model travels with the package."""
     from apache_beam.options.pipeline_options import StandardOptions
 
     runner = options.view_as(StandardOptions).runner or ""
@@ -199,7 +203,7 @@ def check_remote_paths(config: JobConfig, options) -> None:
         return
     named = [("--output", config.output), *(("--input", p) for p in config.inputs),
              *(("--input_list", p) for p in config.input_lists)]
-    if config.model != DEFAULT_MODEL:
+    if bundled.find(config.model) is None:
         named.append(("--model", config.model))
     for flag, path in named:
         if not files.is_remote(path) or path.startswith("file://"):
@@ -211,8 +215,12 @@ def check_model(path: str) -> tuple[str, Any]:
     against its hash here, so a broken bundle stops the run before any work."""
     from batch_caption.model import bundle
 
-    if path == DEFAULT_MODEL and not os.path.isdir(path):
-        raise UsageError("no --model given and this installation has no bundled default model")
+    known = bundled.find(path)
+    if known and not known.installed():
+        raise UsageError(f"--model {known.name}: this installation has no bundled model {known.name}")
+    if not known and not files.is_remote(path) and not os.path.exists(path):
+        raise UsageError(f"--model {path}: no such bundle directory, nor a bundled model "
+                         f"({', '.join(bundled.BUNDLED)})")
     try:
         manifest, config = bundle.verify_bundle(path)
     except (bundle.BundleError, OSError) as e:

@@ -113,10 +113,12 @@ def log_round(r: int, side: str, x) -> None:
 
 # --- the job in this process ---------------------------------------------------------
 
-def default_model() -> str:
-    from batch_caption import run
+def model_path(model: str | None = None) -> str:
+    """A --model value (a bundled model's name or a bundle path; None: the default bundled
+    model) -> the bundle's path."""
+    from batch_caption import bundled
 
-    return run.DEFAULT_MODEL
+    return bundled.resolve(model or bundled.DEFAULT_MODEL_NAME)
 
 
 def run_job(argv: list[str]) -> dict:
@@ -355,14 +357,14 @@ def encoder_names(parser, text: str | None) -> list[str]:
 
 
 def random_model(name: str):
-    """(ShowAndTell with random weights, Vocabulary, the bundled ModelConfig) for encoder
-    `name` at its usual input side, with the bundled model's decoder; no download."""
+    """(ShowAndTell with random weights, Vocabulary, the default bundled model's ModelConfig)
+    for encoder `name` at its usual input side, with that model's decoder; no download."""
     from batch_caption.model.config import ModelConfig
     from batch_caption.model.show_and_tell import ShowAndTell
     from batch_caption.model.vocab import Vocabulary
 
     def read(name: str) -> bytes:
-        with open(os.path.join(default_model(), name), "rb") as f:
+        with open(os.path.join(model_path(), name), "rb") as f:
             return f.read()
 
     base = ModelConfig.from_dict(json.loads(read("config.json")))

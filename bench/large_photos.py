@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
     paths = large_photos(args.n, root=args.root)
     corpus_dir = os.path.dirname(paths[0])
-    model_id, image_size = c.model_image_size(c.default_model())
+    model_id, image_size = c.model_image_size(c.model_path())
     work = tempfile.mkdtemp(prefix="bench_large_")
     try:
         for mode in MODES:  # Beam and TensorFlow imports, first traces: paid once, untimed

@@ -1,13 +1,14 @@
-"""The low_score threshold: a model's scores on held-out scenes and on images unlike training.
+"""The scenes model's low_score threshold: its scores on held-out scenes and on images unlike training.
 
-    python bench/low_score.py [--model BUNDLE] [--scenes 1000] [--seed 0] [--ood 64]
-                              [--percentile 1] [--out bench/results/low_score.json]
+    python bench/low_score.py [--model scenes|BUNDLE] [--scenes 1000] [--seed 0] [--ood 64]
+                              [--percentile 1] [--out bench/results/low_score_scenes.json]
 
 Captions every image with the model as the job does (the job's default decode settings)
 and takes the best caption's score, for these sets:
   scenes     the first --scenes scenes of the val split of --seed (batch_caption.data;
              the split training only validates on; the test split is left to evaluation)
-  samples    the package's sample images, decoded as the job decodes them
+  samples    the scenes model's sample images (batch_caption/samples/scenes), decoded as
+             the job decodes them
   noise      uniform RGB noise                         --ood images of each kind
   gradients  smooth two-colour linear gradients
   clouds     smooth multi-scale colour noise
@@ -15,18 +16,16 @@ and takes the best caption's score, for these sets:
   natural    1/f ("pink") colour noise: the power spectrum of natural photos
 Rule: the threshold is the --percentile-th percentile of the scene scores, rounded to two
 decimals, so that about that share of in-distribution captions is flagged. Prints each
-set's score percentiles, the share of each set the threshold flags, and the threshold as
-DEFAULT_LOW_SCORE (batch_caption/quality.py holds the value for the bundled model). When
-images unlike training score like scenes, it says so: the threshold then marks only the
-model's least confident scene captions, not foreign images.
+set's score percentiles, the share of each set the threshold flags, and the threshold
+(batch_caption/bundled.py holds each bundled model's as its `low_score`). When images
+unlike training score like scenes, it says so: the threshold then marks only the model's
+least confident scene captions, not foreign images.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import math
-import os
 import sys
 
 import numpy as np
@@ -36,6 +35,7 @@ import _common as c
 PERCENTILES = (1, 5, 25, 50, 75, 95)
 OOD_KINDS = ("noise", "gradients", "clouds", "stripes", "natural")
 BATCH = 32
+SCENES = "scenes"  # the bundled model these scenes calibrate
 
 
 def _noise(rng, s):
@@ -104,12 +104,11 @@ def val_scenes(n: int, size: int, seed: int) -> tuple[list, np.ndarray]:
 
 
 def sample_images(size: int) -> np.ndarray:
-    """The package's sample images as the job decodes them."""
-    from batch_caption import run
+    """The scenes model's sample images as the job decodes them."""
+    from batch_caption import bundled
 
-    paths = sorted(glob.glob(os.path.join(glob.escape(run.SAMPLES_DIR), "*")))
     datas = []
-    for path in paths:
+    for path in bundled.BUNDLED[SCENES].sample_files():
         with open(path, "rb") as f:
             datas.append(f.read())
     return np.stack([c.decode(data, size) for data in datas])
@@ -153,19 +152,20 @@ def accuracy_by_flag(scenes: list, captions: list, threshold: float) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="bundle (default: the bundled model)")
+    p.add_argument("--model", default=SCENES, help=f"bundled model name or bundle (default: {SCENES})")
     p.add_argument("--scenes", type=int, default=1000, help="held-out scenes (val split)")
-    p.add_argument("--seed", type=int, default=0, help="scene seed (the bundled model's training seed)")
+    p.add_argument("--seed", type=int, default=0, help="scene seed (the scenes model's training seed)")
     p.add_argument("--ood", type=int, default=64, help="generated images of each kind unlike training")
     p.add_argument("--percentile", type=float, default=1.0, help="share of scene captions to flag, in percent")
-    c.add_out_flags(p, "low_score")
+    c.add_out_flags(p, f"low_score_{SCENES}")
     args = p.parse_args(argv)
     if args.scenes < 100 or args.ood < 1 or not 0 < args.percentile < 50:
         p.error("need --scenes >= 100, --ood >= 1 and 0 < --percentile < 50")
-    from batch_caption import quality, run
+    from batch_caption import bundled, quality
 
-    decode = c.job_config(run.SAMPLES_DIR, []).decode  # the job's default search settings
-    captioner = c.load_captioner(args.model or c.default_model(), decode)
+    samples = bundled.BUNDLED[SCENES].samples_dir
+    decode = c.job_config(samples, []).decode  # the job's default search settings
+    captioner = c.load_captioner(bundled.resolve(args.model), decode)
     size = captioner.image_size
     scenes, scene_pixels = val_scenes(args.scenes, size, args.seed)
     sets = {"scenes": scene_pixels, "samples": sample_images(size)}
@@ -193,7 +193,9 @@ def main(argv=None) -> int:
     print(verdict)
     print("scene captions with every statement true: " + ", ".join(
         f"{name} {a['accuracy']:.1%} of {a['n']}" if a["n"] else f"{name}: none" for name, a in accuracy.items()))
-    print(f"\nDEFAULT_LOW_SCORE = {threshold}   (batch_caption/quality.py has {quality.DEFAULT_LOW_SCORE})")
+    known = bundled.find(args.model)
+    held = f"batch_caption/bundled.py has {known.low_score} for {known.name}" if known else "not a bundled model"
+    print(f"\nlow_score = {threshold}   ({held})")
     c.write_report(args, argv, "low_score.py", {
         "model": captioner.model_id, "decode": decode.to_dict(),
         "rule": f"percentile {args.percentile:g} of the val scenes' best-caption scores, rounded to 0.01",

@@ -1,25 +1,27 @@
 """The model alone on pre-decoded batches: beam search against greedy, and per encoder.
 
-    python bench/model_speed.py beam [--batch 32] [--rounds 20] [--model BUNDLE]
+    python bench/model_speed.py beam [--batch 32] [--rounds 20] [--model NAME|BUNDLE]
     python bench/model_speed.py encoders [--batch 16] [--rounds 3] [--encoders small_cnn,resnet50,...]
-    python bench/model_speed.py models --old REV [--new BUNDLE] [--batch 32] [--images 1000] [--rounds 5]
+    python bench/model_speed.py models --old REV [--old_model DIR] [--new NAME|BUNDLE] [--batch 32] [--images 1000]
+                                       [--rounds 5]
     (both: [--out FILE] [--fold NAME])
 
 Every call is made once untimed (trace, warm-up), then the calls are timed in alternating
 rounds (A B C A B C ...) on the same batch of synthetic scenes, so all see the same machine
 load; medians are reported.
 
-  beam      the bundled model's `Captioner.search` with beam search k=3 and with greedy
+  beam      the default bundled model's `Captioner.search` with beam search k=3 and with greedy
             decoding (k=1), sharing the weights: seconds per batch and their ratio.
   encoders  for every encoder of `ModelConfig`, a model built as a bundle builds it, with
-            random weights (no download) and the bundled model's decoder, at the
+            random weights (no download) and the default bundled model's decoder, at the
             encoder's usual input side: `Captioner.search` (backbone + beam search k=3,
             at most 20 tokens) and the backbone alone, images/s and the ratio to
             small_cnn. With random weights the decoder seldom emits the end token, so
             the search runs all its steps: the upper bound of a trained decoder's cost,
             the same for every encoder.
-  models    two bundles side by side: the bundled model of git revision REV (old) and
-            the bundled model of the checkout or --new (new). Per model: beam k=3 and
+  models    two bundles side by side: the default bundled model of git revision REV
+            (old; --old_model names another directory of that revision) and the default
+            bundled model of the checkout or --new (new). Per model: beam k=3 and
             greedy seconds per batch, and the whole job's images/s (steady: without its
             wait for the model load) on the small corpus; then new / old of each.
 """
@@ -44,7 +46,7 @@ def timed(call) -> float:
 
 
 def beam(args, argv) -> int:
-    beam3 = c.load_captioner(args.model or c.default_model(), beam_size=3, num_alternatives=3)
+    beam3 = c.load_captioner(c.model_path(args.model), beam_size=3, num_alternatives=3)
     greedy = c.with_search(beam3, beam_size=1, num_alternatives=1)
     batch = c.scene_batch(args.batch, beam3.image_size)
     for captioner in (beam3, greedy):
@@ -122,9 +124,19 @@ def models(args, argv) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _old_default(old_tree: str) -> str:
+    """The default bundled model's directory in an exported revision: where this checkout
+    keeps it, else where revisions before named models kept it."""
+    from batch_caption import bundled
+
+    here = os.path.join("batch_caption", bundled.default().directory)
+    return here if os.path.isdir(os.path.join(old_tree, here)) else os.path.join("batch_caption", "default_model")
+
+
 def _models(args, argv, old_tree: str, work: str) -> int:
     old_commit = c.export_revision(args.old, old_tree)
-    bundles = {"old": os.path.join(old_tree, "batch_caption", "default_model"), "new": args.new or c.default_model()}
+    bundles = {"old": os.path.join(old_tree, args.old_model or _old_default(old_tree)),
+               "new": c.model_path(args.new)}
     paths = corpora.small_images(args.images, args.size)
     input_dir = os.path.dirname(paths[0])
     calls, ids = {}, {}
@@ -171,7 +183,7 @@ def main(argv=None) -> int:
     b = sub.add_parser("beam", help="beam search k=3 against greedy, bundled model")
     b.add_argument("--batch", type=int, default=32)
     b.add_argument("--rounds", type=int, default=20)
-    b.add_argument("--model", default=None, help="bundle (default: the bundled model)")
+    b.add_argument("--model", default=None, help="bundled model name or bundle (default: the default bundled model)")
     c.add_out_flags(b, "beam_vs_greedy")
     e = sub.add_parser("encoders", help="captioning and backbone throughput per encoder, random weights")
     e.add_argument("--batch", type=int, default=16)
@@ -179,8 +191,10 @@ def main(argv=None) -> int:
     e.add_argument("--encoders", default=None, help="comma-separated subset (default: every encoder)")
     c.add_out_flags(e, "encoders")
     m = sub.add_parser("models", help="an older revision's bundled model against this one's: decoding and the job")
-    m.add_argument("--old", required=True, help="git revision whose batch_caption/default_model is the old model")
-    m.add_argument("--new", default=None, help="bundle (default: the bundled model)")
+    m.add_argument("--old", required=True, help="git revision whose default bundled model is the old model")
+    m.add_argument("--old_model", default=None, metavar="DIR",
+                   help="the old bundle's directory in that revision (default: its default bundled model's)")
+    m.add_argument("--new", default=None, help="bundled model name or bundle (default: the default bundled model)")
     m.add_argument("--batch", type=int, default=32)
     m.add_argument("--images", type=int, default=1000, help="job corpus size (small synthetic scenes)")
     m.add_argument("--size", type=int, default=256, help="corpus image side in pixels")

@@ -3,11 +3,11 @@
 
 A thin launcher: it only assembles the command line of `python -m batch_caption.run`
 (DataflowRunner, project/region, temp/staging locations, worker sizing, GPUs, the
-setup file that installs this package - bundled model included - on the workers) and
+setup file that installs this package - bundled models included - on the workers) and
 runs it in this process. Run it from a checkout (it needs the repo's setup.py):
 
     python jobs/dataflow_caption.py --project my-proj --region us-central1 \\
-        --input 'gs://bucket/photos/**' --output gs://bucket/captions [--model gs://bucket/models/m] \\
+        --input 'gs://bucket/photos/**' --output gs://bucket/captions [--model NAME|gs://bucket/models/m] \\
         [--max_num_workers 50] [--machine_type n1-standard-8] \\
         [--gpu nvidia-tesla-t4:1 --sdk_container_image REGION-docker.pkg.dev/PROJ/REPO/batch-caption:TAG] \\
         [--dry_run] [any other batch_caption.run or Beam flag, passed through: --beam_size 5, --run_id x, ...]
@@ -43,6 +43,16 @@ def _usage_error(message: str):
     return UsageError(message)
 
 
+def _is_bundled(model: str) -> bool:
+    """Whether --model names a model bundled in the package (the workers install it)."""
+    from batch_caption import bundled
+
+    try:
+        return bundled.find(model) is not None
+    except KeyError as e:
+        raise _usage_error(f"--model {model}: {e.args[0]}") from e
+
+
 def build_parser() -> argparse.ArgumentParser:
     from batch_caption import cli
 
@@ -58,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input_list", action="append", default=[], metavar="FILE",
                    help="gs:// text file of image paths, one a line (repeatable)")
     p.add_argument("--output", required=True, help="gs:// output directory; runs go to OUTPUT/run=<run_id>/")
-    p.add_argument("--model", default=None, help="gs:// model bundle (default: the model bundled in the package)")
+    p.add_argument("--model", default=None, metavar="NAME|BUNDLE",
+                   help="a model bundled in the package, by name, or a gs:// model bundle (default: the package's "
+                   "default bundled model)")
     p.add_argument("--temp_location", default=None, help="gs:// temp directory (default OUTPUT/tmp)")
     p.add_argument("--staging_location", default=None, help="gs:// staging directory (default OUTPUT/staging)")
     p.add_argument("--machine_type", "--worker_machine_type", dest="machine_type", default=DEFAULT_MACHINE_TYPE,
@@ -144,7 +156,7 @@ def assemble(argv: list[str]) -> list[str]:
     staging = args.staging_location or f"{output}/staging"
     _require_gs("--temp_location", temp)
     _require_gs("--staging_location", staging)
-    if args.model is not None:
+    if args.model is not None and not _is_bundled(args.model):
         _require_gs("--model", args.model)
     if args.max_num_workers is not None and args.max_num_workers < 1:
         raise _usage_error(f"--max_num_workers must be >= 1, got {args.max_num_workers}")

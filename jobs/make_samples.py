@@ -1,18 +1,20 @@
-"""Regenerates batch_caption/samples/: the images the job captions when given no input.
+"""Regenerates batch_caption/samples/scenes/: the scenes model's sample images, which the
+job captions when given no input with that model.
 
     python jobs/make_samples.py
 
-Synthetic scenes from a seed the training data never uses (the default model's test
+Synthetic scenes from a seed the training data never uses (the scenes model's test
 split is generated from seed 0; these come from seed 20261126), saved as PNG and JPEG.
 """
 
 import os
 import sys
 
+from batch_caption import bundled
 from batch_caption.data import scenes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OUT = os.path.join(HERE, "..", "batch_caption", "samples")
+OUT = os.path.join(HERE, "..", "batch_caption", bundled.BUNDLED["scenes"].samples)  # the checkout's
 
 
 def main(count: int = 8) -> int:

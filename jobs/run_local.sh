@@ -6,7 +6,7 @@
 #   jobs/run_local.sh --input photos/ --output out/ [any batch_caption.run or Beam flag]
 #   jobs/run_local.sh --direct_num_workers=4 --input photos/ --output out/   # later flags win
 #
-# With no --input it captions the bundled samples (into ./captions). PYTHON picks the
+# With no --input it captions the model's bundled samples (into ./captions). PYTHON picks the
 # interpreter (default: python on PATH, e.g. the activated virtualenv). The exit code is
 # batch_caption.run's: 0 run complete (per-image failures are in errors-*.jsonl),
 # 2 bad flags / missing model / input matching nothing, 1 the pipeline failed.

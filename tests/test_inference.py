@@ -15,7 +15,6 @@ from batch_caption import inference, model_loading
 from batch_caption.inference import CaptionModelHandler
 from batch_caption.job.elements import ImageExample
 from batch_caption.model.config import DecodeConfig
-from batch_caption.model_loading import BUNDLED_MODEL, resolve_model_path
 
 
 def test_load_model_returns_a_traced_captioner(tiny_bundle):
@@ -174,7 +173,11 @@ def test_a_failed_first_load_turns_gc_on_again_and_freezes_nothing(monkeypatch):
     assert gc.isenabled() and freezes == [1] and model_loading._gc_frozen
 
 
-def test_the_bundled_model_is_resolved_on_the_worker_not_the_driver():
-    here = os.path.join(os.path.dirname(batch_caption.__file__), "default_model")
-    assert resolve_model_path(BUNDLED_MODEL) == os.path.abspath(here)
-    assert resolve_model_path("gs://b/m") == "gs://b/m"
+def test_a_bundled_model_is_resolved_on_the_worker_not_the_driver():
+    """The driver sends a marker, which each worker resolves to its own installed copy."""
+    from batch_caption import bundled
+
+    here = os.path.join(os.path.dirname(batch_caption.__file__), "models", "scenes")
+    assert bundled.portable(os.path.abspath(here)) == "bundled:scenes"
+    assert bundled.resolve("bundled:scenes") == os.path.abspath(here)
+    assert bundled.portable("gs://b/m") == "gs://b/m" and bundled.resolve("gs://b/m") == "gs://b/m"

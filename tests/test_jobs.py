@@ -96,6 +96,12 @@ def test_assemble_defaults(launcher):
         assert absent not in v, absent  # bundled model; Dataflow's own sizing; default image
 
 
+@pytest.mark.parametrize("model", ["scenes", "bundled:scenes"])
+def test_assemble_passes_a_bundled_models_name(launcher, model):
+    """A model bundled in the package goes to the workers with it: named, not a gs:// path."""
+    assert _values(launcher.assemble(BASE + ["--model", model]))["model"] == [model]
+
+
 def test_assemble_explicit_options(launcher):
     argv = launcher.assemble([
         "--project", "my-proj", "--region", "europe-west4", "--input_list", "gs://my-bucket/a.txt",
@@ -143,6 +149,7 @@ def test_assemble_passes_other_flags_through(launcher):
     (BASE[:4] + ["--input", "photos/", "--output", "gs://my-bucket/o"], "--input"),
     (BASE[:6] + ["--output", "gs://b/o"], "--output"),  # bucket name too short: Beam would make its own
     (BASE + ["--model", "/home/me/model"], "--model"),
+    (BASE + ["--model", "bundled:nonexistent"], "--model bundled:nonexistent"),
     (BASE + ["--temp_location", "gs://Bad_Bucket/t"], "--temp_location"),
     (BASE + ["--gpu", "nvidia-tesla-t4:1"], "--sdk_container_image"),
     (BASE + ["--gpu", "t4", "--sdk_container_image", "img:1"], "--gpu"),

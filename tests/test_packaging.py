@@ -1,4 +1,4 @@
-"""The built wheel works on its own: it holds the bundled model and sample images, and the
+"""The built wheel works on its own: it holds every bundled model and sample image, and the
 job runs from an installation of it (not from the checkout).
 
 The wheel goes into a fresh virtualenv that sees this environment's third-party packages
@@ -23,10 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from batch_caption import bundled
+
 REPO = Path(__file__).resolve().parent.parent
 PKG = REPO / "batch_caption"
 BUNDLE_FILES = ("bundle.json", "config.json", "vocab.json", "model.weights.h5")
-NO_DEFAULT_MODEL = "the repo has no batch_caption/default_model/bundle.json yet (trained by jobs/train_default_model.sh)"
+NO_DEFAULT_MODEL = f"the repo has no batch_caption/{bundled.default().directory}/bundle.json yet"
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +41,20 @@ def _clean_env() -> dict[str, str]:
 
 
 def _samples() -> list[str]:
-    return sorted(p.name for p in (PKG / "samples").iterdir() if p.is_file() and not p.name.startswith("."))
+    """The default model's sample images: what the job captions with no flags."""
+    return [os.path.basename(p) for p in bundled.default().sample_files()]
+
+
+def _shipped_data() -> list[str]:
+    """Every sample image and every installed bundled model's files, as package paths."""
+    samples = [f"batch_caption/{p.relative_to(PKG).as_posix()}" for p in sorted((PKG / "samples").rglob("*"))
+               if p.is_file() and not p.name.startswith(".")]
+    models = [f"batch_caption/{m.directory}/{f}" for m in bundled.BUNDLED.values() if m.installed() for f in BUNDLE_FILES]
+    return samples + models
 
 
 def _has_default_model() -> bool:
-    return (PKG / "default_model" / "bundle.json").is_file()
+    return bundled.default().installed()
 
 
 @pytest.fixture(scope="module")
@@ -129,17 +140,13 @@ def child(work, wheel) -> dict:
 
 def test_wheel_contents(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    samples = _samples()
-    assert any(s.endswith(".png") for s in samples)
-    missing = [s for s in samples if f"batch_caption/samples/{s}" not in names]
-    assert not missing, f"samples missing from the wheel: {missing}"
+    assert any(s.endswith(".png") for s in _samples())
+    assert [m for m in bundled.BUNDLED.values() if m.installed()]
+    missing = [s for s in _shipped_data() if s not in names]
+    assert not missing, f"samples or bundled models missing from the wheel: {missing}"
     assert not [n for n in names if "__pycache__" in n or n.startswith("tests/")]
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert "batch-caption = batch_caption.run:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
-    if not _has_default_model():
-        pytest.skip(f"bundled model not checked: {NO_DEFAULT_MODEL}")
-    missing = [f for f in BUNDLE_FILES if f"batch_caption/default_model/{f}" not in names]
-    assert not missing, f"bundled model files missing from the wheel: {missing}"
 
 
 def test_wheel_metadata_names_the_supported_pythons(wheel):
@@ -161,7 +168,7 @@ def test_wheel_metadata_names_the_supported_pythons(wheel):
 def test_sdist_for_dataflow_setup_file(wheel, work):
     """Dataflow workers install the sdist Beam builds from --setup_file (`setup.py sdist`,
     as Beam 2.77's stager does without the `build` package): it must carry the samples
-    and the bundled model too."""
+    and the bundled models too."""
     src, out = work / "src", work / "sdist"
     subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(out)], check=True, cwd=src,
                    env=_clean_env(), capture_output=True, timeout=300)
@@ -169,17 +176,13 @@ def test_sdist_for_dataflow_setup_file(wheel, work):
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     assert {"setup.py", "requirements.txt", "README.md"} <= names
-    missing = [s for s in _samples() if f"batch_caption/samples/{s}" not in names]
-    assert not missing, f"samples missing from the sdist: {missing}"
-    if not _has_default_model():
-        pytest.skip(f"bundled model not checked: {NO_DEFAULT_MODEL}")
-    missing = [f for f in BUNDLE_FILES if f"batch_caption/default_model/{f}" not in names]
-    assert not missing, f"bundled model files missing from the sdist: {missing}"
+    missing = [s for s in _shipped_data() if s not in names]
+    assert not missing, f"samples or bundled models missing from the sdist: {missing}"
 
 
 def test_child_imports_the_wheel_not_the_checkout(child, work):
-    probe = ("import json, batch_caption, batch_caption.run as r, apache_beam;"
-             "print(json.dumps([batch_caption.__file__, r.SAMPLES_DIR, r.DEFAULT_MODEL]))")
+    probe = ("import json, batch_caption, batch_caption.run, apache_beam; from batch_caption import bundled;"
+             "print(json.dumps([batch_caption.__file__, bundled.default().samples_dir, bundled.default().path]))")
     done = subprocess.run([child["python"], "-c", probe], capture_output=True, text=True, env=_clean_env(),
                           cwd=work, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -187,7 +190,7 @@ def test_child_imports_the_wheel_not_the_checkout(child, work):
     site_dir = os.path.realpath(child["site"])
     assert os.path.realpath(package_file).startswith(site_dir + os.sep), package_file
     assert not os.path.realpath(package_file).startswith(str(REPO) + os.sep)
-    assert sorted(os.listdir(samples_dir)) == _samples()
+    assert sorted(n for n in os.listdir(samples_dir) if os.path.isfile(os.path.join(samples_dir, n))) == _samples()
     script = child["bin"] / "batch-caption"
     helped = subprocess.run([str(script), "--help"], capture_output=True, text=True, env=_clean_env(), cwd=work,
                             timeout=120)
@@ -195,14 +198,14 @@ def test_child_imports_the_wheel_not_the_checkout(child, work):
 
 
 def test_installed_job_captions_bundled_samples(child, work, request):
-    """`python -m batch_caption.run --output OUT`: bundled samples, bundled model, from the
-    installed wheel. Until the repo has its default model, the same run with a tiny test
+    """`python -m batch_caption.run --output OUT`: the default model's samples, with it, from
+    the installed wheel. Until the repo has its default model, the same run with a tiny test
     bundle still checks the installed job and samples; the bundled-model part is skipped."""
     out = work / "out"
     argv = [child["python"], "-m", "batch_caption.run", "--output", str(out), "--run_id", "pkg"]
     expected_model = None
     if _has_default_model():
-        expected_model = json.loads((PKG / "default_model" / "bundle.json").read_text())["bundle_id"]
+        expected_model = bundled.default().bundle_id()
     else:
         argv += ["--model", request.getfixturevalue("tiny_bundle")]
     done = subprocess.run(argv, capture_output=True, text=True, env=_clean_env(), cwd=work, timeout=300)
@@ -213,7 +216,7 @@ def test_installed_job_captions_bundled_samples(child, work, request):
     errors = [line for f in run_dir.glob("errors-*.jsonl") for line in f.read_text().splitlines()]
     assert not errors
     assert sorted(os.path.basename(r["path"]) for r in records) == _samples()
-    samples_dir = os.path.realpath(os.path.join(child["site"], "batch_caption", "samples"))
+    samples_dir = os.path.realpath(os.path.join(child["site"], "batch_caption", bundled.default().samples))
     assert all(os.path.realpath(os.path.dirname(r["path"])) == samples_dir for r in records)
     assert all(r["caption"] for r in records)
     assert manifest["counts"]["captioned"] == len(_samples()) and manifest["counts"]["failed"] == 0

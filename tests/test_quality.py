@@ -1,4 +1,3 @@
-import glob
 import json
 import os
 import re
@@ -8,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from batch_caption import files, quality, records
+from batch_caption import bundled, files, quality, records
 from batch_caption.data import scenes
 from batch_caption.model import vocab as V
 from batch_caption.model.beam_search import beam_search
@@ -142,26 +141,29 @@ def test_the_caption_record_flags_a_truncated_best_caption():
     assert record(False)["flags"] == []
 
 
-# --- the bundled model ------------------------------------------------------------------
+# --- the bundled models -----------------------------------------------------------------
 
-def _results() -> dict:
-    with open(os.path.join(REPO, "bench", "results", "low_score.json")) as f:
-        return json.load(f)
+@pytest.mark.parametrize("name", sorted(bundled.BUNDLED))
+def test_each_bundled_models_threshold_is_its_calibration(name):
+    """A bundled model's low_score is what its calibration chose for the bundle shipped now
+    (bench/results/low_score_<name>.json; the scenes model's: bench/low_score.py)."""
+    model = bundled.BUNDLED[name]
+    with open(os.path.join(REPO, "bench", "results", f"low_score_{name}.json")) as f:
+        results = json.load(f)
+    assert results["model"] == model.bundle_id(), f"the {name} bundle changed: calibrate it again"
+    assert model.low_score == results["threshold"]
+    assert bundled.low_score_threshold(model.bundle_id()) == model.low_score
 
 
-def test_the_default_threshold_is_bench_low_score_for_the_bundled_model():
-    """DEFAULT_LOW_SCORE is what bench/low_score.py chose, for the model bundled now."""
+def test_the_job_takes_its_models_threshold_unless_given_one(monkeypatch):
     from batch_caption import run
     from batch_caption.job.config import JobConfig
 
-    results = _results()
-    with open(os.path.join(run.DEFAULT_MODEL, "bundle.json")) as f:
-        bundled = json.load(f)["bundle_id"]
-    assert results["model"] == bundled, "the bundled model changed: rerun python bench/low_score.py"
-    assert quality.DEFAULT_LOW_SCORE == results["threshold"]
-    assert run.parse(["--output", "o"])[0].low_score_threshold == quality.DEFAULT_LOW_SCORE
-    assert JobConfig(inputs=("x",), input_lists=(), output="o", model="m", run_id="r").low_score_threshold \
-        == quality.DEFAULT_LOW_SCORE
+    assert run.parse(["--output", "o"])[0].low_score_threshold is None  # filled in from the bundle id
+    assert run.parse(["--output", "o", "--low_score_threshold", "-2"])[0].low_score_threshold == -2.0
+    assert JobConfig(inputs=("x",), input_lists=(), output="o", model="m", run_id="r").low_score_threshold is None
+    # A bundle of one's own gets the default model's.
+    assert bundled.low_score_threshold("0123456789abcdef") == bundled.default().low_score
 
 
 def _readme_sample_counts() -> dict[str, int]:
@@ -170,21 +172,22 @@ def _readme_sample_counts() -> dict[str, int]:
     return {flag: int(n) for flag, n in rows}
 
 
-def test_the_readme_says_how_often_each_flag_fires_on_the_samples():
-    """With the bundled model and the job's default settings: the README's counts hold,
-    and no sample is cut or flagged repeated."""
+def test_the_readme_says_how_often_each_flag_fires_on_the_scene_samples():
+    """With the scenes model, its samples and the job's default settings: the README's
+    counts hold, and no sample is cut or flagged repeated."""
     from batch_caption import images, run
     from batch_caption.model.load import load_captioner
 
-    config = run.parse(["--output", "o"])[0]
-    captioner = load_captioner(run.DEFAULT_MODEL, config.decode)
-    paths = sorted(glob.glob(os.path.join(run.SAMPLES_DIR, "*")))
+    scenes_model = bundled.BUNDLED["scenes"]
+    config = run.parse(["--output", "o", "--model", "scenes"])[0]
+    captioner = load_captioner(scenes_model.path, config.decode)
+    paths = scenes_model.sample_files()
     assert len(paths) == 8
     decode = images.ImageConfig(image_size=captioner.image_size, max_image_pixels=config.max_image_pixels,
                                 draft=config.draft)
     pixels = np.stack([images.decode_image(files.read_bytes(p), decode).pixels for p in paths])
     best = [row[0] for row in captioner.caption(pixels)]
-    flags = [caption_flags(c.text, c.score, config.low_score_threshold, c.truncated) for c in best]
+    flags = [caption_flags(c.text, c.score, scenes_model.low_score, c.truncated) for c in best]
     counts = {f: sum(f in fl for fl in flags) for f in quality.FLAGS}
     assert counts[quality.REPEATED_NGRAM] == 0 and counts[quality.TRUNCATED] == 0
     assert _readme_sample_counts() == counts

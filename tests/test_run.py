@@ -14,7 +14,7 @@ import pytest
 from helpers import varied_images
 from PIL import Image
 
-from batch_caption import images, quality, run
+from batch_caption import bundled, images, quality, run
 from batch_caption.job.config import default_batch_size
 from batch_caption.model.load import load_captioner
 from batch_caption.model.config import DecodeConfig
@@ -308,6 +308,8 @@ def _cli(*args, timeout=120):
         (["--beam_sise", "3"], "unknown option(s): --beam_sise"),
         (["--runner=DirectRunner", "--no_such_beam_flag=1"], "unknown option(s): --no_such_beam_flag"),
         (["--model", "/nonexistent/bundle"], "--model /nonexistent/bundle"),
+        (["--model", "nonexistent"], "--model nonexistent: no such bundle directory, nor a bundled model (scenes"),
+        (["--model", "bundled:nonexistent"], "--model bundled:nonexistent: no bundled model 'nonexistent'"),
         (["--input", "/nonexistent/*.jpg"], "matches no file"),
         (["--beam_size", "0"], "beam_size"),
         (["--beam_size", "two"], "invalid int value"),
@@ -417,9 +419,26 @@ def test_draft_flag_turns_jpeg_draft_decoding_off(tmp_path, monkeypatch):
     assert seen[0].draft is False and seen[0].image_size == 128
 
 
+def test_a_bundled_model_this_installation_lacks_fails_fast_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(bundled.BUNDLED, "absent", bundled.BundledModel("absent", "models/absent", "samples", -1.0))
+    assert run.main(["--model", "absent", "--input", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == ["batch_caption.run: error: --model absent: this installation has no bundled model absent"]
+
+
+def test_model_takes_a_bundled_models_name_or_its_marker():
+    scenes_path = bundled.BUNDLED["scenes"].path
+    for value in ("scenes", "bundled:scenes", scenes_path):
+        assert run.parse(["--model", value])[0].model == scenes_path
+    # The marker of earlier versions' manifests and commands: the default model.
+    assert run.parse(["--model", "bundled:default_model"])[0].model == bundled.default().path
+    assert run.parse([])[0].model == bundled.default().path
+
+
 def test_cli_process_exit_codes_and_help(tiny_bundle, tmp_path):
     helped = _cli("--help")
     assert helped.returncode == 0 and "--input" in helped.stdout and "--runner" in helped.stdout
+    assert all(name in helped.stdout for name in bundled.BUNDLED)
     bad = _cli("--model", str(tmp_path / "nothing"), "--input", str(tmp_path))
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("batch_caption.run: error: --model")
@@ -612,14 +631,16 @@ def test_dedupe_hashes_only_files_whose_size_another_file_shares(tiny_bundle, tm
     assert m["bytes_read"] == sum(sizes.values()) + listed.stat().st_size
 
 
-def test_no_flags_captions_the_bundled_samples_with_the_bundled_model(tmp_path, monkeypatch):
-    samples = sorted(os.listdir(run.SAMPLES_DIR))
-    assert samples and os.path.isfile(os.path.join(run.DEFAULT_MODEL, "bundle.json"))
+def test_no_flags_captions_the_default_models_samples_with_it(tmp_path, monkeypatch):
+    default = bundled.default()
+    samples = default.sample_files()
+    assert samples and default.installed()
     monkeypatch.chdir(tmp_path)
     manifest = run.run(["--run_id", "samples"])
     captions, errors, _ = read_run(str(tmp_path / "captions" / "run=samples"))
-    assert sorted(os.path.basename(r["path"]) for r in captions) == samples and not errors
-    assert all(r["caption"] for r in captions) and manifest["model_path"] == run.DEFAULT_MODEL
+    assert sorted(r["path"] for r in captions) == samples and not errors
+    assert all(r["caption"] for r in captions) and manifest["model_path"] == default.path
+    assert manifest["model"] == default.bundle_id() and manifest["options"]["low_score_threshold"] == default.low_score
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -634,9 +655,10 @@ def test_dataflow_with_a_local_path_fails_fast_in_one_line(flags, named, capsys)
     assert len(err.splitlines()) == 1 and named in err and "gs://" in err
 
 
-def test_dataflow_with_remote_paths_and_the_bundled_model_passes_the_check():
-    config, options = run.parse(["--runner=DataflowRunner", "--input", "gs://b/p/", "--output", "gs://b/out"])
-    run.check_remote_paths(config, options)  # the bundled model travels with the package
+@pytest.mark.parametrize("model", [[], ["--model", "scenes"]])
+def test_dataflow_with_remote_paths_and_a_bundled_model_passes_the_check(model):
+    config, options = run.parse(["--runner=DataflowRunner", "--input", "gs://b/p/", "--output", "gs://b/out", *model])
+    run.check_remote_paths(config, options)  # a bundled model travels with the package
 
 
 def test_attention_maps_reach_the_records(attention_model, tiny_vocab, tiny_bundle, tmp_path, capsys):

@@ -23,7 +23,7 @@ import time
 import apache_beam as beam
 
 # inference as a module (its names are looked up when the job is built): it imports job.elements.
-from batch_caption import catalog, images, inference
+from batch_caption import bundled, catalog, images, inference
 from batch_caption.job.caption import CaptionImages
 from batch_caption.job.config import JobConfig, default_batch_size
 from batch_caption.job.elements import ERRORS, NAMESPACE, ImageExample, SourceFile
@@ -32,7 +32,6 @@ from batch_caption.job.read import ReadImages
 from batch_caption.job.select import SelectChanged, Settings
 from batch_caption.job.tallies import count, each
 from batch_caption.job.write import RunInfo, WriteRun
-from batch_caption.model_loading import portable_model_path
 
 __all__ = [
     "ERRORS", "NAMESPACE", "CaptionImages", "ImageExample", "JobConfig", "MatchImages", "ReadImages", "RunInfo",
@@ -50,6 +49,8 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
     """
     if config.batch_size is None:
         config = dataclasses.replace(config, batch_size=default_batch_size(image_size))
+    if config.low_score_threshold is None:
+        config = dataclasses.replace(config, low_score_threshold=bundled.low_score_threshold(model_id))
     decode = config.decode
     info = RunInfo(
         run_id=config.run_id,
@@ -65,7 +66,7 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
     )
     image_config = images.ImageConfig(image_size=image_size, max_image_pixels=config.max_image_pixels, draft=config.draft)
     handler = inference.CaptionModelHandler(
-        portable_model_path(config.model), decode, config.batch_size, config.share_model, config.attention_maps)
+        bundled.portable(config.model), decode, config.batch_size, config.share_model, config.attention_maps)
 
     incremental = config.incremental and baseline is not None
     matched = pipeline | "MatchImages" >> MatchImages(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
 
-from batch_caption import quality, records
+from batch_caption import records
 from batch_caption.job.elements import ERRORS, counter
 from batch_caption.model.config import DecodeConfig
 from batch_caption.model_loading import ModelLoadError
@@ -122,7 +122,7 @@ class CaptionImages(beam.PTransform):
         handler: CaptionModelHandler,
         decode: DecodeConfig,
         run_id: str,
-        low_score_threshold: float = quality.DEFAULT_LOW_SCORE,
+        low_score_threshold: float,
     ):
         super().__init__()
         self._handler = handler

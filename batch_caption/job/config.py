@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from batch_caption import files, quality, records
+from batch_caption import files, records
 from batch_caption.cli import UsageError
 from batch_caption.job import cpus
 
@@ -44,7 +44,7 @@ class JobConfig:
     draft: bool = True
     read_threads: int = MIN_READ_THREADS  # run.parse gives default_read_threads(the inputs)
     share_model: bool = False
-    low_score_threshold: float = quality.DEFAULT_LOW_SCORE
+    low_score_threshold: float | None = None  # None: the model's own (bundled.low_score_threshold)
     attention_maps: bool = False  # attention decoder: each record gets its best caption's maps
     dedupe: bool = True
     incremental: bool = False

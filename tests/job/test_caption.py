@@ -89,7 +89,7 @@ def test_a_model_that_fails_to_load_fails_the_run_not_the_images():
             _ = (
                 p
                 | beam.Create([_example(x) for x in ["a", "b", "c"]])
-                | CaptionImages(handler, DecodeConfig(), run_id="r")
+                | CaptionImages(handler, DecodeConfig(), run_id="r", low_score_threshold=-1.5)
             )
 
 

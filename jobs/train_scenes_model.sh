@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Trains a default model candidate with the decoder DECODER on synthetic scenes on this
-# machine's CPUs, keeps it or the bundled model, whichever scores higher on the validation
-# split, and evaluates the kept one on held-out splits of two seeds with the captioning
-# job + evaluate. The recipe of Show and Tell on real data, with a
-# synthetic stand-in for ImageNet:
+# Trains a candidate for the bundled scenes model (batch_caption/models/scenes/, `--model
+# scenes`) with the decoder DECODER on synthetic scenes on this machine's CPUs, keeps it or
+# the bundled scenes model, whichever scores higher on the validation split, and evaluates
+# the kept one on held-out splits of two seeds with the captioning job + evaluate. The
+# recipe of Show and Tell on real data, with a synthetic stand-in for ImageNet:
 #   1. render the scenes (prepare --source synthetic, seed 0);
-#   2. the CNN: the bundled default model's own (its decoders train on frozen features, so
-#      every default model carries the CNN that was pretrained on the scenes' facts by
+#   2. the CNN: the bundled scenes model's own (its decoders train on frozen features, so
+#      every scenes model carries the CNN that was pretrained on the scenes' facts by
 #      training.scene_encoder, pooled 3x3: one cell per place of the scenes' 3x3 layout);
 #      PRETRAIN_ENCODER=1 pretrains it again instead (ENCODER_EPOCHS, 24,000 scenes);
 #   3. precompute its features once (prepare --precompute_features), pooled the same way;
@@ -18,15 +18,17 @@
 #   6. caption and score test and compositional of seed 0 and of seed 1 (rendered here,
 #      used for no choice) with the kept bundle.
 #
-#   bash jobs/train_default_model.sh [WORK_DIR]      (default: ./default_model_work)
+#   bash jobs/train_scenes_model.sh [WORK_DIR]      (default: ./scenes_model_work)
 #
 # Writes WORK_DIR/{data,data_seed1,encoder,features,train,runs,eval}; copies the kept bundle
-# to batch_caption/default_model/ and the reports beside it (EVALUATION.json), which name
+# to batch_caption/models/scenes/ and the reports beside it (EVALUATION.json), which name
 # WORK_DIR's files relative to the checkout. Rerunning after an interruption skips the
 # stages whose last-written file exists and resumes training from its last checkpoint.
+# A new bundle needs its low_score threshold again: python bench/low_score.py --model scenes,
+# then its value in batch_caption/bundled.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORK=${1:-default_model_work}
+WORK=${1:-scenes_model_work}
 WORK=$(python -c 'import os, sys; print(os.path.relpath(sys.argv[1]))' "$WORK")
 DECODER=${DECODER:-attention}
 STEPS=${STEPS:-20000}
@@ -36,7 +38,7 @@ IMAGE_SIZE=128
 # count can grow without changing them.
 COUNTS=train=60000,val=300,test=500,compositional=500
 SEED1_COUNTS=train=1,test=1000,compositional=1000
-BUNDLED=batch_caption/default_model
+BUNDLED=batch_caption/models/scenes
 
 render() {  # render SEED COUNTS DIR: the scenes' images, captions and facts
   [ -e "$3/source/captions_test.json" ] || python -m batch_caption.prepare --source synthetic --seed "$1" \
@@ -115,9 +117,9 @@ report["choice"] = {
                                     "bundled before": load("val-bundled")["content_accuracy"]["content_accuracy"]},
     "kept": f"new ({decoder})" if kept == "new" else "bundled before",
 }
-report["command"] = "bash jobs/train_default_model.sh"
+report["command"] = "bash jobs/train_scenes_model.sh"
 report["encoder_pretraining"] = json.load(open(f"{work}/encoder/report.json"))
-with open("batch_caption/default_model/EVALUATION.json", "w") as f:
+with open("batch_caption/models/scenes/EVALUATION.json", "w") as f:
     json.dump(report, f, indent=2, sort_keys=True)
 PY
-echo "default model: $(python -c 'import json; print(json.load(open("batch_caption/default_model/bundle.json"))["bundle_id"])') ($kept)"
+echo "scenes model: $(python -c 'import json; print(json.load(open("batch_caption/models/scenes/bundle.json"))["bundle_id"])') ($kept)"

@@ -1,4 +1,4 @@
-"""The bundled default model: its committed evaluation report is what it really does."""
+"""The bundled scenes model: its committed evaluation report is what it really does."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import os
 import numpy as np
 import pytest
 
-import batch_caption
+from batch_caption import bundled
 from batch_caption.data import facts as F
 from batch_caption.data import scenes
 
-MODEL = os.path.join(os.path.dirname(batch_caption.__file__), "default_model")
+MODEL = bundled.BUNDLED["scenes"].path
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(MODEL, "EVALUATION.json")), reason="no default model yet")
+@pytest.mark.skipif(not os.path.isfile(os.path.join(MODEL, "EVALUATION.json")), reason="no scenes model installed")
 @pytest.mark.parametrize("split, seed, target", [("test", 0, 0.95), ("test-seed1", 1, 0.98)])
 def test_content_accuracy_in_the_report_is_reproduced_and_meets_the_target(split, seed, target):
     """The report's test figures, rendered again here: seed 0's test split, and seed 1's,
