@@ -54,13 +54,29 @@ def machine() -> dict:
     return info
 
 
+def _in_repo(value):
+    """A path under the checkout -> relative to it (reports name no machine's paths)."""
+    if isinstance(value, str) and value.startswith(REPO + os.sep):
+        return os.path.relpath(value, REPO)
+    return value
+
+
+def _relative(value):
+    """`_in_repo` applied to every string of a report, nested ones included."""
+    if isinstance(value, dict):
+        return {k: _relative(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_relative(v) for v in value]
+    return _in_repo(value)
+
+
 def write_report(args, argv, script: str, report: dict) -> dict:
     """Adds the command, machine and time to `report` and writes it to args.out: the whole
     file (keeping its folded runs), or with --fold its folded[NAME] entry. Returns the
     report as written."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [_in_repo(a) for a in (sys.argv[1:] if argv is None else argv)]
     full = {"command": shlex.join(["python", f"bench/{script}", *argv]), "machine": machine(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **report}
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **_relative(report)}
     try:
         with open(args.out) as f:
             existing = json.load(f)

@@ -171,6 +171,32 @@ def large_photos(n: int = 200, root: str | None = None) -> list[str]:
     return sorted(_build(directory, params, [f"photo_{i:05d}.jpg" for i in range(n)], make, directory))
 
 
+WEB_SEED = 6400
+WEB_SIZE = (640, 480)
+
+
+def web_photos(n: int = 3000, root: str | None = None) -> list[str]:
+    """n JPEGs of 640x480 (quality 90, tens of KB, a web photo's size) showing synthetic
+    scenes with sensor-like noise; sorted paths."""
+    from batch_caption.data import scenes
+
+    config = scenes.SceneConfig(image_size=256)
+    w, h = WEB_SIZE
+    params = {"kind": "web", "n": n, "width": w, "height": h, "seed": WEB_SEED, "quality": JPEG_QUALITY,
+              "version": VERSION}
+    directory = os.path.join(root or DEFAULT_ROOT, f"web_{w}x{h}_{n}")
+    scene_list: list = []
+
+    def make(i: int) -> bytes:
+        if not scene_list:
+            scene_list.extend(scenes.generate_scenes("test", n, seed=WEB_SEED, config=config))
+        base = np.asarray(scenes.render_scene(scene_list[i], config).resize((w, h), Image.Resampling.BICUBIC), np.int16)
+        noise = np.random.default_rng(WEB_SEED + i).normal(0.0, 4.0, size=base.shape).astype(np.int16)
+        return _jpeg(Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), mode="RGB"))
+
+    return sorted(_build(directory, params, [f"web_{i:05d}.jpg" for i in range(n)], make, directory))
+
+
 def add_corpus_flag(parser, extra_help: str = "") -> None:
     """The benchmarks' --corpus flag: which of the two fixed corpora a run uses."""
     parser.add_argument("--corpus", choices=("small", "large"), default="small",
