@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import stat
 import sys
 import time
 from typing import Any
@@ -185,6 +186,9 @@ def resolve_inputs(config: JobConfig) -> JobConfig:
     for list_file in config.input_lists:
         if not files.exists(list_file):
             raise UsageError(f"--input_list {list_file} does not exist")
+        mode = None if files.is_remote(list_file) else os.stat(list_file).st_mode
+        if mode is not None and not stat.S_ISREG(mode):
+            raise UsageError(f"--input_list {files.not_regular(list_file, mode)}")
     return dataclasses.replace(config, inputs=tuple(resolved))
 
 

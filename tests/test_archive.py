@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import types
 
 import pyarrow.parquet as pq
 import pytest
 from helpers import varied_images
 from PIL import Image
 
-from batch_caption import catalog, run, runs
+from batch_caption import catalog, files, run, runs
 from batch_caption.job import file_reads
 
 
@@ -172,7 +173,8 @@ def test_a_failed_listing_fails_the_run_and_latest_stays(tiny_bundle, tmp_path, 
 
     monkeypatch.setattr(listing, "plan", storm)  # a directory or bucket prefix
     assert run.main(base + ["--input", str(src), "--run_id", "storm"]) == 1
-    monkeypatch.setattr(match, "FileSystems", Storm)  # a glob, and a list file
+    monkeypatch.setattr(match, "FileSystems", Storm)  # a glob
+    monkeypatch.setattr(match, "files", types.SimpleNamespace(**{**vars(files), "open_read": storm}))  # a list file
     assert run.main(base + ["--input", str(src / "*.png"), "--run_id", "storm"]) == 1
     assert run.main(base + ["--input_list", str(tmp_path / "list.txt"), "--run_id", "storm"]) == 1
     err = capsys.readouterr().err

@@ -20,6 +20,7 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
+from helpers import within
 from PIL import Image
 
 from batch_caption import images, report, report_attention
@@ -315,6 +316,19 @@ def test_an_image_replaced_by_eps_shows_its_error_and_starts_no_program(tmp_path
     assert os.path.getsize(page) > 1000
     assert note.startswith("image unavailable: UnsupportedImageError: data is not a recognised image format"), note
     assert no_programs == []
+
+
+def test_an_image_replaced_by_a_fifo_or_device_shows_its_error_without_blocking(tmp_path):
+    run_dir, photo = _one_image_run(str(tmp_path), {})
+    os.remove(photo)
+    os.mkfifo(photo)
+    note = within(60, _card_note, run_dir, photo)
+    assert note.startswith("image unavailable: NotARegularFile: not a regular file"), note
+    assert "FIFO" in note
+    os.remove(photo)
+    os.symlink("/dev/zero", photo)
+    os.remove(os.path.join(run_dir, "report.html"))
+    assert "a character device" in within(60, _card_note, run_dir, photo)
 
 
 @pytest.mark.parametrize("options, error", [

@@ -8,7 +8,8 @@ Local trees: a subdirectory that cannot be listed becomes a `match` error record
 symlink to a directory is followed when it leads outside the tree (loop-safe: each real
 directory once per piece) and skipped, and counted, when it leads inside it (its files
 are listed under their own paths); a symlink to nothing is passed on, so that reading it
-gives its error record; sockets, pipes and devices are error records, never read.
+gives its error record; sockets, pipes and devices, and symlinks to them, are error
+records naming what they are, never read.
 Object stores: "folder" placeholders (names ending in "/") are ignored.
 """
 
@@ -39,6 +40,7 @@ class Unlistable(NamedTuple):
 
 class NotAFile(NamedTuple):
     path: str
+    kind: str  # what it is, in words: files.kind_of
 
 
 class SkippedLink(NamedTuple):
@@ -116,9 +118,14 @@ def _local_entry(entry: os.DirEntry, root: str, followed: set, stack: list | Non
             st = entry.stat(follow_symlinks=True)
             yield SourceFile(entry.path, st.st_size, st.st_mtime)
         elif entry.is_symlink():
-            yield SourceFile(entry.path)  # leads nowhere: reading it says so in a record
+            try:
+                mode = os.stat(entry.path).st_mode
+            except OSError:  # leads nowhere (or loops): reading it says so in a record
+                yield SourceFile(entry.path)
+            else:  # leads to a FIFO, device or socket
+                yield NotAFile(entry.path, files.kind_of(mode))
         else:
-            yield NotAFile(entry.path)
+            yield NotAFile(entry.path, files.kind_of(entry.stat(follow_symlinks=False).st_mode))
     except OSError as e:  # vanished or unreadable while listed
         yield Unlistable(entry.path, e)
 

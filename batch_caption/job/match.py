@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from batch_caption import gcs, progress, records
+from batch_caption import files, gcs, progress, records
 from batch_caption.job import listing
 from batch_caption.job.elements import ERRORS, SourceFile, counter, path_key
 
@@ -50,7 +53,11 @@ class _MatchPatternFn(_ListInputFn):
                 if self._report:
                     _expect(m.path for m in paths)
                 for m in paths:
-                    yield SourceFile(m.path, m.size_in_bytes, m.last_updated_in_seconds)
+                    kind = _not_regular(m.path)
+                    if kind:
+                        yield self._error(m.path, "NotARegularFile", f"not a regular file: {kind}; not read")
+                    else:
+                        yield SourceFile(m.path, m.size_in_bytes, m.last_updated_in_seconds)
         except Exception as e:  # BeamIOError wraps the filesystem's own error
             raise ListingError(f"cannot list {pattern}: {e}") from e
         if not found:
@@ -66,7 +73,7 @@ class _MatchPatternFn(_ListInputFn):
         elif isinstance(item, listing.Unlistable):
             yield self._error(item.path, item.error)
         elif isinstance(item, listing.NotAFile):
-            yield self._error(item.path, "NotARegularFile", "not a regular file (a socket, pipe or device): not read")
+            yield self._error(item.path, "NotARegularFile", f"not a regular file: {item.kind}; not read")
         else:
             counter("links_skipped").inc()
             yield beam.pvalue.TaggedOutput("links_skipped", item.path)
@@ -88,7 +95,7 @@ class _ReadPathListFn(_ListInputFn):
 
     def process(self, list_path: str):
         try:
-            with FileSystems.open(list_path, compression_type="uncompressed") as f:
+            with files.open_read(list_path) as f:
                 text = f.read().decode("utf-8", "surrogateescape")
         except Exception as e:
             raise ListingError(f"cannot read --input_list {list_path}: {e}") from e
@@ -98,6 +105,19 @@ class _ReadPathListFn(_ListInputFn):
             _expect(paths)
         for path in paths:
             yield SourceFile(path)
+
+
+def _not_regular(path: str) -> str | None:
+    """What a local matched path is, in words, when it is not a regular file (a glob
+    matches FIFOs and devices too); None for a regular file, a remote path or one gone
+    (reading it then says so). Reading checks again on the opened descriptor."""
+    if files.is_remote(path):
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else files.kind_of(mode)
 
 
 def _expect(paths) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers import special_files, within
 
 from batch_caption.job import listing
 from batch_caption.job.elements import SourceFile
@@ -94,3 +95,15 @@ def test_a_bucket_prefix_is_listed_by_sub_prefix_without_placeholders(gcs_emulat
     assert sorted(f.path for f in found) == [f"gs://{gcs_emulator}/tree/{n}" for n in
                                              ("top.png", "x/one.png", "x/y/two.png", "z/three.png")]
     assert all(f.size == 4 and f.modified for f in found)
+
+
+def test_symlinks_to_fifos_devices_and_sockets_are_not_files(tmp_path):
+    top = tmp_path / "archive"
+    top.mkdir()
+    special = special_files(top)
+    found = within(20, _everything, os.path.join(str(top), "**"))
+    kinds = {os.path.basename(n.path): n.kind for n in found if isinstance(n, listing.NotAFile)}
+    assert kinds == {"fifo.png": "a FIFO (named pipe)", "fifo_link.png": "a FIFO (named pipe)",
+                     "zero_link.png": "a character device", "socket.png": "a socket"}
+    assert not [f for f in found if isinstance(f, SourceFile)]
+    assert special  # dir.png is listed (empty); dir_link.png leads inside: skipped
