@@ -126,7 +126,8 @@ class RowWriter:
         import pyarrow.parquet as pq
 
         self._schema = schema()
-        self._writer = pq.ParquetWriter(f, self._schema, compression="zstd")
+        # Page checksums: a later run's check (runs.check_catalog) finds a damaged page.
+        self._writer = pq.ParquetWriter(f, self._schema, compression="zstd", write_page_checksum=True)
         self._batch: list[dict[str, Any]] = []
         self.rows = 0
 

@@ -392,3 +392,102 @@ def test_runs_that_end_within_one_second_are_ordered_by_their_end(tmp_path):
         (out / f"run={run_id}" / "manifest.json").write_text(json.dumps(
             {"run_id": run_id, "files": {"captions": []}, "end_time": "1970-01-01T00:01:40Z", "end_seconds": seconds}))
     assert [r.run_id for r in runs.complete_runs(str(out))] == ["zzz", "aaa"]
+
+
+def _fake_run(out, run_id: str, end: int, manifest_files=None, table=None) -> None:
+    """A complete run directory whose catalog holds one captioned row (or `table`)."""
+    import pyarrow as pa
+
+    run_dir = out / f"run={run_id}"
+    run_dir.mkdir(parents=True)
+    name = "catalog-00000-of-00001.parquet"
+    rows = [{"path": "/a.png", "size": 1, "status": "captioned", "caption": run_id, "captioned_run": run_id}]
+    if table is None:
+        table = pa.Table.from_pylist(rows, schema=catalog.schema())
+    pq.write_table(table, run_dir / name, compression="zstd", write_page_checksum=True)
+    listed = {"captions": [], "errors": [], "catalog": [name]} if manifest_files is None else manifest_files
+    (run_dir / "manifest.json").write_text(json.dumps(
+        {"run_id": run_id, "files": listed, "end_time": f"2026-01-0{end}T00:00:00Z", "end_seconds": end}))
+
+
+def _damaged_tables():
+    import pyarrow as pa
+
+    good = pa.Table.from_pylist([{"path": "/a.png", "status": "captioned"}], schema=catalog.schema())
+    return {
+        "no_sha256": good.drop_columns(["sha256"]),
+        "size_as_text": good.set_column(2, pa.field("size", pa.string()), pa.array(["1"])),
+        "no_path_bytes": good.drop_columns(["path_bytes"]),
+    }
+
+
+@pytest.mark.parametrize("damage", ["no_sha256", "size_as_text", "no_path_bytes", "pages", "truncated"])
+def test_a_catalog_that_does_not_read_whole_falls_back_to_the_run_before(tmp_path, caplog, damage):
+    out = tmp_path / "out"
+    _fake_run(out, "one", 1)
+    _fake_run(out, "two", 2, table=_damaged_tables().get(damage))
+    path = out / "run=two" / "catalog-00000-of-00001.parquet"
+    data = bytearray(path.read_bytes())
+    if damage == "pages":  # the footer reads, a data page does not
+        for i in range(8, 40):
+            data[i] ^= 0x5A
+    elif damage == "truncated":
+        data = data[:4] + data[len(data) // 2:]
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        chosen = runs.baseline(runs.complete_runs(str(out)))
+    assert chosen.run_ids == ("one",) and chosen.catalog_rows == 1
+    assert any("run=two" in r.getMessage() and "catalog-00000-of-00001.parquet" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("listed", [
+    {"catalog": 5, "captions": []}, {}, {"captions": "captions-00000-of-00001.jsonl"},
+    {"captions": [], "catalog": [5]}, {"captions": [], "catalog": ["../../run=one/catalog-00000-of-00001.parquet"]},
+    {"captions": [None]}, {"captions": [], "errors": {"a": 1}},
+])
+def test_a_manifest_with_fields_of_the_wrong_type_is_skipped_naming_it(tmp_path, caplog, listed):
+    out = tmp_path / "out"
+    _fake_run(out, "one", 1)
+    _fake_run(out, "two", 2, manifest_files=listed)
+    with caplog.at_level(logging.WARNING):
+        complete = runs.complete_runs(str(out))
+        chosen = runs.baseline(complete)
+    assert [r.run_id for r in complete] == ["one"] and chosen.run_ids == ("one",)
+    assert any("run=two" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("field, value", [("run_id", 7), ("end_seconds", "soon"), ("end_time", 3), ("run_id", None)])
+def test_a_manifest_with_other_fields_of_the_wrong_type_is_skipped(tmp_path, field, value):
+    out = tmp_path / "out"
+    _fake_run(out, "one", 1)
+    _fake_run(out, "two", 2)
+    manifest_path = out / "run=two" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest[field] = value
+    manifest_path.write_text(json.dumps(manifest))
+    assert [r.run_id for r in runs.complete_runs(str(out))] == ["one"]
+
+
+def test_a_damaged_catalog_in_history_never_wedges_an_incremental_run(tiny_bundle, tmp_path, caplog):
+    src, out = tmp_path / "archive", str(tmp_path / "out")
+    _write_pngs(src, ["a.png", "b.png"], seed=7)
+    base = ["--input", str(src), "--output", out, "--model", tiny_bundle, "--incremental"]
+    run.run(base + ["--run_id", "one"])
+    run.run(base + ["--run_id", "two"])
+    [name] = [n for n in os.listdir(os.path.join(out, "run=two")) if n.startswith("catalog-")]
+    table = pq.read_table(os.path.join(out, "run=two", name)).drop_columns(["sha256"])
+    pq.write_table(table, os.path.join(out, "run=two", name))
+    manifest_path = os.path.join(out, "run=one", "manifest.json")
+    with caplog.at_level(logging.WARNING):
+        three = run.run(base + ["--run_id", "three"])
+        assert three["previous_runs"] == ["one"] and three["counts"]["carried"] == 2
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        manifest["files"]["catalog"] = 5
+        with open(os.path.join(out, "run=three", "manifest.json"), "w") as f:
+            json.dump(manifest | {"run_id": "three"}, f)
+        four = run.run(base + ["--run_id", "four"])
+    assert four["previous_runs"] == ["one"] and four["counts"]["carried"] == 2
+    assert any("run=two" in r.getMessage() and name in r.getMessage() for r in caplog.records)
+    assert any("run=three" in r.getMessage() for r in caplog.records)
