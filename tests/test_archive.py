@@ -361,6 +361,35 @@ def test_links_and_unlistable_directories_are_accounted_in_the_run(tiny_bundle, 
     assert (c["captioned"], c["links_skipped"], c["failed_by_stage"]["match"]) == (1, 1, 1)
 
 
+def test_files_under_an_unlistable_directory_are_carried_not_deleted(tiny_bundle, tmp_path, monkeypatch, read_paths):
+    from batch_caption.job import listing
+
+    src, out = tmp_path / "archive", str(tmp_path / "out")
+    _write_pngs(src / "open", ["a.png"], seed=18)
+    _write_pngs(src / "locked", ["b.png", "c.png"], seed=19)
+    _write_pngs(src / "locked_too", ["d.png"], seed=20)  # a sibling whose name extends it: listed
+    base = ["--input", str(src), "--output", out, "--model", tiny_bundle, "--incremental"]
+    run.run(base + ["--run_id", "one"])
+    real = os.scandir
+
+    def scandir(path):
+        if str(path) == str(src / "locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(listing.os, "scandir", scandir)
+    os.remove(src / "locked_too" / "d.png")  # really deleted
+    read_paths.clear()
+    two = run.run(base + ["--run_id", "two"])
+    c = two["counts"]
+    assert (c["unlisted"], c["deleted"], c["carried"], c["catalog_rows"]) == (2, 1, 3, 3)
+    assert read_paths == [] and sorted(_catalog(out, "two")) == ["a.png", "b.png", "c.png"]
+    assert _catalog(out, "two")["b.png"]["captioned_run"] == "one"
+    monkeypatch.setattr(listing.os, "scandir", real)
+    three = run.run(base + ["--run_id", "three"])
+    assert read_paths == [] and three["counts"]["skipped"] == 3 and three["counts"]["unlisted"] == 0
+
+
 def test_the_latest_catalog_alone_gives_every_current_caption(tiny_bundle, tmp_path):
     """What a consumer does (the README's DuckDB query, with pyarrow): read LATEST, then
     that run's catalog files, and get the current caption of every image."""

@@ -72,6 +72,7 @@ class _MatchPatternFn(_ListInputFn):
             yield beam.pvalue.TaggedOutput("pieces", item)
         elif isinstance(item, listing.Unlistable):
             yield self._error(item.path, item.error)
+            yield beam.pvalue.TaggedOutput("unlistable", item.path)
         elif isinstance(item, listing.NotAFile):
             yield self._error(item.path, "NotARegularFile", f"not a regular file: {item.kind}; not read")
         else:
@@ -133,9 +134,10 @@ def best_known(files) -> SourceFile:
 
 
 class MatchImages(beam.PTransform):
-    """PBegin -> SourceFile per distinct path, spread across workers; tags 'errors' and
+    """PBegin -> SourceFile per distinct path, spread across workers; tags 'errors',
     'links_skipped' (symlinks to directories inside a listed tree, whose files are listed
-    under their own paths).
+    under their own paths) and 'unlistable' (the paths, mostly directories, that could not
+    be listed: what was under them is unknown, not deleted).
 
     Args:
       patterns: file paths, globs or recursive directory globs ("dir/**"), any scheme.
@@ -157,21 +159,22 @@ class MatchImages(beam.PTransform):
     def expand(self, pbegin):
         # A branch only for inputs that exist: every transform costs time to build and
         # set up on every run, even with nothing to do.
-        sources, links = [], []
+        sources, links, unlistable = [], [], []
         if self._patterns or not self._lists:
             matched = (
                 pbegin
                 | "CreatePatterns" >> beam.Create(self._patterns)
                 | "MatchPatterns" >> beam.ParDo(_MatchPatternFn(self._run_id, self._report)).with_outputs(
-                    ERRORS, "pieces", "links_skipped", main="files")
+                    ERRORS, "pieces", "links_skipped", "unlistable", main="files")
             )
             pieces = matched.pieces
             if not self._report:  # spread the subtrees over the workers (one process: no need)
                 pieces = pieces | "SpreadPieces" >> beam.Reshuffle()
             listed = pieces | "ListPieces" >> beam.ParDo(_ListPieceFn(self._run_id, self._report)).with_outputs(
-                ERRORS, "links_skipped", main="files")
+                ERRORS, "links_skipped", "unlistable", main="files")
             sources += [matched, listed]
             links += [matched.links_skipped, listed.links_skipped]
+            unlistable += [matched.unlistable, listed.unlistable]
         if self._lists:
             sources.append(
                 pbegin
@@ -191,7 +194,8 @@ class MatchImages(beam.PTransform):
             )
         errors = tuple(source[ERRORS] for source in sources) | "FlattenMatchErrors" >> beam.Flatten()
         links = tuple(links) | "FlattenSkippedLinks" >> beam.Flatten(pipeline=pbegin.pipeline)
-        return {"files": files, ERRORS: errors, "links_skipped": links}
+        unlistable = tuple(unlistable) | "FlattenUnlistable" >> beam.Flatten(pipeline=pbegin.pipeline)
+        return {"files": files, ERRORS: errors, "links_skipped": links, "unlistable": unlistable}
 
 
 def _count_matched(f: SourceFile) -> SourceFile:
