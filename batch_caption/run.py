@@ -183,6 +183,8 @@ def resolve_inputs(config: JobConfig) -> JobConfig:
                 break
         else:
             raise UsageError(f"--input {pattern} matches no file")
+        if _within_output(pattern, config.output):
+            raise UsageError(f"--input {pattern} lies inside --output {config.output}: the job would read its own output")
     for list_file in config.input_lists:
         if not files.exists(list_file):
             raise UsageError(f"--input_list {list_file} does not exist")
@@ -190,6 +192,20 @@ def resolve_inputs(config: JobConfig) -> JobConfig:
         if mode is not None and not stat.S_ISREG(mode):
             raise UsageError(f"--input_list {files.not_regular(list_file, mode)}")
     return dataclasses.replace(config, inputs=tuple(resolved))
+
+
+def _within_output(pattern: str, output: str) -> bool:
+    """Whether everything `pattern` can match lies in the output tree (an output inside
+    an input is fine: listing leaves it out, job/listing.Outside)."""
+    fixed = pattern
+    for i, c in enumerate(pattern):
+        if c in _GLOB_CHARS:
+            fixed = pattern[:i].rsplit("/", 1)[0]  # the directory above the first wildcard
+            break
+    if files.is_remote(pattern) or files.is_remote(output):
+        return (fixed.rstrip("/") + "/").startswith(output.rstrip("/") + "/")
+    real, top = os.path.realpath(fixed), os.path.realpath(output)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
 
 
 def check_remote_paths(config: JobConfig, options) -> None:

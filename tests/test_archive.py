@@ -520,3 +520,19 @@ def test_a_damaged_catalog_in_history_never_wedges_an_incremental_run(tiny_bundl
     assert four["previous_runs"] == ["one"] and four["counts"]["carried"] == 2
     assert any("run=two" in r.getMessage() and name in r.getMessage() for r in caplog.records)
     assert any("run=three" in r.getMessage() for r in caplog.records)
+
+
+def test_an_output_inside_the_input_is_never_read_as_input(tiny_bundle, tmp_path):
+    src = tmp_path / "archive"
+    _write_pngs(src / "photos", ["a.png", "b.png"], seed=21)
+    out = str(src / "captions")
+    listed = tmp_path / "list.txt"
+    base = ["--input", str(src), "--output", out, "--model", tiny_bundle, "--max_failed_fraction", "0.1"]
+    for night in ("one", "two", "three"):
+        extra = ["--incremental"] if night != "one" else []
+        if night == "three":  # a glob and a list naming the output's own files too
+            listed.write_text(os.path.join(out, "LATEST") + "\n" + os.path.join(out, "run=one", "manifest.json") + "\n")
+            extra += ["--input", str(src / "*" / "*"), "--input_list", str(listed)]
+        manifest = run.run(base + extra + ["--run_id", night])
+        assert manifest["counts"]["failed"] == 0 and "rejected" not in manifest
+    assert sorted(_catalog(out, "three")) == ["a.png", "b.png"]

@@ -69,7 +69,8 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
 
     incremental = config.incremental and baseline is not None
     matched = pipeline | "MatchImages" >> MatchImages(
-        config.inputs, config.input_lists, config.run_id, single_process, dedupe_paths=not incremental)
+        config.inputs, config.input_lists, config.run_id, single_process, dedupe_paths=not incremental,
+        output=config.output)
     to_read, skipped, carry = matched["files"], [], []
     if incremental:
         settings = Settings(model_id, catalog.decode_key(decode.to_dict()), config.incremental_any_model)

@@ -16,9 +16,10 @@ from batch_caption.job.elements import ERRORS, SourceFile, counter, path_key
 class _ListInputFn(beam.DoFn):
     """What the DoFns that list input files share: the run id, progress, the error record."""
 
-    def __init__(self, run_id: str, report_progress: bool = False):
+    def __init__(self, run_id: str, report_progress: bool = False, output: str | None = None):
         self._run_id = run_id
         self._report = report_progress
+        self._output = output  # the job's own output: never an input (listing.Outside)
 
     def setup(self):
         gcs.configure_for_emulator()
@@ -42,13 +43,14 @@ class _MatchPatternFn(_ListInputFn):
         found = 0
         try:
             if listing.tree_of(pattern):
-                for item in listing.plan(pattern):
+                for item in listing.plan(pattern, self._output):
                     found += 1
                     yield from self._found(item)
             else:
                 metadata = FileSystems.match([pattern])[0].metadata_list
                 # Object stores' "folder" placeholders are objects whose names end in "/".
-                paths = [m for m in metadata if not m.path.endswith("/")]
+                outside = listing.Outside(self._output)
+                paths = [m for m in metadata if not m.path.endswith("/") and outside(m.path)]
                 found = len(paths)
                 if self._report:
                     _expect(m.path for m in paths)
@@ -85,7 +87,7 @@ class _ListPieceFn(_MatchPatternFn):
 
     def process(self, piece):
         try:
-            for item in listing.list_piece(piece):
+            for item in listing.list_piece(piece, self._output):
                 yield from self._found(item)
         except Exception as e:
             raise ListingError(f"cannot list {piece.path}: {e}") from e
@@ -101,7 +103,8 @@ class _ReadPathListFn(_ListInputFn):
         except Exception as e:
             raise ListingError(f"cannot read --input_list {list_path}: {e}") from e
         paths = [line.strip() for line in text.splitlines()]
-        paths = [p for p in paths if p and not p.startswith("#")]
+        outside = listing.Outside(self._output)
+        paths = [p for p in paths if p and not p.startswith("#") and outside(p)]
         if self._report:
             _expect(paths)
         for path in paths:
@@ -146,10 +149,14 @@ class MatchImages(beam.PTransform):
         only where matching runs in the driver's process (the in-memory DirectRunner).
       dedupe_paths: keep one SourceFile per path (a path two inputs name is read once);
         off where the next stage groups by path anyway (SelectChanged).
+      output: the job's output: nothing under it is an input (not listed, and dropped
+        from globs and list files).
     """
 
-    def __init__(self, patterns, list_files, run_id: str, report_progress: bool = False, dedupe_paths: bool = True):
+    def __init__(self, patterns, list_files, run_id: str, report_progress: bool = False, dedupe_paths: bool = True,
+                 output: str | None = None):
         super().__init__()
+        self._output = output
         self._dedupe = dedupe_paths
         self._patterns = list(patterns)
         self._lists = list(list_files)
@@ -164,13 +171,13 @@ class MatchImages(beam.PTransform):
             matched = (
                 pbegin
                 | "CreatePatterns" >> beam.Create(self._patterns)
-                | "MatchPatterns" >> beam.ParDo(_MatchPatternFn(self._run_id, self._report)).with_outputs(
+                | "MatchPatterns" >> beam.ParDo(_MatchPatternFn(self._run_id, self._report, self._output)).with_outputs(
                     ERRORS, "pieces", "links_skipped", "unlistable", main="files")
             )
             pieces = matched.pieces
             if not self._report:  # spread the subtrees over the workers (one process: no need)
                 pieces = pieces | "SpreadPieces" >> beam.Reshuffle()
-            listed = pieces | "ListPieces" >> beam.ParDo(_ListPieceFn(self._run_id, self._report)).with_outputs(
+            listed = pieces | "ListPieces" >> beam.ParDo(_ListPieceFn(self._run_id, self._report, self._output)).with_outputs(
                 ERRORS, "links_skipped", "unlistable", main="files")
             sources += [matched, listed]
             links += [matched.links_skipped, listed.links_skipped]
@@ -179,7 +186,7 @@ class MatchImages(beam.PTransform):
             sources.append(
                 pbegin
                 | "CreateListFiles" >> beam.Create(self._lists)
-                | "ReadListFiles" >> beam.ParDo(_ReadPathListFn(self._run_id, self._report)).with_outputs(ERRORS, main="files")
+                | "ReadListFiles" >> beam.ParDo(_ReadPathListFn(self._run_id, self._report, self._output)).with_outputs(ERRORS, main="files")
             )
         files = tuple(source.files for source in sources) | "FlattenFiles" >> beam.Flatten()
         if self._dedupe:
