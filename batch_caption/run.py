@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import stat
 import sys
@@ -35,6 +36,7 @@ DEFAULT_MODEL = resolve_model_path(BUNDLED_MODEL)
 SAMPLES_DIR = os.path.join(PACKAGE_DIR, "samples")
 EXIT_TOO_MANY_FAILED = 3
 _GLOB_CHARS = set("*?[")
+_log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,7 +294,16 @@ def _run_locked(config: JobConfig, options, model_id: str, model_config, single_
     """The run, once this process holds the output's lock."""
     import apache_beam as beam
 
-    check_output(config)  # first: nothing of an earlier attempt is deleted for a run that cannot start
+    from batch_caption.job.shards import remove_stale_temp_dirs
+
+    # Before the probe write: a failed run's leftovers may be what keeps the disk full.
+    try:
+        removed = remove_stale_temp_dirs(config.output)
+    except (OSError, ValueError) as e:  # BeamIOError is an OSError
+        raise UsageError(f"--output {config.output}: cannot remove failed runs' temporary files: {e}") from e
+    if removed:
+        _log.warning("removed %d temporary files that failed runs left under %s", removed, config.output)
+    check_output(config)  # nothing of an earlier attempt is deleted for a run that cannot start
     try:
         earlier = runs.complete_runs(config.output, other_than=config.run_id)
         baseline = runs.baseline(earlier) if config.incremental else None

@@ -536,3 +536,34 @@ def test_an_output_inside_the_input_is_never_read_as_input(tiny_bundle, tmp_path
         manifest = run.run(base + extra + ["--run_id", night])
         assert manifest["counts"]["failed"] == 0 and "rejected" not in manifest
     assert sorted(_catalog(out, "three")) == ["a.png", "b.png"]
+
+
+def _run_on_a_full_disk(args, limit: int):
+    """The job's CLI in a process whose shard files fill the disk at `limit` bytes
+    (tests/full_disk.py)."""
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import full_disk; from batch_caption.run import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "FULL_DISK_BYTES": str(limit)}
+    return subprocess.run([sys.executable, "-c", code, tests, *args], capture_output=True, text=True, timeout=600,
+                          env=env)
+
+
+def test_a_full_disk_fails_with_the_error_last_and_the_next_run_cleans_up(tiny_bundle, tmp_path):
+    src, out = tmp_path / "archive", tmp_path / "out"
+    _write_pngs(src, [f"{i}.png" for i in range(12)], seed=22)
+    base = ["--input", str(src), "--output", str(out), "--model", tiny_bundle]
+    full = _run_on_a_full_disk(base + ["--run_id", "full"], limit=3000)
+    lines = full.stderr.strip().splitlines()
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert lines[-1].startswith("batch_caption.run: pipeline failed:"), full.stderr[-3000:]
+    assert "No space left on device" in lines[-1] and "Exception ignored" not in full.stderr, full.stderr[-3000:]
+    # What a failed run leaves: its temporary files (and, here, an older one's).
+    (out / "run=older" / "_temporary").mkdir(parents=True)
+    (out / "run=older" / "_temporary" / "captions-0.jsonl").write_bytes(b"x" * 1000)
+    assert run.main(base + ["--run_id", "next"]) == 0
+    assert not list(out.glob("run=*/_temporary"))
+    assert runs.read_latest(str(out)) == "next"
