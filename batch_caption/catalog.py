@@ -18,6 +18,7 @@ bytes; `path_bytes` is null for every other row. path_of(row) gives back the str
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -126,21 +127,35 @@ class RowWriter:
         import pyarrow.parquet as pq
 
         self._schema = schema()
-        self._writer = pq.ParquetWriter(f, self._schema, compression="zstd")
+        # Page checksums: a later run's check (runs.check_catalog) finds a damaged page.
+        self._writer = pq.ParquetWriter(f, self._schema, compression="zstd", write_page_checksum=True)
         self._batch: list[dict[str, Any]] = []
         self.rows = 0
 
     def write(self, row) -> None:
         """One row (a dict), or a pyarrow Table of rows with this schema."""
-        if isinstance(row, dict):
-            self._batch.append(row)
-            if len(self._batch) >= ROW_GROUP_ROWS:
+        with self._failing_abandons():
+            if isinstance(row, dict):
+                self._batch.append(row)
+                if len(self._batch) >= ROW_GROUP_ROWS:
+                    self._flush()
+                return
+            if self._batch:
                 self._flush()
-            return
-        if self._batch:
-            self._flush()
-        self._writer.write_table(row)
-        self.rows += row.num_rows
+            self._writer.write_table(row)
+            self.rows += row.num_rows
+
+    @contextlib.contextmanager
+    def _failing_abandons(self):
+        """A write or close that fails (a full disk) leaves the file unfinished for good:
+        pyarrow's writer is marked closed, so that its __del__ does not try to write the
+        footer again, later, into a closed stream (a traceback after the run's error)."""
+        try:
+            yield
+        except BaseException:
+            self._writer.is_open = False
+            self._batch = []
+            raise
 
     def _flush(self) -> None:
         import pyarrow as pa
@@ -150,9 +165,15 @@ class RowWriter:
         self._batch = []
 
     def close(self) -> None:
-        if self._batch or self.rows == 0:
-            self._flush()
-        self._writer.close()
+        with self._failing_abandons():
+            if self._batch or self.rows == 0:
+                self._flush()
+            self._writer.close()
+
+    def abandon(self) -> None:
+        """Leaves the file unfinished (its bundle failed): nothing more is written."""
+        self._writer.is_open = False
+        self._batch = []
 
 
 def write_rows(f, rows: Iterable[dict[str, Any]]) -> int:

@@ -8,8 +8,57 @@ so entry points that only see local paths (train, evaluate) start without Beam.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import stat
 import uuid
+
+
+class NotARegularFile(OSError):
+    """A local path that is a FIFO, device, socket or directory: never read (a FIFO
+    would block the reader forever, a device would stream without end)."""
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def kind_of(mode: int) -> str:
+    """What a stat mode names, in words ("a FIFO (named pipe)", "a regular file", ...)."""
+    return next((name for test, name in _KINDS if test(mode)), "a regular file" if stat.S_ISREG(mode) else "not a file")
+
+
+def not_regular(path: str, mode: int) -> NotARegularFile:
+    """The error for `path`, whose stat mode is not a regular file's."""
+    return NotARegularFile(f"not a regular file: {path} is {kind_of(mode)}; not read")
+
+
+def open_regular(path: str) -> io.BufferedReader:
+    """A binary stream of the local regular file at `path`. The check is made on the
+    opened descriptor (no race with a rename): it is opened non-blocking, so that opening
+    a FIFO does not wait for a writer, then fstat'ed; anything but a regular file raises
+    NotARegularFile."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:  # a socket cannot be opened at all (ENXIO): say what it is
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            raise e from None
+        if not stat.S_ISREG(mode):
+            raise not_regular(path, mode) from e
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise not_regular(path, mode)
+        # O_NONBLOCK means nothing to a regular file's reads; cleared all the same.
+        os.set_blocking(fd, True)
+        return io.BufferedReader(io.FileIO(fd, "rb", closefd=True))
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def is_remote(path: str) -> bool:
@@ -39,17 +88,15 @@ def _filesystems():
 
 
 def open_read(path: str):
-    """A binary stream of the file at `path`, read as stored (no decompression)."""
+    """A binary stream of the file at `path`, read as stored (no decompression). A local
+    path must be a regular file (open_regular)."""
     if not is_remote(path):
-        return open(path, "rb")
+        return open_regular(path)
     return _filesystems().open(path, compression_type="uncompressed")
 
 
 def read_bytes(path: str) -> bytes:
-    if not is_remote(path):
-        with open(path, "rb") as f:
-            return f.read()
-    with _filesystems().open(path, compression_type="uncompressed") as f:
+    with open_read(path) as f:
         return f.read()
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "DRAFT_FORMATS",
     "TRANSPOSE",
     "enabled_formats",
+    "ico_frame_sizes",
     "is_int",
     "orientation",
     "sniff",
@@ -168,21 +169,60 @@ def to_rgb(im: Image.Image, background: Tuple[int, int, int]) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+#: Pixels converted at a time from 16-bit, int and float modes: the float64 arithmetic
+#: then needs a few MB, whatever the image's size.
+_CHUNK_PIXELS = 1 << 18
+
+
 def _high_bit_to_8bit(im: Image.Image) -> Image.Image:
-    """I;16* / I / F -> L (or LA when a transparent value is set)."""
+    """I;16* / I / F -> L (or LA when a transparent value is set), converted a block of
+    rows at a time: beside the image, this holds its array (4 bytes a pixel at most), the
+    8-bit result and the alpha (1 byte each), never a float64 copy of the whole image."""
     raw = np.asarray(im)
+    rows = max(1, _CHUNK_PIXELS // max(1, raw.shape[1]))
+    blocks = [raw[i:i + rows] for i in range(0, raw.shape[0], rows)]
+    grey = np.empty(raw.shape, np.uint8)
     if im.mode == "F":
-        values = raw.astype(np.float64)
-        peak = float(np.max(values, where=np.isfinite(values), initial=0.0))
+        peak = max((float(np.max(b, where=np.isfinite(b), initial=0.0)) for b in blocks), default=0.0)
         scale = 255.0 if peak <= 1.0 else 1.0
-        values = np.nan_to_num(values * scale, nan=0.0, posinf=255.0, neginf=0.0)
-        grey = np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8)
+        for i, block in zip(range(0, raw.shape[0], rows), blocks):
+            values = np.nan_to_num(block.astype(np.float64) * scale, nan=0.0, posinf=255.0, neginf=0.0)
+            grey[i:i + rows] = np.rint(np.clip(values, 0.0, 255.0))
     else:
-        values = np.clip(raw, 0, 65535).astype(np.uint32)
-        grey = ((values + 128) // 257).astype(np.uint8)
+        for i, block in zip(range(0, raw.shape[0], rows), blocks):
+            grey[i:i + rows] = (np.clip(block, 0, 65535).astype(np.uint32) + 128) // 257
     grey_im = Image.fromarray(grey)  # mode L
     transparent = im.info.get("transparency")
     if is_int(transparent):
-        alpha = np.where(raw == transparent, 0, 255).astype(np.uint8)
+        alpha = np.empty(raw.shape, np.uint8)
+        for i, block in zip(range(0, raw.shape[0], rows), blocks):
+            alpha[i:i + rows] = np.where(block == transparent, 0, 255)
         return Image.merge("LA", (grey_im, Image.fromarray(alpha)))
     return grey_im
+
+
+_ICO_MAGIC = b"\x00\x00\x01\x00"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def ico_frame_sizes(data: bytes) -> list[Tuple[int, int]]:
+    """(width, height) of every image an ICO file holds, as its embedded PNG or bitmap
+    header says (not as its directory says: Pillow allocates what the image says, and
+    decodes while opening). [] for other data; an entry cut short is skipped (Pillow
+    then reports the file)."""
+    if not data.startswith(_ICO_MAGIC) or len(data) < 6:
+        return []
+    sizes = []
+    for i in range(int.from_bytes(data[4:6], "little")):
+        entry = data[6 + 16 * i:22 + 16 * i]
+        if len(entry) < 16:
+            break
+        offset = int.from_bytes(entry[12:16], "little")
+        head = data[offset:offset + 24]
+        if head.startswith(_PNG_MAGIC) and len(head) >= 24:
+            sizes.append((int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")))
+        elif len(head) >= 12:  # a bitmap: its header's height counts the AND mask too
+            width = abs(int.from_bytes(head[4:8], "little", signed=True))
+            height = abs(int.from_bytes(head[8:12], "little", signed=True))
+            sizes.append((width, height // 2 or height))
+    return sizes

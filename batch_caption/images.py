@@ -1,10 +1,11 @@
 """Image bytes -> fixed-size RGB ``uint8`` array, or a typed, explained error.
 
 The captioning job calls :func:`decode_image` once per image, before batching, so one
-bad file becomes one error record instead of failing a batch. Every failure caused by
-the data raises a subclass of :class:`ImageDecodeError`; the error record is
-``error = type(exc).__name__`` and ``message = str(exc)``. Programming errors (``data``
-not bytes, ``config`` not an :class:`ImageConfig`, bugs) propagate as usual.
+bad file becomes one error record instead of failing a batch. Every failure while
+decoding one image raises a subclass of :class:`ImageDecodeError` (whatever a decoder
+raised on hostile data, ``MemoryError`` included); the error record is
+``error = type(exc).__name__`` and ``message = str(exc)``. Wrong arguments (``data`` not
+bytes, ``config`` not an :class:`ImageConfig`) are the caller's bug and raise TypeError.
 
 Training-data preparation calls this same function with the same :class:`ImageConfig`,
 so every choice below is part of the model contract: changing the filter, the draft
@@ -16,7 +17,11 @@ rule or the background changes the pixels the model sees.
   ``>= DRAFT_REDUCING_GAP * image_size``; the final BICUBIC step still shrinks >= 2x.
 * Transparency composited over ``ImageConfig.background`` (white).
 * EXIF orientation applied after the resize; ``width``/``height`` are as displayed.
-* ``max_image_pixels`` checked on the header size, before any pixel is decoded.
+* ``max_image_pixels`` checked on the header size, before any pixel is decoded, and
+  the longest side against :func:`max_side`; memory per decode stays within
+  :data:`DECODE_BYTES_PER_PIXEL` bytes per pixel of the limit.
+* Any failure while decoding one image (``MemoryError`` included) is that image's
+  :class:`ImageDecodeError`.
 * Only :data:`DEFAULT_FORMATS` by default; first frame of animations; truncated
   files are errors (Pillow's global ``LOAD_TRUNCATED_IMAGES`` is never set).
 
@@ -50,6 +55,7 @@ from batch_caption.image_formats import (
     DRAFT_FORMATS,
     TRANSPOSE,
     enabled_formats,
+    ico_frame_sizes,
     is_int,
     orientation,
     sniff,
@@ -59,6 +65,7 @@ from batch_caption.image_formats import (
 
 __all__ = [
     "DEFAULT_FORMATS",
+    "DECODE_BYTES_PER_PIXEL",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "DRAFT_REDUCING_GAP",
     "RESAMPLE",
@@ -71,11 +78,17 @@ __all__ = [
     "TruncatedImageError",
     "UnsupportedImageError",
     "decode_image",
+    "max_side",
     "resize_pixels",
 ]
 
 #: Default header pixel-count limit: every real camera, bounded memory per decode.
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+
+#: Memory one decode may take, in bytes per pixel of ``max_image_pixels`` (beside the
+#: file's bytes): Pillow's pixels (4 bytes each), the converted copies of a mode with
+#: alpha or high bit depth, and the resize's filter weights (see :func:`max_side`).
+DECODE_BYTES_PER_PIXEL = 24
 
 #: Resampling filter for every resize in this module (train/serve contract).
 RESAMPLE = Image.Resampling.BICUBIC
@@ -223,7 +236,27 @@ def decode_image(data: bytes, config: ImageConfig) -> DecodedImage:
         raise TypeError(f"data must be bytes, not {type(data).__name__}")
     if len(data) == 0:
         raise EmptyImageError("image file is empty (0 bytes)")
+    try:
+        return _decode(data, config)
+    except ImageDecodeError:
+        raise
+    except MemoryError:
+        raise ImageTooLargeError(
+            f"ran out of memory decoding this image ({len(data):,} bytes)"
+        ) from None
+    except Exception as e:  # whatever a decoder raises on hostile data: this image's error
+        raise TruncatedImageError(
+            f"image data is corrupt ({sniff(data) or 'unknown format'}): the decoder "
+            f"raised {type(e).__name__}: {reason(e)}"
+        ) from e
 
+
+def _decode(data: bytes, config: ImageConfig) -> DecodedImage:
+    """decode_image's work, on checked arguments."""
+    if config.formats is None or "ICO" in config.formats:
+        # Pillow decodes an icon while opening it, at the size its image says.
+        for width, height in ico_frame_sizes(data):
+            _check_size("ICO", width, height, config)
     formats = enabled_formats(config.formats)
     try:
         im = Image.open(io.BytesIO(data), formats=formats)
@@ -312,6 +345,15 @@ def resize_pixels(pixels: np.ndarray, image_size: int) -> np.ndarray:
     return np.array(_resize(im, int(image_size)), dtype=np.uint8, order="C")
 
 
+def max_side(max_image_pixels: int) -> int:
+    """The longest side decoded under a pixel limit. Resizing a side of n pixels to
+    a few hundred holds 32 bytes of filter weights per source pixel of that side, so a
+    99,999,999 x 1 image under the limit would need 3.2 GB: a side may be at most
+    max_image_pixels / 8 (weights within 4 bytes per pixel of the limit), and never
+    less than 65,536 (2 MB of weights)."""
+    return max(max_image_pixels // 8, 1 << 16)
+
+
 def _resize(im: Image.Image, size: int) -> Image.Image:
     return im.resize((size, size), RESAMPLE)
 
@@ -324,6 +366,13 @@ def _check_size(fmt: str, width: int, height: int, config: ImageConfig) -> None:
             f"{config.min_image_side} pixel(s)"
         )
     pixels = width * height
+    longest = max(width, height)
+    if pixels <= config.max_image_pixels and longest > max_side(config.max_image_pixels):
+        raise ImageTooLargeError(
+            f"image is {width}x{height} ({fmt}): a side of {longest:,} pixels is over "
+            f"the limit of {max_side(config.max_image_pixels):,} for a pixel limit of "
+            f"{config.max_image_pixels:,} (resizing it would need more memory)"
+        )
     if pixels > config.max_image_pixels:
         raise ImageTooLargeError(
             f"image is {width}x{height} = {pixels:,} pixels ({fmt}), over the "

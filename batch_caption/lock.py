@@ -8,16 +8,26 @@ google-cloud-storage is used directly. Release deletes the object only while it 
 the holder's own (same token locally, same generation on GCS), so a lock broken and
 retaken by another run survives the first run's release.
 
-A lock left by a run that died (SIGKILL, a lost machine) is broken, conditionally again,
-when its holder ran on this host and its process is gone, or when a run passes
-`break_older_than` seconds and the lock object is older than that. Other schemes (s3://,
-...) have no create-only primitive here: their lock is checked, then written, which
-narrows the race but does not close it.
+A lock left by a run that died (SIGKILL, a lost machine) is broken when there is
+evidence that holds across PID namespaces and machines: the holder ran in this kernel boot
+(/proc/sys/kernel/random/boot_id) and in this PID namespace, and its pid is gone or now
+names a process started at another time (/proc/<pid>/stat). A host name and a pid alone
+are no evidence (another container, another machine of the same name on a shared disk).
+Without evidence, a lock is broken only when a run passes `break_older_than` seconds and
+the lock object is older than that.
+
+Breaking is atomic: on GCS the delete is conditional on the generation read; locally the
+one caller that creates the marker `_LOCK.<hash of version>.breaking` (create-only) may delete
+that version, so the file it then finds under the lock's name is still the one it read,
+and every other breaker of it gives up. A release goes the same way. Other schemes
+(s3://, ...) have no create-only primitive here: their lock is checked, then written,
+which narrows the race but does not close it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -41,6 +51,11 @@ class Holder:
     pid: int
     started: float  # seconds since the epoch, the holder's clock
     token: str
+    # Evidence of the process, for telling whether it died ("" / None: unknown, as in
+    # locks written before these fields, or where /proc has no such file).
+    boot_id: str = ""  # the kernel boot's random id
+    pid_ns: str = ""  # the PID namespace, e.g. "pid:[4026531836]"
+    pid_start: int | None = None  # the process's start time, clock ticks since boot
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode("utf-8")
@@ -50,8 +65,11 @@ class Holder:
         """The holder, or None for an object that is not a lock this code wrote."""
         try:
             raw = json.loads(data)
-            return cls(str(raw["run_id"]), str(raw["host"]), int(raw["pid"]), float(raw["started"]), str(raw["token"]))
-        except (ValueError, KeyError, TypeError):
+            start = raw.get("pid_start")
+            return cls(str(raw["run_id"]), str(raw["host"]), int(raw["pid"]), float(raw["started"]), str(raw["token"]),
+                       str(raw.get("boot_id") or ""), str(raw.get("pid_ns") or ""),
+                       None if start is None else int(start))
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
     def describe(self) -> str:
@@ -74,18 +92,51 @@ def _age_text(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
+def boot_id() -> str:
+    """This kernel boot's random id; "" where there is none to read."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace, e.g. "pid:[4026531836]"; "" where unknown."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot; None when it cannot be read
+    (no such process, or /proc hides it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        # The name in parentheses may hold spaces and ")": the fields follow the last ")".
+        return int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _died_here(holder: Holder) -> bool:
-    """Whether the holder ran on this host and its process is gone (killed, crashed): its
-    lock is then broken at once, whatever its age."""
-    if holder.host != socket.gethostname() or holder.pid == os.getpid():
+    """Whether there is evidence that the holder's process is gone: it ran in this boot and
+    this PID namespace, and its pid is free or names a process started at another time.
+    Its lock is then broken at once, whatever its age."""
+    if not holder.boot_id or holder.boot_id != boot_id():
+        return False
+    if not holder.pid_ns or holder.pid_ns != pid_namespace():
         return False
     try:
         os.kill(holder.pid, 0)
     except ProcessLookupError:
         return True
-    except OSError:  # exists, but another user's
-        return False
-    return False
+    except OSError:  # exists, but another user's: its start time says whether it is the holder
+        pass
+    start = process_start(holder.pid)
+    return start is not None and holder.pid_start is not None and start != holder.pid_start
 
 
 def parse_age(text: str) -> float:
@@ -149,33 +200,39 @@ class _LocalStore:
 
     def read(self) -> _Found | None:
         try:
-            with open(self.path, "rb") as f:
+            with files.open_regular(self.path) as f:
                 data = f.read()
                 modified = os.fstat(f.fileno()).st_mtime
         except FileNotFoundError:
             return None
-        holder = Holder.from_json(data)
-        return _Found(data, holder.token if holder else "", modified)
+        return _Found(data, _local_version(data), modified)
 
     def delete(self, version: str) -> bool:
-        """Deletes the lock if its token is `version`. The file is first renamed away (one
-        rename wins), then checked: another run's fresh lock moved by mistake goes back."""
-        aside = f"{self.path}.{uuid.uuid4().hex}.released"
+        """Deletes the lock if it is `version`, as the one caller that creates the marker of
+        that version: nothing else may delete it meanwhile, and nothing can be created
+        under the lock's name while it is there, so the lock checked is the lock deleted.
+        A lock never moves out of the way, so none is ever lost putting it back."""
+        # Named by a hash: a foreign lock's token may hold any character.
+        marker = f"{self.path}.{hashlib.sha256(version.encode()).hexdigest()[:32]}.breaking"
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:  # another caller is deleting this version
             return False
-        with open(aside, "rb") as f:
-            holder = Holder.from_json(f.read())
-        if (holder.token if holder else "") == version:
-            os.remove(aside)
-            return True
         try:
-            os.link(aside, self.path)  # put it back unless a third run took the name since
-        except FileExistsError:
-            pass
-        os.remove(aside)
-        return False
+            found = self.read()
+            if found is None or found.version != version:
+                return False  # gone, or another lock since: a version never comes back
+            os.remove(self.path)
+            return True
+        finally:
+            os.remove(marker)
+
+
+def _local_version(data: bytes) -> str:
+    """A local lock's version: its holder's token, or for an object that is not a lock
+    this code wrote, a hash of its bytes (never reused by another lock)."""
+    holder = Holder.from_json(data)
+    return holder.token if holder else "raw-" + hashlib.sha256(data).hexdigest()[:32]
 
 
 class _GcsStore:
@@ -269,7 +326,8 @@ class OutputLock:
         self.path = files.join(output, LOCK_NAME)
         self._store = _store(self.path)
         self._clock = clock
-        self.holder = Holder(run_id, socket.gethostname(), os.getpid(), clock(), uuid.uuid4().hex)
+        self.holder = Holder(run_id, socket.gethostname(), os.getpid(), clock(), uuid.uuid4().hex,
+                             boot_id(), pid_namespace(), process_start(os.getpid()))
         self._version: str | None = None
 
     def acquire(self, break_older_than: float | None = None) -> OutputLock:

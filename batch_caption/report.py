@@ -39,7 +39,7 @@ import sys
 import time
 from typing import Any, Iterator
 
-from batch_caption import cli, files, gcs, quiet, records, report_attention, thumbnails
+from batch_caption import catalog, cli, files, gcs, quiet, records, report_attention, thumbnails
 from batch_caption.cli import UsageError
 
 REPORT_NAME = "report.html"
@@ -68,7 +68,17 @@ table{border-collapse:collapse;background:#fff}td,th{border:1px solid #ddd;paddi
 
 def _e(value: Any) -> str:
     """Text -> HTML, quotes included (safe in element content and attribute values)."""
-    return html.escape(str(value), quote=True)
+    return html.escape(_display(str(value)), quote=True)
+
+
+def _display(text: str) -> str:
+    """`text` as UTF-8 can hold it: a name that is not UTF-8 (surrogate escapes, as the
+    records hold it) shows its undecodable bytes as \\xNN, as the catalog's `path` does;
+    any other lone surrogate as \\udXXX."""
+    try:
+        return catalog.utf8_text(text)
+    except UnicodeEncodeError:  # a surrogate no byte escapes to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _fs():
@@ -353,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"batch_caption.report: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(path)
+    # The path as given: its own bytes, even where they are not UTF-8.
+    sys.stdout.flush()
+    sys.stdout.buffer.write(os.fsencode(path) + b"\n")
+    sys.stdout.buffer.flush()
     return 0
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
+import stat
 import sys
 import time
 from typing import Any
@@ -30,6 +32,7 @@ from batch_caption.job.elements import NAMESPACE
 
 EXIT_TOO_MANY_FAILED = 3
 _GLOB_CHARS = set("*?[")
+_log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,10 +189,29 @@ def resolve_inputs(config: JobConfig) -> JobConfig:
                 break
         else:
             raise UsageError(f"--input {pattern} matches no file")
+        if _within_output(pattern, config.output):
+            raise UsageError(f"--input {pattern} lies inside --output {config.output}: the job would read its own output")
     for list_file in config.input_lists:
         if not files.exists(list_file):
             raise UsageError(f"--input_list {list_file} does not exist")
+        mode = None if files.is_remote(list_file) else os.stat(list_file).st_mode
+        if mode is not None and not stat.S_ISREG(mode):
+            raise UsageError(f"--input_list {files.not_regular(list_file, mode)}")
     return dataclasses.replace(config, inputs=tuple(resolved))
+
+
+def _within_output(pattern: str, output: str) -> bool:
+    """Whether everything `pattern` can match lies in the output tree (an output inside
+    an input is fine: listing leaves it out, job/listing.Outside)."""
+    fixed = pattern
+    for i, c in enumerate(pattern):
+        if c in _GLOB_CHARS:
+            fixed = pattern[:i].rsplit("/", 1)[0]  # the directory above the first wildcard
+            break
+    if files.is_remote(pattern) or files.is_remote(output):
+        return (fixed.rstrip("/") + "/").startswith(output.rstrip("/") + "/")
+    real, top = os.path.realpath(fixed), os.path.realpath(output)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
 
 
 def check_remote_paths(config: JobConfig, options) -> None:
@@ -280,7 +302,16 @@ def _run_locked(config: JobConfig, options, model_id: str, model_config, single_
     """The run, once this process holds the output's lock."""
     import apache_beam as beam
 
-    check_output(config)  # first: nothing of an earlier attempt is deleted for a run that cannot start
+    from batch_caption.job.shards import remove_stale_temp_dirs
+
+    # Before the probe write: a failed run's leftovers may be what keeps the disk full.
+    try:
+        removed = remove_stale_temp_dirs(config.output)
+    except (OSError, ValueError) as e:  # BeamIOError is an OSError
+        raise UsageError(f"--output {config.output}: cannot remove failed runs' temporary files: {e}") from e
+    if removed:
+        _log.warning("removed %d temporary files that failed runs left under %s", removed, config.output)
+    check_output(config)  # nothing of an earlier attempt is deleted for a run that cannot start
     try:
         earlier = runs.complete_runs(config.output, other_than=config.run_id)
         baseline = runs.baseline(earlier) if config.incremental else None

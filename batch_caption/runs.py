@@ -4,9 +4,11 @@
     OUTPUT/LATEST             the id of the newest complete run, written after its manifest
     OUTPUT/run=<id>/          one run: shards, catalog-*.parquet, manifest.json last
 
-A run directory is complete when its manifest reads back; one that does not (a run killed
-while writing it, a manifest that is not JSON) is skipped with a warning naming it, never
-fatal. A complete run whose failed share was over --max_failed_fraction is `rejected`:
+A run directory is complete when its manifest reads back and has the types later runs
+rely on; one that does not (a run killed while writing it, a manifest that is not JSON or
+has a field of the wrong type) is skipped with a warning naming it, never fatal. So is a
+catalog that does not read whole with the catalog's columns: the next run builds on the
+run before it. A complete run whose failed share was over --max_failed_fraction is `rejected`:
 kept, but neither LATEST nor the next incremental run uses it.
 """
 
@@ -17,7 +19,7 @@ import json
 import logging
 from typing import Any
 
-from batch_caption import files, records
+from batch_caption import catalog, files, records
 
 LATEST_NAME = "LATEST"
 _log = logging.getLogger(__name__)
@@ -53,11 +55,42 @@ def run_dir_of(output: str, run_id: str) -> str:
 
 
 def read_run(run_dir: str) -> EarlierRun:
-    """The run in `run_dir`; ValueError or OSError when its manifest does not read back."""
+    """The run in `run_dir`; ValueError or OSError when its manifest does not read back
+    or any field a later run uses has the wrong type (check_manifest)."""
     manifest = json.loads(files.read_bytes(files.join(run_dir, records.MANIFEST_NAME)))
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise ValueError("not a run manifest")
-    return EarlierRun(str(manifest["run_id"]), run_dir, manifest)
+    check_manifest(manifest)
+    return EarlierRun(manifest["run_id"], run_dir, manifest)
+
+
+def check_manifest(manifest: Any) -> None:
+    """Raises ValueError, saying which field, unless every field that later runs read has
+    its type: run_id a str; files an object whose captions (and errors, catalog when
+    present) list plain file names; end_time a str, end_seconds a number, when present."""
+    if not isinstance(manifest, dict):
+        raise ValueError("not a run manifest (not a JSON object)")
+    if not isinstance(manifest.get("run_id"), str) or not manifest["run_id"]:
+        raise ValueError("run_id is not a non-empty string")
+    listed = manifest.get("files")
+    if not isinstance(listed, dict):
+        raise ValueError("files is not an object")
+    for kind in ("captions", "errors", "catalog"):
+        if kind not in listed and kind != "captions":
+            continue
+        names = listed.get(kind)
+        if kind == "catalog" and names is None:
+            continue
+        if not isinstance(names, list) or not all(_plain_name(n) for n in names):
+            raise ValueError(f"files.{kind} is not a list of file names in the run directory")
+    if not isinstance(manifest.get("end_time", ""), str):
+        raise ValueError("end_time is not a string")
+    seconds = manifest.get("end_seconds", 0.0)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise ValueError("end_seconds is not a number")
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name in the run directory: no path, so a manifest points nowhere else."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def complete_runs(output: str, other_than: str | None = None) -> list[EarlierRun]:
@@ -89,18 +122,36 @@ class Baseline:
 
 
 def catalog_rows(run: EarlierRun) -> int | None:
-    """The rows of `run`'s catalog, from every file's Parquet footer; None (and a warning
-    naming the run) when a file does not read."""
+    """The rows of `run`'s catalog once every file has passed check_catalog; None (and a
+    warning naming the file) when one does not."""
+    rows = 0
+    for path in run.catalog_files or ():
+        try:
+            rows += check_catalog(path)
+        except Exception as e:  # noqa: BLE001 - any failure to read means: do not build on it
+            _log.warning("skipping %s: its catalog %s cannot be used (%s: %s)",
+                         run.run_dir, files.basename(path), type(e).__name__, e)
+            return None
+    return rows
+
+
+def check_catalog(path: str) -> int:
+    """The rows of the catalog file at `path`, read whole, a row group at a time, so that
+    a later stage finds no surprise: its columns have the catalog's types, and every page
+    reads (checksums verified where written). Raises on any failure."""
     import pyarrow.parquet as pq
 
-    rows = 0
-    try:
-        for path in run.catalog_files or ():
-            with files.open_read(path) as f:
-                rows += pq.ParquetFile(f).metadata.num_rows
-    except Exception as e:  # noqa: BLE001 - any failure to read means: do not build on it
-        _log.warning("skipping %s: its catalog cannot be read (%s)", run.run_dir, e)
-        return None
+    with files.open_read(path) as f:
+        parquet = pq.ParquetFile(f, page_checksum_verification=True)
+        found = parquet.schema_arrow
+        for field in catalog.schema():
+            if found.get_field_index(field.name) < 0:
+                raise ValueError(f"no column {field.name}")
+            if found.field(field.name).type != field.type:
+                raise ValueError(f"column {field.name} is {found.field(field.name).type}, not {field.type}")
+        rows = sum(parquet.read_row_group(i).num_rows for i in range(parquet.num_row_groups))
+        if rows != parquet.metadata.num_rows:
+            raise ValueError(f"{rows} rows read, the footer says {parquet.metadata.num_rows}")
     return rows
 
 

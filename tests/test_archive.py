@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import types
 
 import pyarrow.parquet as pq
 import pytest
 from helpers import varied_images
 from PIL import Image
 
-from batch_caption import catalog, run, runs
+from batch_caption import catalog, files, run, runs
 from batch_caption.job import file_reads
 
 
@@ -172,7 +173,8 @@ def test_a_failed_listing_fails_the_run_and_latest_stays(tiny_bundle, tmp_path, 
 
     monkeypatch.setattr(listing, "plan", storm)  # a directory or bucket prefix
     assert run.main(base + ["--input", str(src), "--run_id", "storm"]) == 1
-    monkeypatch.setattr(match, "FileSystems", Storm)  # a glob, and a list file
+    monkeypatch.setattr(match, "FileSystems", Storm)  # a glob
+    monkeypatch.setattr(match, "files", types.SimpleNamespace(**{**vars(files), "open_read": storm}))  # a list file
     assert run.main(base + ["--input", str(src / "*.png"), "--run_id", "storm"]) == 1
     assert run.main(base + ["--input_list", str(tmp_path / "list.txt"), "--run_id", "storm"]) == 1
     err = capsys.readouterr().err
@@ -359,6 +361,35 @@ def test_links_and_unlistable_directories_are_accounted_in_the_run(tiny_bundle, 
     assert (c["captioned"], c["links_skipped"], c["failed_by_stage"]["match"]) == (1, 1, 1)
 
 
+def test_files_under_an_unlistable_directory_are_carried_not_deleted(tiny_bundle, tmp_path, monkeypatch, read_paths):
+    from batch_caption.job import listing
+
+    src, out = tmp_path / "archive", str(tmp_path / "out")
+    _write_pngs(src / "open", ["a.png"], seed=18)
+    _write_pngs(src / "locked", ["b.png", "c.png"], seed=19)
+    _write_pngs(src / "locked_too", ["d.png"], seed=20)  # a sibling whose name extends it: listed
+    base = ["--input", str(src), "--output", out, "--model", tiny_bundle, "--incremental"]
+    run.run(base + ["--run_id", "one"])
+    real = os.scandir
+
+    def scandir(path):
+        if str(path) == str(src / "locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(listing.os, "scandir", scandir)
+    os.remove(src / "locked_too" / "d.png")  # really deleted
+    read_paths.clear()
+    two = run.run(base + ["--run_id", "two"])
+    c = two["counts"]
+    assert (c["unlisted"], c["deleted"], c["carried"], c["catalog_rows"]) == (2, 1, 3, 3)
+    assert read_paths == [] and sorted(_catalog(out, "two")) == ["a.png", "b.png", "c.png"]
+    assert _catalog(out, "two")["b.png"]["captioned_run"] == "one"
+    monkeypatch.setattr(listing.os, "scandir", real)
+    three = run.run(base + ["--run_id", "three"])
+    assert read_paths == [] and three["counts"]["skipped"] == 3 and three["counts"]["unlisted"] == 0
+
+
 def test_the_latest_catalog_alone_gives_every_current_caption(tiny_bundle, tmp_path):
     """What a consumer does (the README's DuckDB query, with pyarrow): read LATEST, then
     that run's catalog files, and get the current caption of every image."""
@@ -390,3 +421,149 @@ def test_runs_that_end_within_one_second_are_ordered_by_their_end(tmp_path):
         (out / f"run={run_id}" / "manifest.json").write_text(json.dumps(
             {"run_id": run_id, "files": {"captions": []}, "end_time": "1970-01-01T00:01:40Z", "end_seconds": seconds}))
     assert [r.run_id for r in runs.complete_runs(str(out))] == ["zzz", "aaa"]
+
+
+def _fake_run(out, run_id: str, end: int, manifest_files=None, table=None) -> None:
+    """A complete run directory whose catalog holds one captioned row (or `table`)."""
+    import pyarrow as pa
+
+    run_dir = out / f"run={run_id}"
+    run_dir.mkdir(parents=True)
+    name = "catalog-00000-of-00001.parquet"
+    rows = [{"path": "/a.png", "size": 1, "status": "captioned", "caption": run_id, "captioned_run": run_id}]
+    if table is None:
+        table = pa.Table.from_pylist(rows, schema=catalog.schema())
+    pq.write_table(table, run_dir / name, compression="zstd", write_page_checksum=True)
+    listed = {"captions": [], "errors": [], "catalog": [name]} if manifest_files is None else manifest_files
+    (run_dir / "manifest.json").write_text(json.dumps(
+        {"run_id": run_id, "files": listed, "end_time": f"2026-01-0{end}T00:00:00Z", "end_seconds": end}))
+
+
+def _damaged_tables():
+    import pyarrow as pa
+
+    good = pa.Table.from_pylist([{"path": "/a.png", "status": "captioned"}], schema=catalog.schema())
+    return {
+        "no_sha256": good.drop_columns(["sha256"]),
+        "size_as_text": good.set_column(2, pa.field("size", pa.string()), pa.array(["1"])),
+        "no_path_bytes": good.drop_columns(["path_bytes"]),
+    }
+
+
+@pytest.mark.parametrize("damage", ["no_sha256", "size_as_text", "no_path_bytes", "pages", "truncated"])
+def test_a_catalog_that_does_not_read_whole_falls_back_to_the_run_before(tmp_path, caplog, damage):
+    out = tmp_path / "out"
+    _fake_run(out, "one", 1)
+    _fake_run(out, "two", 2, table=_damaged_tables().get(damage))
+    path = out / "run=two" / "catalog-00000-of-00001.parquet"
+    data = bytearray(path.read_bytes())
+    if damage == "pages":  # the footer reads, a data page does not
+        for i in range(8, 40):
+            data[i] ^= 0x5A
+    elif damage == "truncated":
+        data = data[:4] + data[len(data) // 2:]
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        chosen = runs.baseline(runs.complete_runs(str(out)))
+    assert chosen.run_ids == ("one",) and chosen.catalog_rows == 1
+    assert any("run=two" in r.getMessage() and "catalog-00000-of-00001.parquet" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("listed", [
+    {"catalog": 5, "captions": []}, {}, {"captions": "captions-00000-of-00001.jsonl"},
+    {"captions": [], "catalog": [5]}, {"captions": [], "catalog": ["../../run=one/catalog-00000-of-00001.parquet"]},
+    {"captions": [None]}, {"captions": [], "errors": {"a": 1}},
+])
+def test_a_manifest_with_fields_of_the_wrong_type_is_skipped_naming_it(tmp_path, caplog, listed):
+    out = tmp_path / "out"
+    _fake_run(out, "one", 1)
+    _fake_run(out, "two", 2, manifest_files=listed)
+    with caplog.at_level(logging.WARNING):
+        complete = runs.complete_runs(str(out))
+        chosen = runs.baseline(complete)
+    assert [r.run_id for r in complete] == ["one"] and chosen.run_ids == ("one",)
+    assert any("run=two" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("field, value", [("run_id", 7), ("end_seconds", "soon"), ("end_time", 3), ("run_id", None)])
+def test_a_manifest_with_other_fields_of_the_wrong_type_is_skipped(tmp_path, field, value):
+    out = tmp_path / "out"
+    _fake_run(out, "one", 1)
+    _fake_run(out, "two", 2)
+    manifest_path = out / "run=two" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest[field] = value
+    manifest_path.write_text(json.dumps(manifest))
+    assert [r.run_id for r in runs.complete_runs(str(out))] == ["one"]
+
+
+def test_a_damaged_catalog_in_history_never_wedges_an_incremental_run(tiny_bundle, tmp_path, caplog):
+    src, out = tmp_path / "archive", str(tmp_path / "out")
+    _write_pngs(src, ["a.png", "b.png"], seed=7)
+    base = ["--input", str(src), "--output", out, "--model", tiny_bundle, "--incremental"]
+    run.run(base + ["--run_id", "one"])
+    run.run(base + ["--run_id", "two"])
+    [name] = [n for n in os.listdir(os.path.join(out, "run=two")) if n.startswith("catalog-")]
+    table = pq.read_table(os.path.join(out, "run=two", name)).drop_columns(["sha256"])
+    pq.write_table(table, os.path.join(out, "run=two", name))
+    manifest_path = os.path.join(out, "run=one", "manifest.json")
+    with caplog.at_level(logging.WARNING):
+        three = run.run(base + ["--run_id", "three"])
+        assert three["previous_runs"] == ["one"] and three["counts"]["carried"] == 2
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        manifest["files"]["catalog"] = 5
+        with open(os.path.join(out, "run=three", "manifest.json"), "w") as f:
+            json.dump(manifest | {"run_id": "three"}, f)
+        four = run.run(base + ["--run_id", "four"])
+    assert four["previous_runs"] == ["one"] and four["counts"]["carried"] == 2
+    assert any("run=two" in r.getMessage() and name in r.getMessage() for r in caplog.records)
+    assert any("run=three" in r.getMessage() for r in caplog.records)
+
+
+def test_an_output_inside_the_input_is_never_read_as_input(tiny_bundle, tmp_path):
+    src = tmp_path / "archive"
+    _write_pngs(src / "photos", ["a.png", "b.png"], seed=21)
+    out = str(src / "captions")
+    listed = tmp_path / "list.txt"
+    base = ["--input", str(src), "--output", out, "--model", tiny_bundle, "--max_failed_fraction", "0.1"]
+    for night in ("one", "two", "three"):
+        extra = ["--incremental"] if night != "one" else []
+        if night == "three":  # a glob and a list naming the output's own files too
+            listed.write_text(os.path.join(out, "LATEST") + "\n" + os.path.join(out, "run=one", "manifest.json") + "\n")
+            extra += ["--input", str(src / "*" / "*"), "--input_list", str(listed)]
+        manifest = run.run(base + extra + ["--run_id", night])
+        assert manifest["counts"]["failed"] == 0 and "rejected" not in manifest
+    assert sorted(_catalog(out, "three")) == ["a.png", "b.png"]
+
+
+def _run_on_a_full_disk(args, limit: int):
+    """The job's CLI in a process whose shard files fill the disk at `limit` bytes
+    (tests/full_disk.py)."""
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import full_disk; from batch_caption.run import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "FULL_DISK_BYTES": str(limit)}
+    return subprocess.run([sys.executable, "-c", code, tests, *args], capture_output=True, text=True, timeout=600,
+                          env=env)
+
+
+def test_a_full_disk_fails_with_the_error_last_and_the_next_run_cleans_up(tiny_bundle, tmp_path):
+    src, out = tmp_path / "archive", tmp_path / "out"
+    _write_pngs(src, [f"{i}.png" for i in range(12)], seed=22)
+    base = ["--input", str(src), "--output", str(out), "--model", tiny_bundle]
+    full = _run_on_a_full_disk(base + ["--run_id", "full"], limit=3000)
+    lines = full.stderr.strip().splitlines()
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert lines[-1].startswith("batch_caption.run: pipeline failed:"), full.stderr[-3000:]
+    assert "No space left on device" in lines[-1] and "Exception ignored" not in full.stderr, full.stderr[-3000:]
+    # What a failed run leaves: its temporary files (and, here, an older one's).
+    (out / "run=older" / "_temporary").mkdir(parents=True)
+    (out / "run=older" / "_temporary" / "captions-0.jsonl").write_bytes(b"x" * 1000)
+    assert run.main(base + ["--run_id", "next"]) == 0
+    assert not list(out.glob("run=*/_temporary"))
+    assert runs.read_latest(str(out)) == "next"

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import socket
+import threading
+import time
 
 import pytest
 
-from batch_caption import files
+from batch_caption import files, lock
 from batch_caption.lock import LOCK_NAME, Holder, LockHeld, OutputLock, parse_age
 
 
@@ -115,16 +118,90 @@ def test_parse_age():
             parse_age(bad)
 
 
-def test_a_lock_whose_holder_died_on_this_host_is_taken_at_once(output):
+def _exited_pid() -> int:
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(dead.stdout)  # that process has exited
-    holder = Holder("killed", __import__("socket").gethostname(), pid, 0.0, "t0")
-    files.write_bytes(files.join(output, LOCK_NAME), holder.to_json())
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)  # that process has exited
+
+
+def _here(run_id: str, pid: int, token: str, **evidence) -> Holder:
+    """A holder that ran in this boot and PID namespace, unless `evidence` says otherwise."""
+    fields = {"boot_id": lock.boot_id(), "pid_ns": lock.pid_namespace(), "pid_start": 12345, **evidence}
+    return Holder(run_id, socket.gethostname(), pid, 0.0, token, **fields)
+
+
+def test_a_lock_whose_holder_died_on_this_host_is_taken_at_once(output):
+    pid = _exited_pid()
+    files.write_bytes(files.join(output, LOCK_NAME), _here("killed", pid, "t0").to_json())
     OutputLock(output, "next").acquire().release()
     other_host = Holder("elsewhere", "another-host", pid, 0.0, "t1")
     files.write_bytes(files.join(output, LOCK_NAME), other_host.to_json())
     with pytest.raises(LockHeld, match="run elsewhere on another-host"):
         OutputLock(output, "next").acquire()
+
+
+def test_a_reused_pid_is_no_proof_of_life():
+    me = _here("me", os.getpid(), "t", pid_start=lock.process_start(os.getpid()))
+    assert not lock._died_here(me)
+    assert lock._died_here(_here("before", os.getpid(), "t", pid_start=lock.process_start(os.getpid()) - 1))
+
+
+@pytest.mark.parametrize("evidence", [
+    {"pid_ns": "pid:[1]"},  # another PID namespace: its pids say nothing here
+    {"boot_id": "00000000-0000-0000-0000-000000000000"},  # another machine or boot of the same name
+    {"boot_id": "", "pid_ns": "", "pid_start": None},  # a lock without evidence (older code)
+])
+def test_a_live_lock_from_another_namespace_or_machine_is_never_broken(output, evidence):
+    files.write_bytes(files.join(output, LOCK_NAME), _here("alive", _exited_pid(), "t0", **evidence).to_json())
+    with pytest.raises(LockHeld, match="run alive on"):
+        OutputLock(output, "next").acquire()
+    assert Holder.from_json(files.read_bytes(files.join(output, LOCK_NAME))).run_id == "alive"
+
+
+def _race(output: str, callers: int, rounds: int, break_older_than: float | None = None) -> None:
+    """Each round: a dead holder's lock, `callers` threads that break it together (a
+    barrier starts them); exactly one must win, and its lock must be the one left."""
+    dead = _exited_pid()
+    path = files.join(output, LOCK_NAME)
+    for r in range(rounds):
+        if break_older_than is None:  # dead by evidence
+            files.write_bytes(path, _here(f"dead-{r}", dead, f"dead{r}").to_json())
+        else:  # no evidence, but old: the lost machine's lock
+            files.write_bytes(path, Holder(f"dead-{r}", "lost-host", 1, 0.0, f"dead{r}").to_json())
+            old = time.time() - 2 * break_older_than
+            os.utime(path, (old, old))
+        barrier, outcomes = threading.Barrier(callers), []
+
+        def contend(i, r=r):
+            taker = OutputLock(output, f"r{r}-{i}")
+            barrier.wait()
+            try:
+                taker.acquire(break_older_than=break_older_than)
+                outcomes.append(taker)
+            except LockHeld:
+                pass
+
+        threads = [threading.Thread(target=contend, args=(i,)) for i in range(callers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), f"round {r}: a breaker hangs"
+        assert len(outcomes) == 1, f"round {r}: {len(outcomes)} winners"
+        assert Holder.from_json(files.read_bytes(path)).run_id == outcomes[0].holder.run_id
+        outcomes[0].release()
+        assert not files.exists(path)
+
+
+def test_breakers_of_a_dead_lock_have_exactly_one_winner_locally(tmp_path):
+    _race(str(tmp_path / "out"), callers=8, rounds=300)
+
+
+def test_breakers_of_an_old_lock_have_exactly_one_winner_locally(tmp_path):
+    _race(str(tmp_path / "out"), callers=6, rounds=150, break_older_than=3600)
+
+
+def test_breakers_of_a_dead_lock_have_exactly_one_winner_on_gcs(gcs_emulator):
+    _race(f"gs://{gcs_emulator}/locks/race", callers=6, rounds=15)

@@ -20,6 +20,7 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
+from helpers import within
 from PIL import Image
 
 from batch_caption import images, report, report_attention
@@ -315,6 +316,47 @@ def test_an_image_replaced_by_eps_shows_its_error_and_starts_no_program(tmp_path
     assert os.path.getsize(page) > 1000
     assert note.startswith("image unavailable: UnsupportedImageError: data is not a recognised image format"), note
     assert no_programs == []
+
+
+def test_an_image_replaced_by_a_fifo_or_device_shows_its_error_without_blocking(tmp_path):
+    run_dir, photo = _one_image_run(str(tmp_path), {})
+    os.remove(photo)
+    os.mkfifo(photo)
+    note = within(60, _card_note, run_dir, photo)
+    assert note.startswith("image unavailable: NotARegularFile: not a regular file"), note
+    assert "FIFO" in note
+    os.remove(photo)
+    os.symlink("/dev/zero", photo)
+    os.remove(os.path.join(run_dir, "report.html"))
+    assert "a character device" in within(60, _card_note, run_dir, photo)
+
+
+def test_names_that_are_not_utf8_are_shown_as_the_records_hold_them(tmp_path):
+    top = os.path.join(str(tmp_path), os.fsdecode(b"d\xe9p\xf4t"))  # the run directory's own name too
+    os.makedirs(top)
+    photo = os.path.join(top, os.fsdecode(b"caf\xe9.jpg"))
+    Image.new("RGB", (120, 90), COLOURS["red"]).save(photo, "JPEG")
+    run_dir = os.path.join(top, "out", "run=r1")
+    os.makedirs(run_dir)
+    gone = os.path.join(top, os.fsdecode(b"\xff\xfe.png"))
+    error = {"path": gone, "stage": "read", "error": "FileNotFoundError",
+             "message": f"no such file: {gone} \ud800", "run_id": "r1"}
+    for name, record in (("captions", _caption(photo, "a red square", -1.0)), ("errors", error)):
+        with open(os.path.join(run_dir, f"{name}-00000-of-00001.jsonl"), "w") as f:
+            f.write(json.dumps(record) + "\n")  # as records.py writes them: \udcXX escapes
+    with open(os.path.join(run_dir, "manifest.json"), "w") as f:
+        json.dump({"run_id": "r1", "counts": {"captioned": 1, "failed": 1}, "options": {}}, f)
+    done = subprocess.run([sys.executable, "-m", "batch_caption.report", os.fsencode(run_dir)],
+                          capture_output=True, timeout=300, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    page_path = done.stdout.strip()
+    assert page_path == os.fsencode(os.path.join(run_dir, "report.html"))
+    page = open(page_path, encoding="utf-8").read()  # valid UTF-8
+    dom = parse(page)
+    shown = os.fsencode(photo).decode("utf-8", "backslashreplace")
+    assert shown.endswith("caf\\xe9.jpg") and shown in _cards(dom)
+    assert _cards(dom)[shown].find("img", "thumb") is not None  # read through its real name
+    assert "\\xff\\xfe.png" in page and "\\ud800" in page
 
 
 @pytest.mark.parametrize("options, error", [

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import varied_images
+from helpers import varied_images, within
 from PIL import Image
 
 from batch_caption import bundled, images, quality, run
@@ -327,6 +327,24 @@ def test_bad_command_lines_fail_fast_with_one_line(args, message, tiny_bundle, t
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "out").exists()  # no work started
+
+
+@pytest.mark.parametrize("inside", ["out", "out/photos", "out/photos/*.png"])
+def test_an_input_inside_the_output_fails_fast_with_one_line(inside, tiny_bundle, tmp_path, capsys):
+    (tmp_path / "out" / "photos").mkdir(parents=True)
+    Image.fromarray(varied_images(1, 32)[0]).save(tmp_path / "out" / "photos" / "a.png")
+    args = ["--input", str(tmp_path / inside), "--output", str(tmp_path / "out"), "--model", tiny_bundle]
+    assert run.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lies inside --output" in err
+
+
+def test_an_input_list_that_is_a_fifo_fails_fast_with_one_line(tiny_bundle, tmp_path, capsys):
+    os.mkfifo(tmp_path / "list.txt")
+    args = ["--input_list", str(tmp_path / "list.txt"), "--output", str(tmp_path / "out"), "--model", tiny_bundle]
+    assert within(60, run.main, args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a FIFO (named pipe)" in err
 
 
 def test_an_output_that_cannot_be_written_fails_fast_with_one_line(tiny_bundle, tmp_path, capsys):

@@ -70,13 +70,14 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
 
     incremental = config.incremental and baseline is not None
     matched = pipeline | "MatchImages" >> MatchImages(
-        config.inputs, config.input_lists, config.run_id, single_process, dedupe_paths=not incremental)
+        config.inputs, config.input_lists, config.run_id, single_process, dedupe_paths=not incremental,
+        output=config.output)
     to_read, skipped, carry = matched["files"], [], []
     if incremental:
         settings = Settings(model_id, catalog.decode_key(decode.to_dict()), config.incremental_any_model)
         selected = to_read | "SelectChanged" >> SelectChanged(
             baseline.catalog_files, settings, config.retry_failed, baseline.legacy_caption_files, baseline.end_times,
-            baseline.catalog_rows, single_process)
+            baseline.catalog_rows, single_process, unlistable=matched["unlistable"])
         to_read, skipped, carry = selected["files"], [selected["skipped"]], [selected["carry"]]
         tallies = selected["tallies"]
     else:

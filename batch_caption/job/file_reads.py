@@ -4,6 +4,9 @@ A file is read to at most `max_bytes + 1` bytes, so that more than `max_bytes` m
 large without reading all of a huge file. Reads ask for what the file holds, not for the
 limit: a buffered read(n) allocates n bytes before reading, and the default limit is
 hundreds of MB.
+
+Only regular files are read: a local path is opened through files.open_regular, which
+refuses FIFOs, devices, sockets and directories on the opened descriptor.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 
-from apache_beam.io.filesystems import FileSystems
+from batch_caption import files
 
 READ_CHUNK_BYTES = 1 << 20
 
@@ -25,13 +28,13 @@ def too_large(max_bytes: int) -> tuple[str, str]:
 def read_file(path: str, max_bytes: int, size_hint: int | None = None) -> bytes:
     """The file's first max_bytes + 1 bytes (all of it if shorter). size_hint: the size
     matching reported, if any (the file may have changed since)."""
-    with FileSystems.open(path, compression_type="uncompressed") as f:
+    with files.open_read(path) as f:
         return read_stream(f, max_bytes + 1, size_hint)
 
 
 def hash_file(path: str, max_bytes: int) -> tuple[int, str]:
     """(size, sha256) of the file's first max_bytes + 1 bytes, streamed: no bytes kept."""
-    with FileSystems.open(path, compression_type="uncompressed") as f:
+    with files.open_read(path) as f:
         digest, size = hashlib.sha256(), 0
         for chunk in chunks(f, max_bytes + 1, READ_CHUNK_BYTES):
             digest.update(chunk)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from batch_caption import gcs, progress, records
+from batch_caption import files, gcs, progress, records
 from batch_caption.job import listing
 from batch_caption.job.elements import ERRORS, SourceFile, counter, path_key
 
@@ -13,9 +16,10 @@ from batch_caption.job.elements import ERRORS, SourceFile, counter, path_key
 class _ListInputFn(beam.DoFn):
     """What the DoFns that list input files share: the run id, progress, the error record."""
 
-    def __init__(self, run_id: str, report_progress: bool = False):
+    def __init__(self, run_id: str, report_progress: bool = False, output: str | None = None):
         self._run_id = run_id
         self._report = report_progress
+        self._output = output  # the job's own output: never an input (listing.Outside)
 
     def setup(self):
         gcs.configure_for_emulator()
@@ -39,18 +43,23 @@ class _MatchPatternFn(_ListInputFn):
         found = 0
         try:
             if listing.tree_of(pattern):
-                for item in listing.plan(pattern):
+                for item in listing.plan(pattern, self._output):
                     found += 1
                     yield from self._found(item)
             else:
                 metadata = FileSystems.match([pattern])[0].metadata_list
                 # Object stores' "folder" placeholders are objects whose names end in "/".
-                paths = [m for m in metadata if not m.path.endswith("/")]
+                outside = listing.Outside(self._output)
+                paths = [m for m in metadata if not m.path.endswith("/") and outside(m.path)]
                 found = len(paths)
                 if self._report:
                     _expect(m.path for m in paths)
                 for m in paths:
-                    yield SourceFile(m.path, m.size_in_bytes, m.last_updated_in_seconds)
+                    kind = _not_regular(m.path)
+                    if kind:
+                        yield self._error(m.path, "NotARegularFile", f"not a regular file: {kind}; not read")
+                    else:
+                        yield SourceFile(m.path, m.size_in_bytes, m.last_updated_in_seconds)
         except Exception as e:  # BeamIOError wraps the filesystem's own error
             raise ListingError(f"cannot list {pattern}: {e}") from e
         if not found:
@@ -65,8 +74,9 @@ class _MatchPatternFn(_ListInputFn):
             yield beam.pvalue.TaggedOutput("pieces", item)
         elif isinstance(item, listing.Unlistable):
             yield self._error(item.path, item.error)
+            yield beam.pvalue.TaggedOutput("unlistable", item.path)
         elif isinstance(item, listing.NotAFile):
-            yield self._error(item.path, "NotARegularFile", "not a regular file (a socket, pipe or device): not read")
+            yield self._error(item.path, "NotARegularFile", f"not a regular file: {item.kind}; not read")
         else:
             counter("links_skipped").inc()
             yield beam.pvalue.TaggedOutput("links_skipped", item.path)
@@ -77,7 +87,7 @@ class _ListPieceFn(_MatchPatternFn):
 
     def process(self, piece):
         try:
-            for item in listing.list_piece(piece):
+            for item in listing.list_piece(piece, self._output):
                 yield from self._found(item)
         except Exception as e:
             raise ListingError(f"cannot list {piece.path}: {e}") from e
@@ -88,16 +98,30 @@ class _ReadPathListFn(_ListInputFn):
 
     def process(self, list_path: str):
         try:
-            with FileSystems.open(list_path, compression_type="uncompressed") as f:
+            with files.open_read(list_path) as f:
                 text = f.read().decode("utf-8", "surrogateescape")
         except Exception as e:
             raise ListingError(f"cannot read --input_list {list_path}: {e}") from e
         paths = [line.strip() for line in text.splitlines()]
-        paths = [p for p in paths if p and not p.startswith("#")]
+        outside = listing.Outside(self._output)
+        paths = [p for p in paths if p and not p.startswith("#") and outside(p)]
         if self._report:
             _expect(paths)
         for path in paths:
             yield SourceFile(path)
+
+
+def _not_regular(path: str) -> str | None:
+    """What a local matched path is, in words, when it is not a regular file (a glob
+    matches FIFOs and devices too); None for a regular file, a remote path or one gone
+    (reading it then says so). Reading checks again on the opened descriptor."""
+    if files.is_remote(path):
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else files.kind_of(mode)
 
 
 def _expect(paths) -> None:
@@ -113,9 +137,10 @@ def best_known(files) -> SourceFile:
 
 
 class MatchImages(beam.PTransform):
-    """PBegin -> SourceFile per distinct path, spread across workers; tags 'errors' and
+    """PBegin -> SourceFile per distinct path, spread across workers; tags 'errors',
     'links_skipped' (symlinks to directories inside a listed tree, whose files are listed
-    under their own paths).
+    under their own paths) and 'unlistable' (the paths, mostly directories, that could not
+    be listed: what was under them is unknown, not deleted).
 
     Args:
       patterns: file paths, globs or recursive directory globs ("dir/**"), any scheme.
@@ -124,10 +149,14 @@ class MatchImages(beam.PTransform):
         only where matching runs in the driver's process (the in-memory DirectRunner).
       dedupe_paths: keep one SourceFile per path (a path two inputs name is read once);
         off where the next stage groups by path anyway (SelectChanged).
+      output: the job's output: nothing under it is an input (not listed, and dropped
+        from globs and list files).
     """
 
-    def __init__(self, patterns, list_files, run_id: str, report_progress: bool = False, dedupe_paths: bool = True):
+    def __init__(self, patterns, list_files, run_id: str, report_progress: bool = False, dedupe_paths: bool = True,
+                 output: str | None = None):
         super().__init__()
+        self._output = output
         self._dedupe = dedupe_paths
         self._patterns = list(patterns)
         self._lists = list(list_files)
@@ -137,26 +166,27 @@ class MatchImages(beam.PTransform):
     def expand(self, pbegin):
         # A branch only for inputs that exist: every transform costs time to build and
         # set up on every run, even with nothing to do.
-        sources, links = [], []
+        sources, links, unlistable = [], [], []
         if self._patterns or not self._lists:
             matched = (
                 pbegin
                 | "CreatePatterns" >> beam.Create(self._patterns)
-                | "MatchPatterns" >> beam.ParDo(_MatchPatternFn(self._run_id, self._report)).with_outputs(
-                    ERRORS, "pieces", "links_skipped", main="files")
+                | "MatchPatterns" >> beam.ParDo(_MatchPatternFn(self._run_id, self._report, self._output)).with_outputs(
+                    ERRORS, "pieces", "links_skipped", "unlistable", main="files")
             )
             pieces = matched.pieces
             if not self._report:  # spread the subtrees over the workers (one process: no need)
                 pieces = pieces | "SpreadPieces" >> beam.Reshuffle()
-            listed = pieces | "ListPieces" >> beam.ParDo(_ListPieceFn(self._run_id, self._report)).with_outputs(
-                ERRORS, "links_skipped", main="files")
+            listed = pieces | "ListPieces" >> beam.ParDo(_ListPieceFn(self._run_id, self._report, self._output)).with_outputs(
+                ERRORS, "links_skipped", "unlistable", main="files")
             sources += [matched, listed]
             links += [matched.links_skipped, listed.links_skipped]
+            unlistable += [matched.unlistable, listed.unlistable]
         if self._lists:
             sources.append(
                 pbegin
                 | "CreateListFiles" >> beam.Create(self._lists)
-                | "ReadListFiles" >> beam.ParDo(_ReadPathListFn(self._run_id, self._report)).with_outputs(ERRORS, main="files")
+                | "ReadListFiles" >> beam.ParDo(_ReadPathListFn(self._run_id, self._report, self._output)).with_outputs(ERRORS, main="files")
             )
         files = tuple(source.files for source in sources) | "FlattenFiles" >> beam.Flatten()
         if self._dedupe:
@@ -171,7 +201,8 @@ class MatchImages(beam.PTransform):
             )
         errors = tuple(source[ERRORS] for source in sources) | "FlattenMatchErrors" >> beam.Flatten()
         links = tuple(links) | "FlattenSkippedLinks" >> beam.Flatten(pipeline=pbegin.pipeline)
-        return {"files": files, ERRORS: errors, "links_skipped": links}
+        unlistable = tuple(unlistable) | "FlattenUnlistable" >> beam.Flatten(pipeline=pbegin.pipeline)
+        return {"files": files, ERRORS: errors, "links_skipped": links, "unlistable": unlistable}
 
 
 def _count_matched(f: SourceFile) -> SourceFile:

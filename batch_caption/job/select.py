@@ -5,6 +5,8 @@ the decision needs travels (size, mtime, sha256, failed, same settings, the row'
 Per path:
 
     not listed now                       deleted: counted, drops out of the catalog
+    ... under a directory whose listing  unlisted: counted, its row carried unchanged (the
+        failed                           file is unknown, not gone)
     no earlier row                       read (new)
     other model or decode settings       read (re-caption)
     same size and mtime                  skipped unread; a failed file too, unless
@@ -23,6 +25,7 @@ are read once from their caption records instead, file by file.
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from typing import Any, NamedTuple
 
@@ -154,14 +157,21 @@ class _DecidePartitionFn(TallyFn):
         self._retry_failed = retry_failed
         self._report = report_progress
 
-    def process(self, item):
+    def process(self, item, unlistable=()):
         _, grouped = item
         listed = _listed(grouped["files"])
+        unknown = _under(unlistable)
         carried: dict[int, tuple[list, list]] = {}
-        skipped = deleted = n_read = 0
+        skipped = deleted = unlisted = n_read = 0
         for part in grouped["previous"]:
             for i, key in enumerate(part.keys):
                 f = listed.pop(key, None)
+                if f is None and unknown(key):  # not seen, but not known to be gone
+                    rows, mtimes = carried.setdefault(part.file, ([], []))
+                    rows.append(int(part.rows[i]))
+                    mtimes.append(float("nan"))  # the row keeps its mtime
+                    unlisted += 1
+                    continue
                 if f is None:
                     deleted += 1
                     continue
@@ -183,8 +193,10 @@ class _DecidePartitionFn(TallyFn):
         counter("matched").inc(skipped + n_read)
         self.tally("skipped", skipped)
         self.tally("deleted", deleted)
+        self.tally("unlisted", unlisted)
         counter("skipped").inc(skipped)
         counter("deleted").inc(deleted)
+        counter("unlisted").inc(unlisted)
         if self._report and skipped:
             progress.reporter().add(skipped, "skipped")
 
@@ -200,6 +212,14 @@ class _DecidePartitionFn(TallyFn):
         if f.size is None or f.size == size:
             return f._replace(previous_sha256=part.sha256[i], previous=ref)
         return f
+
+
+def _under(paths):
+    """path key -> whether it is one of `paths` or lies under one (they are what a
+    listing could not read: directories, or entries that failed while listed)."""
+    exact = {path_key(p) for p in paths}
+    prefixes = tuple(path_key(p.rstrip("/" + os.sep) + os.sep) for p in paths)
+    return lambda key: bool(exact) and (key in exact or key.startswith(prefixes))
 
 
 class Previous(NamedTuple):
@@ -274,11 +294,15 @@ class SelectChanged(beam.PTransform):
         earlier complete run and each run's end time (the newest record of a path wins).
       settings: this run's model and decode settings.
       retry_failed: read files that failed before even when unchanged.
+      unlistable: a PCollection of the paths whose listing failed (MatchImages'
+        'unlistable'); the catalog rows under them are carried, not deleted.
     """
 
     def __init__(self, catalog_files, settings: Settings, retry_failed: bool = False,
-                 legacy_caption_files=(), end_times=None, catalog_rows: int = 0, report_progress: bool = False):
+                 legacy_caption_files=(), end_times=None, catalog_rows: int = 0, report_progress: bool = False,
+                 unlistable=None):
         super().__init__()
+        self._unlistable = unlistable
         self._catalog = list(catalog_files)
         self._rows = catalog_rows
         self._legacy = list(legacy_caption_files)
@@ -292,6 +316,7 @@ class SelectChanged(beam.PTransform):
         if not self._catalog:
             return self._from_records(listed)
         n = partitions_for(self._rows)
+        unlistable = {} if self._unlistable is None else {"unlistable": beam.pvalue.AsList(self._unlistable)}
         previous = (
             pipeline
             | "CreateCatalogFiles" >> beam.Create(list(enumerate(self._catalog)))
@@ -300,7 +325,7 @@ class SelectChanged(beam.PTransform):
         decided = (
             {"files": listed | "BatchByPartition" >> beam.ParDo(_BatchByPartitionFn(n)), "previous": previous}
             | "JoinCatalog" >> beam.CoGroupByKey()
-            | "Decide" >> beam.ParDo(_DecidePartitionFn(self._retry_failed, self._report)).with_outputs(
+            | "Decide" >> beam.ParDo(_DecidePartitionFn(self._retry_failed, self._report), **unlistable).with_outputs(
                 "carry", TAG, main="files")
         )
         skipped = pipeline | "NoSkippedFiles" >> beam.Create([])

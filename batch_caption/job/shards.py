@@ -8,6 +8,9 @@ KIND-SSSSS-of-NNNNN.SUFFIX. What is left in `_temporary/` (attempts that failed)
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
 import uuid
 
 import apache_beam as beam
@@ -54,6 +57,9 @@ class _CatalogRows:
     def close(self) -> None:
         self._writer.close()
 
+    def abandon(self) -> None:
+        self._writer.abandon()
+
 
 FORMATS = {"jsonl": _JsonLines, "parquet": _CatalogRows}
 
@@ -83,9 +89,9 @@ class WriteShardFn(beam.DoFn):
 
     def finish_bundle(self):
         if self._file is not None:
-            f, self._file = self._file, None
-            self._writer.close()
-            f.close()
+            self._writer.close()  # a failure leaves the file to _discard
+            self._file.close()
+            self._file = None
             yield WindowedValue(self._path, MIN_TIMESTAMP, [GlobalWindow()])
 
     def teardown(self):
@@ -97,6 +103,7 @@ class WriteShardFn(beam.DoFn):
         if getattr(self, "_file", None) is None:
             return
         try:
+            getattr(self._writer, "abandon", lambda: None)()
             self._file.close()
             files.delete([self._path])
         except Exception:  # noqa: BLE001 - best effort: the run's end removes the directory
@@ -129,6 +136,18 @@ def publish_shards(run_dir: str, kind: str, temp_files, fmt: str = "jsonl") -> l
 
 def _names(pattern: str) -> set[str]:
     return {files.basename(path) for path in files.matched(pattern)}
+
+
+def remove_stale_temp_dirs(output: str) -> int:
+    """Deletes the temp directory of every run under `output`; -> how many files it held.
+    Called while holding the output's lock, so no run writes there: what is left is from
+    runs that failed (on a full disk, say, which it would keep full)."""
+    left = files.matched(files.join(output, f"run=*/{TEMP_DIR_NAME}/*"))
+    files.delete(left)
+    if not files.is_remote(output):  # the directories themselves
+        for temp in glob.glob(os.path.join(glob.escape(output), "run=*", TEMP_DIR_NAME)):
+            shutil.rmtree(temp, ignore_errors=True)
+    return len(left)
 
 
 def remove_temp_dir(run_dir: str) -> None:

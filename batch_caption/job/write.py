@@ -72,10 +72,13 @@ class _WriteManifestFn(beam.DoFn):
                 "matched": tally.get(("matched", ""), 0),
                 "skipped": tally.get(("skipped", ""), 0),
                 "read": tally.get(("read", ""), 0),
-                "carried": tally.get(("skipped", ""), 0),  # every skipped file keeps its earlier row
+                # Every skipped file keeps its earlier row; so does every unlisted one.
+                "carried": tally.get(("skipped", ""), 0) + tally.get(("unlisted", ""), 0),
                 "deleted": tally.get(("deleted", ""), 0),
+                "unlisted": tally.get(("unlisted", ""), 0),
                 "links_skipped": tally.get(("links_skipped", ""), 0),
-                "catalog_rows": n_captions + n_failed - failed.get("match", 0) + tally.get(("skipped", ""), 0),
+                "catalog_rows": (n_captions + n_failed - failed.get("match", 0) + tally.get(("skipped", ""), 0)
+                                 + tally.get(("unlisted", ""), 0)),
                 "flagged": {f: flagged.get(f, 0) for f in quality.FLAGS},
             },
             "options": info.options,

@@ -6,8 +6,9 @@ import hashlib
 import io
 
 import pytest
-from apache_beam.io.filesystems import FileSystems
+from helpers import special_files, within
 
+from batch_caption import files
 from batch_caption.job import file_reads
 
 
@@ -15,7 +16,7 @@ _FILE = (bytes(range(256)) * 12)[:3000]
 
 
 def _open_recording_reads(monkeypatch) -> list[int]:
-    """Every FileSystems.open gives a buffered stream of _FILE; -> the sizes its reads ask for."""
+    """Every files.open_read gives a buffered stream of _FILE; -> the sizes its reads ask for."""
     asked = []
 
     class Recording(io.BytesIO):
@@ -23,7 +24,7 @@ def _open_recording_reads(monkeypatch) -> list[int]:
             asked.append(n)
             return super().read(n)
 
-    monkeypatch.setattr(FileSystems, "open", lambda path, compression_type: Recording(_FILE))
+    monkeypatch.setattr(files, "open_read", lambda path: Recording(_FILE))
     return asked
 
 
@@ -74,3 +75,15 @@ def test_a_stream_with_short_reads_is_read_to_its_end():
 
     assert file_reads.read_stream(Trickle(), 1 << 20, len(data)) == data
     assert file_reads.read_stream(Trickle(), 100, None) == data[:100]
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("fifo.png", "FIFO"), ("fifo_link.png", "FIFO"), ("zero_link.png", "character device"),
+    ("socket.png", "socket"), ("dir.png", "directory"), ("dir_link.png", "directory"),
+])
+@pytest.mark.parametrize("read", ["read", "hash"])
+def test_only_regular_files_are_read_and_nothing_blocks(tmp_path, name, kind, read):
+    path = special_files(tmp_path)[name]
+    fn = (lambda: file_reads.read_file(path, 1 << 20)) if read == "read" else (lambda: file_reads.hash_file(path, 1 << 20))
+    with pytest.raises(files.NotARegularFile, match=kind):
+        within(10, fn)

@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers import special_files, within
 
 from batch_caption.job import listing
 from batch_caption.job.elements import SourceFile
 
 
-def _everything(pattern: str) -> list:
+def _everything(pattern: str, output: str | None = None) -> list:
     """What listing a tree gives: the plan's items, each piece listed in place."""
     out = []
-    for item in listing.plan(pattern):
-        out.extend(listing.list_piece(item) if isinstance(item, listing.Piece) else [item])
+    for item in listing.plan(pattern, output):
+        out.extend(listing.list_piece(item, output) if isinstance(item, listing.Piece) else [item])
     return out
 
 
@@ -94,3 +95,51 @@ def test_a_bucket_prefix_is_listed_by_sub_prefix_without_placeholders(gcs_emulat
     assert sorted(f.path for f in found) == [f"gs://{gcs_emulator}/tree/{n}" for n in
                                              ("top.png", "x/one.png", "x/y/two.png", "z/three.png")]
     assert all(f.size == 4 and f.modified for f in found)
+
+
+def test_symlinks_to_fifos_devices_and_sockets_are_not_files(tmp_path):
+    top = tmp_path / "archive"
+    top.mkdir()
+    special = special_files(top)
+    found = within(20, _everything, os.path.join(str(top), "**"))
+    kinds = {os.path.basename(n.path): n.kind for n in found if isinstance(n, listing.NotAFile)}
+    assert kinds == {"fifo.png": "a FIFO (named pipe)", "fifo_link.png": "a FIFO (named pipe)",
+                     "zero_link.png": "a character device", "socket.png": "a socket"}
+    assert not [f for f in found if isinstance(f, SourceFile)]
+    assert special  # dir.png is listed (empty); dir_link.png leads inside: skipped
+
+
+def test_a_symlink_to_an_ancestor_of_the_tree_is_not_followed(tmp_path):
+    top = tmp_path / "archive"
+    (top / "a").mkdir(parents=True)
+    (top / "a" / "one.png").write_bytes(b"1")
+    (tmp_path / "sibling_out").mkdir()
+    (tmp_path / "sibling_out" / "_LOCK").write_bytes(b"{}")
+    os.symlink(tmp_path, top / "a" / "up")  # the tree's parent: the tree again, and its siblings
+    os.symlink(top, top / "a" / "self")
+    os.symlink("/", top / "root")
+    found = _everything(os.path.join(str(top), "**"))
+    assert [os.path.relpath(f.path, top) for f in found if isinstance(f, SourceFile)] == ["a/one.png"]
+    assert sorted(os.path.relpath(s.path, top) for s in found if isinstance(s, listing.SkippedLink)) == [
+        "a/self", "a/up", "root"]
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_the_output_inside_the_tree_is_never_listed(tmp_path, link):
+    top = _tree(tmp_path)
+    out = top / "a" / "out"
+    (out / "run=x").mkdir(parents=True)
+    (out / "_LOCK").write_bytes(b"{}")
+    (out / "run=x" / "manifest.json").write_bytes(b"{}")
+    output = str(out)
+    if link:  # named through a symlink: the same directory
+        os.symlink(out, tmp_path / "out_link")
+        output = str(tmp_path / "out_link")
+    found = _everything(os.path.join(str(top), "**"), output)
+    assert not [f for f in found if "out" in os.path.relpath(f.path, top).split(os.sep)]
+    assert sorted(os.path.relpath(f.path, top) for f in found if isinstance(f, SourceFile)) == [
+        "a/b/two.png", "a/link_outside/far.png", "a/one.png", "dangling.png", "top.png"]
+    outside = listing.Outside(output)
+    assert not outside(str(out / "_LOCK")) and outside(str(top / "top.png"))
+    remote = listing.Outside("gs://bucket/photos/out")
+    assert not remote("gs://bucket/photos/out/_LOCK") and remote("gs://bucket/photos/outline.png")

@@ -14,7 +14,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import IntervalWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
-from helpers import varied_images
+from helpers import special_files, varied_images, within
 from PIL import Image
 
 from batch_caption import images
@@ -206,3 +206,22 @@ def test_many_read_threads_decode_at_most_max_decodes_at_once(monkeypatch):
     out = _run_bundle(fn, files)
     assert [o.value.path for o in out] == [f.sources[0].path for f in files]
     assert peak[0] == 2
+
+
+@pytest.mark.parametrize("dedupe", [False, True])
+def test_fifos_devices_and_sockets_from_a_list_are_read_errors_not_hangs(tmp_path, dedupe):
+    special = special_files(tmp_path)
+    paths = [special[n] for n in ("fifo.png", "fifo_link.png", "zero_link.png", "socket.png", "dir.png")]
+
+    def read():
+        with BeamTestPipeline() as p:
+            out = p | beam.Create(paths) | ReadImages(images.ImageConfig(image_size=8), 1 << 20, "r", dedupe=dedupe)
+            assert_that(out["images"], equal_to([]), label="images")
+            assert_that(out[ERRORS] | beam.Map(lambda r: (r["path"], r["stage"], r["error"], r["message"].split(" is ")[-1])),
+                        equal_to([(paths[0], "read", "NotARegularFile", "a FIFO (named pipe); not read"),
+                                  (paths[1], "read", "NotARegularFile", "a FIFO (named pipe); not read"),
+                                  (paths[2], "read", "NotARegularFile", "a character device; not read"),
+                                  (paths[3], "read", "NotARegularFile", "a socket; not read"),
+                                  (paths[4], "read", "NotARegularFile", "a directory; not read")]), label="errors")
+
+    within(120, read)
