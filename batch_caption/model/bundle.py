@@ -106,17 +106,25 @@ WEIGHT_DTYPES = ("float32", "float16")
 
 def _store_as(weights_file: str, dtype: str) -> None:
     """Rewrites every float32 array of a .weights.h5 file as `dtype` (Keras casts them back
-    to the variables' float32 on load: half the bytes, the network still computes in float32)."""
+    to the variables' float32 on load: half the bytes, the network still computes in float32).
+    The file is written anew: HDF5 does not give back the space of deleted arrays."""
     import h5py
 
-    with h5py.File(weights_file, "r+") as f:
-        arrays = []
-        f.visititems(lambda name, obj: arrays.append(name) if isinstance(obj, h5py.Dataset) else None)
-        for name in arrays:
-            if f[name].dtype == np.float32:
-                data = f[name][()]
-                del f[name]
-                f.create_dataset(name, data=data.astype(dtype))
+    def copy(source, target):
+        target.attrs.update(source.attrs)
+        for name, item in source.items():
+            if isinstance(item, h5py.Group):
+                copy(item, target.create_group(name))
+            else:
+                data = item[()]
+                if item.dtype == np.float32:
+                    data = data.astype(dtype)
+                target.create_dataset(name, data=data).attrs.update(item.attrs)
+
+    converted = weights_file + ".converted"
+    with h5py.File(weights_file, "r") as source, h5py.File(converted, "w") as target:
+        copy(source, target)
+    os.replace(converted, weights_file)
 
 
 def _portable_config(config: ModelConfig) -> dict:
