@@ -7,7 +7,7 @@ last, manifest.json; then OUTPUT/LATEST names the run. With no input flags it ca
 the package's bundled sample images into ./captions/.
 Exit codes: 0 the run completed (per-image errors are data, in errors-*.jsonl);
 2 bad flags / missing model / input matching nothing / another run holds the output's
-lock (nothing was started); 1 the pipeline itself failed (a listing that failed, say);
+lock / a gs:// path without Google Cloud credentials (nothing was started); 1 the pipeline itself failed (a listing that failed, say);
 3 the run completed but more than --max_failed_fraction of its inputs failed (LATEST
 stays where it was).
 """
@@ -110,16 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None):
     """argv -> (JobConfig, beam PipelineOptions). Raises UsageError on any bad flag."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    parser = build_parser()
-    args, beam_args = parser.parse_known_args(argv)
-    options = PipelineOptions(beam_args)
-    known = options.get_all_options(retain_unknown_options=False)
-    every = options.get_all_options(retain_unknown_options=True)
-    unknown = sorted(set(every) - set(known))
-    if unknown:
-        raise UsageError(f"unknown option(s): {', '.join('--' + u for u in unknown)} (see --help)")
+    args, options = cli.parse_with_pipeline_options(build_parser(), argv)
     if not args.input and not args.input_list:
         args.input = [SAMPLES_DIR]
     output = args.output or "captions"
@@ -243,6 +234,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     config, options = parse(argv)
     check_remote_paths(config, options)
+    gcs.require_credentials([*config.inputs, *config.input_lists, config.output, config.model])
     gcs.configure_for_emulator()
     model_id, model_config = check_model(config.model)
     if config.attention_maps and model_config.decoder != "attention":
