@@ -47,6 +47,8 @@ setup(
             "gcp-storage-emulator>=2024.8,<2027",
             "pycocoevalcap>=1.2,<1.3",
         ],
+        # The COCO metrics of `python -m batch_caption.evaluate` (about 100 MB with their jars).
+        "evaluate": ["pycocoevalcap>=1.2,<1.3"],
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
     },
     entry_points={"console_scripts": ["batch-caption=batch_caption.run:main"]},

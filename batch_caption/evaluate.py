@@ -18,8 +18,8 @@ have a prediction: a missing image is counted (``n_missing``), not scored as zer
 The report names its inputs as given, local absolute paths made relative to the working
 directory, so it never records the machine it ran on.
 
-Exit codes: 0 scored; 2 bad flags or inputs (nothing matched, no Java, no credentials
-for a gs:// path, unreadable files), with a one-line
+Exit codes: 0 scored; 2 bad flags or inputs (nothing matched, no Java, pycocoevalcap
+not installed, no credentials for a gs:// path, unreadable files), with a one-line
 reason on stderr.
 """
 
@@ -35,8 +35,8 @@ from typing import Any
 
 from batch_caption import cli, files, gcs, quiet
 from batch_caption.coco_metrics import (ALL_METRICS, DEFAULT_TIMEOUT_S, METRIC_NAMES, METRIC_NOTES, TOKENIZERS,
-                                        EvaluationError, check_metrics, needs_java, require_java, score_captions,
-                                        tokenize)
+                                        EvaluationError, check_metrics, needs_java, require_java,
+                                        require_pycocoevalcap, score_captions, tokenize)
 
 __all__ = ["ALL_METRICS", "METRIC_NAMES", "TOKENIZERS", "EvaluationError", "EvalOptions", "Matching", "build_parser",
            "evaluate", "format_table", "main", "match_predictions", "needs_java", "read_caption_records",
@@ -233,6 +233,7 @@ def _content_accuracy(facts_path: str, scored: Mapping[int, str]) -> dict[str, A
 
 def evaluate(options: EvalOptions) -> dict[str, Any]:
     """Run the evaluation described by ``options``; returns (and maybe writes) the report."""
+    require_pycocoevalcap()
     if needs_java(options.tokenizer, options.metrics):
         require_java("--tokenizer ptb" if options.tokenizer == "ptb" else "METEOR")
     caption_files, warnings = resolve_caption_files(options.captions)
