@@ -273,10 +273,15 @@ def _run_locked(config: JobConfig, options, model_id: str, model_config, single_
     except (OSError, ValueError) as e:  # BeamIOError is an OSError
         raise UsageError(f"--output {config.output}: cannot read or clear the earlier runs there: {e}") from e
     started = time.time()
+    from batch_caption import progress
+
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, config, model_id, model_config.image_size, single_process, baseline)
-    result = pipeline.run()
-    result.wait_until_finish()
+    try:
+        result = pipeline.run()
+        progress.follow(result, job_metrics, progress.reporter())  # a remote job: from its counters
+    finally:
+        progress.reporter().close()
     manifest = runs.read_run(config.run_dir).manifest
     if not manifest.get("rejected"):
         runs.point_latest(config.output, config.run_id)  # the run is complete: LATEST names it
