@@ -53,7 +53,10 @@ def require_credentials(paths: Iterable[str | None]) -> None:
     if outcome and outcome[0] is None:
         _found_credentials = True
         return
-    found = f" ({' '.join(str(outcome[0]).split())})" if outcome and not _default_error(outcome[0]) else ""
+    if not outcome:
+        found = f" (the lookup took over {CREDENTIALS_LOOKUP_S:g} s)"
+    else:
+        found = "" if _default_error(outcome[0]) else f" ({' '.join(str(outcome[0]).split())})"
     raise MissingCredentials(f"{remote[0]}: no Google Cloud credentials{found}; {HOW_TO_LOGIN}")
 
 

@@ -70,7 +70,7 @@ def test_a_lookup_that_hangs_counts_as_none_found(monkeypatch):
     monkeypatch.setattr(gcs, "_found_credentials", False)
     monkeypatch.setattr(gcs, "CREDENTIALS_LOOKUP_S", 0.1)
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
-    with pytest.raises(gcs.MissingCredentials):
+    with pytest.raises(gcs.MissingCredentials, match=r"credentials \(the lookup took over 0.1 s\); run `gcloud"):
         gcs.require_credentials(["gs://bucket/a"])
 
 
