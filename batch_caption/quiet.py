@@ -3,6 +3,7 @@
     setup                     an entry point's first call, before anything imports TensorFlow
     setup_when_command_line   setup() from main(argv) when argv is None
     inherit                   the same quiet in a process that a quiet one started (Beam workers)
+    quiet_library             the Python API's quiet: TensorFlow's lines only, logging left alone
     add_verbose_flag          --verbose in a parser: nothing hidden, Beam's INFO logging shown
     hidden                    whether TF_CPP_MIN_LOG_LEVEL hides a line TensorFlow wrote to stderr
 
@@ -90,9 +91,16 @@ def inherit() -> None:
         _quiet_this_process()
 
 
-def _quiet_this_process() -> None:
+def quiet_library() -> None:
+    """TensorFlow's load-time and C++ log lines kept off stderr, unless the user set
+    TF_CPP_MIN_LOG_LEVEL; the application's logging set-up and environment marker are
+    left as they are (a library must not configure them)."""
     os.environ.setdefault(TF_LEVEL, "3")
     hold_stderr_on_import("tensorflow")
+
+
+def _quiet_this_process() -> None:
+    quiet_library()
     worker_logs = logging.getLogger("apache_beam.runners.portability.local_job_service")
     if not any(isinstance(f, _DropWorkerSetupChatter) for f in worker_logs.filters):
         worker_logs.addFilter(_DropWorkerSetupChatter())

@@ -26,7 +26,8 @@ STAGES = ("match", "read", "decode", "infer", "write")
 # Dataset preparation also rejects captions (empty after tokenisation, unknown image).
 PREPARE_STAGES = STAGES + ("caption",)
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "batch_caption.run/2"  # 2: catalog files; read, carried, deleted counts
+# 2: catalog files; read, carried, deleted counts. 3: the catalog's flags, width, height.
+MANIFEST_FORMAT = "batch_caption.run/3"
 # A run id names a directory (run=<id>) and appears in every record.
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RUN_ID_RULE = "must be letters, digits, '.', '_' or '-' (max 128)"

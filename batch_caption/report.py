@@ -344,6 +344,7 @@ def run(argv: list[str] | None = None) -> str:
         raise UsageError(f"--thumbnail_size must be between 16 and 1024, got {args.thumbnail_size}")
     if args.max_images < 0:
         raise UsageError(f"--max_images must be >= 0, got {args.max_images}")
+    gcs.require_credentials([args.run_dir, args.output])
     gcs.configure_for_emulator()
     run_dir = args.run_dir
     check_run_dir(run_dir)

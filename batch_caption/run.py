@@ -7,7 +7,7 @@ last, manifest.json; then OUTPUT/LATEST names the run. With no input flags it ca
 the bundled model's sample images into ./captions/ (batch_caption/bundled.py).
 Exit codes: 0 the run completed (per-image errors are data, in errors-*.jsonl);
 2 bad flags / missing model / input matching nothing / another run holds the output's
-lock (nothing was started); 1 the pipeline itself failed (a listing that failed, say);
+lock / a gs:// path without Google Cloud credentials (nothing was started); 1 the pipeline itself failed (a listing that failed, say);
 3 the run completed but more than --max_failed_fraction of its inputs failed (LATEST
 stays where it was).
 """
@@ -112,16 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None):
     """argv -> (JobConfig, beam PipelineOptions). Raises UsageError on any bad flag."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    parser = build_parser()
-    args, beam_args = parser.parse_known_args(argv)
-    options = PipelineOptions(beam_args)
-    known = options.get_all_options(retain_unknown_options=False)
-    every = options.get_all_options(retain_unknown_options=True)
-    unknown = sorted(set(every) - set(known))
-    if unknown:
-        raise UsageError(f"unknown option(s): {', '.join('--' + u for u in unknown)} (see --help)")
+    args, options = cli.parse_with_pipeline_options(build_parser(), argv)
     try:
         model = bundled.resolve(args.model or bundled.DEFAULT_MODEL_NAME)
     except KeyError as e:
@@ -273,6 +264,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     config, options = parse(argv)
     check_remote_paths(config, options)
+    gcs.require_credentials([*config.inputs, *config.input_lists, config.output, config.model])
     gcs.configure_for_emulator()
     model_id, model_config = check_model(config.model)
     if config.attention_maps and model_config.decoder != "attention":
@@ -320,10 +312,15 @@ def _run_locked(config: JobConfig, options, model_id: str, model_config, single_
     except (OSError, ValueError) as e:  # BeamIOError is an OSError
         raise UsageError(f"--output {config.output}: cannot read or clear the earlier runs there: {e}") from e
     started = time.time()
+    from batch_caption import progress
+
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, config, model_id, model_config.image_size, single_process, baseline)
-    result = pipeline.run()
-    result.wait_until_finish()
+    try:
+        result = pipeline.run()
+        progress.follow(result, job_metrics, progress.reporter())  # a remote job: from its counters
+    finally:
+        progress.reporter().close()
     manifest = runs.read_run(config.run_dir).manifest
     if not manifest.get("rejected"):
         runs.point_latest(config.output, config.run_id)  # the run is complete: LATEST names it

@@ -33,7 +33,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from batch_caption import cli, quiet
+from batch_caption import cli, gcs, quiet
 from batch_caption.model.config import DECODERS, ENCODERS, IMAGE_INPUTS
 from batch_caption.training import preflight
 from batch_caption.training import strategy as strategies
@@ -178,6 +178,7 @@ def train(config: TrainConfig, log=print):
 
     Raises UsageError before any TensorFlow work when the dataset or flags do not fit.
     """
+    gcs.require_credentials([config.data, config.output])
     spec = preflight.read_dataset(config.data)
     config, model_config, notes = preflight.resolve(config, spec)
     preflight.check_output(config, model_config)

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -310,3 +312,21 @@ def test_meteor_timeout_fails_cleanly_without_leaking_the_jvm():
     with pytest.raises(EvaluationError, match="METEOR did not finish"):
         score_captions({1: "a red circle"}, {1: ["a red circle"]}, tokenizer="none", metrics=["meteor"], timeout_s=0.3)
     assert _child_pids() <= before
+
+
+def test_without_pycocoevalcap_the_command_names_the_extra_before_any_work(tmp_path):
+    """A base install: importing pycocoevalcap fails (None in sys.modules makes it so)."""
+    refs = _write_references(tmp_path / "refs.json", {1: ("a.png", ["a red circle"])})
+    captions = _write_jsonl(tmp_path / "captions.jsonl", [("x/a.png", "a red circle")])
+    out = tmp_path / "report.json"
+    code = ("import runpy, sys; sys.modules['pycocoevalcap'] = None; "
+            "runpy.run_module('batch_caption.evaluate', run_name='__main__')")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code, "--captions", captions, "--references", refs,
+                           "--output", str(out)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": repo, "PATH": str(tmp_path / "no-java")})
+    assert done.returncode == 2
+    assert done.stderr == ("python -m batch_caption.evaluate: error: the COCO metrics need pycocoevalcap, which is "
+                           "not installed: install the evaluate extra (pip install -e '.[evaluate]' in a clone of "
+                           "batch_caption)\n")
+    assert not out.exists()

@@ -361,7 +361,7 @@ def inputs(tmp_path):
     "args, message",
     [
         (["--source", "coco", "--split", "train={coco}", "--image_root", "{root}", "--no_such_flag=1"],
-         "unknown option(s): --no_such_flag"),
+         "unknown option --no_such_flag; see --help"),
         (["--source", "cocoa"], "invalid choice"),
         (["--source", "coco", "--split", "train=/nonexistent.json", "--image_root", "{root}"], "does not exist"),
         (["--source", "coco", "--split", "train={coco}"], "needs --image_root"),

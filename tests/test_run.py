@@ -305,8 +305,8 @@ def _cli(*args, timeout=120):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--beam_sise", "3"], "unknown option(s): --beam_sise"),
-        (["--runner=DirectRunner", "--no_such_beam_flag=1"], "unknown option(s): --no_such_beam_flag"),
+        (["--beam_sise", "3"], "unknown option --beam_sise (did you mean --beam_size?)"),
+        (["--runner=DirectRunner", "--no_such_beam_flag=1"], "unknown option --no_such_beam_flag; see --help"),
         (["--model", "/nonexistent/bundle"], "--model /nonexistent/bundle"),
         (["--model", "nonexistent"], "--model nonexistent: no such bundle directory, nor a bundled model (scenes"),
         (["--model", "bundled:nonexistent"], "--model bundled:nonexistent: no bundled model 'nonexistent'"),

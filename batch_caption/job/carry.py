@@ -62,7 +62,7 @@ def _tables_at(f, rows: np.ndarray, mtimes: np.ndarray):
             old = table.column("modified").to_numpy(zero_copy_only=False)
             modified = np.where(np.isnan(now), old, now)
             table = table.set_column(table.schema.get_field_index("modified"), "modified", pa.array(modified))
-            yield table.cast(catalog.schema())
+            yield catalog.conform(table)
         start = end
 
 

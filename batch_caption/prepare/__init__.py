@@ -104,6 +104,8 @@ def _prepare(argv: list[str] | None) -> tuple[PrepareConfig, tfrecord.DatasetInf
     from apache_beam.options.pipeline_options import StandardOptions
 
     config, options = parse(argv)
+    gcs.require_credentials([config.output, config.image_root, config.captions, config.encoder_weights,
+                             *(f for _, f in config.splits)])
     gcs.configure_for_emulator()
     config = check_inputs(config)
     standard = options.view_as(StandardOptions)

@@ -269,14 +269,7 @@ def _parse_counts(text: str) -> tuple[tuple[str, int], ...]:
 
 def parse(argv: list[str] | None):
     """argv -> (PrepareConfig, beam PipelineOptions). Raises UsageError on any bad flag."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    args, beam_args = build_parser().parse_known_args(argv)
-    options = PipelineOptions(beam_args)
-    known = options.get_all_options(retain_unknown_options=False)
-    unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - set(known))
-    if unknown:
-        raise UsageError(f"unknown option(s): {', '.join('--' + u for u in unknown)} (see --help)")
+    args, options = cli.parse_with_pipeline_options(build_parser(), argv)
     given = tuple(_parse_split(s) for s in args.split)
     counts: tuple[tuple[str, int], ...] = ()
     if args.source == "synthetic":

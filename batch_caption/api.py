@@ -1,0 +1,251 @@
+"""The Python API: caption images from Python, or inside a Beam pipeline of your own.
+
+    from batch_caption import api
+    captioner = api.load()                            # the bundled model, or api.load("path/to/bundle")
+    records = captioner.caption_paths(["photo.jpg"])  # also caption_bytes([...]), caption_arrays([...])
+
+    out = paths | api.CaptionPaths()                  # Beam: PCollection[str] -> {"captions", "errors"}
+    handler = api.model_handler()                     # Beam's RunInference(handler) over ImageExamples
+                                                      # (api.decode_example makes them)
+
+Each call returns one record per input, in input order: a caption record, or an error
+record (stage read, decode or infer): the dicts of the job's JSONL (records.py), with
+run_id None unless one is given. Settings are the job's flags of the same names
+(Settings). Importing this module keeps TensorFlow's load-time and C++ log lines off
+stderr unless TF_CPP_MIN_LOG_LEVEL is set (quiet.quiet_library); Python logging stays as
+the application configured it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+
+from batch_caption import bundled, gcs, images, quiet, records
+from batch_caption.inference import CaptionModelHandler
+from batch_caption.job import file_reads
+from batch_caption.job.caption import CaptionImages
+from batch_caption.job.config import default_batch_size
+from batch_caption.job.cpus import available_cpus
+from batch_caption.job.elements import ERRORS, ImageExample
+from batch_caption.job.read import ReadImages
+from batch_caption.model.config import DecodeConfig
+
+quiet.quiet_library()  # none of the imports above loads TensorFlow: its first import is held
+
+__all__ = ["ERRORS", "CaptionModelHandler", "CaptionPaths", "Captioner", "ImageExample", "Settings",
+           "decode_example", "image_size", "load", "model_handler"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How images are decoded and captioned; each field is the job's flag of that name."""
+
+    beam_size: int = 3
+    max_caption_length: int = 20
+    num_alternatives: int | None = None  # None: min(3, beam_size)
+    length_normalization: float = 0.7
+    low_score_threshold: float | None = None  # None: the bundled model's calibrated threshold
+    attention_maps: bool = False
+    batch_size: int | None = None  # None: ~2 M pixels a batch at the model's input size
+    max_image_pixels: int = 100_000_000
+    max_file_bytes: int = 256 * 1024 * 1024
+    draft: bool = True
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_image_pixels", "max_file_bytes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.decode  # noqa: B018 - validates the search settings
+
+    @property
+    def decode(self) -> DecodeConfig:
+        n = self.num_alternatives if self.num_alternatives is not None else max(1, min(3, self.beam_size))
+        return DecodeConfig(self.beam_size, self.max_caption_length, n, self.length_normalization)
+
+    def image_config(self, size: int) -> images.ImageConfig:
+        return images.ImageConfig(image_size=size, max_image_pixels=self.max_image_pixels, draft=self.draft)
+
+    def batch(self, size: int) -> int:
+        return self.batch_size or default_batch_size(size)
+
+
+def _bundle_path(model: str | None) -> str:
+    """A bundled model's name or a bundle path (None: the default model) -> the bundle's path."""
+    try:
+        return bundled.resolve(model or bundled.DEFAULT_MODEL_NAME)
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
+
+
+def _threshold(s: Settings, model_id: str) -> float:
+    """The low_score threshold: the one given, else the bundle's calibrated one."""
+    return s.low_score_threshold if s.low_score_threshold is not None else bundled.low_score_threshold(model_id)
+
+
+def image_size(model: str | None = None) -> int:
+    """The input side, in pixels, of the bundle at `model` (None: the bundled model);
+    reads and checks the bundle without TensorFlow."""
+    from batch_caption.model import bundle
+
+    gcs.configure_for_emulator()
+    return bundle.verify_bundle(_bundle_path(model))[1].image_size
+
+
+def decode_example(data: bytes, size: int, path: str | None = None, settings: Settings = Settings()) -> ImageExample:
+    """An image file's bytes -> the ImageExample that the model handler takes, squashed
+    to `size` (image_size()). Raises images.ImageDecodeError for bytes that are no image."""
+    decoded = images.decode_image(data, settings.image_config(size))
+    return ImageExample(path, decoded.pixels, decoded.width, decoded.height, decoded.format,
+                        hashlib.sha256(data).hexdigest(), len(data))
+
+
+def model_handler(model: str | None = None, *, share_model: bool = False, **settings) -> CaptionModelHandler:
+    """The job's RunInference handler for the bundle at `model` (None: the bundled model):
+    ImageExamples in, PredictionResult(example, n-best model.captioner.Caption list,
+    bundle id) out. The model loads once per worker process."""
+    return _handler(model, image_size(model), Settings(**settings), share_model)
+
+
+def _handler(model: str | None, size: int, s: Settings, share_model: bool) -> CaptionModelHandler:
+    return CaptionModelHandler(bundled.portable(_bundle_path(model)), s.decode, s.batch(size), share_model,
+                               s.attention_maps)
+
+
+def load(model: str | None = None, *, run_id: str | None = None, **settings) -> Captioner:
+    """Loads the bundle at `model` (a directory, local or gs://; None: the bundled model)
+    into this process; `settings`: Settings' fields."""
+    from batch_caption.model.load import load_captioner
+
+    s = Settings(**settings)
+    gcs.configure_for_emulator()
+    return Captioner(load_captioner(_bundle_path(model), s.decode, s.attention_maps), s, run_id)
+
+
+class Captioner:
+    """A loaded model that captions in this process (see load()). `model` is the
+    model.captioner.Captioner underneath: uint8 [B, S, S, 3] -> n-best captions."""
+
+    def __init__(self, model, settings: Settings = Settings(), run_id: str | None = None):
+        self.model = model
+        self.settings = settings
+        self.run_id = run_id
+        self.image_config = settings.image_config(model.image_size)
+        self.batch_size = settings.batch(model.image_size)
+
+    @property
+    def model_id(self) -> str:
+        return self.model.get_model_id()
+
+    def caption_paths(self, paths: Iterable[str]) -> list[dict[str, Any]]:
+        """Image files (local or any Beam filesystem) -> one record each; files are read
+        and decoded by a thread per CPU, one batch at a time."""
+        out = []
+        with concurrent.futures.ThreadPoolExecutor(max(2, available_cpus())) as pool:
+            for chunk in _chunks(paths, self.batch_size):
+                out += self._caption(list(pool.map(self._read_and_decode, chunk)))
+        return out
+
+    def caption_bytes(self, blobs: Iterable[bytes], names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Image files' bytes -> one record each; `names` become the records' paths."""
+        blobs = list(blobs)
+        return self._caption([self._decode(data, _name(names, i, len(blobs))) for i, data in enumerate(blobs)])
+
+    def caption_arrays(self, arrays: Iterable[np.ndarray], names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """uint8 RGB [H, W, 3] (or grey [H, W]) arrays of any size -> one record each,
+        squashed to the model's input as files are. A wrong dtype or shape raises."""
+        size, arrays = self.model.image_size, [np.asarray(a) for a in arrays]
+        return self._caption([
+            ImageExample(_name(names, i, len(arrays)), images.resize_pixels(a, size), a.shape[1], a.shape[0],
+                         None, None, None)
+            for i, a in enumerate(arrays)])
+
+    def _read_and_decode(self, path: str) -> ImageExample | dict[str, Any]:
+        limit = self.settings.max_file_bytes
+        try:
+            data = file_reads.read_file(path, limit)
+        except Exception as e:  # noqa: BLE001 - missing, permissions, network: the file's error record
+            return records.error_record(path, "read", file_reads.root_cause(e), run_id=self.run_id)
+        if len(data) > limit:
+            return records.error_record(path, "read", *file_reads.too_large(limit), run_id=self.run_id)
+        return self._decode(data, path)
+
+    def _decode(self, data: bytes, path: str | None) -> ImageExample | dict[str, Any]:
+        try:
+            return decode_example(data, self.model.image_size, path, self.settings)
+        except images.ImageDecodeError as e:
+            return records.error_record(path, "decode", e, run_id=self.run_id, size=len(data),
+                                        sha256=hashlib.sha256(data).hexdigest())
+
+    def _caption(self, items: list) -> list[dict[str, Any]]:
+        """ImageExamples (captioned a batch at a time) and error records -> records, in order."""
+        examples = [i for i, item in enumerate(items) if isinstance(item, ImageExample)]
+        decode = self.settings.decode.to_dict()
+        for start in range(0, len(examples), self.batch_size):
+            batch = examples[start:start + self.batch_size]
+            captions = self.model.caption(np.stack([items[i].pixels for i in batch]))
+            for i, caps in zip(batch, captions):
+                example = items[i]
+                try:
+                    items[i] = records.caption_record(
+                        example, caps, model_id=self.model_id, run_id=self.run_id, decode=decode,
+                        low_score_threshold=_threshold(self.settings, self.model_id))
+                except ValueError as e:  # no caption, or a non-finite score: the model's failure
+                    items[i] = records.error_record(example.path, "infer", e, run_id=self.run_id,
+                                                    size=example.size_bytes, sha256=example.sha256)
+        return items
+
+
+class CaptionPaths(beam.PTransform):
+    """PCollection[str] of image paths (any Beam filesystem) -> {"captions": caption
+    records, "errors": error records}: the job's ReadImages and CaptionImages stages
+    (read and decode ahead, RunInference, dead letters), without its matching,
+    deduplication and writing. `model`, `run_id`, `settings` as in load(); share_model:
+    one model per machine for all worker processes."""
+
+    def __init__(self, model: str | None = None, *, run_id: str | None = None, share_model: bool = False,
+                 **settings):
+        super().__init__()
+        self._settings = Settings(**settings)
+        self._run_id = run_id
+        self._image_size = image_size(model)  # and the bundle checked before the pipeline runs
+        from batch_caption.model import bundle
+
+        self._low_score = _threshold(self._settings, bundle.read_manifest(_bundle_path(model))["bundle_id"])
+        self._handler = _handler(model, self._image_size, self._settings, share_model)
+
+    def expand(self, paths):
+        s = self._settings
+        read = paths | "ReadImages" >> ReadImages(
+            s.image_config(self._image_size), s.max_file_bytes, self._run_id, dedupe=False,
+            lookahead=s.batch(self._image_size), spread_hashing=False)
+        captioned = read["images"] | "CaptionImages" >> CaptionImages(
+            self._handler, s.decode, self._run_id, self._low_score)
+        errors = (read[ERRORS], captioned[ERRORS]) | "FlattenErrors" >> beam.Flatten()
+        return {"captions": captioned["captions"], ERRORS: errors}
+
+
+def _chunks(items: Iterable, n: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _name(names: Sequence[str] | None, i: int, n: int) -> str | None:
+    """The i-th of the n inputs' names (None when none were given)."""
+    if names is None:
+        return None
+    if len(names) != n:
+        raise ValueError(f"{len(names)} names for {n} images")
+    return names[i]

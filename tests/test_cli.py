@@ -1,0 +1,90 @@
+"""Flag errors of every entry point: the flag as typed, the nearest valid one, one line,
+exit 2, and never Beam's "Discarding unparseable args" warning."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from batch_caption import cli, evaluate, report, run, train
+from batch_caption import prepare
+from batch_caption.training import scene_encoder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("typed, known, want", [
+    ("--beam-size", ["--beam_size", "--batch_size"], "--beam_size"),
+    ("--no_draft", ["--draft", "--no-draft"], "--no-draft"),
+    ("--outptu", ["--output", "--input", "--run_id"], "--output"),
+    ("-output", ["--output"], "--output"),
+    ("--zzz", ["--output", "--input"], None),
+])
+def test_suggest_names_the_nearest_valid_flag(typed, known, want):
+    assert cli.suggest(typed, known) == want
+
+
+def test_unknown_arguments_name_each_flag_as_typed_without_its_value():
+    e = cli.unknown_arguments(["--beam-size", "2", "--outptu=x", "--beam-size", "3"], ["--beam_size", "--output"])
+    assert str(e) == ("unknown options --beam-size (did you mean --beam_size?), --outptu (did you mean --output?); "
+                      "see --help")
+    assert str(cli.unknown_arguments(["photos/"], ["--input"])) == "unexpected argument(s): photos/ (see --help)"
+
+
+def test_beam_options_pass_and_a_beam_typo_is_named(capsys):
+    parser = run.build_parser()
+    args, options = cli.parse_with_pipeline_options(parser, ["--output", "o", "--runner=DirectRunner",
+                                                             "--direct_num_workers", "2"])
+    assert args.output == "o" and options.get_all_options()["direct_num_workers"] == 2
+    with pytest.raises(cli.UsageError, match=r"^unknown option --runer \(did you mean --runner\?\)"):
+        cli.parse_with_pipeline_options(parser, ["--runer=DirectRunner"])
+    with pytest.raises(cli.UsageError, match=r"--direct-num-workers \(did you mean --direct_num_workers\?\)"):
+        cli.parse_with_pipeline_options(parser, ["--direct-num-workers", "2"])
+
+
+def _evaluate_main(argv):
+    try:
+        evaluate.run(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+# (entry point, its main(argv) -> exit code, a valid flag, that flag misspelled with '-', a typo, its fix)
+ENTRY_POINTS = [
+    ("run", run.main, ["--output", "o"], "--beam-size", "--beam_size", "--outptu", "--output"),
+    ("prepare", prepare.main, ["--source", "synthetic", "--output", "o"], "--image-size", "--image_size",
+     "--outptu", "--output"),
+    ("train", train.main, ["--data", "d", "--output", "o"], "--global-batch-size", "--global_batch_size", "--stesp", "--steps"),
+    ("evaluate", _evaluate_main, ["--captions", "c", "--references", "r"], "--tokenizer-x", "--tokenizer",
+     "--referneces", "--references"),
+    ("report", report.main, ["run_dir"], "--thumbnail-size", "--thumbnail_size", "--ouptut", "--output"),
+    ("scene_encoder", scene_encoder.main, ["--output", "o"], "--batch-size", "--batch_size", "--epochz", "--epochs"),
+]
+
+
+@pytest.mark.parametrize("name, main, base, dashed, dashed_fix, typo, typo_fix", ENTRY_POINTS,
+                         ids=[e[0] for e in ENTRY_POINTS])
+def test_every_entry_point_names_a_bad_flag_as_typed_and_suggests(name, main, base, dashed, dashed_fix, typo,
+                                                                   typo_fix, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for bad, fix in ((dashed, dashed_fix), (typo, typo_fix)):
+        assert main([*base, bad, "2"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1, err
+        assert f"unknown option {bad}" in err
+        assert f"(did you mean {fix}?)" in err
+    assert os.listdir(tmp_path) == []  # nothing started
+
+
+def test_a_typo_on_the_command_line_shows_no_beam_warning(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "batch_caption.run", "--outptu", str(tmp_path / "o"),
+                           "--beam-size", "2"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert done.returncode == 2
+    assert done.stderr == ("batch_caption.run: error: unknown options --outptu (did you mean --output?), "
+                           "--beam-size (did you mean --beam_size?); see --help\n")
+    assert os.listdir(tmp_path) == []
