@@ -140,7 +140,7 @@ def child(work, wheel) -> dict:
 
 def test_wheel_contents(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert any(s.endswith(".png") for s in _samples())
+    assert _samples() and all(s.endswith((".png", ".jpg")) for s in _samples())
     assert [m for m in bundled.BUNDLED.values() if m.installed()]
     missing = [s for s in _shipped_data() if s not in names]
     assert not missing, f"samples or bundled models missing from the wheel: {missing}"
