@@ -34,6 +34,8 @@ COLUMNS = (
     "path", "path_bytes", "size", "modified", "sha256", "status", "caption", "score", "flags", "width", "height",
     "model", "decode", "captioned_run", "stage", "error", "message",
 )
+# Columns that catalogs of format batch_caption.run/2 lack: `conform` gives them as nulls.
+ADDED_COLUMNS = ("flags", "width", "height")
 # What --incremental needs of an earlier row to decide whether to read a file again.
 DECISION_COLUMNS = ("path", "path_bytes", "size", "modified", "sha256", "status", "model", "decode")
 

@@ -146,6 +146,8 @@ def check_catalog(path: str) -> int:
         found = parquet.schema_arrow
         for field in catalog.schema():
             if found.get_field_index(field.name) < 0:
+                if field.name in catalog.ADDED_COLUMNS:  # an older catalog: read as nulls
+                    continue
                 raise ValueError(f"no column {field.name}")
             if found.field(field.name).type != field.type:
                 raise ValueError(f"column {field.name} is {found.field(field.name).type}, not {field.type}")
