@@ -372,3 +372,18 @@ def test_dockerfile_pins_launcher_beam_version():
         for name in src.split():
             assert (REPO / name).exists(), name
     assert "requirements.txt" in text and "pip install --no-deps /src" in text
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in JOBS.glob("*.sh")))
+def test_every_launcher_parses(script):
+    """`bash -n` on every shell launcher: a syntax error fails here, not on a cluster."""
+    done = subprocess.run(["bash", "-n", str(JOBS / script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_flickr8k_recipe_names_its_missing_inputs(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("IMAGES", "TEXT")}
+    done = subprocess.run(["bash", str(JOBS / "train_flickr8k.sh"), str(tmp_path / "work")], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode != 0 and "set IMAGES" in done.stderr
+    assert not (tmp_path / "work").exists()  # nothing started
