@@ -240,18 +240,9 @@ def marginal_rate(big: dict, small: dict) -> float:
 def job_phases() -> list[tuple[object, str, str]]:
     """(class, method, label) of the job's phases, in data-flow order, for
     profile_job.py's timeline."""
-    from batch_caption import inference
-    from batch_caption.job import match, read, write
+    from batch_caption import job
 
-    return [
-        (match._MatchPatternFn, "process", "match"),
-        (read._HashFileFn, "_work", "hash (dedupe, pool threads)"),
-        (inference.CaptionModelHandler, "load_now", "model load + trace (its thread)"),
-        (read._ReadDecodeFn, "_work", "read + decode (pool threads)"),
-        (inference.CaptionModelHandler, "run_inference", "model, per batch"),
-        (write._WriteShardFn, "finish_bundle", "shards closed"),
-        (write._WriteManifestFn, "process", "manifest"),
-    ]
+    return job.timed_phases()
 
 
 # A py-spy frame of the model load's own thread (BackgroundLoad), for profile_job.py summary.

@@ -35,8 +35,25 @@ from batch_caption.job.write import RunInfo, WriteRun
 
 __all__ = [
     "ERRORS", "NAMESPACE", "CaptionImages", "ImageExample", "JobConfig", "MatchImages", "ReadImages", "RunInfo",
-    "SelectChanged", "SourceFile", "WriteRun", "build_pipeline",
+    "SelectChanged", "SourceFile", "WriteRun", "build_pipeline", "timed_phases",
 ]
+
+
+def timed_phases() -> list[tuple[type, str, str]]:
+    """(class, method, label) of the job's phases in data-flow order: the methods a
+    profiler wraps to draw a run's timeline (bench/profile_job.py), each called once per
+    element, batch or bundle of its phase."""
+    from batch_caption.job import match, read, shards, write
+
+    return [
+        (match._MatchPatternFn, "process", "match"),
+        (read._HashFileFn, "_work", "hash (dedupe, pool threads)"),
+        (inference.CaptionModelHandler, "load_now", "model load + trace (its thread)"),
+        (read._ReadDecodeFn, "_work", "read + decode (pool threads)"),
+        (inference.CaptionModelHandler, "run_inference", "model, per batch"),
+        (shards.WriteShardFn, "finish_bundle", "shards closed"),
+        (write._WriteManifestFn, "process", "manifest"),
+    ]
 
 
 def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, single_process: bool,
