@@ -16,6 +16,18 @@ def varied_images(n: int, size: int = 64, seed: int = 0):
     return np.clip(base + slope * ramp + noise, 0, 255).astype(np.uint8)
 
 
+def evaluate_main(argv) -> int:
+    """`python -m batch_caption.evaluate ARGV`'s exit code, in process: its errors leave
+    through SystemExit, where the other entry points' main(argv) return a code."""
+    from batch_caption import evaluate
+
+    try:
+        evaluate.run(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
 def within(seconds: float, fn, *args, **kwargs):
     """fn(*args, **kwargs), run in a daemon thread; fails the test when it has not
     returned after `seconds` (a hang: the thread is left blocked, the test goes on)."""

@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import evaluate_main
 
-from batch_caption import cli, evaluate, report, run, train
+from batch_caption import cli, report, run, train
 from batch_caption import prepare
 from batch_caption.training import scene_encoder
 
@@ -45,21 +46,13 @@ def test_beam_options_pass_and_a_beam_typo_is_named(capsys):
         cli.parse_with_pipeline_options(parser, ["--direct-num-workers", "2"])
 
 
-def _evaluate_main(argv):
-    try:
-        evaluate.run(argv)
-    except SystemExit as e:
-        return e.code
-    return 0
-
-
 # (entry point, its main(argv) -> exit code, a valid flag, that flag misspelled with '-', a typo, its fix)
 ENTRY_POINTS = [
     ("run", run.main, ["--output", "o"], "--beam-size", "--beam_size", "--outptu", "--output"),
     ("prepare", prepare.main, ["--source", "synthetic", "--output", "o"], "--image-size", "--image_size",
      "--outptu", "--output"),
     ("train", train.main, ["--data", "d", "--output", "o"], "--global-batch-size", "--global_batch_size", "--stesp", "--steps"),
-    ("evaluate", _evaluate_main, ["--captions", "c", "--references", "r"], "--tokenizer-x", "--tokenizer",
+    ("evaluate", evaluate_main, ["--captions", "c", "--references", "r"], "--tokenizer-x", "--tokenizer",
      "--referneces", "--references"),
     ("report", report.main, ["run_dir"], "--thumbnail-size", "--thumbnail_size", "--ouptut", "--output"),
     ("scene_encoder", scene_encoder.main, ["--output", "o"], "--batch-size", "--batch_size", "--epochz", "--epochs"),

@@ -12,8 +12,9 @@ import time
 import google.auth
 import pytest
 from google.auth.exceptions import DefaultCredentialsError
+from helpers import evaluate_main
 
-from batch_caption import evaluate, gcs, prepare, report, run, train
+from batch_caption import gcs, prepare, report, run, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,20 +75,12 @@ def test_a_lookup_that_hangs_counts_as_none_found(monkeypatch):
         gcs.require_credentials(["gs://bucket/a"])
 
 
-def _evaluate_main(argv):
-    try:
-        evaluate.run(argv)
-    except SystemExit as e:
-        return e.code
-    return 0
-
-
 @pytest.mark.parametrize("main, argv", [
     (run.main, ["--input", "gs://bucket/photos/", "--output", "out"]),
     (run.main, ["--output", "gs://bucket/captions"]),
     (prepare.main, ["--source", "synthetic", "--output", "gs://bucket/data"]),
     (train.main, ["--data", "gs://bucket/data", "--output", "out"]),
-    (_evaluate_main, ["--captions", "gs://bucket/run=1/", "--references", "refs.json", "--tokenizer", "none"]),
+    (evaluate_main, ["--captions", "gs://bucket/run=1/", "--references", "refs.json", "--tokenizer", "none"]),
     (report.main, ["gs://bucket/captions/run=1"]),
 ], ids=["run-input", "run-output", "prepare", "train", "evaluate", "report"])
 def test_every_entry_point_stops_in_one_line_before_any_work(main, argv, no_credentials, tmp_path, capsys,
