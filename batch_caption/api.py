@@ -89,13 +89,20 @@ def _threshold(s: Settings, model_id: str) -> float:
     return s.low_score_threshold if s.low_score_threshold is not None else bundled.low_score_threshold(model_id)
 
 
-def image_size(model: str | None = None) -> int:
-    """The input side, in pixels, of the bundle at `model` (None: the bundled model);
-    reads and checks the bundle without TensorFlow."""
+def _verified(model: str | None) -> tuple[str, int]:
+    """(bundle id, input side in pixels) of the bundle at `model`, read and checked
+    without TensorFlow."""
     from batch_caption.model import bundle
 
     gcs.configure_for_emulator()
-    return bundle.verify_bundle(_bundle_path(model))[1].image_size
+    manifest, config = bundle.verify_bundle(_bundle_path(model))
+    return manifest["bundle_id"], config.image_size
+
+
+def image_size(model: str | None = None) -> int:
+    """The input side, in pixels, of the bundle at `model` (None: the bundled model);
+    reads and checks the bundle without TensorFlow."""
+    return _verified(model)[1]
 
 
 def decode_example(data: bytes, size: int, path: str | None = None, settings: Settings = Settings()) -> ImageExample:
@@ -138,6 +145,7 @@ class Captioner:
         self.run_id = run_id
         self.image_config = settings.image_config(model.image_size)
         self.batch_size = settings.batch(model.image_size)
+        self._low_score = _threshold(settings, self.model_id)  # once: it reads the bundled models' manifests
 
     @property
     def model_id(self) -> str:
@@ -195,7 +203,7 @@ class Captioner:
                 try:
                     items[i] = records.caption_record(
                         example, caps, model_id=self.model_id, run_id=self.run_id, decode=decode,
-                        low_score_threshold=_threshold(self.settings, self.model_id))
+                        low_score_threshold=self._low_score)
                 except ValueError as e:  # no caption, or a non-finite score: the model's failure
                     items[i] = records.error_record(example.path, "infer", e, run_id=self.run_id,
                                                     size=example.size_bytes, sha256=example.sha256)
@@ -214,10 +222,8 @@ class CaptionPaths(beam.PTransform):
         super().__init__()
         self._settings = Settings(**settings)
         self._run_id = run_id
-        self._image_size = image_size(model)  # and the bundle checked before the pipeline runs
-        from batch_caption.model import bundle
-
-        self._low_score = _threshold(self._settings, bundle.read_manifest(_bundle_path(model))["bundle_id"])
+        model_id, self._image_size = _verified(model)  # the bundle checked before the pipeline runs
+        self._low_score = _threshold(self._settings, model_id)
         self._handler = _handler(model, self._image_size, self._settings, share_model)
 
     def expand(self, paths):
