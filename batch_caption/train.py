@@ -34,6 +34,7 @@ import sys
 from collections.abc import Sequence
 
 from batch_caption import cli, gcs, quiet
+from batch_caption.model.bundle import WEIGHT_DTYPES
 from batch_caption.model.config import DECODERS, ENCODERS, IMAGE_INPUTS
 from batch_caption.training import preflight
 from batch_caption.training import strategy as strategies
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training directory: checkpoints/, logs/ (TensorBoard), export/, train_config.json, result.json; "
                     "an existing one is resumed")
     io.add_argument("--export", default=None, help="bundle directory written at the end (default OUTPUT/export)")
-    io.add_argument("--export_weights_dtype", choices=("float32", "float16"), default=default("export_weights_dtype"),
+    io.add_argument("--export_weights_dtype", choices=WEIGHT_DTYPES, default=default("export_weights_dtype"),
                     help="how the bundle stores the weights: float16 halves its size, the model still computes in "
                     "float32 (default %(default)s)")
     io.add_argument("--train_split", default=default("train_split"), help="split to train on (default %(default)s)")

@@ -13,6 +13,7 @@ from typing import Any
 
 from batch_caption import files
 from batch_caption.cli import UsageError  # noqa: F401  (re-exported: raised by TrainConfig)
+from batch_caption.model.bundle import WEIGHT_DTYPES
 from batch_caption.model.config import DECODERS, ENCODERS, IMAGE_INPUTS
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
@@ -134,8 +135,8 @@ class TrainConfig:
 
         need(bool(self.data), "--data is required")
         need(bool(self.output), "--output is required")
-        need(self.export_weights_dtype in ("float32", "float16"),
-             f"--export_weights_dtype must be float32 or float16, got {self.export_weights_dtype!r}")
+        need(self.export_weights_dtype in WEIGHT_DTYPES,
+             f"--export_weights_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.export_weights_dtype!r}")
         need(self.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         need(0 <= self.num_cpu_devices <= 64, f"--num_cpu_devices must be in [0, 64], got {self.num_cpu_devices}")
         need(self.global_batch_size >= 1, f"--global_batch_size must be >= 1, got {self.global_batch_size}")
