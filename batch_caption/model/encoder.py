@@ -95,14 +95,8 @@ def build_backbone(config: ModelConfig, load_weights: bool = True) -> keras.Mode
         ctor_name, mode = _APPLICATIONS[config.encoder]
         ctor = getattr(keras.applications, ctor_name)
         imagenet = "imagenet" if weights == "imagenet" else None
-        attend = config.decoder == "attention"
-        app = ctor(include_top=False, weights=imagenet, input_shape=(size, size, 3), pooling=None if attend else "avg")
-        features = app(_preprocess(x, mode))
-        h, w, channels = app.output.shape[1:] if attend else (1, 1, app.output.shape[-1])
-        if attend:
-            features = layers.Flatten(name="flatten")(features)
-        backbone = keras.Model(images, features, name=config.encoder)
-        grid_shape = (int(h) * int(w), int(channels))
+        app = ctor(include_top=False, weights=imagenet, input_shape=(size, size, 3), pooling=None)
+        backbone, grid_shape = _keep_grid_or_pool(images, app(_preprocess(x, mode)), config)
     if weights not in (None, "imagenet"):
         _load_weights_file(backbone, weights)
     backbone.grid_shape = grid_shape
