@@ -46,14 +46,13 @@ def efficientnet_lite0(inputs, include_top: bool = False):
     index = 0
     for expand, kernel, stride, channels, repeats in STAGES:
         for r in range(repeats):
-            name, shortcut = f"block{index}", x
-            h = x
+            name, h = f"block{index}", x
             if expand != 1:
                 h = _conv_bn(h, x.shape[-1] * expand, 1, 1, f"{name}_expand")
             h = _conv_bn(h, None, kernel, stride if r == 0 else 1, f"{name}_dw", depthwise=True)
             h = _conv_bn(h, channels, 1, 1, f"{name}_project", act=False)
-            x = layers.Add(name=f"{name}_add")([shortcut, h]) if h.shape[1:] == shortcut.shape[1:] and (
-                r > 0 or stride == 1) else h
+            # The residual where the block keeps the shape (stride 1, same channels).
+            x = layers.Add(name=f"{name}_add")([x, h]) if h.shape[1:] == x.shape[1:] else h
             index += 1
     x = _conv_bn(x, HEAD_CHANNELS, 1, 1, "head")
     if include_top:
