@@ -69,7 +69,9 @@ def _rss_tree_kib(root: int) -> int:
     return total
 
 
-def _measure(cmd: list[str], log: str, interval: float) -> dict:
+def measure_process(cmd: list[str], log: str, interval: float) -> dict:
+    """Runs `cmd` (output to `log`) -> its seconds, ru_maxrss and the sampled peak RSS of
+    its process tree (every `interval` s); a failed command ends the benchmark."""
     env = c.child_env()
     samples: list[tuple[float, int]] = []
     with open(log, "w") as out:
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
                 cmd = [sys.executable, "-m", "batch_caption.run", "--input", corpus,
                        "--output", os.path.join(work, "out"), "--run_id", run_id, *args.job_args, *flags]
                 log = os.path.join(work, f"{run_id}.log")
-                res = _measure(cmd, log, args.interval)
+                res = measure_process(cmd, log, args.interval)
                 with open(log) as f:
                     res["summary"] = [line for line in f.read().splitlines() if line.startswith("run=")][-1:]
                 results[variant][str(n)] = res

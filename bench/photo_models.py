@@ -26,7 +26,7 @@ import tempfile
 
 import _common as c
 import corpora
-from peak_memory import _measure
+from peak_memory import measure_process
 
 
 def _job_seconds(log: str) -> float:
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                     out = os.path.join(work, "out")
                     cmd = [sys.executable, "-m", "batch_caption.run", "--input", directory, "--output", out,
                            "--run_id", run_id, "--model", model]
-                    measured = _measure(cmd, os.path.join(work, f"{run_id}.log"), args.interval)
+                    measured = measure_process(cmd, os.path.join(work, f"{run_id}.log"), args.interval)
                     manifest = _manifest(out, run_id)
                     n = manifest["counts"]["inputs"]
                     elapsed = _job_seconds(os.path.join(work, f"{run_id}.log"))
