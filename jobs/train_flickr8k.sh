@@ -52,14 +52,16 @@ common=(--global_batch_size 64 --steps "$STEPS" --learning_rate 1e-3 --lr_schedu
 [ -e "$WORK/show_and_tell/export/bundle.json" ] || python -m batch_caption.train --data "$WORK/pooled" \
   --output "$WORK/show_and_tell" --decoder show_and_tell --image_input every_step "${common[@]}"
 
-score() {  # score DECODER SPLIT: caption SPLIT's images with DECODER's bundle, evaluate them
-  local name=$1-$2
-  [ -e "$WORK/eval/$name.json" ] && return
-  python - "$WORK/grid/references_$2.json" > "$WORK/$2.txt" <<'PY'
+for split in val test; do  # the images each split's references name: the job's input lists
+  python - "$WORK/grid/references_$split.json" > "$WORK/$split.txt" <<'PY'
 import json, sys
 for image in json.load(open(sys.argv[1]))["images"]:
     print(image["file_name"])
 PY
+done
+score() {  # score DECODER SPLIT: caption SPLIT's images with DECODER's bundle, evaluate them
+  local name=$1-$2
+  [ -e "$WORK/eval/$name.json" ] && return
   rm -rf "$WORK/runs/run=$name"
   python -m batch_caption.run --runner=DirectRunner --model "$WORK/$1/export" --input_list "$WORK/$2.txt" \
     --output "$WORK/runs" --run_id "$name"
