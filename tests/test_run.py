@@ -134,7 +134,7 @@ def test_every_input_path_appears_exactly_once(mixed, in_memory_run):
     assert counts["captioned"] == len(captions) and counts["failed"] == len(errors)
     assert counts["inputs"] == counts["matched"] == len(expected)
     assert counts["failed_by_stage"]["decode"] == len(BROKEN)
-    assert counts["skipped_not_image"] == len(NOT_IMAGES)
+    assert counts["skipped_not_image"] == len(NOT_IMAGES) and counts["carried_not_image"] == 0
     assert sorted(counts["flagged"]) == sorted(quality.FLAGS)
     for flag, n in counts["flagged"].items():
         assert n == sum(flag in r["flags"] for r in captions)

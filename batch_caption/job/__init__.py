@@ -94,7 +94,7 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
         settings = Settings(model_id, catalog.decode_key(decode.to_dict()), config.incremental_any_model)
         selected = to_read | "SelectChanged" >> SelectChanged(
             baseline.catalog_files, settings, config.retry_failed, baseline.legacy_caption_files, baseline.end_times,
-            baseline.catalog_rows, single_process, unlistable=matched["unlistable"])
+            baseline.catalog_rows, single_process, unlistable=matched["unlistable"], not_image=matched["not_image"])
         to_read, skipped, carry = selected["files"], [selected["skipped"]], [selected["carry"]]
         tallies = selected["tallies"]
     else:

@@ -57,7 +57,7 @@ class _WriteManifestFn(beam.DoFn):
         failed = {name: n for (kind, name), n in tally.items() if kind == "failed"}
         flagged = {name: n for (kind, name), n in tally.items() if kind == "flagged"}
         n_failed = sum(failed.values())
-        carried = sum(tally.get((kind, ""), 0) for kind in ("skipped", "unlisted"))
+        carried = sum(tally.get((kind, ""), 0) for kind in ("skipped", "unlisted", "carried_not_image"))
         share = n_failed / (n_captions + n_failed) if n_captions + n_failed else 0.0
         ended = time.time()
         manifest = {
@@ -73,12 +73,14 @@ class _WriteManifestFn(beam.DoFn):
                 "matched": tally.get(("matched", ""), 0),
                 "skipped": tally.get(("skipped", ""), 0),
                 "read": tally.get(("read", ""), 0),
-                # Every skipped file keeps its earlier row; so does every unlisted one.
+                # Every skipped file keeps its earlier row; so does every unlisted one,
+                # and every caption of a file the image filter leaves out tonight.
                 "carried": carried,
                 "deleted": tally.get(("deleted", ""), 0),
                 "unlisted": tally.get(("unlisted", ""), 0),
                 "links_skipped": tally.get(("links_skipped", ""), 0),
                 "skipped_not_image": tally.get(("skipped_not_image", ""), 0),
+                "carried_not_image": tally.get(("carried_not_image", ""), 0),
                 "catalog_rows": n_captions + n_failed - failed.get("match", 0) + carried,
                 "flagged": {f: flagged.get(f, 0) for f in quality.FLAGS},
             },
