@@ -95,6 +95,24 @@ def open_read(path: str):
     return _filesystems().open(path, compression_type="uncompressed")
 
 
+def read_head(path: str, n: int) -> bytes:
+    """The first `n` bytes of the file at `path` (all of it when shorter). A gs:// object
+    is read in one ranged request (Beam's reader would fetch a 16 MiB chunk); a local
+    path must be a regular file (open_regular)."""
+    if not path.startswith("gs://"):
+        with open_read(path) as f:
+            return f.read(n)
+    from google.api_core.exceptions import RequestRangeNotSatisfiable
+
+    from batch_caption import gcs
+
+    bucket, _, name = path[len("gs://"):].partition("/")
+    try:
+        return gcs.shared_client().bucket(bucket).blob(name).download_as_bytes(start=0, end=n - 1)
+    except RequestRangeNotSatisfiable:  # an empty object
+        return b""
+
+
 def read_bytes(path: str) -> bytes:
     with open_read(path) as f:
         return f.read()

@@ -11,6 +11,7 @@ once.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Iterable
@@ -83,6 +84,17 @@ def configure_for_emulator() -> bool:
         auth._Credentials._credentials = None
         auth._Credentials._credentials_init = True
     return True
+
+
+def shared_client():
+    """One client() per process (and emulator), for many small requests: a client's
+    creation costs more than a small request."""
+    return _shared_client(os.environ.get("STORAGE_EMULATOR_HOST"))
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_client(emulator: str | None):
+    return client()
 
 
 def client():

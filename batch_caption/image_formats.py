@@ -1,8 +1,8 @@
 """What image bytes are, and how any Pillow pixel mode becomes 8-bit RGB.
 
-Format names (the default set, the plugins this Pillow build has, magic-byte sniffing
-for error messages), EXIF orientation, and mode conversion: alpha composited over a
-background, 16-bit and float greys scaled rather than clipped.
+Format names (the default set, the plugins this Pillow build has, their file name
+extensions, magic-byte sniffing), EXIF orientation, and mode conversion: alpha
+composited over a background, 16-bit and float greys scaled rather than clipped.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from PIL import ExifTags, Image
 from batch_caption.image_errors import DATA_ERRORS, ImageDecodeError, TruncatedImageError, UnsupportedImageError
 
 __all__ = [
+    "DEFAULT_EXTENSIONS",
     "DEFAULT_FORMATS",
     "DRAFT_FORMATS",
+    "EXTENSIONS",
     "TRANSPOSE",
     "enabled_formats",
     "ico_frame_sizes",
@@ -43,6 +45,27 @@ DEFAULT_FORMATS: Tuple[str, ...] = (
     "PPM",
     "ICO",
 )
+
+#: File name extensions (lower case, without the dot) by format name: every format the
+#: decoder tries by default, and the image formats `sniff` knows besides (HEIF,
+#: JPEG 2000), whose files get an error record that says why they cannot be decoded
+#: rather than being left out as not images.
+EXTENSIONS: dict[str, Tuple[str, ...]] = {
+    "JPEG": ("jpg", "jpeg", "jpe", "jfif"),
+    "MPO": ("mpo",),
+    "PNG": ("png", "apng"),
+    "GIF": ("gif",),
+    "WEBP": ("webp",),
+    "BMP": ("bmp", "dib"),
+    "TIFF": ("tif", "tiff"),
+    "AVIF": ("avif", "avifs"),
+    "PPM": ("ppm", "pgm", "pbm", "pnm", "pfm"),
+    "ICO": ("ico",),
+    "HEIF": ("heic", "heif"),
+    "JPEG2000": ("jp2", "j2k", "jpc", "jpf", "jpx", "j2c"),
+}
+#: The extensions of every format above: the job's inputs by default.
+DEFAULT_EXTENSIONS: Tuple[str, ...] = tuple(sorted(e for names in EXTENSIONS.values() for e in names))
 
 _ORIENTATION_TAG = ExifTags.Base.Orientation  # 0x0112
 #: EXIF orientation -> the transpose that shows the image upright.
@@ -91,7 +114,8 @@ _FTYP_BRANDS = {
 
 
 def sniff(data: bytes) -> Optional[str]:
-    """Best-effort format name from magic bytes (only for error messages)."""
+    """Best-effort format name from magic bytes (the first 32 are enough): for error
+    messages, and to tell an image file without an extension from other files."""
     head = bytes(data[:32])
     if head.startswith(b"\xff\xd8\xff"):
         return "JPEG"
@@ -107,6 +131,10 @@ def sniff(data: bytes) -> Optional[str]:
         return "BMP"
     if head.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")):
         return "JPEG2000"
+    if head[:1] == b"P" and head[1:2] in (b"1", b"2", b"3", b"4", b"5", b"6", b"f", b"F") and head[2:3].isspace():
+        return "PPM"
+    if head[:4] == _ICO_MAGIC and head[4:6] != b"\x00\x00":  # at least one image
+        return "ICO"
     if head[4:8] == b"ftyp":
         return _FTYP_BRANDS.get(head[8:12])
     return None

@@ -23,12 +23,13 @@ import sys
 import time
 from typing import Any
 
-from batch_caption import bundled, cli, files, gcs, quiet, runs
+from batch_caption import bundled, cli, files, gcs, image_formats, quiet, runs
 from batch_caption import lock
 from batch_caption.cli import UsageError
 from batch_caption.job import JobConfig, build_pipeline
 from batch_caption.job.config import MIN_READ_THREADS, REMOTE_READ_THREADS, default_read_threads
 from batch_caption.job.elements import NAMESPACE
+from batch_caption.job.image_files import parse_extensions
 
 EXIT_TOO_MANY_FAILED = 3
 _GLOB_CHARS = set("*?[")
@@ -46,9 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--input", action="append", default=[], metavar="PATH",
-                    help="image file, glob, or directory (read recursively); local, gs:// or any Beam filesystem. Repeatable.")
+                    help="image file, glob, or directory (read recursively); local, gs:// or any Beam filesystem. "
+                    "A glob or directory gives its image files (see --extensions); a file named alone is an input "
+                    "whatever its name. Repeatable.")
     io.add_argument("--input_list", action="append", default=[], metavar="FILE",
-                    help="text file of image paths, one a line ('#' comments allowed). Repeatable.")
+                    help="text file of image paths, one a line ('#' comments allowed); every path is an input, "
+                    "whatever its extension (one that is not an image gets an error record). Repeatable.")
+    which = io.add_mutually_exclusive_group()
+    which.add_argument("--extensions", default=None, metavar="EXT,...",
+                       help="the file name extensions (case-insensitive) that make a listed file an input; a file "
+                       "without an extension is one when its first bytes are an image in one of their formats; "
+                       "other files are skipped unopened and counted (default: those of every image format: "
+                       f"{', '.join(image_formats.DEFAULT_EXTENSIONS)})")
+    which.add_argument("--all_files", action="store_true",
+                       help="every listed file is an input, whatever its name (a file that is not an image gets an "
+                       "error record)")
     io.add_argument("--output", default=None, help="output directory; the run goes to OUTPUT/run=<run_id>/ (default ./captions)")
     io.add_argument("--run_id", default=None, help="run name (default: UTC timestamp). Re-using one replaces that run's files.")
     m = p.add_argument_group("model and decoding")
@@ -127,11 +140,17 @@ def parse(argv: list[str] | None):
         break_lock = lock.parse_age(args.break_lock) if args.break_lock is not None else None
     except ValueError as e:
         raise UsageError(f"--break_lock: {e}") from e
+    try:
+        extensions = None if args.all_files else (
+            image_formats.DEFAULT_EXTENSIONS if args.extensions is None else parse_extensions(args.extensions))
+    except ValueError as e:
+        raise UsageError(f"--extensions {args.extensions!r}: {e}") from e
     config = JobConfig(
         inputs=tuple(args.input),
         input_lists=tuple(args.input_list),
         output=output,
         model=model,
+        extensions=extensions,
         run_id=args.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
         beam_size=beam_size,
         max_caption_length=args.max_caption_length,
@@ -357,10 +376,11 @@ def summary(manifest: dict) -> str:
     c = manifest["counts"]
     rate = c["inputs"] / manifest["elapsed_seconds"] if manifest.get("elapsed_seconds") else 0.0
     failed = ", ".join(f"{s} {n}" for s, n in c["failed_by_stage"].items() if n)
+    not_images = c.get("skipped_not_image", 0)
     return (
         f"run={manifest['run_id']}: {c['inputs']:,} inputs, {c['captioned']:,} captioned, {c['failed']:,} failed"
         f"{f' ({failed})' if failed else ''} in {manifest.get('elapsed_seconds', 0):.1f} s ({rate:.1f} img/s), "
-        f"model {manifest['model']}"
+        f"model {manifest['model']}{f'; {not_images:,} non-image files skipped' if not_images else ''}"
     )
 
 

@@ -390,6 +390,63 @@ def test_files_under_an_unlistable_directory_are_carried_not_deleted(tiny_bundle
     assert read_paths == [] and three["counts"]["skipped"] == 3 and three["counts"]["unlisted"] == 0
 
 
+def test_a_wider_filter_captions_what_is_new_to_it_and_a_narrower_one_forgets_no_caption(
+        tiny_bundle, tmp_path, read_paths):
+    src, out = tmp_path / "archive", str(tmp_path / "out")
+    _write_pngs(src, ["a.jpg", "c.jpg", "b.png"], seed=23)  # PNG bytes: any extension of the list decodes
+    (src / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (src / "notes.txt").write_text("not an image")
+    base = ["--input", str(src), "--output", out, "--model", tiny_bundle, "--incremental"]
+
+    one = run.run(base + ["--run_id", "jpg", "--extensions", "jpg"])
+    c = one["counts"]
+    assert (c["captioned"], c["failed"], c["skipped_not_image"]) == (2, 1, 2)
+    assert sorted(_catalog(out, "jpg")) == ["a.jpg", "c.jpg", "corrupt.jpg"]
+
+    read_paths.clear()
+    two = run.run(base + ["--run_id", "default"])  # the PNG is new to the default list
+    assert read_paths == ["b.png"]
+    c = two["counts"]
+    assert (c["captioned"], c["carried"], c["skipped_not_image"], c["catalog_rows"]) == (1, 3, 1, 4)
+    assert {n: r["captioned_run"] for n, r in _catalog(out, "default").items()} == {
+        "a.jpg": "jpg", "c.jpg": "jpg", "corrupt.jpg": "jpg", "b.png": "default"}
+
+    (src / "c.jpg").unlink()  # deleted while the filter leaves it out: gone from the catalog all the same
+    read_paths.clear()
+    three = run.run(base + ["--run_id", "png", "--extensions", "png"])
+    assert read_paths == []
+    c = three["counts"]
+    assert (c["skipped_not_image"], c["carried_not_image"], c["carried"], c["deleted"], c["catalog_rows"]) == (
+        3, 1, 2, 1, 2)
+    rows = _catalog(out, "png")
+    assert {n: r["captioned_run"] for n, r in rows.items()} == {"a.jpg": "jpg", "b.png": "default"}
+    assert rows["a.jpg"] == _catalog(out, "default")["a.jpg"]  # carried unchanged
+
+    read_paths.clear()
+    four = run.run(base + ["--run_id", "again"])  # the failed file is an input again: tried again
+    assert read_paths == ["corrupt.jpg"]
+    c = four["counts"]
+    assert (c["failed"], c["carried"], c["carried_not_image"], c["catalog_rows"]) == (1, 2, 0, 3)
+    assert sorted(_catalog(out, "again")) == ["a.jpg", "b.png", "corrupt.jpg"]
+
+
+def test_the_default_filter_drops_the_error_rows_of_files_that_are_not_images(tiny_bundle, tmp_path, read_paths):
+    """An output whose earlier runs took every file (--all_files) holds an error row for
+    each note and sidecar; the first night with the default filter drops them."""
+    src, out = tmp_path / "archive", str(tmp_path / "out")
+    _write_pngs(src, ["a.png"], seed=24)
+    (src / "notes.txt").write_text("not an image")
+    (src / "a.xmp").write_text("<x:xmpmeta/>")
+    base = ["--input", str(src), "--output", out, "--model", tiny_bundle, "--incremental"]
+    every = run.run(base + ["--run_id", "all", "--all_files"])
+    assert every["counts"]["failed"] == 2 and len(_catalog(out, "all")) == 3
+    read_paths.clear()
+    images = run.run(base + ["--run_id", "images"])
+    assert read_paths == [] and sorted(_catalog(out, "images")) == ["a.png"]
+    c = images["counts"]
+    assert (c["skipped_not_image"], c["carried_not_image"], c["carried"], c["deleted"]) == (2, 0, 1, 0)
+
+
 def test_the_latest_catalog_alone_gives_every_current_caption(tiny_bundle, tmp_path):
     """What a consumer does (the README's DuckDB query, with pyarrow): read LATEST, then
     that run's catalog files, and get the current caption of every image."""

@@ -24,9 +24,12 @@ BROKEN = {  # name -> expected stage
     "zero.jpg": "decode",
     "truncated.jpg": "decode",
     "text.jpg": "decode",
-    "random.bin": "decode",
+    "random.png": "decode",
     "bomb.png": "decode",
 }
+# Files beside the images that are not inputs: skipped unopened, or (no extension) sniffed.
+NOT_IMAGES = {"notes.txt": b"not an image\n", "IMG_0001.xmp": b"<x:xmpmeta/>", "Thumbs.db": b"\xd0\xcf\x11\xe0",
+              ".DS_Store": b"\x00\x00\x00\x01Bud1", "README": b"photos of 2026\n", "sub/dir/meta.json": b"{}"}
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -36,9 +39,10 @@ def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
 
 
 def make_mixed_folder(root) -> tuple[dict[str, str], list[str]]:
-    """Writes valid images of many formats, modes and sizes plus broken files.
+    """Writes valid images of many formats, modes and sizes (some named in capitals or
+    without an extension), broken ones, and files that are not images (NOT_IMAGES).
 
-    Returns ({path: 'valid'|stage}, the valid paths).
+    Returns ({input path: 'valid'|stage}, the valid paths).
     """
     os.makedirs(root, exist_ok=True)
     px = varied_images(12, 120, seed=42)
@@ -63,20 +67,23 @@ def make_mixed_folder(root) -> tuple[dict[str, str], list[str]]:
         "copy_b.png": _encode(rgb[5], "PNG"),
         "sub/dir/nested.jpg": _encode(rgb[6], "JPEG"),
         "photo.jpg/inside.png": _encode(rgb[7], "PNG"),  # a directory named like an image
+        "UPPER.JPG": _encode(rgb[9], "JPEG"),
+        "IMG_0042": _encode(rgb[10], "JPEG"),  # no extension: its bytes say it is an image
         # broken
         "zero.jpg": b"",
         "truncated.jpg": _encode(rgb[8], "JPEG")[:300],
         "text.jpg": b"this is not an image\n",
-        "random.bin": np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+        "random.png": np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(),
         "bomb.png": _encode(Image.new("1", (12000, 12000)), "PNG"),  # 144 MP, ~20 KB
     }
     expected = {}
-    for name, data in files.items():
+    for name, data in {**files, **NOT_IMAGES}.items():
         path = os.path.join(root, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:
             f.write(data)
-        expected[path] = BROKEN.get(name, "valid")
+        if name in files:
+            expected[path] = BROKEN.get(name, "valid")
     valid = [p for p, s in expected.items() if s == "valid"]
     return expected, valid
 
@@ -127,6 +134,7 @@ def test_every_input_path_appears_exactly_once(mixed, in_memory_run):
     assert counts["captioned"] == len(captions) and counts["failed"] == len(errors)
     assert counts["inputs"] == counts["matched"] == len(expected)
     assert counts["failed_by_stage"]["decode"] == len(BROKEN)
+    assert counts["skipped_not_image"] == len(NOT_IMAGES) and counts["carried_not_image"] == 0
     assert sorted(counts["flagged"]) == sorted(quality.FLAGS)
     for flag, n in counts["flagged"].items():
         assert n == sum(flag in r["flags"] for r in captions)
@@ -140,7 +148,7 @@ def test_error_records_say_what_went_wrong(mixed, in_memory_run):
         "zero.jpg": "EmptyImageError",
         "truncated.jpg": "TruncatedImageError",
         "text.jpg": "UnsupportedImageError",
-        "random.bin": "UnsupportedImageError",
+        "random.png": "UnsupportedImageError",
         "bomb.png": "ImageTooLargeError",
     }
 
@@ -183,6 +191,7 @@ def test_multi_processing_runner_gives_the_same_records(mixed, in_memory_run, ti
     assert key(mp_caps, "path", "caption", "sha256") == key(mem_caps, "path", "caption", "sha256")
     assert key(mp_errs, "path", "stage", "error") == key(mem_errs, "path", "stage", "error")
     assert manifest["counts"]["inputs"] == len(mp_caps) + len(mp_errs)
+    assert manifest["counts"]["skipped_not_image"] == len(NOT_IMAGES)
 
 
 def test_inline_reading_without_dedupe_gives_the_same_records(mixed, in_memory_run, tiny_bundle, tmp_path):
@@ -274,11 +283,13 @@ def test_gcs_in_and_out_through_the_emulator(gcs_emulator, tiny_bundle, tmp_path
         blob.upload_from_string(_encode(Image.fromarray(px), "PNG"), content_type="image/png")
         names.append(f"gs://{gcs_emulator}/photos/day1/{i}.png")
     bucket.blob("photos/broken.jpg").upload_from_string(b"nope")
+    bucket.blob("photos/day1/notes.txt").upload_from_string(b"not an image: skipped")
     bucket.blob("lists/paths.txt").upload_from_string(f"{names[0]}\ngs://{gcs_emulator}/photos/broken.jpg\n")
     out = f"gs://{gcs_emulator}/captions"
     manifest = run.run(["--input", f"gs://{gcs_emulator}/photos/day1/", "--input_list", f"gs://{gcs_emulator}/lists/paths.txt",
                         "--output", out, "--model", tiny_bundle, "--run_id", "gcs"])
-    assert manifest["counts"] == {**manifest["counts"], "captioned": 4, "failed": 1, "matched": 5}
+    assert manifest["counts"] == {**manifest["counts"], "captioned": 4, "failed": 1, "matched": 5,
+                                  "skipped_not_image": 1}
     blobs = {b.name: b for b in client.list_blobs(gcs_emulator, prefix="captions/run=gcs/")}
     manifest_blob = blobs.pop("captions/run=gcs/manifest.json")
     shard_names = sorted(n.rsplit("/", 1)[1] for n in blobs)
@@ -316,6 +327,10 @@ def _cli(*args, timeout=120):
         (["--read_threads", "-1"], "--read_threads must be >= 0, got -1"),
         (["--run_id", "a/b"], "--run_id"),
         (["--input_list", "/nonexistent/list.txt"], "does not exist"),
+        (["--extensions", ""], "--extensions '': no extension given"),
+        (["--extensions", "jpg,,png"], "--extensions 'jpg,,png': an empty item"),
+        (["--extensions", "*.jpg"], "'*.jpg' is not a file name extension"),
+        (["--extensions", "jpg", "--all_files"], "argument --all_files: not allowed with argument --extensions"),
     ],
 )
 def test_bad_command_lines_fail_fast_with_one_line(args, message, tiny_bundle, tmp_path, capsys):
@@ -456,6 +471,7 @@ def test_model_takes_a_bundled_models_name_or_its_marker():
 def test_cli_process_exit_codes_and_help(tiny_bundle, tmp_path):
     helped = _cli("--help")
     assert helped.returncode == 0 and "--input" in helped.stdout and "--runner" in helped.stdout
+    assert "--extensions" in helped.stdout and "--all_files" in helped.stdout
     assert all(name in helped.stdout for name in bundled.BUNDLED)
     bad = _cli("--model", str(tmp_path / "nothing"), "--input", str(tmp_path))
     assert bad.returncode == 2

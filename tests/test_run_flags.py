@@ -1,4 +1,4 @@
-"""The job's decode and resource flags, end to end: each one changes what the run writes."""
+"""The job's input, decode and resource flags, end to end: each one changes what the run writes."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from batch_caption import run
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    """Three small PNGs and one 300x200 JPEG."""
+    """Three small PNGs, one 300x200 JPEG, and notes that are not an image."""
     root = tmp_path_factory.mktemp("flags") / "in"
     root.mkdir()
     for i, pixels in enumerate(varied_images(3, 64, seed=21)):
         Image.fromarray(pixels).save(root / f"{i}.png")
     Image.fromarray(np.full((200, 300, 3), 120, np.uint8)).save(root / "wide.jpg", quality=90)
+    (root / "notes.txt").write_text("taken in 2026\n")
     return str(root)
 
 
@@ -65,3 +66,17 @@ def test_max_image_pixels_and_max_file_bytes_make_error_records(photos, tiny_bun
     too_large = [e for e in errors if e["error"] == "FileTooLargeError"]
     assert too_large and all(e["stage"] == "read" and e["bytes"] > limit for e in too_large)
     assert len(captions) + len(errors) == 4
+
+
+def test_extensions_and_all_files_choose_the_inputs(photos, tiny_bundle, tmp_path):
+    manifest, captions, errors = _run(photos, tiny_bundle, tmp_path / "default")
+    assert len(captions) == 4 and not errors and manifest["counts"]["skipped_not_image"] == 1
+    assert run.summary(manifest).endswith(f"model {manifest['model']}; 1 non-image files skipped")
+    manifest, captions, errors = _run(photos, tiny_bundle, tmp_path / "jpg", "--extensions", ".JPG,jpeg")
+    assert [os.path.basename(r["path"]) for r in captions] == ["wide.jpg"] and not errors
+    assert manifest["counts"]["skipped_not_image"] == 4 and manifest["options"]["extensions"] == ["jpg", "jpeg"]
+    manifest, captions, errors = _run(photos, tiny_bundle, tmp_path / "all", "--all_files")
+    assert len(captions) == 4
+    assert [(os.path.basename(e["path"]), e["stage"]) for e in errors] == [("notes.txt", "decode")]
+    assert manifest["counts"]["skipped_not_image"] == 0 and manifest["options"]["extensions"] is None
+    assert run.summary(manifest).endswith(f"model {manifest['model']}")

@@ -1,7 +1,7 @@
 """The captioning job, stage by stage (one module each, in data-flow order):
 
     patterns / list files
-      -> MatchImages      (match.py)    SourceFile per distinct path
+      -> MatchImages      (match.py)    SourceFile per distinct image path (image_files.py)
       -> SelectChanged    (select.py)   --incremental: join with the earlier catalog; skip
                                         unchanged files unread, count deleted ones
       -> ReadImages       (read.py)     ImageExample (decoded, resized) | error | skip
@@ -88,13 +88,13 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
     incremental = config.incremental and baseline is not None
     matched = pipeline | "MatchImages" >> MatchImages(
         config.inputs, config.input_lists, config.run_id, single_process, dedupe_paths=not incremental,
-        output=config.output)
+        output=config.output, images=config.image_files)
     to_read, skipped, carry = matched["files"], [], []
     if incremental:
         settings = Settings(model_id, catalog.decode_key(decode.to_dict()), config.incremental_any_model)
         selected = to_read | "SelectChanged" >> SelectChanged(
             baseline.catalog_files, settings, config.retry_failed, baseline.legacy_caption_files, baseline.end_times,
-            baseline.catalog_rows, single_process, unlistable=matched["unlistable"])
+            baseline.catalog_rows, single_process, unlistable=matched["unlistable"], not_image=matched["not_image"])
         to_read, skipped, carry = selected["files"], [selected["skipped"]], [selected["carry"]]
         tallies = selected["tallies"]
     else:
@@ -114,6 +114,7 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
         "carry": tuple(carry) | "FlattenCarry" >> beam.Flatten(pipeline=pipeline),
         "read": read["read"],
         "links_skipped": matched["links_skipped"],
+        "not_image": matched["not_image"],
         "tallies": tallies,
     }
     return outputs | "WriteRun" >> WriteRun(info, single_process)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from batch_caption import files, records
+from batch_caption import files, image_formats, records
 from batch_caption.cli import UsageError
 from batch_caption.job import cpus
+from batch_caption.job.image_files import ImageFiles
 
 # Local reads are cheap, so local inputs get one thread per CPU: more threads than cores
 # gain nothing, fewer leave cores idle where decoding is the bottleneck (large photos).
@@ -27,6 +28,7 @@ class JobConfig:
     """The job's own options.
 
     inputs: patterns after resolution (directories become recursive globs).
+    extensions: which listed files are inputs (job/image_files.py); None: every file.
     """
 
     inputs: tuple[str, ...]
@@ -34,6 +36,7 @@ class JobConfig:
     output: str
     model: str
     run_id: str
+    extensions: tuple[str, ...] | None = image_formats.DEFAULT_EXTENSIONS
     beam_size: int = 3
     max_caption_length: int = 20
     num_alternatives: int = 3
@@ -58,6 +61,10 @@ class JobConfig:
             raise UsageError("no input: give --input or --input_list")
         if not self.output:
             raise UsageError("--output must not be empty")
+        try:
+            self.image_files
+        except ValueError as e:
+            raise UsageError(f"--extensions: {e}") from e
         try:
             records.check_run_id(self.run_id)
         except ValueError as e:
@@ -84,6 +91,10 @@ class JobConfig:
             num_alternatives=self.num_alternatives,
             length_normalization=self.length_normalization,
         )
+
+    @property
+    def image_files(self) -> ImageFiles:
+        return ImageFiles(self.extensions)
 
     @property
     def run_dir(self) -> str:

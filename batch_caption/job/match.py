@@ -1,4 +1,8 @@
-"""MatchImages: patterns and list files -> one SourceFile per distinct input path."""
+"""MatchImages: patterns and list files -> one SourceFile per distinct input path.
+
+What a pattern lists passes the image filter (job/image_files.py); files named one by
+one (a pattern without wildcards, a list file's lines) are inputs whatever their names.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,20 @@ from apache_beam.io.filesystems import FileSystems
 from batch_caption import files, gcs, progress, records
 from batch_caption.job import listing
 from batch_caption.job.elements import ERRORS, SourceFile, counter, path_key
+from batch_caption.job.image_files import ImageFiles
+
+_GLOB_CHARS = frozenset("*?[")
 
 
 class _ListInputFn(beam.DoFn):
     """What the DoFns that list input files share: the run id, progress, the error record."""
 
-    def __init__(self, run_id: str, report_progress: bool = False, output: str | None = None):
+    def __init__(self, run_id: str, report_progress: bool = False, output: str | None = None,
+                 images: ImageFiles = ImageFiles()):
         self._run_id = run_id
         self._report = report_progress
         self._output = output  # the job's own output: never an input (listing.Outside)
+        self._images = images  # which listed files are inputs
 
     def setup(self):
         gcs.configure_for_emulator()
@@ -34,10 +43,10 @@ class ListingError(RuntimeError):
 
 
 class _MatchPatternFn(_ListInputFn):
-    """pattern -> every file it matches (an empty match is an error record), or for a
-    whole tree (DIR/**, gs://BUCKET/PREFIX/**) its top level and a piece per subtree
-    (tag 'pieces'; job/listing.py). A listing that fails, after the filesystem client's
-    own retries, fails the run."""
+    """pattern -> every image file it matches (an empty match is an error record), or for
+    a whole tree (DIR/**, gs://BUCKET/PREFIX/**) its top level and a piece per subtree
+    (tag 'pieces'; job/listing.py); tag 'not_image': the files the image filter skips.
+    A listing that fails, after the filesystem client's own retries, fails the run."""
 
     def process(self, pattern: str):
         found = 0
@@ -52,21 +61,24 @@ class _MatchPatternFn(_ListInputFn):
                 outside = listing.Outside(self._output)
                 paths = [m for m in metadata if not m.path.endswith("/") and outside(m.path)]
                 found = len(paths)
-                if self._report:
-                    _expect(m.path for m in paths)
+                named = not set(pattern) & _GLOB_CHARS  # one file, named by the user
                 for m in paths:
                     kind = _not_regular(m.path)
-                    if kind:
-                        yield self._error(m.path, "NotARegularFile", f"not a regular file: {kind}; not read")
-                    else:
-                        yield SourceFile(m.path, m.size_in_bytes, m.last_updated_in_seconds)
+                    item = listing.NotAFile(m.path, kind) if kind else SourceFile(
+                        m.path, m.size_in_bytes, m.last_updated_in_seconds)
+                    yield from self._found(item, named)
         except Exception as e:  # BeamIOError wraps the filesystem's own error
             raise ListingError(f"cannot list {pattern}: {e}") from e
         if not found:
             yield self._error(pattern, "NoMatch", "pattern matched no file")
 
-    def _found(self, item):
-        if isinstance(item, SourceFile):
+    def _found(self, item, named: bool = False):
+        """A listed item -> its output. named: the pattern names this one file, an input
+        whatever its name; any other file passes the image filter first."""
+        if isinstance(item, (SourceFile, listing.NotAFile)) and not named and not self._is_image(item):
+            counter("skipped_not_image").inc()
+            yield beam.pvalue.TaggedOutput("not_image", item.path)
+        elif isinstance(item, SourceFile):
             if self._report:
                 _expect((item.path,))
             yield item
@@ -80,6 +92,13 @@ class _MatchPatternFn(_ListInputFn):
         else:
             counter("links_skipped").inc()
             yield beam.pvalue.TaggedOutput("links_skipped", item.path)
+
+    def _is_image(self, item) -> bool:
+        # Only a regular file is opened to sniff; a FIFO or device without an extension
+        # stays an error record.
+        if isinstance(item, listing.NotAFile):
+            return self._images.by_name(item.path) is not False
+        return self._images.wants(item.path)
 
 
 class _ListPieceFn(_MatchPatternFn):
@@ -139,8 +158,9 @@ def best_known(files) -> SourceFile:
 class MatchImages(beam.PTransform):
     """PBegin -> SourceFile per distinct path, spread across workers; tags 'errors',
     'links_skipped' (symlinks to directories inside a listed tree, whose files are listed
-    under their own paths) and 'unlistable' (the paths, mostly directories, that could not
-    be listed: what was under them is unknown, not deleted).
+    under their own paths), 'unlistable' (the paths, mostly directories, that could not
+    be listed: what was under them is unknown, not deleted) and 'not_image' (the paths of
+    the listed files that `images` leaves out: they exist, but are not inputs).
 
     Args:
       patterns: file paths, globs or recursive directory globs ("dir/**"), any scheme.
@@ -151,12 +171,14 @@ class MatchImages(beam.PTransform):
         off where the next stage groups by path anyway (SelectChanged).
       output: the job's output: nothing under it is an input (not listed, and dropped
         from globs and list files).
+      images: which files that patterns list are inputs (list files' paths all are).
     """
 
     def __init__(self, patterns, list_files, run_id: str, report_progress: bool = False, dedupe_paths: bool = True,
-                 output: str | None = None):
+                 output: str | None = None, images: ImageFiles = ImageFiles()):
         super().__init__()
         self._output = output
+        self._images = images
         self._dedupe = dedupe_paths
         self._patterns = list(patterns)
         self._lists = list(list_files)
@@ -166,22 +188,24 @@ class MatchImages(beam.PTransform):
     def expand(self, pbegin):
         # A branch only for inputs that exist: every transform costs time to build and
         # set up on every run, even with nothing to do.
-        sources, links, unlistable = [], [], []
+        sources, links, unlistable, not_image = [], [], [], []
         if self._patterns or not self._lists:
+            args = (self._run_id, self._report, self._output, self._images)
             matched = (
                 pbegin
                 | "CreatePatterns" >> beam.Create(self._patterns)
-                | "MatchPatterns" >> beam.ParDo(_MatchPatternFn(self._run_id, self._report, self._output)).with_outputs(
-                    ERRORS, "pieces", "links_skipped", "unlistable", main="files")
+                | "MatchPatterns" >> beam.ParDo(_MatchPatternFn(*args)).with_outputs(
+                    ERRORS, "pieces", "links_skipped", "unlistable", "not_image", main="files")
             )
             pieces = matched.pieces
             if not self._report:  # spread the subtrees over the workers (one process: no need)
                 pieces = pieces | "SpreadPieces" >> beam.Reshuffle()
-            listed = pieces | "ListPieces" >> beam.ParDo(_ListPieceFn(self._run_id, self._report, self._output)).with_outputs(
-                ERRORS, "links_skipped", "unlistable", main="files")
+            listed = pieces | "ListPieces" >> beam.ParDo(_ListPieceFn(*args)).with_outputs(
+                ERRORS, "links_skipped", "unlistable", "not_image", main="files")
             sources += [matched, listed]
             links += [matched.links_skipped, listed.links_skipped]
             unlistable += [matched.unlistable, listed.unlistable]
+            not_image += [matched.not_image, listed.not_image]
         if self._lists:
             sources.append(
                 pbegin
@@ -202,7 +226,9 @@ class MatchImages(beam.PTransform):
         errors = tuple(source[ERRORS] for source in sources) | "FlattenMatchErrors" >> beam.Flatten()
         links = tuple(links) | "FlattenSkippedLinks" >> beam.Flatten(pipeline=pbegin.pipeline)
         unlistable = tuple(unlistable) | "FlattenUnlistable" >> beam.Flatten(pipeline=pbegin.pipeline)
-        return {"files": files, ERRORS: errors, "links_skipped": links, "unlistable": unlistable}
+        not_image = tuple(not_image) | "FlattenNotImages" >> beam.Flatten(pipeline=pbegin.pipeline)
+        return {"files": files, ERRORS: errors, "links_skipped": links, "unlistable": unlistable,
+                "not_image": not_image}
 
 
 def _count_matched(f: SourceFile) -> SourceFile:

@@ -7,6 +7,8 @@ Per path:
     not listed now                       deleted: counted, drops out of the catalog
     ... under a directory whose listing  unlisted: counted, its row carried unchanged (the
         failed                           file is unknown, not gone)
+    listed, but not an input (the image  a caption's row carried unchanged, counted as
+        filter, job/image_files.py)      carried_not_image; a failed row drops out
     no earlier row                       read (new)
     other model or decode settings       read (re-caption)
     same size and mtime                  skipped unread; a failed file too, unless
@@ -149,9 +151,9 @@ def _listed(batches) -> dict[bytes, SourceFile]:
 
 
 class _DecidePartitionFn(TallyFn):
-    """(partition, {files: [file batches], previous: [CatalogPart]}) -> the files to read;
-    tag 'carry': (catalog file index, (row numbers, mtimes now)) of the skipped files;
-    tag 'tallies': matched, skipped and deleted counts."""
+    """(partition, {files: [file batches], previous: [CatalogPart], not_image: [file
+    batches]}) -> the files to read; tag 'carry': (catalog file index, (row numbers,
+    mtimes now)) of the skipped files; tag 'tallies': matched, skipped and deleted counts."""
 
     def __init__(self, retry_failed: bool, report_progress: bool):
         self._retry_failed = retry_failed
@@ -160,30 +162,37 @@ class _DecidePartitionFn(TallyFn):
     def process(self, item, unlistable=()):
         _, grouped = item
         listed = _listed(grouped["files"])
+        not_image = {key for keys, _, _ in grouped.get("not_image", ()) for key in keys}
         unknown = _under(unlistable)
         carried: dict[int, tuple[list, list]] = {}
-        skipped = deleted = unlisted = n_read = 0
+        skipped = deleted = unlisted = kept = n_read = 0
         for part in grouped["previous"]:
             for i, key in enumerate(part.keys):
                 f = listed.pop(key, None)
-                if f is None and unknown(key):  # not seen, but not known to be gone
-                    rows, mtimes = carried.setdefault(part.file, ([], []))
-                    rows.append(int(part.rows[i]))
-                    mtimes.append(float("nan"))  # the row keeps its mtime
+                if f is None and key in not_image:  # there, but not an input tonight
+                    # A caption is kept, so that a narrower filter forgets nothing; an
+                    # error's row drops out, as the file is not an input.
+                    if part.failed[i]:
+                        continue
+                    kept += 1
+                    mtime = float("nan")  # the row keeps its mtime: a change is read once it is an input
+                elif f is None and unknown(key):  # not seen, but not known to be gone
                     unlisted += 1
-                    continue
-                if f is None:
+                    mtime = float("nan")  # the row keeps its mtime
+                elif f is None:
                     deleted += 1
                     continue
-                decision = self._decide(f, part, i)
-                if decision is None:
-                    rows, mtimes = carried.setdefault(part.file, ([], []))
-                    rows.append(int(part.rows[i]))
-                    mtimes.append(f.modified)
-                    skipped += 1
                 else:
-                    n_read += 1
-                    yield decision
+                    decision = self._decide(f, part, i)
+                    if decision is not None:
+                        n_read += 1
+                        yield decision
+                        continue
+                    skipped += 1
+                    mtime = f.modified
+                rows, mtimes = carried.setdefault(part.file, ([], []))
+                rows.append(int(part.rows[i]))
+                mtimes.append(mtime)
         for f in listed.values():  # no earlier row: new
             n_read += 1
             yield f
@@ -194,6 +203,7 @@ class _DecidePartitionFn(TallyFn):
         self.tally("skipped", skipped)
         self.tally("deleted", deleted)
         self.tally("unlisted", unlisted)
+        self.tally("carried_not_image", kept)
         counter("skipped").inc(skipped)
         counter("deleted").inc(deleted)
         counter("unlisted").inc(unlisted)
@@ -296,13 +306,17 @@ class SelectChanged(beam.PTransform):
       retry_failed: read files that failed before even when unchanged.
       unlistable: a PCollection of the paths whose listing failed (MatchImages'
         'unlistable'); the catalog rows under them are carried, not deleted.
+      not_image: a PCollection of the listed paths that are not inputs (MatchImages'
+        'not_image'); the catalog rows of their captions are carried, not deleted (an
+        output written without catalogs builds its first catalog of inputs only).
     """
 
     def __init__(self, catalog_files, settings: Settings, retry_failed: bool = False,
                  legacy_caption_files=(), end_times=None, catalog_rows: int = 0, report_progress: bool = False,
-                 unlistable=None):
+                 unlistable=None, not_image=None):
         super().__init__()
         self._unlistable = unlistable
+        self._not_image = not_image
         self._catalog = list(catalog_files)
         self._rows = catalog_rows
         self._legacy = list(legacy_caption_files)
@@ -322,8 +336,12 @@ class SelectChanged(beam.PTransform):
             | "CreateCatalogFiles" >> beam.Create(list(enumerate(self._catalog)))
             | "ReadCatalog" >> beam.ParDo(_ReadCatalogFn(self._settings, n))
         )
+        joined = {"files": listed | "BatchByPartition" >> beam.ParDo(_BatchByPartitionFn(n)), "previous": previous}
+        if self._not_image is not None:
+            joined["not_image"] = (self._not_image | "NotImageFiles" >> beam.Map(SourceFile)
+                                   | "BatchNotImagesByPartition" >> beam.ParDo(_BatchByPartitionFn(n)))
         decided = (
-            {"files": listed | "BatchByPartition" >> beam.ParDo(_BatchByPartitionFn(n)), "previous": previous}
+            joined
             | "JoinCatalog" >> beam.CoGroupByKey()
             | "Decide" >> beam.ParDo(_DecidePartitionFn(self._retry_failed, self._report), **unlistable).with_outputs(
                 "carry", TAG, main="files")

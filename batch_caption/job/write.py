@@ -57,6 +57,7 @@ class _WriteManifestFn(beam.DoFn):
         failed = {name: n for (kind, name), n in tally.items() if kind == "failed"}
         flagged = {name: n for (kind, name), n in tally.items() if kind == "flagged"}
         n_failed = sum(failed.values())
+        carried = sum(tally.get((kind, ""), 0) for kind in ("skipped", "unlisted", "carried_not_image"))
         share = n_failed / (n_captions + n_failed) if n_captions + n_failed else 0.0
         ended = time.time()
         manifest = {
@@ -72,13 +73,15 @@ class _WriteManifestFn(beam.DoFn):
                 "matched": tally.get(("matched", ""), 0),
                 "skipped": tally.get(("skipped", ""), 0),
                 "read": tally.get(("read", ""), 0),
-                # Every skipped file keeps its earlier row; so does every unlisted one.
-                "carried": tally.get(("skipped", ""), 0) + tally.get(("unlisted", ""), 0),
+                # Every skipped file keeps its earlier row; so does every unlisted one,
+                # and every caption of a file the image filter leaves out tonight.
+                "carried": carried,
                 "deleted": tally.get(("deleted", ""), 0),
                 "unlisted": tally.get(("unlisted", ""), 0),
                 "links_skipped": tally.get(("links_skipped", ""), 0),
-                "catalog_rows": (n_captions + n_failed - failed.get("match", 0) + tally.get(("skipped", ""), 0)
-                                 + tally.get(("unlisted", ""), 0)),
+                "skipped_not_image": tally.get(("skipped_not_image", ""), 0),
+                "carried_not_image": tally.get(("carried_not_image", ""), 0),
+                "catalog_rows": n_captions + n_failed - failed.get("match", 0) + carried,
                 "flagged": {f: flagged.get(f, 0) for f in quality.FLAGS},
             },
             "options": info.options,
@@ -105,12 +108,14 @@ def _iso(t: float) -> str:
 
 
 class WriteRun(beam.PTransform):
-    """{"captions", "errors", "skipped", "carry", "read", "links_skipped", "tallies"} ->
-    the run's shards and catalog, then the manifest (the PCollection of its one dict).
+    """{"captions", "errors", "skipped", "carry", "read", "links_skipped", "not_image",
+    "tallies"} -> the run's shards and catalog, then the manifest (the PCollection of its
+    one dict).
 
     "skipped" are SourceFiles found unchanged one by one and "carry" batched references
     to the rows of files skipped unread (both carried forward); "read" the files this run
-    reads; "tallies" ((kind, name), n) counts from the stages (matched, skipped, deleted).
+    reads; "links_skipped" and "not_image" paths the listing passed over; "tallies"
+    ((kind, name), n) counts from the stages (matched, skipped, deleted).
     With `report_progress` the tallies feed this process's progress line: every matched
     path counts once.
     """
@@ -142,6 +147,7 @@ class WriteRun(beam.PTransform):
                 count(outputs["skipped"], "TallySkipped", lambda f: _skip_tally(f, report)),
                 count(outputs["read"], "TallyRead", each("read")),
                 count(outputs["links_skipped"], "TallyLinksSkipped", each("links_skipped")),
+                count(outputs["not_image"], "TallyNotImages", each("skipped_not_image")),
                 outputs["tallies"],
             )
             | "FlattenTallies" >> beam.Flatten()
