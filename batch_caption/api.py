@@ -47,10 +47,12 @@ __all__ = ["ERRORS", "CaptionModelHandler", "CaptionPaths", "Captioner", "ImageE
 class Settings:
     """How images are decoded and captioned; each field is the job's flag of that name."""
 
-    beam_size: int = 3
-    max_caption_length: int = 20
-    num_alternatives: int | None = None  # None: min(3, beam_size)
-    length_normalization: float = 0.7
+    # Search settings: None takes the model's default (its bundle's decode.json), else DecodeConfig's.
+    beam_size: int | None = None
+    max_caption_length: int | None = None
+    num_alternatives: int | None = None  # None: the model's, cut to the beam size
+    length_normalization: float | None = None
+    forbid_unknown: bool | None = None
     low_score_threshold: float | None = None  # None: the bundled model's calibrated threshold
     attention_maps: bool = False
     batch_size: int | None = None  # None: ~2 M pixels a batch at the model's input size
@@ -62,12 +64,13 @@ class Settings:
         for name in ("batch_size", "max_image_pixels", "max_file_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        self.decode  # noqa: B018 - validates the search settings
+        self.decode_for(None)  # validates the search settings given
 
-    @property
-    def decode(self) -> DecodeConfig:
-        n = self.num_alternatives if self.num_alternatives is not None else max(1, min(3, self.beam_size))
-        return DecodeConfig(self.beam_size, self.max_caption_length, n, self.length_normalization)
+    def decode_for(self, model_decode: DecodeConfig | None) -> DecodeConfig:
+        """The search settings: these over the model's defaults (None: DecodeConfig's)."""
+        return (model_decode or DecodeConfig()).overridden(
+            beam_size=self.beam_size, max_length=self.max_caption_length, num_alternatives=self.num_alternatives,
+            length_normalization=self.length_normalization, forbid_unknown=self.forbid_unknown)
 
     def image_config(self, size: int) -> images.ImageConfig:
         return images.ImageConfig(image_size=size, max_image_pixels=self.max_image_pixels, draft=self.draft)
@@ -89,14 +92,15 @@ def _threshold(s: Settings, model_id: str) -> float:
     return s.low_score_threshold if s.low_score_threshold is not None else bundled.low_score_threshold(model_id)
 
 
-def _verified(model: str | None) -> tuple[str, int]:
-    """(bundle id, input side in pixels) of the bundle at `model`, read and checked
-    without TensorFlow."""
+def _verified(model: str | None) -> tuple[str, int, DecodeConfig | None]:
+    """(bundle id, input side in pixels, search defaults) of the bundle at `model`, read
+    and checked without TensorFlow."""
     from batch_caption.model import bundle
 
     gcs.configure_for_emulator()
-    manifest, config = bundle.verify_bundle(_bundle_path(model))
-    return manifest["bundle_id"], config.image_size
+    path = _bundle_path(model)
+    manifest, config = bundle.verify_bundle(path)
+    return manifest["bundle_id"], config.image_size, bundle.decode_defaults(path, manifest)
 
 
 def image_size(model: str | None = None) -> int:
@@ -117,22 +121,27 @@ def model_handler(model: str | None = None, *, share_model: bool = False, **sett
     """The job's RunInference handler for the bundle at `model` (None: the bundled model):
     ImageExamples in, PredictionResult(example, n-best model.captioner.Caption list,
     bundle id) out. The model loads once per worker process."""
-    return _handler(model, image_size(model), Settings(**settings), share_model)
+    _, size, defaults = _verified(model)
+    s = Settings(**settings)
+    return _handler(model, size, s, s.decode_for(defaults), share_model)
 
 
-def _handler(model: str | None, size: int, s: Settings, share_model: bool) -> CaptionModelHandler:
-    return CaptionModelHandler(bundled.portable(_bundle_path(model)), s.decode, s.batch(size), share_model,
+def _handler(model: str | None, size: int, s: Settings, decode: DecodeConfig, share_model: bool) -> CaptionModelHandler:
+    return CaptionModelHandler(bundled.portable(_bundle_path(model)), decode, s.batch(size), share_model,
                                s.attention_maps)
 
 
 def load(model: str | None = None, *, run_id: str | None = None, **settings) -> Captioner:
     """Loads the bundle at `model` (a directory, local or gs://; None: the bundled model)
     into this process; `settings`: Settings' fields."""
-    from batch_caption.model.load import load_captioner
+    from batch_caption.model.captioner import Captioner as ModelCaptioner
+    from batch_caption.model.load import load_bundle
 
     s = Settings(**settings)
     gcs.configure_for_emulator()
-    return Captioner(load_captioner(_bundle_path(model), s.decode, s.attention_maps), s, run_id)
+    b = load_bundle(_bundle_path(model))
+    captioner = ModelCaptioner(b.model, b.vocabulary, s.decode_for(b.decode), b.bundle_id, s.attention_maps)
+    return Captioner(captioner, s, run_id)
 
 
 class Captioner:
@@ -194,7 +203,7 @@ class Captioner:
     def _caption(self, items: list) -> list[dict[str, Any]]:
         """ImageExamples (captioned a batch at a time) and error records -> records, in order."""
         examples = [i for i, item in enumerate(items) if isinstance(item, ImageExample)]
-        decode = self.settings.decode.to_dict()
+        decode = self.model.decode.to_dict()
         for start in range(0, len(examples), self.batch_size):
             batch = examples[start:start + self.batch_size]
             captions = self.model.caption(np.stack([items[i].pixels for i in batch]))
@@ -222,9 +231,10 @@ class CaptionPaths(beam.PTransform):
         super().__init__()
         self._settings = Settings(**settings)
         self._run_id = run_id
-        model_id, self._image_size = _verified(model)  # the bundle checked before the pipeline runs
+        model_id, self._image_size, defaults = _verified(model)  # the bundle checked before the pipeline runs
         self._low_score = _threshold(self._settings, model_id)
-        self._handler = _handler(model, self._image_size, self._settings, share_model)
+        self._decode = self._settings.decode_for(defaults)
+        self._handler = _handler(model, self._image_size, self._settings, self._decode, share_model)
 
     def expand(self, paths):
         s = self._settings
@@ -232,7 +242,7 @@ class CaptionPaths(beam.PTransform):
             s.image_config(self._image_size), s.max_file_bytes, self._run_id, dedupe=False,
             lookahead=s.batch(self._image_size), spread_hashing=False)
         captioned = read["images"] | "CaptionImages" >> CaptionImages(
-            self._handler, s.decode, self._run_id, self._low_score)
+            self._handler, self._decode, self._run_id, self._low_score)
         errors = (read[ERRORS], captioned[ERRORS]) | "FlattenErrors" >> beam.Flatten()
         return {"captions": captioned["captions"], ERRORS: errors}
 

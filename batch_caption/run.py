@@ -68,12 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default=None, metavar="NAME|BUNDLE",
                    help=f"a bundled model by name ({', '.join(bundled.BUNDLED)}; default {bundled.DEFAULT_MODEL_NAME}) "
                    "or a model bundle directory, local or gs:// (./NAME for a directory named like a bundled model)")
-    m.add_argument("--beam_size", type=int, default=3, help="beam width k; 1 = greedy (default 3)")
-    m.add_argument("--max_caption_length", type=int, default=20, help="max tokens per caption incl. the end token (default 20)")
+    m.add_argument("--beam_size", type=int, default=None,
+                   help="beam width k; 1 = greedy (default: the model's, else 3). A bundle's decode.json gives "
+                   "the search settings its model was tuned with; each of these flags overrides one")
+    m.add_argument("--max_caption_length", type=int, default=None,
+                   help="max tokens per caption incl. the end token (default: the model's, else 20)")
     m.add_argument("--num_alternatives", type=int, default=None,
-                   help="n-best captions kept per image, <= beam_size (default min(3, beam_size))")
-    m.add_argument("--length_normalization", type=float, default=0.7,
-                   help="alpha in score = logprob / length**alpha (default 0.7; 0 = raw log-prob)")
+                   help="n-best captions kept per image, <= beam_size (default: the model's, else 3; at most beam_size)")
+    m.add_argument("--forbid_unknown", action=argparse.BooleanOptionalAction, default=None,
+                   help="never write <unk> (a word the vocabulary cut): the search takes the best known word "
+                   "(default: the model's, else off)")
+    m.add_argument("--length_normalization", type=float, default=None,
+                   help="alpha in score = logprob / length**alpha (default: the model's, else 0.7; 0 = raw log-prob)")
     m.add_argument("--low_score_threshold", type=float, default=None,
                    help="captions scoring below this get the low_score flag (default: the bundled model's calibrated "
                    "threshold, " + ", ".join(f"{b.name} {b.low_score}" for b in bundled.BUNDLED.values())
@@ -134,8 +140,6 @@ def parse(argv: list[str] | None):
         samples = bundled.find(model) or bundled.default()
         args.input = samples.sample_files() or [samples.samples_dir]  # none: the check names the directory
     output = args.output or "captions"
-    beam_size = args.beam_size
-    n_alt = args.num_alternatives if args.num_alternatives is not None else max(1, min(3, beam_size))
     try:
         break_lock = lock.parse_age(args.break_lock) if args.break_lock is not None else None
     except ValueError as e:
@@ -152,10 +156,11 @@ def parse(argv: list[str] | None):
         model=model,
         extensions=extensions,
         run_id=args.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
-        beam_size=beam_size,
+        beam_size=args.beam_size,
         max_caption_length=args.max_caption_length,
-        num_alternatives=n_alt,
+        num_alternatives=args.num_alternatives,
         length_normalization=args.length_normalization,
+        forbid_unknown=args.forbid_unknown,
         batch_size=args.batch_size,
         max_image_pixels=args.max_image_pixels,
         max_file_bytes=args.max_file_bytes,
@@ -242,9 +247,10 @@ def check_remote_paths(config: JobConfig, options) -> None:
             raise UsageError(f"{flag} {path}: {runner} workers cannot see this machine's files; use a gs:// path")
 
 
-def check_model(path: str) -> tuple[str, Any]:
-    """(bundle id, ModelConfig) of the bundle at `path`: every file read and checked
-    against its hash here, so a broken bundle stops the run before any work."""
+def check_model(path: str) -> tuple[str, Any, Any]:
+    """(bundle id, ModelConfig, its search defaults or None) of the bundle at `path`: every
+    file read and checked against its hash here, so a broken bundle stops the run before
+    any work."""
     from batch_caption.model import bundle
 
     known = bundled.find(path)
@@ -255,9 +261,10 @@ def check_model(path: str) -> tuple[str, Any]:
                          f"({', '.join(bundled.BUNDLED)})")
     try:
         manifest, config = bundle.verify_bundle(path)
+        decode = bundle.decode_defaults(path, manifest)
     except (bundle.BundleError, OSError) as e:
         raise UsageError(f"--model {path}: {e}") from e
-    return manifest["bundle_id"], config
+    return manifest["bundle_id"], config, decode
 
 
 def check_output(config: JobConfig) -> None:
@@ -285,7 +292,8 @@ def run(argv: list[str] | None = None) -> dict:
     check_remote_paths(config, options)
     gcs.require_credentials([*config.inputs, *config.input_lists, config.output, config.model])
     gcs.configure_for_emulator()
-    model_id, model_config = check_model(config.model)
+    model_id, model_config, model_decode = check_model(config.model)
+    config = dataclasses.replace(config, model_decode=model_decode)  # validates the flags against it
     if config.attention_maps and model_config.decoder != "attention":
         raise UsageError(f"--attention_maps needs a model with the attention decoder; {config.model} has "
                          f"{model_config.decoder}")

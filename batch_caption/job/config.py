@@ -9,6 +9,7 @@ from batch_caption import files, image_formats, records
 from batch_caption.cli import UsageError
 from batch_caption.job import cpus
 from batch_caption.job.image_files import ImageFiles
+from batch_caption.model.config import DecodeConfig
 
 # Local reads are cheap, so local inputs get one thread per CPU: more threads than cores
 # gain nothing, fewer leave cores idle where decoding is the bottleneck (large photos).
@@ -37,10 +38,12 @@ class JobConfig:
     model: str
     run_id: str
     extensions: tuple[str, ...] | None = image_formats.DEFAULT_EXTENSIONS
-    beam_size: int = 3
-    max_caption_length: int = 20
-    num_alternatives: int = 3
-    length_normalization: float = 0.7
+    # Search settings: None takes the model's default (`model_decode`), else DecodeConfig's.
+    beam_size: int | None = None
+    max_caption_length: int | None = None
+    num_alternatives: int | None = None  # None: the model's, cut to the beam size
+    length_normalization: float | None = None
+    forbid_unknown: bool | None = None
     batch_size: int | None = None  # None: default_batch_size(the model's image size)
     max_image_pixels: int = 100_000_000
     max_file_bytes: int = 256 * 1024 * 1024
@@ -55,6 +58,7 @@ class JobConfig:
     retry_failed: bool = False  # incremental: read files that failed before although unchanged
     max_failed_fraction: float = 1.0  # a larger failed share: exit 3, LATEST stays
     break_lock: float | None = None  # seconds: take over an output lock older than this
+    model_decode: DecodeConfig | None = None  # the model's search defaults (its decode.json), once read
 
     def __post_init__(self):
         if not self.inputs and not self.input_lists:
@@ -77,19 +81,31 @@ class JobConfig:
         if self.read_threads < 0:
             raise UsageError(f"--read_threads must be >= 0, got {self.read_threads}")
         try:
-            self.decode
+            self._check_decode()
         except ValueError as e:
             raise UsageError(str(e).replace("max_length", "max_caption_length")) from e
 
-    @property
-    def decode(self):
-        from batch_caption.model.config import DecodeConfig
+    def _check_decode(self) -> None:
+        """Raises ValueError for search flags no model accepts; once the model's defaults are
+        known (`model_decode`), for flags that do not fit them either (a larger n-best than
+        the model's beam)."""
+        if self.model_decode is not None:
+            self.decode  # noqa: B018
+            return
+        beam = self.beam_size if self.beam_size is not None else 64  # the widest any model may have
+        DecodeConfig(beam, 20 if self.max_caption_length is None else self.max_caption_length,
+                     min(beam, 3) if self.num_alternatives is None else self.num_alternatives,
+                     0.7 if self.length_normalization is None else self.length_normalization)
 
-        return DecodeConfig(
+    @property
+    def decode(self) -> DecodeConfig:
+        """The search settings of this run: its flags over the model's defaults."""
+        return (self.model_decode or DecodeConfig()).overridden(
             beam_size=self.beam_size,
             max_length=self.max_caption_length,
             num_alternatives=self.num_alternatives,
             length_normalization=self.length_normalization,
+            forbid_unknown=self.forbid_unknown,
         )
 
     @property

@@ -3,9 +3,12 @@
     config.json         ModelConfig (architecture, format_version)
     vocab.json          Vocabulary
     model.weights.h5    Keras 3 weights of the whole network (encoder and decoder)
+    decode.json         optional: the search settings the model was tuned with (a
+                        DecodeConfig), the job's defaults for it; its flags override them
     bundle.json         {"format", "bundle_id", "files": {name: sha256}}, written last
 
-The bundle id is a hash of the config, the vocabulary and the weight values (every array
+The bundle id is a hash of the config, the vocabulary, decode.json when there is one, and
+the weight values (every array
 of the weights file with its path, dtype and shape; not the file's bytes, because Keras
 also writes auto-generated layer names into it that depend on process history), so two
 bundles with the same id caption identically. Reading checks config.json and vocab.json
@@ -35,14 +38,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from batch_caption import files
-from batch_caption.model.config import ModelConfig
+from batch_caption.model.config import DecodeConfig, ModelConfig
 from batch_caption.model.vocab import Vocabulary
 
 if TYPE_CHECKING:  # annotations only: this module imports no TensorFlow
     from batch_caption.model.network import CaptionModel
 
 CONFIG, VOCAB, WEIGHTS, MANIFEST = "config.json", "vocab.json", "model.weights.h5", "bundle.json"
-CONTENT_FILES = (CONFIG, VOCAB, WEIGHTS)
+DECODE = "decode.json"
+CONTENT_FILES = (CONFIG, VOCAB, WEIGHTS)  # and DECODE, when the bundle has one
 BUNDLE_FORMAT = "batch_caption.bundle/1"
 
 
@@ -59,6 +63,7 @@ class BundleFiles:
     config: ModelConfig
     vocabulary: Vocabulary
     weights: bytes  # the model.weights.h5 file
+    decode: DecodeConfig | None = None  # decode.json: the model's search defaults
 
     @property
     def bundle_id(self) -> str:
@@ -95,9 +100,13 @@ def weights_file_digest(weights_file) -> str:
         return arrays_digest((name, dataset[()]) for name, dataset in datasets)
 
 
-def compute_bundle_id(config_json: bytes, vocab_json: bytes, weights_digest_hex: str) -> str:
-    """16 hex digits identifying what the bundle computes."""
+def compute_bundle_id(config_json: bytes, vocab_json: bytes, weights_digest_hex: str,
+                      decode_json: bytes | None = None) -> str:
+    """16 hex digits identifying what the bundle computes (a bundle without decode.json
+    keeps the id it had before decode.json existed)."""
     joined = f"{_sha256(config_json)}\n{_sha256(vocab_json)}\n{weights_digest_hex}\n"
+    if decode_json is not None:
+        joined += f"{_sha256(decode_json)}\n"
     return _sha256(joined.encode())[:16]
 
 
@@ -138,10 +147,12 @@ def _portable_config(config: ModelConfig) -> dict:
     return data
 
 
-def save_bundle(model: CaptionModel, vocabulary: Vocabulary, path: str, weights_dtype: str = "float32") -> str:
+def save_bundle(model: CaptionModel, vocabulary: Vocabulary, path: str, weights_dtype: str = "float32",
+                decode: DecodeConfig | None = None) -> str:
     """Writes the bundle under `path` (created if needed); returns the bundle id.
 
     weights_dtype: how model.weights.h5 stores the float weights, one of `WEIGHT_DTYPES`.
+    decode: search defaults to ship with the model (decode.json); None: the job's own.
     """
     if len(vocabulary) != model.config.vocab_size:
         raise ValueError(f"vocabulary has {len(vocabulary)} tokens, model expects {model.config.vocab_size}")
@@ -158,13 +169,37 @@ def save_bundle(model: CaptionModel, vocabulary: Vocabulary, path: str, weights_
             VOCAB: vocabulary.to_json().encode(),
             WEIGHTS: files.read_bytes(local),
         }
+    if decode is not None:
+        contents[DECODE] = _decode_json(decode)
+    return _write_contents(path, contents, digest)
+
+
+def _decode_json(decode: DecodeConfig) -> bytes:
+    return json.dumps(decode.to_dict(), indent=2, sort_keys=True).encode()
+
+
+def _write_contents(path: str, contents: dict[str, bytes], weights_digest_hex: str) -> str:
+    """Writes the content files, then bundle.json (last: a bundle is complete once it exists)."""
     hashes = {}
     for name, data in contents.items():
         files.write_bytes(files.join(path, name), data)
         hashes[name] = _sha256(data)
-    bundle_id = compute_bundle_id(contents[CONFIG], contents[VOCAB], digest)
+    bundle_id = compute_bundle_id(contents[CONFIG], contents[VOCAB], weights_digest_hex, contents.get(DECODE))
     manifest = {"format": BUNDLE_FORMAT, "bundle_id": bundle_id, "files": hashes}
     files.write_bytes(files.join(path, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return bundle_id
+
+
+def set_decode_defaults(path: str, decode: DecodeConfig | None) -> str:
+    """Gives the bundle at `path` these search defaults (None: removes them), in place;
+    returns its new id. The bundle is verified first; its weights are not rewritten."""
+    _, contents = _read_verified(path)
+    had_decode = contents.pop(DECODE, None) is not None
+    if decode is not None:
+        contents[DECODE] = _decode_json(decode)
+    bundle_id = _write_contents(path, contents, weights_file_digest(io.BytesIO(contents[WEIGHTS])))
+    if decode is None and had_decode:  # after the new bundle.json, which no longer lists it
+        files.delete([files.join(path, DECODE)])
     return bundle_id
 
 
@@ -189,7 +224,8 @@ def _check_bundle_id(path: str, manifest: dict, contents: dict[str, bytes]) -> N
     except Exception as e:  # h5py raises OSError, KeyError, ValueError... for a broken file
         reason = " ".join(str(e).split()) or type(e).__name__
         raise BundleError(f"model bundle file {full} is corrupted (not a readable weights file: {reason})") from e
-    found, said = compute_bundle_id(contents[CONFIG], contents[VOCAB], digest), manifest["bundle_id"]
+    found = compute_bundle_id(contents[CONFIG], contents[VOCAB], digest, contents.get(DECODE))
+    said = manifest["bundle_id"]
     if found == said:
         return
     if _sha256(contents[WEIGHTS]) != manifest["files"][WEIGHTS]:  # only on this path: one hash per good read
@@ -204,8 +240,9 @@ def read_manifest(path: str) -> dict:
     raw = _read_checked(path, MANIFEST, None)
     try:
         manifest = json.loads(raw)
-        if manifest.get("format") != BUNDLE_FORMAT or set(manifest["files"]) != set(CONTENT_FILES):
-            raise ValueError(f"expected format {BUNDLE_FORMAT} listing {', '.join(CONTENT_FILES)}")
+        if manifest.get("format") != BUNDLE_FORMAT or set(manifest["files"]) - {DECODE} != set(CONTENT_FILES):
+            raise ValueError(f"expected format {BUNDLE_FORMAT} listing {', '.join(CONTENT_FILES)} "
+                             f"(and {DECODE}, optionally)")
         if not isinstance(manifest.get("bundle_id"), str):
             raise ValueError("no bundle_id")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -218,6 +255,13 @@ def verify_bundle(path: str) -> tuple[dict, ModelConfig]:
     TensorFlow work): returns (bundle.json contents, ModelConfig). Raises BundleError."""
     manifest, contents = _read_verified(path)
     return manifest, _parse_config(path, contents[CONFIG])
+
+
+def decode_defaults(path: str, manifest: dict) -> DecodeConfig | None:
+    """The search defaults of the (verified) bundle at `path`: its decode.json, or None."""
+    if DECODE not in manifest["files"]:
+        return None
+    return _parse_decode(path, _read_checked(path, DECODE, manifest["files"][DECODE]))
 
 
 def read_bundle(path: str) -> BundleFiles:
@@ -234,15 +278,24 @@ def read_bundle(path: str) -> BundleFiles:
         raise BundleError(f"model bundle file {files.join(path, VOCAB)} is invalid: {e}") from e
     if len(vocabulary) != config.vocab_size:
         raise BundleError(f"model bundle {path}: vocab.json has {len(vocabulary)} tokens, config.json says {config.vocab_size}")
-    return BundleFiles(path, manifest, config, vocabulary, contents[WEIGHTS])
+    decode = _parse_decode(path, contents[DECODE]) if DECODE in contents else None
+    return BundleFiles(path, manifest, config, vocabulary, contents[WEIGHTS], decode)
 
 
 def _read_verified(path: str) -> tuple[dict, dict[str, bytes]]:
     manifest = read_manifest(path)
-    contents = {name: _read_checked(path, name, manifest["files"][name]) for name in (CONFIG, VOCAB)}
+    small = (CONFIG, VOCAB, DECODE) if DECODE in manifest["files"] else (CONFIG, VOCAB)
+    contents = {name: _read_checked(path, name, manifest["files"][name]) for name in small}
     contents[WEIGHTS] = _read_checked(path, WEIGHTS, None)  # checked through the id: one hash
     _check_bundle_id(path, manifest, contents)
     return manifest, contents
+
+
+def _parse_decode(path: str, raw: bytes) -> DecodeConfig:
+    try:
+        return DecodeConfig.from_dict(json.loads(raw))
+    except (ValueError, TypeError) as e:
+        raise BundleError(f"model bundle file {files.join(path, DECODE)} is invalid: {e}") from e
 
 
 def _parse_config(path: str, raw: bytes) -> ModelConfig:

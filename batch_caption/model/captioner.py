@@ -50,8 +50,16 @@ def search_features(model: CaptionModel, features, decode: DecodeConfig) -> Beam
     The one place decode settings become beam_search arguments: the Captioner runs it
     after its encoder, training's sample captions on a features dataset run it alone.
     """
+    step = model.step
+    if decode.forbid_unknown:
+        no_unknown = tf.one_hot(V.UNK_ID, model.config.vocab_size, on_value=-float("inf"))
+
+        def step(tokens, state):
+            log_probs, state = model.step(tokens, state)
+            return log_probs + no_unknown, state
+
     return beam_search(
-        model.step,
+        step,
         model.initial_state(features),
         start_id=V.START_ID,
         end_id=V.END_ID,

@@ -149,12 +149,15 @@ class DecodeConfig:
       length_normalization: alpha in score = logprob / length**alpha, where length
         counts the caption's tokens including the end token. 0 ranks by raw log-prob
         (favours short captions); 1 ranks by mean log-prob per token.
+      forbid_unknown: never emit the <unk> token (words the vocabulary cut): the search
+        takes the best known word there instead.
     """
 
     beam_size: int = 3
     max_length: int = 20
     num_alternatives: int = 3
     length_normalization: float = 0.7
+    forbid_unknown: bool = False
 
     def __post_init__(self):
         if not 1 <= self.beam_size <= 64:
@@ -169,4 +172,30 @@ class DecodeConfig:
             raise ValueError(f"length_normalization must be in [0, 2], got {self.length_normalization}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.forbid_unknown:
+            # Left out when off: records and catalogs written before the option existed
+            # keep matching these settings, so incremental runs do not re-caption them.
+            del data["forbid_unknown"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DecodeConfig":
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown decode settings: {', '.join(unknown)}")
+        return cls(**data)
+
+    def overridden(self, *, beam_size: int | None = None, max_length: int | None = None,
+                   num_alternatives: int | None = None, length_normalization: float | None = None,
+                   forbid_unknown: bool | None = None) -> "DecodeConfig":
+        """These settings with each given (not None) one in its place: a run's flags over a
+        model's defaults. The n-best, unless given, shrinks to fit a smaller beam."""
+        beam = self.beam_size if beam_size is None else beam_size
+        return DecodeConfig(
+            beam_size=beam,
+            max_length=self.max_length if max_length is None else max_length,
+            num_alternatives=min(self.num_alternatives, beam) if num_alternatives is None else num_alternatives,
+            length_normalization=self.length_normalization if length_normalization is None else length_normalization,
+            forbid_unknown=self.forbid_unknown if forbid_unknown is None else forbid_unknown,
+        )

@@ -28,6 +28,7 @@ class Bundle:
     config: ModelConfig
     bundle_id: str
     path: str
+    decode: DecodeConfig | None = None  # the bundle's search defaults (decode.json)
 
 
 def load_bundle(path: str) -> Bundle:
@@ -42,11 +43,12 @@ def load_bundle(path: str) -> Bundle:
             model.load_weights(local)
         except Exception as e:  # h5py / Keras raise many types for a mismatched file
             raise BundleError(f"model bundle file {files.join(path, WEIGHTS)} does not fit config.json: {e}") from e
-    return Bundle(model, contents.vocabulary, contents.config, contents.bundle_id, path)
+    return Bundle(model, contents.vocabulary, contents.config, contents.bundle_id, path, contents.decode)
 
 
 def load_captioner(path: str, decode: DecodeConfig | None = None, attention_maps: bool = False) -> Captioner:
-    """A `Captioner` over the bundle at `path`, searching with `decode` (default settings if
-    None), returning the best captions' attention maps when asked (attention decoder only)."""
+    """A `Captioner` over the bundle at `path`, searching with `decode` (None: the bundle's
+    search defaults, else DecodeConfig's), returning the best captions' attention maps when
+    asked (attention decoder only)."""
     b = load_bundle(path)
-    return Captioner(b.model, b.vocabulary, decode, b.bundle_id, attention_maps)
+    return Captioner(b.model, b.vocabulary, decode or b.decode, b.bundle_id, attention_maps)
