@@ -29,6 +29,7 @@ from batch_caption.cli import UsageError
 from batch_caption.job import JobConfig, build_pipeline
 from batch_caption.job.config import MIN_READ_THREADS, REMOTE_READ_THREADS, default_read_threads
 from batch_caption.job.elements import NAMESPACE
+from batch_caption.model.registry import DECODERS
 
 EXIT_TOO_MANY_FAILED = 3
 _GLOB_CHARS = set("*?[")
@@ -267,9 +268,9 @@ def run(argv: list[str] | None = None) -> dict:
     gcs.require_credentials([*config.inputs, *config.input_lists, config.output, config.model])
     gcs.configure_for_emulator()
     model_id, model_config = check_model(config.model)
-    if config.attention_maps and model_config.decoder != "attention":
-        raise UsageError(f"--attention_maps needs a model with the attention decoder; {config.model} has "
-                         f"{model_config.decoder}")
+    if config.attention_maps and not DECODERS[model_config.decoder].attention_maps:
+        raise UsageError(f"--attention_maps needs a model with the {DECODERS.which(lambda d: d.attention_maps)} "
+                         f"decoder; {config.model} has {model_config.decoder}")
     config = resolve_inputs(config)
     standard = options.view_as(StandardOptions)
     if not standard.runner:
