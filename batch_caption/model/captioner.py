@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from batch_caption.model import vocab as V
 from batch_caption.model.beam_search import BeamSearchResult, beam_search
-from batch_caption.model.config import DecodeConfig
+from batch_caption.model.config import DECODERS, DecodeConfig
 from batch_caption.model.network import CaptionModel
 
 
@@ -81,14 +81,15 @@ class Captioner:
       decode: search settings.
       model_id: the bundle id, carried into every record.
       attention_maps: also return the best caption's attention maps (`Caption.attention`);
-        the model must have the attention decoder. They are computed in the same graph
+        the model's decoder must have them (`DecoderSpec.attention_maps`). They are computed in the same graph
         call, by teacher-forcing the found caption through the decoder once more.
     """
 
     def __init__(self, model: CaptionModel, vocabulary: V.Vocabulary, decode: DecodeConfig | None = None, model_id: str = "",
                  attention_maps: bool = False):
-        if attention_maps and model.config.decoder != "attention":
-            raise ValueError(f"attention maps need a model with the attention decoder, not {model.config.decoder}")
+        if attention_maps and not DECODERS[model.config.decoder].attention_maps:
+            raise ValueError(f"attention maps need a model with the {DECODERS.which(lambda d: d.attention_maps)} "
+                             f"decoder, not {model.config.decoder}")
         self.model = model
         self.vocabulary = vocabulary
         self.decode = decode or DecodeConfig()

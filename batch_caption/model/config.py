@@ -10,36 +10,23 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-# Encoder names accepted by `encoder.build_backbone` (kept here so configs validate
-# without importing TensorFlow).
-ENCODERS = (
-    "small_cnn",
-    "mobilenet_v3_small",
-    "mobilenet_v3_large",
-    "efficientnet_b0",
-    "efficientnet_lite0",
-    "inception_v3",
-    "resnet50",
-)
+# ENCODERS and DECODERS map each name to what it can do; iterated, they give the names
+# (the flags' choices). IMAGE_INPUTS: where a decoder can take the image.
+from batch_caption.model.registry import DECODERS, ENCODERS, IMAGE_INPUTS  # noqa: F401  (re-exported)
+from batch_caption.model.registry import DECODER_OPTIONS
 
-# Channels of small_cnn's last block: its features are small_cnn_grid² x this.
-SMALL_CNN_CHANNELS = 128
+DEFAULT_ENCODER = "small_cnn"
+DEFAULT_DECODER = "show_and_tell"
+
 # small_cnn's pooled grid side when nothing says otherwise, including a bundle, dataset or
 # train_config.json that records no grid.
 DEFAULT_SMALL_CNN_GRID = 4
 
 FORMAT_VERSION = 1
 
-# Where the decoder sees the image (Tanti et al. 2018, "Where to put the image in an image
-# caption generator"): "first" = Show and Tell's pre-inject, the image embedding is the
-# LSTM's first input only; "every_step" = par-inject, it is concatenated to every word's
-# embedding, so the LSTM can look at the image again while it lists the objects.
-IMAGE_INPUTS = ("first", "every_step")
-
-# The decoder: "show_and_tell" (Vinyals et al. 2015) takes the image as one pooled vector;
-# "attention" (Show, Attend and Tell, Xu et al. 2015) looks at the encoder's grid of cell
-# features at every step, through additive attention.
-DECODERS = ("show_and_tell", "attention")
+# Fields left out of config.json at their default: configs (and bundle ids) written before
+# they existed stay as they were.
+_OMITTED_AT_DEFAULT = ("decoder", "deep_output")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,27 +35,32 @@ class ModelConfig:
 
     Attributes:
       vocab_size: number of tokens including the 4 special ones.
-      encoder: CNN backbone name, one of `ENCODERS`.
+      encoder: CNN backbone name, one of `ENCODERS` (what each can do: `registry.EncoderSpec`).
       image_size: side of the square uint8 RGB input, pixels.
       encoder_weights: None (random init), "imagenet" (Keras downloads them: needs
-        network), or a local / FileSystems path to a backbone `.weights.h5` file.
-        Only used when a model is first built for training; a bundle always carries
-        its own trained weights.
+        network; encoders whose entry has `imagenet`), or a local / FileSystems path to a
+        backbone `.weights.h5` file. Only used when a model is first built for training;
+        a bundle always carries its own trained weights.
       train_encoder: whether the backbone's weights are trainable (fine-tuning).
-      small_cnn_grid: small_cnn only: the side of the grid its last feature map is
-        average-pooled to, so F = grid * grid * 128. Pick the grid that the images' layout
-        has (3 for the synthetic scenes, whose objects sit on a 3x3 grid: a 4x4 pool
-        there averages halves of neighbouring objects into one cell). Pooling has no
-        weights, so one trained backbone file loads at any grid.
-      image_input: where the LSTM gets the image, one of `IMAGE_INPUTS`: "first" (Show and
-        Tell) or "every_step" (the image embedding beside every word embedding: LSTM
-        inputs of 2 * embedding_size).
-      decoder: one of `DECODERS`. "attention" needs features that keep a grid: small_cnn's
-        grid pool, or a Keras application's last feature map (not globally pooled).
-      attention_units: attention only: size of the additive attention's hidden layer.
-      deep_output: attention only: predict words from emb(previous word) + L_h h + L_z
-        context, projected to the vocabulary (Xu et al. eq. 7), instead of from [h ;
-        context] directly; far fewer weights when the context is wide.
+      small_cnn_grid: encoders that take the grid (small_cnn) only: the side of the grid
+        their last feature map is average-pooled to, so F = grid * grid * 128 (their
+        `grid_channels`). Pick the grid that the images' layout has (3 for the synthetic
+        scenes, whose objects sit on a 3x3 grid: a 4x4 pool there averages halves of
+        neighbouring objects into one cell). Pooling has no weights, so one trained
+        backbone file loads at any grid.
+      image_input: where the LSTM gets the image, one of the decoder's `image_inputs`:
+        "first" (Show and Tell) or "every_step" (the image embedding beside every word
+        embedding: LSTM inputs of 2 * embedding_size).
+      decoder: one of `DECODERS` (what each can do: `registry.DecoderSpec`). One that
+        reads a grid gets small_cnn's grid pool or an application's last feature map (not
+        globally pooled); one that reads a pooled vector, small_cnn's grid pool flattened
+        or an application's global average.
+      attention_units: decoders with this option (attention): size of the additive
+        attention's hidden layer.
+      deep_output: decoders with this option (attention): predict words from
+        emb(previous word) + L_h h + L_z context, projected to the vocabulary (Xu et al.
+        eq. 7), instead of from [h ; context] directly; far fewer weights when the
+        context is wide.
       embedding_size: size of the image embedding and of the word embeddings.
       lstm_units: LSTM state size.
       dropout: dropout rate on the LSTM inputs and outputs during training.
@@ -76,13 +68,13 @@ class ModelConfig:
     """
 
     vocab_size: int
-    encoder: str = "small_cnn"
+    encoder: str = DEFAULT_ENCODER
     image_size: int = 96
     encoder_weights: str | None = None
     train_encoder: bool = True
     small_cnn_grid: int = DEFAULT_SMALL_CNN_GRID
     image_input: str = "first"
-    decoder: str = "show_and_tell"
+    decoder: str = DEFAULT_DECODER
     attention_units: int = 256
     deep_output: bool = False
     embedding_size: int = 256
@@ -93,22 +85,29 @@ class ModelConfig:
     def __post_init__(self):
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
+        encoder = ENCODERS[self.encoder]
         if self.vocab_size < 5:
             raise ValueError(f"vocab_size must be >= 5 (4 special tokens + a word), got {self.vocab_size}")
         if not 32 <= self.image_size <= 1024:
             raise ValueError(f"image_size must be in [32, 1024], got {self.image_size}")
         if not 1 <= self.small_cnn_grid <= 8:
             raise ValueError(f"small_cnn_grid must be in [1, 8], got {self.small_cnn_grid}")
-        if self.encoder != "small_cnn" and self.small_cnn_grid != DEFAULT_SMALL_CNN_GRID:
-            raise ValueError(f"small_cnn_grid only applies to small_cnn, not {self.encoder}")
+        if not encoder.takes_grid and self.small_cnn_grid != DEFAULT_SMALL_CNN_GRID:
+            raise ValueError(f"small_cnn_grid only applies to {ENCODERS.which(lambda e: e.takes_grid)}, "
+                             f"not {self.encoder}")
+        encoder.check_weights(self.encoder_weights)
         if self.image_input not in IMAGE_INPUTS:
             raise ValueError(f"image_input must be one of {', '.join(IMAGE_INPUTS)}, got {self.image_input!r}")
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
-        if self.deep_output and self.decoder != "attention":
-            raise ValueError("deep_output applies to the attention decoder only")
-        if self.decoder == "attention" and self.image_input != "first":
-            raise ValueError("image_input applies to the show_and_tell decoder only; attention looks at the image every step")
+        decoder = DECODERS[self.decoder]
+        if self.image_input not in decoder.image_inputs:
+            takers = DECODERS.which(lambda d: self.image_input in d.image_inputs)
+            raise ValueError(f"image_input applies to the {takers} decoder only; "
+                             f"{self.decoder} takes image_input {' or '.join(decoder.image_inputs)}")
+        for name in DECODER_OPTIONS:
+            if name not in decoder.options and getattr(self, name) != _DEFAULTS[name]:
+                raise ValueError(f"{name} applies to the {DECODERS.which(lambda d: name in d.options)} decoder only")
         for name in ("embedding_size", "lstm_units", "max_length", "attention_units"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -116,13 +115,15 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict[str, Any]:
+        """config.json's content: what shapes this network. The decoder options that its
+        decoder does not use are left out, and so are `_OMITTED_AT_DEFAULT` at their default."""
         data = dataclasses.asdict(self)
-        if self.decoder == "show_and_tell":
-            # Unused by this decoder: left out, so a Show-and-Tell config.json (and so its
-            # bundle id) holds only what shapes its network.
-            del data["decoder"], data["attention_units"]
-        if not self.deep_output:
-            del data["deep_output"]  # likewise: configs (and bundle ids) from before it stay as they were
+        for name in DECODER_OPTIONS:
+            if name not in DECODERS[self.decoder].options:
+                del data[name]
+        for name in _OMITTED_AT_DEFAULT:
+            if name in data and data[name] == _DEFAULTS[name]:
+                del data[name]
         return {"format_version": FORMAT_VERSION, **data}
 
     @classmethod
@@ -136,6 +137,10 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
         return cls(**data)
+
+
+# Every ModelConfig field's default (the decoder options that a config.json leaves out).
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 @dataclasses.dataclass(frozen=True)

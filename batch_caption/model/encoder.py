@@ -1,8 +1,10 @@
-"""CNN encoder factory: uint8 RGB images -> pooled feature vectors.
+"""CNN encoder factory: uint8 RGB images -> flat features [B, F], and the package's encoders.
 
-Features are flat [B, F] either way; F = cells x channels keeps a grid of cell features
-(small_cnn's grid pool, or an application's last feature map when the decoder attends),
-which the attention decoder reshapes to [B, cells, channels] (`backbone.grid_shape`).
+`build_backbone` looks the config's encoder up in `registry.ENCODERS`, runs its builder
+(below for the package's own) and shapes its feature map as the decoder reads it: F =
+cells x channels keeps a grid of cell features (small_cnn's grid pool, or an application's
+last feature map for a decoder that reads a grid), which such a decoder reshapes to
+[B, cells, channels] (`backbone.grid_shape`).
 
 Every backbone takes raw uint8 pixels and does its own preprocessing inside the model,
 so callers (the Beam job, dataset preparation, training) never need to know which
@@ -20,83 +22,41 @@ import keras
 from keras import layers, ops
 
 from batch_caption import files
-from batch_caption.model.config import SMALL_CNN_CHANNELS, ModelConfig
-from batch_caption.model.efficientnet_lite import efficientnet_lite0
-
-# name -> (keras.applications constructor, preprocessing of float pixels in [0, 255]).
-#   "none":  the application does it itself (MobileNetV3 / EfficientNet include it).
-#   "tf":    scale to [-1, 1] (InceptionV3).
-#   "caffe": RGB->BGR and ImageNet mean subtraction (ResNet50).
-_APPLICATIONS = {
-    "mobilenet_v3_small": ("MobileNetV3Small", "none"),
-    "mobilenet_v3_large": ("MobileNetV3Large", "none"),
-    "efficientnet_b0": ("EfficientNetB0", "none"),
-    "inception_v3": ("InceptionV3", "tf"),
-    "resnet50": ("ResNet50", "caffe"),
-}
-
-_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-
-
-def _preprocess(x, mode: str):
-    if mode == "tf":
-        return x / 127.5 - 1.0
-    if mode == "caffe":
-        return ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_MEAN_BGR, dtype=x.dtype)
-    return x
-
-
-def _small_cnn(x, grid: int):
-    """A 4-block conv net for tests and small data: [B, S, S, 3] in [0, 255] -> [B, grid²·128].
-
-    Strided convolutions rather than max pooling: max-pool gradients are expensive on
-    CPU, where this net trains. Pooled to a grid (`ModelConfig.small_cnn_grid`,
-    default 4x4) rather than globally: captions state where things are ("to the left
-    of"), and a global average throws position away.
-    """
-    x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
-    for i, filters in enumerate((32, 64, 128, SMALL_CNN_CHANNELS)):
-        x = layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"block{i}_conv")(x)
-        x = layers.BatchNormalization(name=f"block{i}_bn")(x)
-        x = layers.ReLU(name=f"block{i}_relu")(x)
-    x = layers.AdaptiveAveragePooling2D((grid, grid), name="grid_pool")(x)
-    return layers.Flatten(name="flatten")(x)
+from batch_caption.model import efficientnet_lite
+from batch_caption.model.config import DECODERS, ENCODERS, ModelConfig
 
 
 def build_backbone(config: ModelConfig, load_weights: bool = True) -> keras.Model:
-    """Builds the CNN: uint8 [B, S, S, 3] -> float32 [B, F] (pooled features).
+    """Builds the CNN: uint8 [B, S, S, 3] -> float32 [B, F] (flattened cells).
 
-    The returned model's `grid_shape` is (cells, channels) with cells * channels = F:
-    small_cnn's grid²; a Keras application's global average (1 cell) for the Show-and-Tell
-    decoder, its last feature map unpooled (h * w cells) for the attention decoder.
+    The returned model's `grid_shape` is (cells, channels) with cells * channels = F. An
+    encoder that takes the grid (`EncoderSpec.grid_channels`) pools its map to
+    `small_cnn_grid`² cells whatever the decoder; another one's map is kept whole (h * w
+    cells) for a decoder that reads a grid, and globally averaged (1 cell) for one that
+    reads a pooled vector.
 
     Weights follow `config.encoder_weights`: None (random), "imagenet" (downloaded by
-    Keras; needs network; Keras applications only: efficientnet_lite0's ImageNet weights
-    come from `python -m batch_caption.training.convert_lite0`), or a path (local or any Beam FileSystems scheme) to a
-    `.weights.h5` file of this backbone. `load_weights=False` skips them (random init),
-    for when trained weights of the whole model are loaded next.
+    Keras; needs network; encoders whose entry has `imagenet`), or a path (local or any
+    Beam FileSystems scheme) to a `.weights.h5` file of this backbone. `load_weights=False`
+    skips them (random init), for when trained weights of the whole model are loaded next.
     """
+    encoder = ENCODERS[config.encoder]
     weights = config.encoder_weights if load_weights else None
     size = config.image_size
     images = keras.Input((size, size, 3), dtype="uint8", name="images")
-    x = ops.cast(images, "float32")
-    if config.encoder == "small_cnn":
-        features = _small_cnn(x, config.small_cnn_grid)
-        backbone = keras.Model(images, features, name="small_cnn")
-        grid_shape = (config.small_cnn_grid ** 2, SMALL_CNN_CHANNELS)
-        if weights == "imagenet":
-            raise ValueError("small_cnn has no imagenet weights; use a weights file or None")
-    elif config.encoder == "efficientnet_lite0":
-        if weights == "imagenet":
-            raise ValueError("efficientnet_lite0's imagenet weights are a file: convert them with "
-                             "python -m batch_caption.training.convert_lite0 and pass its path")
-        backbone, grid_shape = _keep_grid_or_pool(images, efficientnet_lite0(x), config)
+    feature_map = encoder.load_builder()(ops.cast(images, "float32"), weights == "imagenet")
+    h, w, channels = (int(d) for d in feature_map.shape[1:])
+    if encoder.takes_grid:
+        if channels != encoder.grid_channels:
+            raise ValueError(f"encoder {encoder.name} gave {channels} channels, its entry says {encoder.grid_channels}")
+        grid = config.small_cnn_grid
+        cells = layers.AdaptiveAveragePooling2D((grid, grid), name="grid_pool")(feature_map)
+        features, grid_shape = layers.Flatten(name="flatten")(cells), (grid * grid, channels)
+    elif DECODERS[config.decoder].features == "grid":
+        features, grid_shape = layers.Flatten(name="flatten")(feature_map), (h * w, channels)
     else:
-        ctor_name, mode = _APPLICATIONS[config.encoder]
-        ctor = getattr(keras.applications, ctor_name)
-        imagenet = "imagenet" if weights == "imagenet" else None
-        app = ctor(include_top=False, weights=imagenet, input_shape=(size, size, 3), pooling=None)
-        backbone, grid_shape = _keep_grid_or_pool(images, app(_preprocess(x, mode)), config)
+        features, grid_shape = layers.GlobalAveragePooling2D(name="avg_pool")(feature_map), (1, channels)
+    backbone = keras.Model(images, features, name=config.encoder)
     if weights not in (None, "imagenet"):
         _load_weights_file(backbone, weights)
     backbone.grid_shape = grid_shape
@@ -104,15 +64,66 @@ def build_backbone(config: ModelConfig, load_weights: bool = True) -> keras.Mode
     return backbone
 
 
-def _keep_grid_or_pool(images, feature_map, config: ModelConfig):
-    """[B, h, w, C] -> (the backbone model, grid_shape): flattened cells [B, h*w*C] for
-    the attention decoder, their global average [B, C] for Show and Tell."""
-    h, w, channels = (int(d) for d in feature_map.shape[1:])
-    if config.decoder == "attention":
-        features, grid_shape = layers.Flatten(name="flatten")(feature_map), (h * w, channels)
-    else:
-        features, grid_shape = layers.GlobalAveragePooling2D(name="avg_pool")(feature_map), (1, channels)
-    return keras.Model(images, features, name=config.encoder), grid_shape
+# --- the package's encoders (`registry.ENCODERS`): float32 pixels [B, S, S, 3] in [0, 255],
+# whether to start from ImageNet weights -> feature map [B, h, w, C] ---------------------
+
+SMALL_CNN_CHANNELS = 128  # its entry's grid_channels
+
+
+def small_cnn(x, imagenet: bool = False):
+    """A 4-block conv net for tests and small data: -> [B, S/16, S/16, 128], pooled to a grid.
+
+    Strided convolutions rather than max pooling: max-pool gradients are expensive on
+    CPU, where this net trains. Pooled to a grid (`ModelConfig.small_cnn_grid`,
+    default 4x4) rather than globally: captions state where things are ("to the left
+    of"), and a global average throws position away. No ImageNet weights (its entry says so).
+    """
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
+    for i, filters in enumerate((32, 64, 128, SMALL_CNN_CHANNELS)):
+        x = layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"block{i}_conv")(x)
+        x = layers.BatchNormalization(name=f"block{i}_bn")(x)
+        x = layers.ReLU(name=f"block{i}_relu")(x)
+    return x
+
+
+def efficientnet_lite0(x, imagenet: bool = False):
+    """EfficientNet-Lite0's last map [B, S/32, S/32, 1280]. Its ImageNet weights are a file
+    (`python -m batch_caption.training.convert_lite0`), passed as encoder_weights."""
+    return efficientnet_lite.efficientnet_lite0(x)
+
+
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+def _scale_to_unit(x):
+    """[0, 255] -> [-1, 1] (InceptionV3)."""
+    return x / 127.5 - 1.0
+
+
+def _caffe(x):
+    """RGB->BGR and ImageNet mean subtraction (ResNet50)."""
+    return ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_MEAN_BGR, dtype=x.dtype)
+
+
+def _application(constructor: str, preprocess=None):
+    """A Keras application's builder: its last feature map, unpooled. `preprocess` maps
+    [0, 255] pixels to what it expects; None where it does that itself (MobileNetV3,
+    EfficientNet)."""
+
+    def build(x, imagenet: bool = False):
+        size = tuple(int(d) for d in x.shape[1:])
+        app = getattr(keras.applications, constructor)(
+            include_top=False, weights="imagenet" if imagenet else None, input_shape=size, pooling=None)
+        return app(preprocess(x) if preprocess else x)
+
+    return build
+
+
+mobilenet_v3_small = _application("MobileNetV3Small")
+mobilenet_v3_large = _application("MobileNetV3Large")
+efficientnet_b0 = _application("EfficientNetB0")
+inception_v3 = _application("InceptionV3", _scale_to_unit)
+resnet50 = _application("ResNet50", _caffe)
 
 
 def _load_weights_file(backbone: keras.Model, path: str) -> None:

@@ -1,21 +1,41 @@
-"""The captioning network a `ModelConfig` names: Show and Tell, or Show, Attend and Tell.
-
-Both share one interface: `encode`, `initial_state`, `step` (the beam search's callback),
-`call` (teacher forcing), `build_all`, `backbone`, `feature_size`, `config`.
-"""
+"""The captioning network a `ModelConfig` names: its decoder's entry in `registry.DECODERS`
+builds it (Show and Tell, Show, Attend and Tell, or any registered one)."""
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Protocol
 
-from batch_caption.model.attend_and_tell import AttendAndTell
-from batch_caption.model.config import ModelConfig
-from batch_caption.model.show_and_tell import ShowAndTell
+from batch_caption.model.config import DECODERS, ModelConfig
 
-CaptionModel = Union[ShowAndTell, AttendAndTell]
+
+class CaptionModel(Protocol):
+    """What the beam search, the Captioner, the bundle and the trainer use of a network
+    (a keras.Model). Images are uint8 [B, S, S, 3], features float32 [B, F]."""
+
+    config: ModelConfig
+    backbone: Any  # the keras.Model of `encoder.build_backbone`
+
+    @property
+    def feature_size(self) -> int:
+        """F."""
+
+    def encode(self, images, training=False):
+        """images -> features [B, F]."""
+
+    def initial_state(self, features):
+        """features [B, F] -> the decoder state before <start>, a nest of [B, ...] tensors."""
+
+    def step(self, tokens, state):
+        """tokens int32 [N], state with N rows -> (log-probs float32 [N, vocab], state)."""
+
+    def __call__(self, inputs, training=False):
+        """{"tokens" int32 [B, T], "images" or "features"} -> logits [B, T, vocab] (teacher forcing)."""
+
+    def build_all(self) -> None:
+        """Creates every weight without running the network."""
 
 
 def build_model(config: ModelConfig, initial_encoder_weights: bool = True) -> CaptionModel:
     """The network of `config.decoder`, its layers not yet built (see `build_all`)."""
-    network = AttendAndTell if config.decoder == "attention" else ShowAndTell
+    network = DECODERS[config.decoder].load_network()
     return network(config, initial_encoder_weights=initial_encoder_weights)

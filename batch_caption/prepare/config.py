@@ -18,7 +18,8 @@ from batch_caption import cli, files, images, quiet, records
 from batch_caption.cli import UsageError
 from batch_caption.data import scenes, sources
 from batch_caption.model import vocab as vocab_lib
-from batch_caption.model.config import DECODERS, DEFAULT_SMALL_CNN_GRID, ENCODERS, ModelConfig
+from batch_caption.model.config import (DECODERS, DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_SMALL_CNN_GRID, ENCODERS,
+                                        ModelConfig)
 
 SOURCES = ("coco", "karpathy", "flickr8k", "synthetic")
 DEFAULT_SYNTHETIC_COUNTS = "train=4000,val=200,test=500,compositional=500"
@@ -43,10 +44,11 @@ class PrepareConfig:
     min_word_count: tokens seen fewer times in the vocab split's captions become <unk>.
     num_shards: shards per split; 0 lets the runner decide.
     encoder / encoder_weights / small_cnn_grid: the backbone that computes features
-      (features mode; the grid only for small_cnn).
-    decoder: the decoder the features are for (features mode): "attention" keeps a Keras
-      application's or efficientnet_lite0's last feature map as a grid of cells,
-      "show_and_tell" pools it to one vector. small_cnn always keeps its pooled grid.
+      (features mode; the grid only for encoders that take it: small_cnn).
+    decoder: the decoder the features are for (features mode): for one that reads a grid
+      (attention) a Keras application's or efficientnet_lite0's last feature map is kept
+      as a grid of cells, for one that reads a pooled vector (show_and_tell) it is averaged.
+      small_cnn always keeps its pooled grid.
     """
 
     source: str
@@ -67,7 +69,7 @@ class PrepareConfig:
     encoder: str | None = None
     encoder_weights: str | None = None
     small_cnn_grid: int | None = None
-    decoder: str = "show_and_tell"
+    decoder: str = DEFAULT_DECODER
     batch_size: int = 32
     max_image_pixels: int = 100_000_000
     max_file_bytes: int = 256 * 1024 * 1024
@@ -102,15 +104,18 @@ class PrepareConfig:
                 # A random backbone differs per worker process: the features would be
                 # inconsistent, and no model could reproduce them at captioning time.
                 raise UsageError("--precompute_features needs --encoder_weights (imagenet or a .weights.h5 file)")
-            if self.encoder == "small_cnn" and self.encoder_weights == "imagenet":
-                raise UsageError("small_cnn has no imagenet weights: give --encoder_weights a .weights.h5 file")
-            if self.small_cnn_grid is not None and self.encoder != "small_cnn":
-                raise UsageError(f"--small_cnn_grid only applies to --encoder small_cnn, not {self.encoder}")
+            try:
+                ENCODERS[self.encoder].check_weights(self.encoder_weights)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            if self.small_cnn_grid is not None and not ENCODERS[self.encoder].takes_grid:
+                takers = ENCODERS.which(lambda e: e.takes_grid)
+                raise UsageError(f"--small_cnn_grid only applies to --encoder {takers}, not {self.encoder}")
             if self.small_cnn_grid is not None and not 1 <= self.small_cnn_grid <= 8:
                 raise UsageError(f"--small_cnn_grid must be in [1, 8], got {self.small_cnn_grid}")
             if self.decoder not in DECODERS:
                 raise UsageError(f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
-        elif self.encoder or self.encoder_weights or self.small_cnn_grid is not None or self.decoder != "show_and_tell":
+        elif self.encoder or self.encoder_weights or self.small_cnn_grid is not None or self.decoder != DEFAULT_DECODER:
             raise UsageError("--encoder, --encoder_weights, --small_cnn_grid and --decoder only apply with "
                              "--precompute_features")
 
@@ -229,13 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     f = p.add_argument_group("precomputed features (decoder-only training)")
     f.add_argument("--precompute_features", action="store_true",
                    help="store pooled CNN features instead of pixels, computed with the captioning job's model handler")
-    f.add_argument("--encoder", default=None, help=f"backbone: {', '.join(ENCODERS)} (default small_cnn)")
+    f.add_argument("--encoder", default=None, help=f"backbone: {', '.join(ENCODERS)} (default {DEFAULT_ENCODER})")
     f.add_argument("--encoder_weights", default=None,
                    help="'imagenet' (Keras downloads them) or a backbone .weights.h5 file (local or gs://); required")
     f.add_argument("--small_cnn_grid", type=int, default=None,
                    help="small_cnn: side of the grid its features are pooled to, F = grid*grid*128 (default 4; "
                    "3 matches the synthetic scenes' 3x3 layout); recorded in dataset.json for train")
-    f.add_argument("--decoder", default="show_and_tell", choices=DECODERS,
+    f.add_argument("--decoder", default=DEFAULT_DECODER, choices=DECODERS,
                    help="the decoder the features are for: attention keeps the encoder's last feature map as a grid "
                    "of cells (h*w*C floats), show_and_tell pools it (C floats); small_cnn keeps its grid either way "
                    "(default show_and_tell); recorded in dataset.json for train")
@@ -298,7 +303,7 @@ def parse(argv: list[str] | None):
         vocab_split=args.vocab_split,
         num_shards=args.num_shards,
         precompute_features=precompute,
-        encoder=args.encoder or ("small_cnn" if precompute else None),
+        encoder=args.encoder or (DEFAULT_ENCODER if precompute else None),
         encoder_weights=args.encoder_weights,
         small_cnn_grid=args.small_cnn_grid,
         decoder=args.decoder,

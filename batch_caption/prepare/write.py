@@ -28,6 +28,7 @@ import apache_beam as beam
 from batch_caption import files, gcs
 from batch_caption.data import tfrecord
 from batch_caption.model import vocab as vocab_lib
+from batch_caption.model.config import ENCODERS
 from batch_caption.prepare.config import PrepareConfig
 from batch_caption.prepare.read import CaptionedExample, counter
 
@@ -249,7 +250,7 @@ class _WriteInfoFn(beam.DoFn):
         if config.precompute_features:
             source["encoder_weights"] = config.encoder_weights
             source["decoder"] = config.decoder
-            if config.encoder == "small_cnn":
+            if ENCODERS[config.encoder].takes_grid:
                 source["small_cnn_grid"] = config.model_config.small_cnn_grid
         info = tfrecord.DatasetInfo(
             mode=config.mode, image_size=config.image_size, max_length=config.max_length, vocab_size=len(vocabulary),

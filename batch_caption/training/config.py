@@ -15,6 +15,7 @@ from batch_caption import files
 from batch_caption.cli import UsageError  # noqa: F401  (re-exported: raised by TrainConfig)
 from batch_caption.model.bundle import WEIGHT_DTYPES
 from batch_caption.model.config import DECODERS, ENCODERS, IMAGE_INPUTS
+from batch_caption.model.registry import DECODER_OPTIONS
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 OPTIMIZERS = ("adam", "sgd")
@@ -62,11 +63,12 @@ class TrainConfig:
         the features dataset's record, or 4.
       image_input: where the decoder sees the image (`ModelConfig.image_input`): "first"
         (Show and Tell) or "every_step".
-      decoder, attention_units: `ModelConfig.decoder` ("show_and_tell" or "attention")
-        and the attention's hidden size.
-      deep_output: attention decoder: `ModelConfig.deep_output`.
-      attention_penalty: attention decoder: weight lambda of the doubly stochastic
-        penalty (`attend_and_tell.attention_penalty`) added to the loss; 0 = off.
+      decoder, attention_units: `ModelConfig.decoder` (one of `DECODERS`) and the
+        attention's hidden size (decoders with this option: attention).
+      deep_output: decoders with this option (attention): `ModelConfig.deep_output`.
+      attention_penalty: decoders with attention maps (attention): weight lambda of the
+        doubly stochastic penalty (`attend_and_tell.attention_penalty`) added to the
+        loss; 0 = off.
       embedding_size, lstm_units, dropout: decoder architecture.
       encoder_weights: backbone initialisation: None (random), "imagenet", or a
         .weights.h5 file. In features mode it must be the backbone that computed the
@@ -168,9 +170,12 @@ class TrainConfig:
         need(self.decoder in DECODERS, f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         need(self.attention_units >= 1, f"--attention_units must be >= 1, got {self.attention_units}")
         need(self.attention_penalty >= 0, f"--attention_penalty must be >= 0, got {self.attention_penalty}")
-        need(not self.deep_output or self.decoder == "attention", "--deep_output applies to --decoder attention only")
-        need(self.attention_penalty == 0 or self.decoder == "attention",
-             "--attention_penalty applies to --decoder attention only")
+        decoder = DECODERS[self.decoder]
+        for name in DECODER_OPTIONS:
+            need(name in decoder.options or getattr(self, name) == _DEFAULTS[name],
+                 f"--{name} applies to --decoder {DECODERS.which(lambda d: name in d.options)} only")
+        need(self.attention_penalty == 0 or decoder.attention_maps,
+             f"--attention_penalty applies to --decoder {DECODERS.which(lambda d: d.attention_maps)} only")
         need(self.embedding_size >= 1, f"--embedding_size must be >= 1, got {self.embedding_size}")
         need(self.lstm_units >= 1, f"--lstm_units must be >= 1, got {self.lstm_units}")
         need(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
@@ -204,3 +209,7 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# Every TrainConfig field's default (a decoder option left at it is not given).
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

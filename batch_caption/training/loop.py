@@ -147,7 +147,7 @@ class Trainer:
         state = self.state_vars if train_encoder else []  # frozen BN layers run in inference mode
         replicas = float(self.replicas)
         dec_opt, enc_opt = self.decoder_optimizer, self.encoder_optimizer
-        penalty = self.config.attention_penalty if self.model_config.decoder == "attention" else 0.0
+        penalty = self.config.attention_penalty  # TrainConfig allows it only with a decoder that has attention maps
 
         def replica_step(batch, stop):
             ctx = tf.distribute.get_replica_context()

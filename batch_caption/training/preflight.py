@@ -14,7 +14,8 @@ from collections.abc import Mapping
 
 from batch_caption import files
 from batch_caption.data.tfrecord import INFO_NAME, VOCAB_NAME, DatasetInfo
-from batch_caption.model.config import DEFAULT_SMALL_CNN_GRID, SMALL_CNN_CHANNELS, ModelConfig
+from batch_caption.model.config import (DECODERS, DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_SMALL_CNN_GRID, ENCODERS,
+                                        ModelConfig)
 from batch_caption.model.vocab import Vocabulary
 from batch_caption.training.config import TrainConfig, UsageError
 
@@ -89,7 +90,11 @@ def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, ModelC
     changes: dict = {"image_size": info.image_size}
     grid = config.small_cnn_grid
     if info.mode == "features":
-        recorded = int(info.source.get("small_cnn_grid", DEFAULT_SMALL_CNN_GRID)) if info.encoder == "small_cnn" else None
+        if info.encoder not in ENCODERS:
+            raise UsageError(f"the dataset's features come from encoder {info.encoder!r}, unknown here "
+                             f"(known: {', '.join(ENCODERS)})")
+        encoder = ENCODERS[info.encoder]
+        recorded = int(info.source.get("small_cnn_grid", DEFAULT_SMALL_CNN_GRID)) if encoder.takes_grid else None
         if grid is not None and recorded is not None and grid != recorded:
             raise UsageError(f"--small_cnn_grid {grid} does not match the grid of the dataset's features ({recorded})")
         grid = recorded if grid is None else grid
@@ -105,16 +110,17 @@ def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, ModelC
                 "(the exported bundle pairs the decoder with that backbone)"
             )
         changes.update(encoder=info.encoder, train_encoder=False, encoder_weights=weights)
-        made_for = info.source.get("decoder", "show_and_tell")
-        if info.encoder != "small_cnn" and made_for != config.decoder:
-            # An application's features are pooled for Show and Tell and a grid for attention.
+        made_for = info.source.get("decoder", DEFAULT_DECODER)
+        if not encoder.takes_grid and _features_for(made_for) != DECODERS[config.decoder].features:
+            # Such an encoder's map is averaged for a decoder that reads a pooled vector and
+            # kept whole for one that reads a grid.
             raise UsageError(f"the dataset's {info.encoder} features were made for --decoder {made_for}, not "
                              f"{config.decoder} (prepare them again with --decoder {config.decoder})")
-        if grid is not None and info.feature_size != grid * grid * SMALL_CNN_CHANNELS:
+        if encoder.takes_grid and info.feature_size != grid * grid * encoder.grid_channels:
             raise UsageError(f"the dataset's features have {info.feature_size} floats, not the "
-                             f"{grid * grid * SMALL_CNN_CHANNELS} of small_cnn pooled to {grid}x{grid}")
+                             f"{grid * grid * encoder.grid_channels} of {info.encoder} pooled to {grid}x{grid}")
     else:
-        changes.update(encoder=config.encoder or info.encoder or "small_cnn",
+        changes.update(encoder=config.encoder or info.encoder or DEFAULT_ENCODER,
                        train_encoder=True if config.train_encoder is None else config.train_encoder)
     if config.eval_every and not spec.files.get(config.eval_split):
         notes.append(f"no {config.eval_split!r} split in {spec.path}: periodic evaluation is off")
@@ -138,13 +144,16 @@ def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, ModelC
             dropout=config.dropout,
             max_length=info.max_length,
         )
-    except ValueError as e:
+    except ValueError as e:  # an option its encoder or decoder does not take, no imagenet weights...
         raise UsageError(str(e)) from e
-    if model_config.encoder_weights == "imagenet" and model_config.encoder == "small_cnn":
-        raise UsageError("small_cnn has no imagenet weights; use a weights file or none")
     if model_config.encoder_weights not in (None, "imagenet") and not files.exists(model_config.encoder_weights):
         raise UsageError(f"--encoder_weights file {model_config.encoder_weights} does not exist")
     return config, model_config, notes
+
+
+def _features_for(decoder: str) -> str | None:
+    """What `decoder` reads (`DecoderSpec.features`); None for a name unknown here."""
+    return DECODERS[decoder].features if decoder in DECODERS else None
 
 
 def check_output(config: TrainConfig, model_config: ModelConfig) -> bool:

@@ -42,7 +42,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from batch_caption import cli, quiet
-from batch_caption.model.config import ENCODERS, ModelConfig
+from batch_caption.model.config import DEFAULT_ENCODER, ENCODERS, ModelConfig
 
 PROG = "python -m batch_caption.training.scene_encoder"
 WEIGHTS_FILE = "backbone.weights.h5"
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "colours, shapes, count, background); writes backbone.weights.h5 for prepare/train --encoder_weights.",
     )
     p.add_argument("--output", required=True, help="directory for backbone.weights.h5 and report.json")
-    p.add_argument("--encoder", default="small_cnn", choices=ENCODERS)
+    p.add_argument("--encoder", default=DEFAULT_ENCODER, choices=ENCODERS)
     p.add_argument("--image_size", type=int, default=128)
     p.add_argument("--small_cnn_grid", type=int, default=4,
                    help="small_cnn: side of the pooled feature grid (default 4; 3 matches the scenes' 3x3 layout)")
