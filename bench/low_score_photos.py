@@ -3,9 +3,9 @@
     python bench/low_score_photos.py --run RUN_DIR [--model flickr8k] [--percentile 5] [--ood 64]
                                      [--out bench/results/low_score_flickr8k.json]
 
-RUN_DIR is a finished run of the job, with its default decode settings, over photos the
-model never trained on and no choice but this one looks at (jobs/train_flickr8k.sh
-captions the Flickr8k dev split: flickr8k_work/runs/run=attention-val). Rule: the
+RUN_DIR is a finished run of the job, with the model's default search, over photos it
+never trained on (jobs/train_flickr8k.sh captions the Flickr8k dev split with the shipped
+bundle: flickr8k_work/runs/run=shipped-val). Rule: the
 --percentile-th percentile of those captions' scores, rounded to 0.01, so that about that
 share of in-domain captions is flagged. Beside it, the model captions the package's sample
 photos and generated images unlike any photo (bench/low_score.py's noise, gradients,

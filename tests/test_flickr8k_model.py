@@ -51,11 +51,18 @@ def test_the_report_holds_every_metric_by_dataset_and_split():
         for decoder in ("attention", "show_and_tell"):
             assert set(METRICS) <= set(report["decoders"][decoder][split])
     kept = report["choice"]["kept"]
-    assert report["flickr8k"]["test"]["CIDEr-D"] == report["decoders"][kept]["test"]["CIDEr-D"]
-    # The choice looked at the dev split only.
+    assert set(report["decoders"]) == {"attention", "show_and_tell"} and kept in report["decoders"]
+    # The choices looked at the dev split only: the decoder, then its search settings.
     cider = report["choice"]["val_CIDEr-D"]
     assert kept == max(cider, key=cider.get)
-    assert report["decode"] == {"beam_size": 3, "length_normalization": 0.7, "max_length": 20, "num_alternatives": 3}
+    search = report["search"]["val_CIDEr-D"]
+    assert len(search) == 8 and report["search"]["chosen"] == max(search, key=search.get)
+    assert report["flickr8k"]["val"]["CIDEr-D"] == search[report["search"]["chosen"]]
+    # The shipped figures are the bundle's own search: the one decode.json gives the job.
+    with open(os.path.join(MODEL.path, "decode.json")) as f:
+        assert report["decode"] == json.load(f)
+    assert report["plain_decode"] == {"beam_size": 3, "length_normalization": 0.7, "max_length": 20,
+                                      "num_alternatives": 3}
 
 
 def test_the_card_gives_the_data_terms_licence_limits_and_the_reports_figures():
@@ -78,7 +85,9 @@ def test_the_sample_photos_get_distinct_captions_and_flags(tmp_path):
     records = [json.loads(line) for shard in sorted(run_dir.glob("captions-*.jsonl")) for line in open(shard)]
     captions = [r["caption"] for r in records]
     assert len(set(captions)) == len(captions)
-    assert all(r["decode"]["beam_size"] == 3 for r in records)
+    with open(os.path.join(MODEL.path, "decode.json")) as f:
+        shipped = json.load(f)
+    assert all(r["decode"] == shipped for r in records)
     # Flags follow the model's own threshold.
     for r in records:
         assert ("low_score" in r["flags"]) == (r["score"] < MODEL.low_score)
