@@ -17,6 +17,13 @@ def _requirements():
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 
+def _dataflow_requirements():
+    """The dataflow extra: requirements.txt's apache-beam with Beam's [gcp] extra (the
+    DataflowRunner's clients: Dataflow, BigQuery, Pub/Sub, ...), in the same range."""
+    (beam,) = [r for r in _requirements() if re.fullmatch(r"apache-beam\s*[<>=!~][^\[;]*", r)]
+    return ["apache-beam[gcp]" + beam[len("apache-beam"):]]
+
+
 def _data_packages():
     """Every directory of the bundled models and the sample images, each a package of data."""
     roots = [HERE / "batch_caption" / "models", HERE / "batch_caption" / "samples"]
@@ -59,6 +66,9 @@ setup(
         # The COCO metrics of `python -m batch_caption.evaluate` (about 100 MB with their jars).
         "evaluate": ["pycocoevalcap>=1.2,<1.3"],
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
+        # Submission to Google Cloud Dataflow (--runner=DataflowRunner, jobs/dataflow_caption.py).
+        # Local runs and gs:// paths need only the base install.
+        "dataflow": _dataflow_requirements(),
     },
     entry_points={"console_scripts": ["batch-caption=batch_caption.run:main"]},
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -79,6 +80,24 @@ def parse_with_pipeline_options(parser: argparse.ArgumentParser, argv: Sequence[
     if unknown:
         raise unknown_arguments(unknown, option_strings(parser) + option_strings(beam))
     return args, PipelineOptions(rest)
+
+
+def require_runner(options) -> None:
+    """Dataflow submission needs Beam's Google Cloud clients (apache-beam[gcp]), which
+    the base install leaves to the `dataflow` extra. Without them a Dataflow runner stops
+    here, in one line naming the extra, not after the job's set-up with Beam's ImportError.
+    The check imports the module Beam's DataflowRunner imports to submit a job."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    runner = options.view_as(StandardOptions).runner or ""
+    if "dataflow" not in runner.lower():  # Beam's own test for its "install apache_beam[gcp]" error
+        return
+    try:
+        importlib.import_module("apache_beam.runners.dataflow.internal.apiclient")
+    except ImportError as e:
+        logging.getLogger(__name__).debug("Dataflow's clients do not import", exc_info=True)
+        raise UsageError(f"--runner={runner} needs Beam's Google Cloud clients, which are not installed: install "
+                         "the dataflow extra (pip install -e '.[dataflow]' in a clone of batch_caption)") from e
 
 
 def one_line(e: BaseException) -> str:

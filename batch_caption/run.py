@@ -7,7 +7,8 @@ last, manifest.json; then OUTPUT/LATEST names the run. With no input flags it ca
 the bundled model's sample images into ./captions/ (batch_caption/bundled.py).
 Exit codes: 0 the run completed (per-image errors are data, in errors-*.jsonl);
 2 bad flags / missing model / input matching nothing / another run holds the output's
-lock / a gs:// path without Google Cloud credentials (nothing was started); 1 the pipeline itself failed (a listing that failed, say);
+lock / a gs:// path without Google Cloud credentials / a Dataflow runner without the
+dataflow extra (nothing was started); 1 the pipeline itself failed (a listing that failed, say);
 3 the run completed but more than --max_failed_fraction of its inputs failed (LATEST
 stays where it was).
 """
@@ -186,6 +187,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     config, options = parse(argv)
     check_remote_paths(config, options)
+    cli.require_runner(options)
     gcs.require_credentials([*config.inputs, *config.input_lists, config.output, config.model])
     gcs.configure_for_emulator()
     model_id, model_config, model_decode = check_model(config.model)

@@ -4,7 +4,8 @@
 A thin launcher: it only assembles the command line of `python -m batch_caption.run`
 (DataflowRunner, project/region, temp/staging locations, worker sizing, GPUs, the
 setup file that installs this package - bundled models included - on the workers) and
-runs it in this process. Run it from a checkout (it needs the repo's setup.py):
+runs it in this process. Run it from a checkout (it needs the repo's setup.py) installed
+with the dataflow extra, `pip install -e '.[dataflow]'` (Beam's Google Cloud clients):
 
     python jobs/dataflow_caption.py --project my-proj --region us-central1 \\
         --input 'gs://bucket/photos/**' --output gs://bucket/captions [--model NAME|gs://bucket/models/m] \\

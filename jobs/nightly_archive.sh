@@ -12,7 +12,8 @@
 # Environment: ARCHIVE (file, glob, directory or gs:// prefix) and OUT: required.
 #   RUN_ID   default nightly-$(date -u +%Y%m%d)
 #   PYTHON   interpreter with batch_caption installed (default: python on PATH)
-#   PROJECT, REGION   set both to run on Dataflow (then ARCHIVE and OUT must be gs://)
+#   PROJECT, REGION   set both to run on Dataflow (then ARCHIVE and OUT must be gs://, and
+#            PYTHON's batch_caption needs the dataflow extra: pip install -e '.[dataflow]')
 #   DRY_RUN=1   print the command instead of running it
 # Without PROJECT it runs here on the in-memory DirectRunner: one process, whose read-ahead
 # threads and TensorFlow use every core. A night is mostly listing and the catalog join,

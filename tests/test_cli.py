@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 from helpers import evaluate_main
@@ -81,3 +82,54 @@ def test_a_typo_on_the_command_line_shows_no_beam_warning(tmp_path):
     assert done.stderr == ("batch_caption.run: error: unknown options --outptu (did you mean --output?), "
                            "--beam-size (did you mean --beam_size?); see --help\n")
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- Dataflow without its extra
+
+APICLIENT = "apache_beam.runners.dataflow.internal.apiclient"
+
+
+@pytest.fixture
+def no_dataflow_extra(monkeypatch):
+    """A base install: Beam's Dataflow client (google-cloud-dataflow-client, from
+    apache-beam[gcp]) is missing, so importing Beam's submission module fails (None in
+    sys.modules makes it so); google-auth must not be asked for credentials either."""
+    import apache_beam.runners.dataflow.internal
+    import google.auth
+    import google.cloud
+
+    monkeypatch.delitem(sys.modules, APICLIENT, raising=False)
+    monkeypatch.delattr(apache_beam.runners.dataflow.internal, "apiclient", raising=False)
+    monkeypatch.setitem(sys.modules, "google.cloud.dataflow", None)
+    monkeypatch.delattr(google.cloud, "dataflow", raising=False)  # `from google.cloud import dataflow` looks here
+    monkeypatch.setattr(google.auth, "default", lambda *a, **k: pytest.fail("credentials looked up"))
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+
+
+@pytest.mark.parametrize("main, argv", [
+    (run.main, ["--runner=DataflowRunner", "--input", "gs://b/photos/", "--output", "gs://b/out"]),
+    (run.main, ["--runner", "dataflow", "--input", "gs://b/photos/", "--output", "gs://b/out", "--model", "scenes"]),
+    (prepare.main, ["--runner=DataflowRunner", "--source", "synthetic", "--output", "gs://b/data"]),
+], ids=["run", "run-short-name", "prepare"])
+def test_dataflow_without_its_extra_fails_in_one_line_before_any_work(main, argv, no_dataflow_extra, tmp_path,
+                                                                      capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert ": error: --runner=" in err and "needs Beam's Google Cloud clients, which are not installed" in err
+    assert "install the dataflow extra (pip install -e '.[dataflow]'" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_dataflow_check_passes_with_the_extra_and_ignores_other_runners(monkeypatch):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    monkeypatch.setitem(sys.modules, "google.cloud.dataflow", None)
+    monkeypatch.setitem(sys.modules, APICLIENT, None)  # no extra: only a Dataflow runner cares
+    for runner in ([], ["--runner=DirectRunner"], ["--runner=PrismRunner"]):
+        cli.require_runner(PipelineOptions(runner))
+    with pytest.raises(cli.UsageError, match=r"^--runner=TestDataflowRunner needs Beam's Google Cloud clients"):
+        cli.require_runner(PipelineOptions(["--runner=TestDataflowRunner"]))
+    monkeypatch.setitem(sys.modules, APICLIENT, types.ModuleType(APICLIENT))  # the extra installed
+    cli.require_runner(PipelineOptions(["--runner=DataflowRunner"]))

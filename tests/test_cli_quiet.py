@@ -178,6 +178,14 @@ def test_entry_points_leave_tensorflow_unimported():
     assert done.stdout.strip() == "[]"
 
 
+def test_importing_the_entry_points_prints_nothing():
+    """On the base install too: `import apache_beam` logs through the root logger when one
+    of its client libraries is missing (requirements.txt takes google-apitools for that)."""
+    done = subprocess.run([sys.executable, "-c", f"import {', '.join(ENTRY_POINTS)}"], capture_output=True,
+                          text=True, timeout=120, env=_clean_env())
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
 def test_verbose_is_accepted_on_the_command_line():
     done = subprocess.run([sys.executable, "-m", "batch_caption.evaluate", "--verbose", "--help"],
                           capture_output=True, text=True, timeout=120, env=_clean_env())

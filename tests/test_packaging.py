@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -163,6 +164,65 @@ def test_wheel_metadata_names_the_supported_pythons(wheel):
     prefix = "Classifier: Programming Language :: Python :: 3."
     minors = {ln.rsplit("::", 1)[1].strip() for ln in lines if ln.startswith(prefix)}
     assert minors == {"3.11", "3.12", "3.13"}
+
+
+# What Beam's Cloud Storage filesystem imports (apache_beam.io.gcp.gcsio, gcsfilesystem,
+# internal.gcp.auth), and apitools, whose absence `import apache_beam` logs: the part of
+# apache-beam[gcp] that the base install takes.
+GCS_PACKAGES = {"google-cloud-storage", "google-cloud-core", "google-api-core", "google-auth", "google-auth-httplib2",
+                "google-apitools"}
+
+
+def _requirements() -> list:
+    from packaging.requirements import Requirement
+
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    return [Requirement(ln) for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def _without_extra_marker(requirement) -> str:
+    """'name<spec; python_version < "3.13"' of a requirement, its `extra == ...` dropped."""
+    marker = str(requirement.marker or "")
+    marker = re.sub(r'\s*and\s+extra == "[^"]+"|extra == "[^"]+"\s*(and\s+)?', "", marker).strip()
+    return f"{requirement.name}{requirement.specifier}" + (f"; {marker}" if marker else "")
+
+
+def test_base_requirements_take_only_beams_gcs_part_of_its_gcp_extra():
+    """Beam itself without [gcp]; of [gcp], the GCS filesystem's packages, each in the range
+    and under the markers that Beam's [gcp] extra gives it (installed Beam's metadata)."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    reqs = _requirements()
+    (beam,) = [r for r in reqs if r.name == "apache-beam"]
+    assert not beam.extras, f"requirements.txt has apache-beam{sorted(beam.extras)}: that is the dataflow extra"
+    gcp = [r for r in map(Requirement, requires("apache-beam")) if 'extra == "gcp"' in str(r.marker or "")]
+    taken = sorted(str(r) for r in reqs if r.name in GCS_PACKAGES)
+    assert {r.name for r in reqs} & GCS_PACKAGES == GCS_PACKAGES
+    assert taken == sorted(_without_extra_marker(r) for r in gcp if r.name in GCS_PACKAGES)
+    assert not {r.name for r in reqs} & ({r.name for r in gcp} - GCS_PACKAGES), "more of [gcp] than GCS needs"
+
+
+def test_wheel_metadata_has_the_dataflow_extra(wheel):
+    """`dataflow` = apache-beam[gcp] in the base's Beam range; `test` leaves it out, so the
+    suite runs on the base install."""
+    from packaging.requirements import Requirement
+
+    with zipfile.ZipFile(wheel) as whl:
+        (name,) = [n for n in whl.namelist() if n.endswith(".dist-info/METADATA")]
+        lines = whl.read(name).decode().splitlines()
+    assert "Provides-Extra: dataflow" in lines
+    requires = [Requirement(ln.split(":", 1)[1].strip()) for ln in lines if ln.startswith("Requires-Dist:")]
+    by_extra: dict[str, list] = {}
+    for r in requires:
+        extra = re.search(r'extra == "([^"]+)"', str(r.marker or ""))
+        by_extra.setdefault(extra.group(1) if extra else "", []).append(r)
+    (base_beam,) = [r for r in by_extra[""] if r.name == "apache-beam"]
+    (dataflow,) = by_extra["dataflow"]
+    assert not base_beam.extras and dataflow.name == "apache-beam" and dataflow.extras == {"gcp"}
+    assert dataflow.specifier == base_beam.specifier
+    assert not [r for r in by_extra["test"] if r.name == "apache-beam"]
 
 
 def test_sdist_for_dataflow_setup_file(wheel, work):

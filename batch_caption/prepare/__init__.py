@@ -104,6 +104,7 @@ def _prepare(argv: list[str] | None) -> tuple[PrepareConfig, tfrecord.DatasetInf
     from apache_beam.options.pipeline_options import StandardOptions
 
     config, options = parse(argv)
+    cli.require_runner(options)
     gcs.require_credentials([config.output, config.image_root, config.captions, config.encoder_weights,
                              *(f for _, f in config.splits)])
     gcs.configure_for_emulator()
