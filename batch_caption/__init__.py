@@ -1,4 +1,4 @@
-"""batch_caption: batch image captioning (Show and Tell) on Apache Beam."""
+"""batch_caption: batch image captioning (CNN encoder, LSTM decoder, beam search) on Apache Beam."""
 
 from batch_caption import quiet as _quiet
 

@@ -68,7 +68,8 @@ def parse_with_pipeline_options(parser: argparse.ArgumentParser, argv: Sequence[
     """argv -> (`parser`'s arguments, Beam PipelineOptions of the rest). A flag that
     neither `parser` nor any Beam option class knows raises UsageError; Beam itself would
     log "Discarding unparseable args" and go on without it."""
-    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+    # Beam's own parser class, private: the one way to learn every option its classes add.
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser  # noqa: PLC2701
 
     args, rest = parser.parse_known_args(argv)
     # What PipelineOptions.get_all_options parses with (its parser class registers

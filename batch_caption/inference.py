@@ -95,7 +95,8 @@ class CaptionModelHandler(_ImageBatchHandler):
             captioner.warm_up()
         return captioner
 
-    def run_inference(self, batch: Sequence[ImageExample], model, inference_args: dict | None = None) -> Iterable[PredictionResult]:
+    def run_inference(self, batch: Sequence[ImageExample], model,
+                      inference_args: dict | None = None) -> Iterable[PredictionResult]:
         if not self._load_seen:
             self._report_load(model)
         # Only methods: with --share_model, `model` is a proxy to another process.
@@ -143,7 +144,8 @@ class FeatureModelHandler(_ImageBatchHandler):
             backbone,
         )
 
-    def run_inference(self, batch: Sequence[ImageExample], model, inference_args: dict | None = None) -> Iterable[PredictionResult]:
+    def run_inference(self, batch: Sequence[ImageExample], model,
+                      inference_args: dict | None = None) -> Iterable[PredictionResult]:
         features = model.fn(self._stack(batch)).numpy()
         return [PredictionResult(e, f, self._config.encoder) for e, f in zip(batch, features)]
 

@@ -60,7 +60,8 @@ table{border-collapse:collapse;background:#fff}td,th{border:1px solid #ddd;paddi
 .missing{background:#f8d7da;color:#721c24;padding:1em .5em;text-align:center;margin-bottom:.5em}
 .caption{font-weight:600;margin:.2em 0}.score,.alt-score,.meta{color:#666}
 .alternatives{margin:.3em 0;padding-left:1.4em}
-.flags{margin:.3em 0;padding:0;list-style:none}.flag{display:inline-block;background:#fde2c8;color:#8a4b08;border-radius:3px;padding:0 .4em;margin:0 .3em .2em 0;font-size:.85em}
+.flags{margin:.3em 0;padding:0;list-style:none}
+.flag{display:inline-block;background:#fde2c8;color:#8a4b08;border-radius:3px;padding:0 .4em;margin:0 .3em .2em 0;font-size:.85em}
 .path{font-family:ui-monospace,monospace;font-size:.85em;overflow-wrap:anywhere;word-break:break-all}
 .errors td.message{max-width:40em;overflow-wrap:anywhere}
 """

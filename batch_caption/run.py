@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 
-from batch_caption import bundled, cli, files, gcs, image_formats, quiet, runs
+from batch_caption import bundled, cli, gcs, image_formats, quiet, runs
 from batch_caption import lock
 from batch_caption.cli import UsageError
 from batch_caption.job import JobConfig, build_pipeline

@@ -1,4 +1,4 @@
-"""Train a Show-and-Tell captioner on a prepared dataset: `python -m batch_caption.train`.
+"""Train a captioner (CNN encoder + LSTM decoder) on a prepared dataset: `python -m batch_caption.train`.
 
     python -m batch_caption.train --data DATASET --output TRAIN_DIR [options]
 
@@ -54,7 +54,8 @@ PROG = "python -m batch_caption.train"
 def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(
         prog=PROG,
-        description="Train a Show-and-Tell captioner (CNN encoder + LSTM decoder) on a prepared dataset with "
+        description="Train a captioner (CNN encoder + LSTM decoder: Show and Tell, or Show, Attend and Tell) on a "
+        "prepared dataset with "
         "tf.distribute; checkpoints, resume, TensorBoard; exports a model bundle.",
         epilog="Exit status: 0 done, 1 training failed, 2 bad flags/dataset, "
         f"{EXIT_PREEMPTED} stopped by SIGTERM/SIGINT after a checkpoint (rerun to resume).",

@@ -222,7 +222,8 @@ def main(argv=None) -> int:
     ):
         if paths:
             total = sum(os.path.getsize(x) for x in paths)
-            print(f"{label}: {len(paths)} files in {os.path.dirname(paths[0])}, {total / len(paths) / 1e6:.3f} MB each on average")
+            print(f"{label}: {len(paths)} files in {os.path.dirname(paths[0])}, "
+                  f"{total / len(paths) / 1e6:.3f} MB each on average")
     return 0
 
 

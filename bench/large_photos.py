@@ -73,7 +73,8 @@ def _decode_timing(paths: list[str], image_size: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=200, help="photos in the corpus (4000x3000 JPEG)")
-    p.add_argument("--rounds", type=int, default=3, help="runs of each mode, alternating (the ratio moves with the host's load: a median of 3)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="runs of each mode, alternating (the ratio moves with the host's load: a median of 3)")
     p.add_argument("--warmup", type=int, default=4, help="photos in the untimed warm-up run of each mode")
     p.add_argument("--batch_size", type=int, default=None, help="the job's --batch_size (default: the job's own)")
     p.add_argument("--root", default=None, help="corpus cache (default bench/.corpus)")

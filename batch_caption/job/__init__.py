@@ -47,9 +47,9 @@ def timed_phases() -> list[tuple[type, str, str]]:
 
     return [
         (match._MatchPatternFn, "process", "match"),
-        (read._HashFileFn, "_work", "hash (dedupe, pool threads)"),
+        (read.HashFileFn, "_work", "hash (dedupe, pool threads)"),
         (inference.CaptionModelHandler, "load_now", "model load + trace (its thread)"),
-        (read._ReadDecodeFn, "_work", "read + decode (pool threads)"),
+        (read.ReadDecodeFn, "_work", "read + decode (pool threads)"),
         (inference.CaptionModelHandler, "run_inference", "model, per batch"),
         (shards.WriteShardFn, "finish_bundle", "shards closed"),
         (write._WriteManifestFn, "process", "manifest"),

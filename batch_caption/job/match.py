@@ -210,7 +210,8 @@ class MatchImages(beam.PTransform):
             sources.append(
                 pbegin
                 | "CreateListFiles" >> beam.Create(self._lists)
-                | "ReadListFiles" >> beam.ParDo(_ReadPathListFn(self._run_id, self._report, self._output)).with_outputs(ERRORS, main="files")
+                | "ReadListFiles" >> beam.ParDo(_ReadPathListFn(self._run_id, self._report, self._output))
+                .with_outputs(ERRORS, main="files")
             )
         files = tuple(source.files for source in sources) | "FlattenFiles" >> beam.Flatten()
         if self._dedupe:

@@ -87,7 +87,7 @@ class _RefuseTooLargeFn(beam.DoFn):
             yield item
 
 
-class _HashFileFn(_FileFn):
+class HashFileFn(_FileFn):
     """SourceFile -> FileData without bytes (the file streamed through sha256), an error
     record (stage read), or a skip (tag 'skipped') when the content equals
     previous_sha256. What then goes through the dedupe shuffle is paths and hashes, never
@@ -139,7 +139,7 @@ class _KeyBySizeFn(beam.DoFn):
             yield f.size, f
 
 
-def _split_by_size(item):
+def split_by_size(item):
     """(size, files) -> the file alone when no other has its size (main output), or each
     file (tag 'same_size') to be hashed. The group is streamed, not listed: many files can
     share a size (copies of one file, uncompressed images of one shape)."""
@@ -162,7 +162,7 @@ def _merge_same_content(item) -> FileData:
     return FileData(tuple(s for d in group for s in d.sources), group[0].data, group[0].sha256)
 
 
-# What _ReadDecodeFn's pool thread makes of one file, one type per outcome. `file` never
+# What ReadDecodeFn's pool thread makes of one file, one type per outcome. `file` never
 # holds the bytes (a lookahead of big photos stays small); bytes_read counts first reads
 # only (a file read again after the dedupe shuffle was counted when hashed).
 class _Unreadable(NamedTuple):
@@ -190,7 +190,7 @@ class _Decoded(NamedTuple):
     bytes_read: int
 
 
-class _ReadDecodeFn(_FileFn):
+class ReadDecodeFn(_FileFn):
     """FileData, SourceFile or path -> ImageExample, or an error record (stage read or
     decode) for each of its paths, or a skip (tag 'skipped') when a file not hashed before
     has the content of its previous_sha256.
@@ -318,13 +318,13 @@ class ReadImages(beam.PTransform):
             by_size = (
                 keyed.sized
                 | "GroupSameSize" >> beam.GroupByKey()
-                | "SplitBySize" >> beam.ParDo(_split_by_size).with_outputs("same_size", main="unique")
+                | "SplitBySize" >> beam.ParDo(split_by_size).with_outputs("same_size", main="unique")
             )
             same_size = by_size.same_size
             if self._spread:  # one size group comes out on one worker
                 same_size = same_size | "SpreadSameSize" >> beam.Reshuffle()
             to_hash = (same_size, keyed.unknown_size) | "FlattenToHash" >> beam.Flatten()
-            hash_fn = _HashFileFn(self._max_bytes, self._run_id, 2 * self._threads, 16 * self._threads)
+            hash_fn = HashFileFn(self._max_bytes, self._run_id, 2 * self._threads, 16 * self._threads)
             hashed = to_hash | "HashFiles" >> beam.ParDo(hash_fn).with_outputs(ERRORS, "skipped", main="data")
             to_decode = (
                 by_size.unique,
@@ -336,7 +336,7 @@ class ReadImages(beam.PTransform):
             errors.append(hashed[ERRORS])
             skipped.append(hashed.skipped)
         decoded = to_decode | "ReadAndDecode" >> beam.ParDo(
-            _ReadDecodeFn(self._config, self._max_bytes, self._run_id, self._threads, self._lookahead)
+            ReadDecodeFn(self._config, self._max_bytes, self._run_id, self._threads, self._lookahead)
         ).with_outputs(ERRORS, "skipped", main="images")
         errors = (*errors, decoded[ERRORS]) | "FlattenReadErrors" >> beam.Flatten()
         if skipped:

@@ -145,7 +145,8 @@ class TrainConfig:
         need(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         need(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}")
-        need(self.lr_schedule in LR_SCHEDULES, f"--lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        need(self.lr_schedule in LR_SCHEDULES,
+             f"--lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         need(0 <= self.warmup_steps < self.steps, f"--warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
         need(0.0 <= self.final_lr_ratio <= 1.0, f"--final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
         need(

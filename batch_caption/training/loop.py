@@ -92,7 +92,8 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(**objects)
         # Chief: the real directory. Others: a private one (deleted by close()); they must
         # still save, because saving distributed variables may run collectives.
-        self._temp_dir = None if role.is_chief else tempfile.mkdtemp(prefix=f"batch_caption-train-{role.task_type}{role.task_id}-")
+        self._temp_dir = None if role.is_chief else tempfile.mkdtemp(
+            prefix=f"batch_caption-train-{role.task_type}{role.task_id}-")
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, config.checkpoint_dir if role.is_chief else self._temp_dir, max_to_keep=config.keep_checkpoints
         )
@@ -115,7 +116,8 @@ class Trainer:
         encoder_ids = {id(v) for v in self.encoder_vars}
         self.decoder_vars = [v for v in model.trainable_variables if id(v) not in encoder_ids]
         # BatchNorm moving statistics: updated per replica by Keras, averaged by the step.
-        self.state_vars = [v for v in backbone.non_trainable_variables if v.dtype in ("float16", "bfloat16", "float32", "float64")]
+        floats = ("float16", "bfloat16", "float32", "float64")
+        self.state_vars = [v for v in backbone.non_trainable_variables if v.dtype in floats]
         backbone.trainable = self.encoder_start == 0
         self.model = model
 

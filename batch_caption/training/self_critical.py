@@ -245,8 +245,8 @@ class SelfCriticalTrainer:
             self.best_checkpoint.write(files.join(self.config.output, "best", "weights"))
             best = {"step": step, "cider_d": score, "split": self.config.eval_split}
             files.write_bytes(files.join(self.config.output, BEST_NAME), json.dumps(best, indent=2, sort_keys=True).encode())
-        self.log(f"eval step {step}: {self.config.eval_split} CIDEr-D {score:.4f}"
-                 f"{' (best so far, kept)' if kept else ' (best: ' + format(best['cider_d'], '.4f') + ' at step ' + str(best['step']) + ')'}")
+        note = "best so far, kept" if kept else f"best: {best['cider_d']:.4f} at step {best['step']}"
+        self.log(f"eval step {step}: {self.config.eval_split} CIDEr-D {score:.4f} ({note})")
         return score
 
     def run(self) -> dict:

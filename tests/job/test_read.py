@@ -20,7 +20,7 @@ from PIL import Image
 from batch_caption import images
 from batch_caption.job import ERRORS, ReadImages
 from batch_caption.job.elements import FileData, SourceFile, as_source
-from batch_caption.job.read import _HashFileFn, _ReadDecodeFn, _split_by_size
+from batch_caption.job.read import HashFileFn, ReadDecodeFn, split_by_size
 from batch_caption.job.readahead import ReadAheadFn
 
 
@@ -30,7 +30,7 @@ def test_a_decode_error_is_kept_without_a_reference_cycle(tmp_path):
     # GC frees, and not at all if a first model load has the GC off and freezes.
     path = tmp_path / "broken.jpg"
     path.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 200)
-    fn = _ReadDecodeFn(images.ImageConfig(image_size=8), 1 << 20, "r", threads=0)
+    fn = ReadDecodeFn(images.ImageConfig(image_size=8), 1 << 20, "r", threads=0)
     fn.setup()
     enabled = gc.isenabled()
     gc.disable()
@@ -79,9 +79,9 @@ def test_decoding_ahead_in_threads_keeps_order_windows_and_errors():
     files.insert(2, _file_data("broken", b"not an image at all"))
     files.insert(5, _file_data("empty", b""))
     config = images.ImageConfig(image_size=16)
-    inline = [_summary(o) for o in _run_bundle(_ReadDecodeFn(config, 1 << 20, "r", threads=0), files)]
+    inline = [_summary(o) for o in _run_bundle(ReadDecodeFn(config, 1 << 20, "r", threads=0), files)]
     # lookahead 3 < 8 files: outputs leave both from process and from finish_bundle.
-    ahead = [_summary(o) for o in _run_bundle(_ReadDecodeFn(config, 1 << 20, "r", threads=2, lookahead=3), files)]
+    ahead = [_summary(o) for o in _run_bundle(ReadDecodeFn(config, 1 << 20, "r", threads=2, lookahead=3), files)]
     assert ahead == inline
     assert [s[1][0] for s in ahead] == [f.sources[0].path for f in files]  # input order
     for i, (tag, what, timestamp, windows) in enumerate(ahead):
@@ -91,7 +91,7 @@ def test_decoding_ahead_in_threads_keeps_order_windows_and_errors():
 
 
 def test_a_bug_while_decoding_ahead_fails_the_bundle():
-    fn = _ReadDecodeFn(images.ImageConfig(image_size=16), 1 << 20, "r", threads=1, lookahead=4)
+    fn = ReadDecodeFn(images.ImageConfig(image_size=16), 1 << 20, "r", threads=1, lookahead=4)
     bad = FileData((SourceFile("x"),), "text, not bytes", "0" * 64)  # TypeError: a bug, not data
     with pytest.raises(TypeError):
         _run_bundle(fn, [bad])
@@ -112,7 +112,7 @@ def test_decoding_ahead_gives_each_window_its_own_output():
             | beam.Create([(i, f) for i, f in enumerate(files)])
             | beam.Map(lambda kv: beam.window.TimestampedValue(kv[1], kv[0]))
             | beam.WindowInto(beam.window.SlidingWindows(size=2, period=1))  # 2 windows each
-            | beam.ParDo(_ReadDecodeFn(images.ImageConfig(image_size=8), 1 << 20, "r", threads=2, lookahead=2))
+            | beam.ParDo(ReadDecodeFn(images.ImageConfig(image_size=8), 1 << 20, "r", threads=2, lookahead=2))
             | beam.ParDo(Where())
         )
         assert_that(decoded, equal_to([(f"img{i}", float(start)) for i in range(4) for start in (i - 1, i)]))
@@ -121,8 +121,8 @@ def test_decoding_ahead_gives_each_window_its_own_output():
 
 def test_split_by_size_streams_groups_and_keeps_every_file():
     a, b, c = (SourceFile(f"/x/{n}", 10) for n in "abc")
-    assert list(_split_by_size((10, iter([a])))) == [a]  # any iterable, no len() needed
-    out = list(_split_by_size((10, iter([a, b, c]))))
+    assert list(split_by_size((10, iter([a])))) == [a]  # any iterable, no len() needed
+    out = list(split_by_size((10, iter([a, b, c]))))
     assert [(o.tag, o.value) for o in out] == [("same_size", f) for f in (a, b, c)]
 
 
@@ -135,7 +135,7 @@ def test_dedupe_shuffles_hashes_not_bytes_and_reads_each_content_once(tmp_path):
     paths = sorted(str(p) for p in tmp_path.iterdir())
 
     # The hashing read keeps no bytes: only paths and hashes go through the GroupByKey.
-    hashed = [o.value for o in _run_bundle(_HashFileFn(1 << 20, "r"), [SourceFile(paths[0])])]
+    hashed = [o.value for o in _run_bundle(HashFileFn(1 << 20, "r"), [SourceFile(paths[0])])]
     assert hashed[0].data is None and hashed[0].sha256 == hashlib.sha256(data.getvalue()).hexdigest()
 
     config = images.ImageConfig(image_size=32)
@@ -202,7 +202,7 @@ def test_many_read_threads_decode_at_most_max_decodes_at_once(monkeypatch):
     b = io.BytesIO()
     Image.fromarray(varied_images(1, 20, seed=3)[0]).save(b, format="PNG")
     files = [_file_data(f"img{i}", b.getvalue()) for i in range(12)]
-    fn = _ReadDecodeFn(images.ImageConfig(image_size=8), 1 << 20, "r", threads=6, lookahead=12, max_decodes=2)
+    fn = ReadDecodeFn(images.ImageConfig(image_size=8), 1 << 20, "r", threads=6, lookahead=12, max_decodes=2)
     out = _run_bundle(fn, files)
     assert [o.value.path for o in out] == [f.sources[0].path for f in files]
     assert peak[0] == 2
