@@ -6,8 +6,9 @@
                                         unchanged files unread, count deleted ones
       -> ReadImages       (read.py)     ImageExample (decoded, resized) | error | skip
       -> CaptionImages    (caption.py)  RunInference -> caption record | error record
-      -> WriteRun         (write.py)    captions-*.jsonl, errors-*.jsonl, catalog-*.parquet
-                                        (this run's rows + carried ones), manifest.json last
+      -> WriteRun         (write.py)    every sink (sinks.py): captions-*.jsonl, errors-*.jsonl,
+                                        catalog-*.parquet (this run's rows + carried ones),
+                                        any other; manifest.json last
 
 Every matched path leaves as exactly one caption record, error record or skip: each DoFn
 either yields its output or yields an error record, and inference failures come back
@@ -30,12 +31,13 @@ from batch_caption.job.elements import ERRORS, NAMESPACE, ImageExample, SourceFi
 from batch_caption.job.match import MatchImages
 from batch_caption.job.read import ReadImages
 from batch_caption.job.select import SelectChanged, Settings
+from batch_caption.job.sinks import Shards, Sink
 from batch_caption.job.tallies import count, each
 from batch_caption.job.write import RunInfo, WriteRun
 
 __all__ = [
     "ERRORS", "NAMESPACE", "CaptionImages", "ImageExample", "JobConfig", "MatchImages", "ReadImages", "RunInfo",
-    "SelectChanged", "SourceFile", "WriteRun", "build_pipeline", "timed_phases",
+    "SelectChanged", "Shards", "Sink", "SourceFile", "WriteRun", "build_pipeline", "timed_phases",
 ]
 
 
