@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 
 import apache_beam as beam
 
@@ -59,12 +60,13 @@ def timed_phases() -> list[tuple[type, str, str]]:
 
 
 def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, single_process: bool,
-                   baseline=None):
+                   baseline=None, sinks: Sequence[Sink] = ()):
     """Adds the whole job to `pipeline`; returns the manifest PCollection.
 
     single_process: the runner runs everything in this process (the in-memory
       DirectRunner): the progress line can count, and no work needs spreading.
     baseline: with --incremental, what to compare with (runs.Baseline).
+    sinks: outputs besides the run's own shards and catalog (job/sinks.py).
     """
     if config.batch_size is None:
         config = dataclasses.replace(config, batch_size=default_batch_size(image_size))
@@ -119,4 +121,4 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
         "not_image": matched["not_image"],
         "tallies": tallies,
     }
-    return outputs | "WriteRun" >> WriteRun(info, single_process)
+    return outputs | "WriteRun" >> WriteRun(info, single_process, sinks)

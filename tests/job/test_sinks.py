@@ -12,7 +12,7 @@ import apache_beam as beam
 import pytest
 
 from batch_caption import files, records, runs
-from batch_caption.job import ERRORS, RunInfo, Sink, WriteRun
+from batch_caption.job import ERRORS, RunInfo, Sink, WriteRun, build_pipeline
 from batch_caption.job import carry, shards, sinks
 
 
@@ -98,6 +98,27 @@ def test_a_sink_that_fails_fails_the_run_and_no_manifest_is_written(tmp_path, wh
         _write_run(run_dir, [Summary("summary", run_dir, fail=where)])
     assert not os.path.exists(os.path.join(run_dir, records.MANIFEST_NAME))
     assert not os.path.exists(os.path.join(run_dir, "summary.json"))
+
+
+def test_the_job_takes_extra_sinks(tiny_bundle, tmp_path):
+    """build_pipeline's sinks=: the whole job, one more output."""
+    from helpers import varied_images
+    from PIL import Image
+
+    from batch_caption import run
+    from batch_caption.job.preflight import check_model, resolve_inputs
+
+    for i, px in enumerate(varied_images(2, 32)):
+        Image.fromarray(px).save(tmp_path / f"{i}.png")
+    config, options = run.parse(["--input", str(tmp_path / "*.png"), "--output", str(tmp_path / "out"),
+                                 "--model", tiny_bundle, "--run_id", "s"])
+    config = resolve_inputs(config)
+    model_id, model_config, _ = check_model(config.model)
+    with beam.Pipeline(options=options) as p:
+        build_pipeline(p, config, model_id, model_config.image_size, True, sinks=[Summary("summary", config.run_dir)])
+    manifest = runs.read_run(config.run_dir).manifest
+    assert manifest["files"]["summary"] == ["summary.json"] and manifest["counts"]["captioned"] == 2
+    assert json.loads(files.read_bytes(os.path.join(config.run_dir, "summary.json"))) == {"captions": 2}
 
 
 def test_sinks_need_plain_distinct_names(tmp_path):
