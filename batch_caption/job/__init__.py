@@ -6,8 +6,9 @@
                                         unchanged files unread, count deleted ones
       -> ReadImages       (read.py)     ImageExample (decoded, resized) | error | skip
       -> CaptionImages    (caption.py)  RunInference -> caption record | error record
-      -> WriteRun         (write.py)    captions-*.jsonl, errors-*.jsonl, catalog-*.parquet
-                                        (this run's rows + carried ones), manifest.json last
+      -> WriteRun         (write.py)    every sink (sinks.py): captions-*.jsonl, errors-*.jsonl,
+                                        catalog-*.parquet (this run's rows + carried ones),
+                                        any other; manifest.json last
 
 Every matched path leaves as exactly one caption record, error record or skip: each DoFn
 either yields its output or yields an error record, and inference failures come back
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 
 import apache_beam as beam
 
@@ -30,12 +32,13 @@ from batch_caption.job.elements import ERRORS, NAMESPACE, ImageExample, SourceFi
 from batch_caption.job.match import MatchImages
 from batch_caption.job.read import ReadImages
 from batch_caption.job.select import SelectChanged, Settings
+from batch_caption.job.sinks import Shards, Sink
 from batch_caption.job.tallies import count, each
 from batch_caption.job.write import RunInfo, WriteRun
 
 __all__ = [
     "ERRORS", "NAMESPACE", "CaptionImages", "ImageExample", "JobConfig", "MatchImages", "ReadImages", "RunInfo",
-    "SelectChanged", "SourceFile", "WriteRun", "build_pipeline", "timed_phases",
+    "SelectChanged", "Shards", "Sink", "SourceFile", "WriteRun", "build_pipeline", "timed_phases",
 ]
 
 
@@ -57,12 +60,13 @@ def timed_phases() -> list[tuple[type, str, str]]:
 
 
 def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, single_process: bool,
-                   baseline=None):
+                   baseline=None, sinks: Sequence[Sink] = ()):
     """Adds the whole job to `pipeline`; returns the manifest PCollection.
 
     single_process: the runner runs everything in this process (the in-memory
       DirectRunner): the progress line can count, and no work needs spreading.
     baseline: with --incremental, what to compare with (runs.Baseline).
+    sinks: outputs besides the run's own shards and catalog (job/sinks.py).
     """
     if config.batch_size is None:
         config = dataclasses.replace(config, batch_size=default_batch_size(image_size))
@@ -117,4 +121,4 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
         "not_image": matched["not_image"],
         "tallies": tallies,
     }
-    return outputs | "WriteRun" >> WriteRun(info, single_process)
+    return outputs | "WriteRun" >> WriteRun(info, single_process, sinks)

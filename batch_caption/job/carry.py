@@ -17,6 +17,9 @@ import numpy as np
 from batch_caption import catalog, gcs
 from batch_caption.job.elements import CatalogRef, SourceFile, counter
 
+# BuildCatalog's outputs, the catalog's rows by where they come from.
+ROWS = ("captioned_rows", "carried_rows", "failed_rows", "inline_rows")
+
 
 class _CarryFromCatalogFn(beam.DoFn):
     """(file index, [(row numbers, mtimes now)]) -> those rows of that catalog file, as
@@ -91,9 +94,9 @@ def _failed_row(record, model: str, decode: dict[str, Any]):
 
 
 class BuildCatalog(beam.PTransform):
-    """{"captions", "errors", "skipped", "carry"} -> {"captioned", "failed", "carried",
-    "inline"}: the catalog's rows by where they come from (dicts of catalog.COLUMNS, or
-    Arrow tables of carried rows), each written by a writer of its own.
+    """{"captions", "errors", "skipped", "carry"} -> {ROWS}: the catalog's rows by where
+    they come from (dicts of catalog.COLUMNS, or Arrow tables of carried rows), each
+    written by a writer of its own.
 
     Args:
       catalog_files: the earlier catalog's files, which CatalogRef.file indexes.
@@ -120,4 +123,4 @@ class BuildCatalog(beam.PTransform):
             | "GroupByCatalogFile" >> beam.GroupByKey()
             | "CarryRows" >> beam.ParDo(_CarryFromCatalogFn(self._catalog))
         )
-        return {"captioned": new[0], "failed": new[1], "carried": carried, "inline": skips.inline}
+        return {"captioned_rows": new[0], "failed_rows": new[1], "carried_rows": carried, "inline_rows": skips.inline}

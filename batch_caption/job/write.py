@@ -1,10 +1,11 @@
-"""WriteRun: records and catalog rows -> the run's shards, then its manifest, last.
+"""WriteRun: the run's records -> its sinks (shards, catalog, ...), then its manifest, last.
 
 captions-*.jsonl and errors-*.jsonl hold this run's records; catalog-*.parquet the whole
-archive as of this run (job/carry.py). Every bundle writes a shard file of its own
-(job/shards.py); the manifest step names the files of the bundles that completed and
-writes the manifest last, so a run directory with a manifest is complete. The manifest's
-counts come from the records themselves, not from metrics.
+archive as of this run (job/carry.py). Each output is a Sink (job/sinks.py): every bundle
+writes what it has, and the manifest step, which waits for every sink, has each sink
+publish what it wrote and writes the manifest last, naming it, so a run directory with a
+manifest is complete. The manifest's counts come from the records themselves, not from
+metrics.
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import apache_beam as beam
 
-from batch_caption import catalog, files, gcs, progress, quality, records
+from batch_caption import files, gcs, progress, quality, records
 from batch_caption.job.carry import BuildCatalog
 from batch_caption.job.elements import ERRORS
+from batch_caption.job.shards import remove_temp_dir
+from batch_caption.job.sinks import Sink, run_sinks
 from batch_caption.job.tallies import count, each
-from batch_caption.job.shards import WriteShardFn, publish_shards, remove_temp_dir, temp_dir_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,18 +43,20 @@ class RunInfo:
 
 
 class _WriteManifestFn(beam.DoFn):
-    def __init__(self, info: RunInfo):
+    """The one trigger element -> the manifest, written last; side inputs: the summed
+    tallies, then what each sink wrote, in the order of `sinks`."""
+
+    def __init__(self, info: RunInfo, sinks: Sequence[Sink]):
         self._info = info
+        self._sinks = tuple(sinks)
 
     def setup(self):
         gcs.configure_for_emulator()
 
-    def process(self, _, caption_files, error_files, catalog_files, tallies):
+    def process(self, _, tallies, *written):
         info = self._info
-        caption_files = publish_shards(info.run_dir, "captions", caption_files)
-        error_files = publish_shards(info.run_dir, "errors", error_files)
-        catalog_files = publish_shards(info.run_dir, catalog.CATALOG_PREFIX, catalog_files, "parquet")
-        remove_temp_dir(info.run_dir)
+        listed = {sink.name: sink.publish(list(w)) for sink, w in zip(self._sinks, written, strict=True)}
+        remove_temp_dir(info.run_dir)  # with what failed attempts of any sink left there
         tally = {key: n for key, n in tallies}  # (kind, name) -> count; absent = 0
         n_captions = tally.get(("captioned", ""), 0)
         failed = {name: n for (kind, name), n in tally.items() if kind == "failed"}
@@ -86,11 +91,7 @@ class _WriteManifestFn(beam.DoFn):
             },
             "options": info.options,
             "previous_runs": list(info.previous_runs),
-            "files": {
-                "captions": sorted(files.basename(f) for f in caption_files),
-                "errors": sorted(files.basename(f) for f in error_files),
-                "catalog": sorted(files.basename(f) for f in catalog_files),
-            },
+            "files": listed,
             "start_time": _iso(info.start_time),
             "end_time": _iso(ended),
             "end_seconds": round(ended, 6),  # orders runs that end within one second
@@ -109,34 +110,34 @@ def _iso(t: float) -> str:
 
 class WriteRun(beam.PTransform):
     """{"captions", "errors", "skipped", "carry", "read", "links_skipped", "not_image",
-    "tallies"} -> the run's shards and catalog, then the manifest (the PCollection of its
-    one dict).
+    "tallies"} -> what every sink writes, then the manifest (the PCollection of its one
+    dict).
 
     "skipped" are SourceFiles found unchanged one by one and "carry" batched references
     to the rows of files skipped unread (both carried forward); "read" the files this run
     reads; "links_skipped" and "not_image" paths the listing passed over; "tallies"
     ((kind, name), n) counts from the stages (matched, skipped, deleted).
+    sinks: outputs besides the run's own (sinks.run_sinks), each listed in the manifest
+      under its name, after every sink completed.
     With `report_progress` the tallies feed this process's progress line: every matched
     path counts once.
     """
 
-    def __init__(self, info: RunInfo, report_progress: bool = False):
+    def __init__(self, info: RunInfo, report_progress: bool = False, sinks: Sequence[Sink] = ()):
         super().__init__()
         self._info = info
         self._report = report_progress
+        self._sinks = run_sinks(info.run_dir) + tuple(sinks)
+        names = [sink.name for sink in self._sinks]
+        if len(set(names)) < len(names):
+            raise ValueError(f"two sinks share a name: {names}")
 
     def expand(self, outputs):
         info = self._info
-        temp_dir = temp_dir_of(info.run_dir)
-        caption_files = outputs["captions"] | "WriteCaptions" >> beam.ParDo(WriteShardFn(temp_dir, "captions"))
-        error_files = outputs[ERRORS] | "WriteErrors" >> beam.ParDo(WriteShardFn(temp_dir, "errors"))
-        # One writer per kind of row, each fused with what makes its rows: a Flatten in
-        # front of one writer would hold a whole run's rows in memory on the in-memory runner.
+        # The catalog's rows once, for whichever sinks write them.
         rows = outputs | "BuildCatalog" >> BuildCatalog(info.previous_catalog, info.model, info.decode)
-        catalog_files = tuple(
-            rows[kind] | f"Write{kind.title()}Rows" >> beam.ParDo(WriteShardFn(temp_dir, catalog.CATALOG_PREFIX, "parquet"))
-            for kind in sorted(rows)
-        ) | "FlattenCatalogFiles" >> beam.Flatten()
+        inputs = {**outputs, **rows}
+        written = [inputs | sink.label >> sink.write() for sink in self._sinks]
         # Every count of the manifest from one combine over (kind, name) keys: each
         # transform is a fixed cost of pipeline construction and stage setup on every run.
         report = self._report
@@ -158,11 +159,9 @@ class WriteRun(beam.PTransform):
             | "ManifestTrigger" >> beam.Impulse()  # one element, so the manifest is written once
             | "WriteManifest"
             >> beam.ParDo(
-                _WriteManifestFn(info),
-                beam.pvalue.AsList(caption_files),
-                beam.pvalue.AsList(error_files),
-                beam.pvalue.AsList(catalog_files),
+                _WriteManifestFn(info, self._sinks),
                 beam.pvalue.AsList(tallies),
+                *(beam.pvalue.AsList(w) for w in written),
             )
         )
 
