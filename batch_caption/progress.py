@@ -5,17 +5,17 @@ metrics until the pipeline has finished, so there the stages count as they go: m
 adds the total (each distinct path once), writing adds each finished image. In memory
 they run in the driver's process and feed its Reporter (one per process, shared by the
 DoFn instances in it). The multi-processing DirectRunner runs them in worker processes:
-before the pipeline runs the driver opens a `Channel`, a private temporary directory
-named to the workers in their environment (CHANNEL; progress_channel.py); a worker's
-`reporter()` is then a `Sender`, which draws nothing and appends what it counted (digests of the matched paths,
-finished images by kind) as one JSON line to a file of its own, at most every
-SEND_INTERVAL seconds and at exit; a driver thread tails the files into the Reporter,
-taking whole lines only (a line a crashed worker left half written is never read), and
-the directory goes when the run ends, however it ends. A runner whose `run()` returns
-while the job runs elsewhere (Dataflow, Flink, Spark) is followed from the driver
-instead: `follow` polls the job's Beam counters (matched; captioned, failed_*, skipped)
-into the Reporter. Only the driver draws; the run's summary line comes from the
-manifest, the same on every runner.
+before the pipeline runs the driver opens a `Channel` (progress_channel.py), a private
+temporary directory named to the workers in their environment (CHANNEL); a worker's
+`reporter()` is then a `Sender`, which draws nothing and appends what it counted
+(digests of the matched paths, finished images by kind) as one JSON line to a file of
+its own, at most every SEND_INTERVAL seconds and at exit; a driver thread tails the
+files into the Reporter, taking whole lines only (a line a crashed worker left half
+written is never read), and the directory goes when the run ends, however it ends. A
+runner whose `run()` returns while the job runs elsewhere (Dataflow, Flink, Spark) is
+followed from the driver instead: `follow` polls the job's Beam counters (matched;
+captioned, failed_*, skipped) into the Reporter. Only the driver draws; the run's
+summary line comes from the manifest, the same on every runner.
 
 On a terminal (stderr a TTY, TERM not dumb) the Reporter draws a rich progress bar:
 count / total (once known), rate and ETA; elsewhere it prints a line every `interval`

@@ -12,8 +12,10 @@ import time
 
 import pytest
 from apache_beam.runners.runner import PipelineState
+from helpers import varied_images
+from PIL import Image
 
-from batch_caption import progress
+from batch_caption import progress, run
 from batch_caption.progress import Reporter
 from batch_caption.progress_channel import CHANNEL, Channel, Sender, path_digest
 
@@ -188,3 +190,33 @@ def test_the_channel_goes_however_the_run_ends(monkeypatch):
                 f.write('{"captioned": 1}\n')
             raise RuntimeError("pipeline failed")
     assert not os.path.exists(channel.directory) and os.environ[CHANNEL] == "/an/outer/run"
+
+
+@pytest.mark.slow
+def test_multi_processing_workers_report_through_the_driver(tiny_bundle, tmp_path, monkeypatch, capfd):
+    # Plain lines (not a terminal), one per count: the driver prints them, fed by the two
+    # worker processes, before the summary; the workers print none, and the channel goes.
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, px in enumerate(varied_images(5, 64, seed=3)):
+        Image.fromarray(px).save(src / f"{i}.png")
+    channels = []
+    enter = Channel.__enter__
+    monkeypatch.setattr(Channel, "__enter__", lambda self: channels.append(enter(self)) or self)
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 0.0)
+    shown = io.StringIO()
+    monkeypatch.setattr("sys.stdout", shown)
+    monkeypatch.setattr("sys.stderr", shown)
+    code = run.main(["--input", str(src), "--input", str(src / "0.png"), "--output", str(tmp_path / "out"),
+                     "--model", tiny_bundle, "--run_id", "mp", "--batch_size", "2",
+                     "--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    lines = shown.getvalue().splitlines()
+    assert code == 0, lines
+    assert lines[-1].startswith("run=mp: 5 inputs, 5 captioned, 0 failed in ")
+    counted = [line for line in lines if re.match(r"\[batch_caption\] \d+/5 images captioned", line)]
+    assert counted and lines.index(counted[0]) < len(lines) - 1
+    assert counted[-1].startswith("[batch_caption] 5/5 images captioned") and "ETA 0 s" in counted[-1]
+    assert not ANSI.search(shown.getvalue())
+    assert "[batch_caption]" not in capfd.readouterr().err  # no worker drew anything
+    [channel] = channels
+    assert not os.path.exists(channel.directory) and CHANNEL not in os.environ
