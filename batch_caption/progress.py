@@ -1,13 +1,21 @@
 """The run's progress: a bar on a terminal, a plain line at an interval in logs.
 
 Where the counts come from depends on the runner. Beam's DirectRunner gives the driver no
-metrics until the pipeline has finished, so in memory the stages report from inside the
-process (one Reporter per process, shared by the DoFn instances in it): matching adds
-the total, writing adds each finished image. A runner whose `run()` returns while the
-job runs elsewhere (Dataflow, Flink, Spark) is followed from the driver instead: `follow`
-polls the job's Beam counters (matched; captioned, failed_*, skipped) into the Reporter.
-The multi-processing DirectRunner runs the pipeline inside `run()` and answers metrics
-only at the end: there the final summary alone reports.
+metrics until the pipeline has finished, so there the stages count as they go: matching
+adds the total (each distinct path once), writing adds each finished image. In memory
+they run in the driver's process and feed its Reporter (one per process, shared by the
+DoFn instances in it). The multi-processing DirectRunner runs them in worker processes:
+before the pipeline runs the driver opens a `Channel` (progress_channel.py), a private
+temporary directory named to the workers in their environment (CHANNEL); a worker's
+`reporter()` is then a `Sender`, which draws nothing and appends what it counted
+(digests of the matched paths, finished images by kind) as one JSON line to a file of
+its own, at most every SEND_INTERVAL seconds and at exit; a driver thread tails the
+files into the Reporter, taking whole lines only (a line a crashed worker left half
+written is never read), and the directory goes when the run ends, however it ends. A
+runner whose `run()` returns while the job runs elsewhere (Dataflow, Flink, Spark) is
+followed from the driver instead: `follow` polls the job's Beam counters (matched;
+captioned, failed_*, skipped) into the Reporter. Only the driver draws; the run's
+summary line comes from the manifest, the same on every runner.
 
 On a terminal (stderr a TTY, TERM not dumb) the Reporter draws a rich progress bar:
 count / total (once known), rate and ETA; elsewhere it prints a line every `interval`
@@ -21,11 +29,13 @@ import sys
 import threading
 import time
 
+from batch_caption.progress_channel import CHANNEL, Sender
+
 LOG_INTERVAL = 15.0  # seconds between plain lines in logs
 POLL_INTERVAL = 5.0  # seconds between metric queries of a remote job
 
 _lock = threading.Lock()
-_reporter: "Reporter | None" = None
+_reporter: "Reporter | Sender | None" = None
 
 
 def on_terminal(stream) -> bool:
@@ -41,13 +51,13 @@ class Reporter:
     the first ETAs of a long job many times too long.
 
     bar: draw a progress bar (default: when `stream` is a terminal); else a line every
-    `interval` seconds.
+    `interval` seconds (default LOG_INTERVAL).
     """
 
-    def __init__(self, total: int | None = None, interval: float = LOG_INTERVAL, stream=None, clock=time.monotonic,
+    def __init__(self, total: int | None = None, interval: float | None = None, stream=None, clock=time.monotonic,
                  bar: bool | None = None):
         self.total = total
-        self.interval = interval
+        self.interval = LOG_INTERVAL if interval is None else interval
         self.stream = stream or sys.stderr
         self.by_kind: dict[str, int] = {}  # "captioned", "failed", "skipped" -> count
         self._expected: set[str] = set()  # paths counted in total
@@ -189,17 +199,19 @@ def follow(result, query, reporter: Reporter, interval: float = POLL_INTERVAL):
         reporter.set_counts(*counts_from_metrics(counters))
 
 
-def reporter() -> Reporter:
-    """This process's reporter (created on first use; the total grows with `expect`)."""
+def reporter() -> "Reporter | Sender":
+    """This process's reporter (created on first use; the total grows with `expect`): a
+    Sender in a worker process of a driver's Channel, else a Reporter."""
     global _reporter
     with _lock:
         if _reporter is None:
-            _reporter = Reporter()
+            channel = os.environ.get(CHANNEL)
+            _reporter = Sender(channel) if channel else Reporter()
         return _reporter
 
 
 def reset() -> Reporter:
-    """Starts a fresh count (the driver calls this before each run)."""
+    """Starts a fresh count, drawn by this process (the driver calls this before each run)."""
     global _reporter
     with _lock:
         _reporter = Reporter()

@@ -16,6 +16,7 @@ stays where it was).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -199,9 +200,10 @@ def run(argv: list[str] | None = None) -> dict:
     standard = options.view_as(StandardOptions)
     if not standard.runner:
         standard.runner = "DirectRunner"
-    single_process = standard.runner in ("DirectRunner", "BundleBasedDirectRunner") and (
-        options.view_as(DirectOptions).direct_running_mode in (None, "in_memory")
-    )
+    direct = standard.runner in ("DirectRunner", "BundleBasedDirectRunner")
+    mode = options.view_as(DirectOptions).direct_running_mode
+    single_process = direct and mode in (None, "in_memory")
+    worker_processes = direct and mode == "multi_processing"  # they send the driver their counts
     progress.reset()
     try:
         output_lock = lock.OutputLock(config.output, config.run_id).acquire(config.break_lock)
@@ -210,13 +212,16 @@ def run(argv: list[str] | None = None) -> dict:
     except Exception as e:  # each filesystem raises its own types (OSError, BeamIOError, GCS errors)
         raise UsageError(f"--output {config.output}: cannot write there: {e}") from e
     try:
-        return _run_locked(config, options, model_id, model_config, single_process)
+        return _run_locked(config, options, model_id, model_config, single_process, worker_processes)
     finally:
         output_lock.release()
 
 
-def _run_locked(config: JobConfig, options, model_id: str, model_config, single_process: bool) -> dict:
-    """The run, once this process holds the output's lock."""
+def _run_locked(config: JobConfig, options, model_id: str, model_config, single_process: bool,
+                worker_processes: bool) -> dict:
+    """The run, once this process holds the output's lock. worker_processes: the stages
+    run in worker processes of this run (the multi-processing DirectRunner), whose counts
+    reach the progress line through a progress_channel.Channel."""
     import apache_beam as beam
 
     from batch_caption.job.shards import remove_stale_temp_dirs
@@ -238,11 +243,14 @@ def _run_locked(config: JobConfig, options, model_id: str, model_config, single_
         raise UsageError(f"--output {config.output}: cannot read or clear the earlier runs there: {e}") from e
     started = time.time()
     from batch_caption import progress
+    from batch_caption.progress_channel import Channel
 
     pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, config, model_id, model_config.image_size, single_process, baseline)
+    build_pipeline(pipeline, config, model_id, model_config.image_size, single_process, baseline,
+                   report_progress=single_process or worker_processes)
     try:
-        result = pipeline.run()
+        with Channel(progress.reporter()) if worker_processes else contextlib.nullcontext():
+            result = pipeline.run()
         progress.follow(result, job_metrics, progress.reporter())  # a remote job: from its counters
     finally:
         progress.reporter().close()

@@ -60,14 +60,19 @@ def timed_phases() -> list[tuple[type, str, str]]:
 
 
 def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, single_process: bool,
-                   baseline=None, sinks: Sequence[Sink] = ()):
+                   baseline=None, sinks: Sequence[Sink] = (), report_progress: bool | None = None):
     """Adds the whole job to `pipeline`; returns the manifest PCollection.
 
     single_process: the runner runs everything in this process (the in-memory
-      DirectRunner): the progress line can count, and no work needs spreading.
+      DirectRunner): no work needs spreading.
     baseline: with --incremental, what to compare with (runs.Baseline).
     sinks: outputs besides the run's own shards and catalog (job/sinks.py).
+    report_progress: the stages count for the progress line (progress.reporter());
+      default: single_process. Also where worker processes send the driver their counts
+      (the multi-processing DirectRunner, progress.py).
     """
+    if report_progress is None:
+        report_progress = single_process
     if config.batch_size is None:
         config = dataclasses.replace(config, batch_size=default_batch_size(image_size))
     if config.low_score_threshold is None:
@@ -91,14 +96,14 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
 
     incremental = config.incremental and baseline is not None
     matched = pipeline | "MatchImages" >> MatchImages(
-        config.inputs, config.input_lists, config.run_id, single_process, dedupe_paths=not incremental,
-        output=config.output, images=config.image_files)
+        config.inputs, config.input_lists, config.run_id, report_progress, dedupe_paths=not incremental,
+        output=config.output, images=config.image_files, spread_pieces=not single_process)
     to_read, skipped, carry = matched["files"], [], []
     if incremental:
         settings = Settings(model_id, catalog.decode_key(decode.to_dict()), config.incremental_any_model)
         selected = to_read | "SelectChanged" >> SelectChanged(
             baseline.catalog_files, settings, config.retry_failed, baseline.legacy_caption_files, baseline.end_times,
-            baseline.catalog_rows, single_process, unlistable=matched["unlistable"], not_image=matched["not_image"])
+            baseline.catalog_rows, report_progress, unlistable=matched["unlistable"], not_image=matched["not_image"])
         to_read, skipped, carry = selected["files"], [selected["skipped"]], [selected["carry"]]
         tallies = selected["tallies"]
     else:
@@ -121,4 +126,4 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
         "not_image": matched["not_image"],
         "tallies": tallies,
     }
-    return outputs | "WriteRun" >> WriteRun(info, single_process, sinks)
+    return outputs | "WriteRun" >> WriteRun(info, report_progress, sinks)

@@ -144,9 +144,9 @@ def _not_regular(path: str) -> str | None:
 
 
 def _expect(paths) -> None:
-    # On the in-memory DirectRunner all matching ends (DedupePaths is a GroupByKey) before
-    # any file is read, in this process: the progress line then knows the total, each
-    # distinct path once, as DedupePaths keeps it.
+    # On the DirectRunner all matching ends (DedupePaths is a GroupByKey) before any file
+    # is read: the progress line then knows the total, each distinct path once, as
+    # DedupePaths keeps it (the driver counts the digests that worker processes send once).
     progress.reporter().expect(paths)
 
 
@@ -165,18 +165,21 @@ class MatchImages(beam.PTransform):
     Args:
       patterns: file paths, globs or recursive directory globs ("dir/**"), any scheme.
       list_files: text files of paths, one a line.
-      report_progress: give this process's progress line the matched paths (its total);
-        only where matching runs in the driver's process (the in-memory DirectRunner).
+      report_progress: give the progress line the matched paths (its total); only on the
+        DirectRunner, where matching ends before any file is read (progress.py).
       dedupe_paths: keep one SourceFile per path (a path two inputs name is read once);
         off where the next stage groups by path anyway (SelectChanged).
       output: the job's output: nothing under it is an input (not listed, and dropped
         from globs and list files).
       images: which files that patterns list are inputs (list files' paths all are).
+      spread_pieces: reshuffle a tree's subtrees over the workers before listing them
+        (default: unless report_progress; off where one process runs everything).
     """
 
     def __init__(self, patterns, list_files, run_id: str, report_progress: bool = False, dedupe_paths: bool = True,
-                 output: str | None = None, images: ImageFiles = ImageFiles()):
+                 output: str | None = None, images: ImageFiles = ImageFiles(), spread_pieces: bool | None = None):
         super().__init__()
+        self._spread = not report_progress if spread_pieces is None else spread_pieces
         self._output = output
         self._images = images
         self._dedupe = dedupe_paths
@@ -198,7 +201,7 @@ class MatchImages(beam.PTransform):
                     ERRORS, "pieces", "links_skipped", "unlistable", "not_image", main="files")
             )
             pieces = matched.pieces
-            if not self._report:  # spread the subtrees over the workers (one process: no need)
+            if self._spread:  # spread the subtrees over the workers (one process: no need)
                 pieces = pieces | "SpreadPieces" >> beam.Reshuffle()
             listed = pieces | "ListPieces" >> beam.ParDo(_ListPieceFn(*args)).with_outputs(
                 ERRORS, "links_skipped", "unlistable", "not_image", main="files")
