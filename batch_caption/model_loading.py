@@ -1,6 +1,7 @@
 """Loading a model on a worker: in the background, once per process, with the GC frozen after.
 
     BackgroundLoad               a load in a thread of its own; callers wait for it
+    work_ahead                   this process has images coming: pending loads start
     ModelLoadError               a failed load: the run fails, no image is blamed
     gc_frozen_after_first_load   the process's first load runs without the cyclic GC
     quiet_beam_memory_warning    drops a Beam warning repeated on every model load
@@ -77,6 +78,25 @@ class ModelLoadError(RuntimeError):
     """The model failed to load: the run fails; no image is blamed for it."""
 
 
+# A process's loads wait for the first sign of work (`work_ahead`): a run with nothing to
+# caption (an incremental night without changes) then never loads the model at all.
+_work = threading.Event()
+_pending: list["BackgroundLoad"] = []
+_pending_lock = threading.Lock()
+
+
+def work_ahead() -> None:
+    """Says this process is about to caption images (the job's readers call it on their
+    first file): the loads waiting for work start now, later ones at once."""
+    if _work.is_set():
+        return
+    with _pending_lock:
+        _work.set()
+        pending, _pending[:] = list(_pending), []
+    for load in pending:
+        load.begin()
+
+
 class _LoadAttempt:
     """One run of a BackgroundLoad's load function."""
 
@@ -98,7 +118,9 @@ class BackgroundLoad:
     every DoFn of a fused stage before the first element: reading and decoding would wait
     for the whole load (mostly Python: building and tracing, leaving other cores idle).
     Returned from `load_model` at once, this lets the decode threads fill the first
-    batches while the model is built and traced.
+    batches while the model is built and traced. The load starts with the process's first
+    file to read (`work_ahead`), or with the first wait, whichever comes first: a run
+    that reads nothing never loads.
 
     A failed load raises ModelLoadError from the methods that wait;
     `job.caption.FailedBatchToErrorsFn` lets that error fail the bundle instead of turning
@@ -116,7 +138,19 @@ class BackgroundLoad:
         self._lock = threading.Lock()
         self._attempts = 0
         self._reported = False
-        self._attempt = self._start()
+        self._attempt: _LoadAttempt | None = None
+        with _pending_lock:
+            waiting = not _work.is_set()
+            if waiting:
+                _pending.append(self)
+        if not waiting:
+            self.begin()
+
+    def begin(self) -> None:
+        """Starts the load unless it has started."""
+        with self._lock:
+            if self._attempt is None:
+                self._attempt = self._start()
 
     def _start(self) -> _LoadAttempt:
         attempt = _LoadAttempt()
@@ -138,6 +172,8 @@ class BackgroundLoad:
 
     def _wait(self) -> _LoadAttempt:
         with self._lock:
+            if self._attempt is None:  # a caller needs the model before any file was read
+                self._attempt = self._start()
             attempt = self._attempt
             if attempt.failed_and_raised() and self._attempts < self.MAX_ATTEMPTS:
                 attempt = self._attempt = self._start()

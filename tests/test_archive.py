@@ -624,3 +624,35 @@ def test_a_full_disk_fails_with_the_error_last_and_the_next_run_cleans_up(tiny_b
     assert run.main(base + ["--run_id", "next"]) == 0
     assert not list(out.glob("run=*/_temporary"))
     assert runs.read_latest(str(out)) == "next"
+
+
+_NIGHT = """
+import json, sys
+from batch_caption import run
+manifest = run.run(sys.argv[1:])
+print(json.dumps({"counts": manifest["counts"], "tensorflow": "tensorflow" in sys.modules}))
+"""
+
+
+def test_a_night_without_changes_never_loads_the_model(tiny_bundle, tmp_path):
+    """The model loads with the first file read: a night that reads nothing does not even
+    import TensorFlow; a night with one new file loads it and captions that file."""
+    import subprocess
+    import sys
+
+    src, out = tmp_path / "archive", str(tmp_path / "out")
+    _write_pngs(src, [f"{i}.png" for i in range(4)], seed=1)
+    base = ["--input", str(src), "--output", out, "--model", tiny_bundle, "--incremental"]
+    assert run.run(base + ["--run_id", "r1"])["counts"]["captioned"] == 4
+
+    def night(run_id):
+        done = subprocess.run([sys.executable, "-c", _NIGHT, *base, "--run_id", run_id], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    quiet = night("r2")
+    assert quiet["counts"]["read"] == 0 and quiet["counts"]["carried"] == 4 and not quiet["tensorflow"]
+    _write_pngs(src, ["new.png"], seed=2)
+    busy = night("r3")
+    assert busy["counts"]["captioned"] == 1 and busy["tensorflow"]

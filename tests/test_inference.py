@@ -46,6 +46,35 @@ class _Model:
         return "m1"
 
 
+@pytest.fixture()
+def no_file_read_yet(monkeypatch):
+    """This process as it is before its first file read (model_loading.work_ahead)."""
+    monkeypatch.setattr(model_loading, "_work", threading.Event())
+    monkeypatch.setattr(model_loading, "_pending", [])
+
+
+def test_a_load_waits_for_the_first_file_read(no_file_read_yet):
+    calls = []
+
+    def load():
+        calls.append(threading.current_thread().name)
+        return _Model()
+
+    waiting = model_loading.BackgroundLoad(load)
+    threading.Event().wait(0.2)
+    assert calls == []  # no file read: nothing loads
+    model_loading.work_ahead()
+    assert waiting.get_model_id() == "m1" and calls == ["batch_caption-model-load"]
+    model_loading.BackgroundLoad(load).result()  # after the first read, a new load starts at once
+    assert len(calls) == 2
+
+
+def test_a_caller_starts_a_load_before_any_file_was_read(no_file_read_yet):
+    loading = model_loading.BackgroundLoad(_Model)
+    assert loading.get_model_id() == "m1" and loading.wait_load() >= 0
+    assert not model_loading._work.is_set()
+
+
 def test_load_model_returns_before_the_load_ends_and_methods_wait_for_it():
     handler = _GatedHandler(model=_Model())
     loading = handler.load_model()  # would block forever if it loaded in this thread

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import apache_beam as beam
 
-from batch_caption import gcs, images, records
+from batch_caption import gcs, images, model_loading, records
 from batch_caption.job import file_reads
 from batch_caption.job.cpus import available_cpus
 from batch_caption.job.elements import ERRORS, FileData, ImageExample, SourceFile, as_source, counter
@@ -42,6 +42,10 @@ class _FileFn(ReadAheadFn):
         self._bytes_read = counter("bytes_read")
         self._failed_read = counter("failed_read")
         self._skipped = counter("skipped")
+
+    def process(self, element, windowed=beam.DoFn.WindowedValueParam, _window=beam.DoFn.WindowParam):
+        model_loading.work_ahead()  # a file to read: images to caption soon, the model may load
+        yield from super().process(element, windowed, _window)
 
     def _read_errors(self, sources, error, message=None):
         """One error record (stage read) per path holding the file."""
