@@ -104,10 +104,13 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, int, int, str]:
-    """Runs cmd -> (wall seconds, peak RSS of its process tree, exit code, stderr tail)."""
+def timed(cmd: list[str], env: dict, cwd: str) -> tuple[float, int, int, str]:
+    """Runs cmd in `cwd` -> (wall seconds, peak RSS of its process tree, exit code, stderr tail).
+
+    `cwd` must lie outside the repository: `python -m` puts the working directory first on
+    sys.path, ahead of PYTHONPATH, which would run this tree's package for the baseline."""
     started = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, done = 0, threading.Event()
 
     def sample():
@@ -143,7 +146,7 @@ def run_side(name: str, side: dict, archive: str, night: int) -> dict:
     run_id = f"night{night:02d}"
     cmd = nightly_command(side["script"], archive, side["out"], run_id, [])
     env = c.child_env(side["root"])
-    wall, peak, code, err = timed(cmd, env)
+    wall, peak, code, err = timed(cmd, env, cwd=os.path.dirname(side["out"]))
     if code != 0:
         raise SystemExit(f"{name} night {night} failed (rc {code}):\n{err}")
     counts = read_manifest(side["out"], run_id)["counts"]
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     c.add_out_flags(p, "archive_nightly")
     args = p.parse_args(argv)
-    work = args.work or tempfile.mkdtemp(prefix="archive_nightly-")
+    work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="archive_nightly-"))
     try:
         sides = {"tree": {"root": c.REPO, "script": os.path.join(c.REPO, "jobs", "nightly_archive.sh"),
                           "out": os.path.join(work, "out-tree")}}
