@@ -290,11 +290,15 @@ def summary(manifest: dict) -> str:
     c = manifest["counts"]
     rate = c["inputs"] / manifest["elapsed_seconds"] if manifest.get("elapsed_seconds") else 0.0
     failed = ", ".join(f"{s} {n}" for s, n in c["failed_by_stage"].items() if n)
-    not_images = c.get("skipped_not_image", 0)
+    notes = []
+    if c.get("skipped", 0):  # incremental: the files already captioned, carried as they were
+        notes.append(f"{c['skipped']:,} unchanged")
+    if c.get("skipped_not_image", 0):
+        notes.append(f"{c['skipped_not_image']:,} non-image files skipped")
     return (
         f"run={manifest['run_id']}: {c['inputs']:,} inputs, {c['captioned']:,} captioned, {c['failed']:,} failed"
         f"{f' ({failed})' if failed else ''} in {manifest.get('elapsed_seconds', 0):.1f} s ({rate:.1f} img/s), "
-        f"model {manifest['model']}{f'; {not_images:,} non-image files skipped' if not_images else ''}"
+        f"model {manifest['model']}{''.join(f'; {n}' for n in notes)}"
     )
 
 

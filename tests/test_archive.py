@@ -653,6 +653,8 @@ def test_a_night_without_changes_never_loads_the_model(tiny_bundle, tmp_path):
 
     quiet = night("r2")
     assert quiet["counts"]["read"] == 0 and quiet["counts"]["carried"] == 4 and not quiet["tensorflow"]
+    line = run.summary({"run_id": "r2", "counts": quiet["counts"], "elapsed_seconds": 1.0, "model": "m"})
+    assert line.startswith("run=r2: 0 inputs, 0 captioned, 0 failed") and line.endswith("model m; 4 unchanged")
     _write_pngs(src, ["new.png"], seed=2)
     busy = night("r3")
     assert busy["counts"]["captioned"] == 1 and busy["tensorflow"]
