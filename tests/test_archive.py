@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -256,7 +257,8 @@ def test_names_that_are_not_utf8_are_captioned_and_round_trip(tiny_bundle, tmp_p
     # The next incremental run finds them all unchanged.
     again = run.run(["--input", str(src), "--output", out, "--model", tiny_bundle, "--run_id", "u2", "--incremental"])
     assert again["counts"]["carried"] == 4 and again["counts"]["read"] == 0
-    assert data
+    assert (src / "plain.png").read_bytes() == data  # the input is left as it was
+    assert _catalog(out, "u2")["plain.png"]["sha256"] == hashlib.sha256(data).hexdigest()
 
 
 @pytest.mark.parametrize("where", ["local", "gcs"])

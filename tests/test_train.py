@@ -184,7 +184,8 @@ def test_training_stream_is_seeded(images_dataset):
         ds = data_input.make_dataset(files, info, 4, training=True, seed=seed, bucket_width=0)
         return [b["targets"].numpy().tolist() for b in ds.take(3)]
 
-    assert first_targets(1) == first_targets(1) != first_targets(2)
+    one, again, other = first_targets(1), first_targets(1), first_targets(2)
+    assert one == again != other
 
 
 # --- loss normalisation, clipping, schedule ---------------------------------------------

@@ -136,6 +136,16 @@ def test_beam_of_two_beats_greedy_on_constructed_case():
     assert captions(greedy_r, 0) == [(a, END)]
     assert captions(beam_r, 0) == [(b, END), (a, END)]
     np.testing.assert_allclose(np.exp(beam_r.logprobs.numpy()[0]), [0.36, 0.24], rtol=1e-5)
+    # Each hypothesis keeps 2 of its 3 next tokens (pruning), yet the beam's best is the
+    # optimum of a brute force over every caption of up to 5 tokens.
+    def prob(seq):
+        p, prev = 1.0, START
+        for tok in seq:
+            p, prev = p * table[prev].get(tok, 0.0), tok
+        return p
+    every = [s + (END,) for n in range(5) for s in itertools.product((a, b), repeat=n)]
+    every += list(itertools.product((a, b), repeat=5))
+    assert max(every, key=prob) == (b, END) != captions(greedy_r, 0)[0]
 
 
 def test_top_k_selection_keeps_the_most_probable_words():
@@ -212,3 +222,78 @@ def test_min_words_forbids_an_early_end():
     assert captions(beam_search(model.step_tf, tf.zeros([1, 1]), **kw), 0)[0] == (END,)
     r = beam_search(model.step_tf, tf.zeros([1, 1]), min_words=1, **kw)
     assert captions(r, 0) == [(3, END), (4, END)]
+
+
+def reference_beam(model, h0, k, max_length, alpha, n):
+    """The beam search the module docstring describes, in plain Python over model.step_np,
+    always run to max_length (no early stop): each alive hypothesis proposes its k best next
+    tokens, finishing ones (END, or any at max_length) join the finished, the k best others
+    stay alive. Returns the n best finished as (score, logprob, tokens), best first."""
+    alive = [((), 0.0, h0)]
+    finished = []
+    for t in range(max_length):
+        candidates = []
+        for seq, logp, h in alive:
+            step_logp, h2 = model.step_np(seq[-1] if seq else START, h)
+            for tok in sorted(range(model.vocab), key=lambda x: (-step_logp[x], x))[:k]:
+                candidates.append((seq + (tok,), logp + step_logp[tok], h2))
+        ending = [c for c in candidates if c[0][-1] == END or t == max_length - 1]
+        finished += [(lp / len(s) ** alpha, lp, s) for s, lp, _ in ending if np.isfinite(lp)]
+        alive = sorted((c for c in candidates if c not in ending), key=lambda c: -c[1])[:k]
+    return sorted(finished, key=lambda f: -f[0])[:n]
+
+
+class CountingSteps:
+    """model.step_tf, counting the steps the search takes (the search runs eagerly here)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, tokens, h):
+        self.calls += 1
+        return self.model.step_tf(tokens, h)
+
+
+def test_pruning_beam_matches_a_reference_beam_and_stops_early_only_when_it_may():
+    """beam_size < vocabulary: prefixes are pruned, so exhaustive search is no reference;
+    a plain-Python beam restricted the same way and run to max_length is."""
+    max_length, k, n = 5, 2, 2
+    misses_optimum = stopped_early = 0
+    for seed in range(8):
+        model = TinyRnn(vocab=7, hidden=4, seed=seed)  # 4 words and END: k=2 prunes
+        h0 = np.random.default_rng(200 + seed).normal(size=(1, 4)).astype(np.float32)
+        for alpha in (0.0, 0.7):
+            steps = CountingSteps(model)
+            result = beam_search(steps, tf.constant(h0), start_id=START, end_id=END, beam_size=k,
+                                 max_length=max_length, num_results=n, alpha=alpha)
+            ref = reference_beam(model, h0[0], k, max_length, alpha, n)
+            assert captions(result, 0) == [s for _, _, s in ref], (seed, alpha)
+            np.testing.assert_allclose(result.scores.numpy()[0], [sc for sc, _, _ in ref], rtol=1e-4)
+            np.testing.assert_allclose(result.logprobs.numpy()[0], [lp for _, lp, _ in ref], rtol=1e-4)
+            assert 1 <= steps.calls <= max_length
+            stopped_early += steps.calls < max_length
+            if alpha == 0.0:
+                best = exhaustive(model, h0[0], max_length, alpha)[0][2]
+                misses_optimum += captions(result, 0)[0] != best
+    # The seeds cover both cases: a beam of 2 misses the exhaustive optimum (pruning bites),
+    # and the search stops before max_length.
+    assert misses_optimum and stopped_early
+
+
+def test_early_stop_returns_what_running_to_max_length_returns():
+    # END is likely at once: after step 1 no alive prefix (log-prob <= log 0.3) can beat the
+    # finished (END,) at log 0.6, so one step is taken of 12.
+    a, b, c = 3, 4, 5
+    dist = {END: 0.6, a: 0.3, b: 0.07, c: 0.03}
+    model = TableModel({START: dist, a: dist, b: dist, c: dist}, vocab=6)
+    steps = CountingSteps(model)
+    r = beam_search(steps, tf.zeros([1, 1]), start_id=START, end_id=END, beam_size=2, max_length=12)
+    assert steps.calls == 1
+    assert captions(r, 0) == [(END,)]
+    np.testing.assert_allclose(np.exp(r.logprobs.numpy()[0]), [0.6], rtol=1e-6)
+    # Two results: (a, END) at 0.18 must be found too, so the search goes on one step more.
+    steps = CountingSteps(model)
+    r = beam_search(steps, tf.zeros([1, 1]), start_id=START, end_id=END, beam_size=2, num_results=2, max_length=12)
+    assert steps.calls == 2
+    assert captions(r, 0) == [(END,), (a, END)]
+    np.testing.assert_allclose(np.exp(r.logprobs.numpy()[0]), [0.6, 0.18], rtol=1e-6)
