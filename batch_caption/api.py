@@ -68,9 +68,7 @@ class Settings:
 
     def decode_for(self, model_decode: DecodeConfig | None) -> DecodeConfig:
         """The search settings: these over the model's defaults (None: DecodeConfig's)."""
-        return (model_decode or DecodeConfig()).overridden(
-            beam_size=self.beam_size, max_length=self.max_caption_length, num_alternatives=self.num_alternatives,
-            length_normalization=self.length_normalization, forbid_unknown=self.forbid_unknown)
+        return (model_decode or DecodeConfig()).with_flags(self)
 
     def image_config(self, size: int) -> images.ImageConfig:
         return images.ImageConfig(image_size=size, max_image_pixels=self.max_image_pixels, draft=self.draft)
@@ -99,8 +97,8 @@ def _verified(model: str | None) -> tuple[str, int, DecodeConfig | None]:
 
     gcs.configure_for_emulator()
     path = _bundle_path(model)
-    manifest, config = bundle.verify_bundle(path)
-    return manifest["bundle_id"], config.image_size, bundle.decode_defaults(path, manifest)
+    manifest, config, decode = bundle.verify_bundle_with_defaults(path)
+    return manifest["bundle_id"], config.image_size, decode
 
 
 def image_size(model: str | None = None) -> int:

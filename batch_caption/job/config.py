@@ -9,7 +9,7 @@ from batch_caption import files, image_formats, records
 from batch_caption.cli import UsageError
 from batch_caption.job import cpus
 from batch_caption.job.image_files import ImageFiles
-from batch_caption.model.config import DecodeConfig
+from batch_caption.model.config import MAX_BEAM_SIZE, DecodeConfig
 
 # Local reads are cheap, so local inputs get one thread per CPU: more threads than cores
 # gain nothing, fewer leave cores idle where decoding is the bottleneck (large photos).
@@ -89,24 +89,12 @@ class JobConfig:
         """Raises ValueError for search flags no model accepts; once the model's defaults are
         known (`model_decode`), for flags that do not fit them either (a larger n-best than
         the model's beam)."""
-        if self.model_decode is not None:
-            self.decode  # noqa: B018
-            return
-        beam = self.beam_size if self.beam_size is not None else 64  # the widest any model may have
-        DecodeConfig(beam, 20 if self.max_caption_length is None else self.max_caption_length,
-                     min(beam, 3) if self.num_alternatives is None else self.num_alternatives,
-                     0.7 if self.length_normalization is None else self.length_normalization)
+        (self.model_decode or DecodeConfig(beam_size=MAX_BEAM_SIZE)).with_flags(self)
 
     @property
     def decode(self) -> DecodeConfig:
         """The search settings of this run: its flags over the model's defaults."""
-        return (self.model_decode or DecodeConfig()).overridden(
-            beam_size=self.beam_size,
-            max_length=self.max_caption_length,
-            num_alternatives=self.num_alternatives,
-            length_normalization=self.length_normalization,
-            forbid_unknown=self.forbid_unknown,
-        )
+        return (self.model_decode or DecodeConfig()).with_flags(self)
 
     @property
     def image_files(self) -> ImageFiles:

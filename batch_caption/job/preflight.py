@@ -98,8 +98,7 @@ def check_model(path: str) -> tuple[str, Any, Any]:
         raise UsageError(f"--model {path}: no such bundle directory, nor a bundled model "
                          f"({', '.join(bundled.BUNDLED)})")
     try:
-        manifest, config = bundle.verify_bundle(path)
-        decode = bundle.decode_defaults(path, manifest)
+        manifest, config, decode = bundle.verify_bundle_with_defaults(path)
     except (bundle.BundleError, OSError) as e:
         raise UsageError(f"--model {path}: {e}") from e
     return manifest["bundle_id"], config, decode

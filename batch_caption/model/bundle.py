@@ -253,15 +253,13 @@ def read_manifest(path: str) -> dict:
 def verify_bundle(path: str) -> tuple[dict, ModelConfig]:
     """Checks every file of the bundle at `path` and its id without building the model (no
     TensorFlow work): returns (bundle.json contents, ModelConfig). Raises BundleError."""
+    return verify_bundle_with_defaults(path)[:2]
+
+
+def verify_bundle_with_defaults(path: str) -> tuple[dict, ModelConfig, DecodeConfig | None]:
+    """`verify_bundle`, and the bundle's search defaults (decode.json; None without one)."""
     manifest, contents = _read_verified(path)
-    return manifest, _parse_config(path, contents[CONFIG])
-
-
-def decode_defaults(path: str, manifest: dict) -> DecodeConfig | None:
-    """The search defaults of the (verified) bundle at `path`: its decode.json, or None."""
-    if DECODE not in manifest["files"]:
-        return None
-    return _parse_decode(path, _read_checked(path, DECODE, manifest["files"][DECODE]))
+    return manifest, _parse_config(path, contents[CONFIG]), _decode_of(path, contents)
 
 
 def read_bundle(path: str) -> BundleFiles:
@@ -278,8 +276,7 @@ def read_bundle(path: str) -> BundleFiles:
         raise BundleError(f"model bundle file {files.join(path, VOCAB)} is invalid: {e}") from e
     if len(vocabulary) != config.vocab_size:
         raise BundleError(f"model bundle {path}: vocab.json has {len(vocabulary)} tokens, config.json says {config.vocab_size}")
-    decode = _parse_decode(path, contents[DECODE]) if DECODE in contents else None
-    return BundleFiles(path, manifest, config, vocabulary, contents[WEIGHTS], decode)
+    return BundleFiles(path, manifest, config, vocabulary, contents[WEIGHTS], _decode_of(path, contents))
 
 
 def _read_verified(path: str) -> tuple[dict, dict[str, bytes]]:
@@ -291,9 +288,11 @@ def _read_verified(path: str) -> tuple[dict, dict[str, bytes]]:
     return manifest, contents
 
 
-def _parse_decode(path: str, raw: bytes) -> DecodeConfig:
+def _decode_of(path: str, contents: dict[str, bytes]) -> DecodeConfig | None:
+    if DECODE not in contents:
+        return None
     try:
-        return DecodeConfig.from_dict(json.loads(raw))
+        return DecodeConfig.from_dict(json.loads(contents[DECODE]))
     except (ValueError, TypeError) as e:
         raise BundleError(f"model bundle file {files.join(path, DECODE)} is invalid: {e}") from e
 

@@ -143,6 +143,13 @@ class ModelConfig:
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
+# The job's search flags (run.py, api.Settings, training.decode_defaults) -> DecodeConfig fields.
+SEARCH_FLAGS = {"beam_size": "beam_size", "max_caption_length": "max_length", "num_alternatives": "num_alternatives",
+                "length_normalization": "length_normalization", "forbid_unknown": "forbid_unknown"}
+# The widest beam a DecodeConfig takes: flags are checked against it before a model's own is known.
+MAX_BEAM_SIZE = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """How captions are searched for.
@@ -165,8 +172,8 @@ class DecodeConfig:
     forbid_unknown: bool = False
 
     def __post_init__(self):
-        if not 1 <= self.beam_size <= 64:
-            raise ValueError(f"beam_size must be in [1, 64], got {self.beam_size}")
+        if not 1 <= self.beam_size <= MAX_BEAM_SIZE:
+            raise ValueError(f"beam_size must be in [1, {MAX_BEAM_SIZE}], got {self.beam_size}")
         if not 1 <= self.max_length <= 100:
             raise ValueError(f"max_length must be in [1, 100], got {self.max_length}")
         if not 1 <= self.num_alternatives <= self.beam_size:
@@ -190,6 +197,12 @@ class DecodeConfig:
         if unknown:
             raise ValueError(f"unknown decode settings: {', '.join(unknown)}")
         return cls(**data)
+
+    def with_flags(self, flags: Any) -> "DecodeConfig":
+        """`overridden` by the job's search flags, read from `flags` (the parsed command
+        line, JobConfig, api.Settings: any object with attributes of SEARCH_FLAGS' names;
+        None = not given)."""
+        return self.overridden(**{field: getattr(flags, flag) for flag, field in SEARCH_FLAGS.items()})
 
     def overridden(self, *, beam_size: int | None = None, max_length: int | None = None,
                    num_alternatives: int | None = None, length_normalization: float | None = None,

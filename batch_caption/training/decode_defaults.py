@@ -38,14 +38,13 @@ def run(argv: Sequence[str] | None = None) -> str:
     from batch_caption.model import bundle
     from batch_caption.model.config import DecodeConfig
 
+    from batch_caption.model.config import SEARCH_FLAGS
+
     args = build_parser().parse_args(argv)
-    given = {"beam_size": args.beam_size, "max_length": args.max_caption_length,
-             "num_alternatives": args.num_alternatives, "length_normalization": args.length_normalization,
-             "forbid_unknown": args.forbid_unknown}
-    if args.clear and any(v is not None for v in given.values()):
+    if args.clear and any(getattr(args, flag) is not None for flag in SEARCH_FLAGS):
         raise cli.UsageError("--clear takes no search settings")
     try:
-        decode = None if args.clear else DecodeConfig().overridden(**given)
+        decode = None if args.clear else DecodeConfig().with_flags(args)
     except ValueError as e:
         raise cli.UsageError(str(e).replace("max_length", "max_caption_length")) from e
     try:
