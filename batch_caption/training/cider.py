@@ -17,11 +17,8 @@ it returns pycocoevalcap's score (tests/training/test_cider.py checks that).
 from __future__ import annotations
 
 import collections
-import json
 import math
 from collections.abc import Hashable, Mapping, Sequence
-
-from batch_caption import files
 
 _SIGMA = 6.0
 _N = 4
@@ -98,9 +95,8 @@ def caption_words(text: str) -> list[str]:
 
 
 def read_references(path: str) -> dict[int, list[list[str]]]:
-    """references_<split>.json (COCO format) -> image id -> its captions' words."""
-    data = json.loads(files.read_text(path))
-    refs: dict[int, list[list[str]]] = {int(image["id"]): [] for image in data["images"]}
-    for a in data["annotations"]:
-        refs.setdefault(int(a["image_id"]), []).append(caption_words(a["caption"]))
-    return refs
+    """references_<split>.json (COCO format, read as evaluate reads it) -> image id -> its
+    captions' words."""
+    from batch_caption.evaluate import read_references as read_captions
+
+    return {image: [caption_words(c) for c in captions] for image, captions in read_captions(path)[1].items()}

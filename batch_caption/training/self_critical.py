@@ -34,6 +34,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 from batch_caption import cli, files, quiet
 from batch_caption.model.bundle import WEIGHT_DTYPES
 from batch_caption.training.cider import CiderD, is_word, read_references
@@ -108,7 +110,6 @@ class SelfCriticalTrainer:
 
     def __init__(self, config: SelfCriticalConfig, log=print):
         import keras
-        import numpy as np
         import tensorflow as tf
 
         from batch_caption.model.bundle import BundleError
@@ -144,8 +145,8 @@ class SelfCriticalTrainer:
         self.reward = CiderD(refs[config.train_split])
         self.eval_metric = CiderD(refs[config.eval_split])
         self.max_tokens = info.max_length + 1  # words, then <end>
-        self.decoder_vars = [v for v in model.trainable_variables
-                             if id(v) not in {id(w) for w in model.backbone.trainable_variables}]
+        encoder_vars = {id(w) for w in model.backbone.trainable_variables}
+        self.decoder_vars = [v for v in model.trainable_variables if id(v) not in encoder_vars]
         self.optimizer = keras.optimizers.Adam(config.learning_rate, name="self_critical_optimizer")
         self.optimizer.build(self.decoder_vars)
         self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -153,7 +154,6 @@ class SelfCriticalTrainer:
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=self.optimizer, step=self.step_var, rng=self.rng)
         self.manager = tf.train.CheckpointManager(self.checkpoint, files.join(config.output, "checkpoints"), max_to_keep=2)
         self.best_checkpoint = tf.train.Checkpoint(model=model)
-        self._np = np
         self._build_functions()
 
     # --- graph functions -------------------------------------------------------------
@@ -211,7 +211,7 @@ class SelfCriticalTrainer:
 
     def _rewards(self, image_ids, samples):
         """CIDEr-D of every sample -> float32 [B, K]."""
-        np, k = self._np, self.config.samples_per_image
+        k = self.config.samples_per_image
         out = np.empty(len(samples), np.float32)
         for row, ids in enumerate(samples.tolist()):
             key = int(image_ids[row // k])
@@ -231,7 +231,7 @@ class SelfCriticalTrainer:
             if limit and len(scores) >= limit:
                 break
         scores = scores[:limit]
-        return float(self._np.mean(scores))
+        return float(np.mean(scores))
 
     def _best(self) -> dict:
         path = files.join(self.config.output, BEST_NAME)
@@ -253,7 +253,7 @@ class SelfCriticalTrainer:
         from batch_caption.model.bundle import save_bundle
         from batch_caption.training.stop import StopRequest
 
-        c, np, started = self.config, self._np, time.monotonic()
+        c, started = self.config, time.monotonic()
         latest = self.manager.latest_checkpoint
         if latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
