@@ -23,6 +23,12 @@ class UsageError(ValueError):
     """Bad flags or inputs, found before any work; the CLI prints one line, exits 2."""
 
 
+def require(ok: bool, message: str) -> None:
+    """Raises UsageError(message) unless `ok`: a config's flag checks, one line each."""
+    if not ok:
+        raise UsageError(message)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message)

@@ -13,6 +13,7 @@ from typing import Any
 
 from batch_caption import files
 from batch_caption.cli import UsageError  # noqa: F401  (re-exported: raised by TrainConfig)
+from batch_caption.cli import require as need
 from batch_caption.model.bundle import WEIGHT_DTYPES
 from batch_caption.model.config import DECODERS, ENCODERS, IMAGE_INPUTS
 from batch_caption.model.registry import DECODER_OPTIONS
@@ -131,10 +132,6 @@ class TrainConfig:
     preempt_exit_code: int = EXIT_PREEMPTED
 
     def __post_init__(self):
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise UsageError(message)
-
         need(bool(self.data), "--data is required")
         need(bool(self.output), "--output is required")
         need(self.export_weights_dtype in WEIGHT_DTYPES,

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from batch_caption import cli, files, quiet
+from batch_caption.cli import require as need
 from batch_caption.model.bundle import WEIGHT_DTYPES
 from batch_caption.training.cider import CiderD, is_word, read_references
 from batch_caption.training.config import EXIT_PREEMPTED
@@ -82,10 +83,6 @@ class SelfCriticalConfig:
     seed: int = 0
 
     def __post_init__(self):
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise cli.UsageError(message)
-
         need(self.export_weights_dtype in WEIGHT_DTYPES,
              f"--export_weights_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.export_weights_dtype!r}")
         need(2 <= self.samples_per_image <= 64, f"--samples_per_image must be in [2, 64], got {self.samples_per_image}")
