@@ -10,6 +10,7 @@ process (Beam's `Shared` handle), never pickled with the pipeline.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -18,9 +19,10 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+import batch_caption
 from batch_caption import bundled, gcs
 from batch_caption.job.elements import ImageExample
-from batch_caption.model.config import DecodeConfig, ModelConfig
+from batch_caption.model.config import RUNTIMES, DecodeConfig, ModelConfig
 from batch_caption.model_loading import (
     BackgroundLoad,
     gc_frozen_after_first_load,
@@ -30,6 +32,7 @@ from batch_caption.model_loading import (
 # Beam warns before load_model runs, so the filter goes in at import: every process that
 # unpickles a handler (workers, the --share_model server) imports this module first.
 quiet_beam_memory_warning()
+_log = logging.getLogger(__name__)
 
 
 class _ImageBatchHandler(ModelHandler[ImageExample, PredictionResult, Any]):
@@ -67,30 +70,48 @@ class CaptionModelHandler(_ImageBatchHandler):
         ("bundled:<name>", resolved on the worker: batch_caption.bundled).
       decode: beam search settings.
       attention_maps: return the best captions' attention maps (attention decoder only).
+      runtime: "litert" runs the graph compiled by `model.lite` (TensorFlow for attention
+        maps, or when the graph does not compile); "tensorflow" always runs TensorFlow.
 
     The load runs in the background (`BackgroundLoad`); the first batch of each DoFn
     instance waits for it and reports `model_load_ms` (the load's own time, once per
-    load) and `model_wait_ms` (how long that batch waited) in the job's metrics.
+    load), `model_wait_ms` (how long that batch waited) and `first_caption_ms` (from the
+    process's import of the package to that batch's captions) in the job's metrics.
     """
 
     def __init__(self, model_path: str, decode: DecodeConfig, batch_size: int = 32, share_across_processes: bool = False,
-                 attention_maps: bool = False):
+                 attention_maps: bool = False, runtime: str = "tensorflow"):
         super().__init__(batch_size, share_across_processes)
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         self._model_path = model_path
         self._decode = decode
         self._attention_maps = attention_maps
+        self._runtime = runtime
         self._load_seen = False  # per DoFn instance: each worker unpickles its own handler
+        self._first_reported = False
 
     def load_model(self) -> BackgroundLoad:
         return BackgroundLoad(self.load_now)
 
     def load_now(self):
-        """Loads and traces the captioner in the calling thread."""
+        """Loads the captioner in the calling thread: the compiled graph, or TensorFlow's, traced."""
+        gcs.configure_for_emulator()
+        path = bundled.resolve(self._model_path)
+        if self._runtime == "litert" and not self._attention_maps:
+            from batch_caption.model import lite
+
+            try:
+                with gc_frozen_after_first_load():
+                    captioner = lite.load_lite_captioner(path, self._decode, log=_log.info)
+                    captioner.warm_up()
+                return captioner
+            except lite.CompileError as e:
+                _log.warning("model %s runs on TensorFlow: %s", path, e)
         from batch_caption.model.load import load_captioner
 
-        gcs.configure_for_emulator()
         with gc_frozen_after_first_load():
-            captioner = load_captioner(bundled.resolve(self._model_path), self._decode, self._attention_maps)
+            captioner = load_captioner(path, self._decode, self._attention_maps)
             # Traced inside the one-time load, not in the first batch.
             captioner.warm_up()
         return captioner
@@ -101,6 +122,10 @@ class CaptionModelHandler(_ImageBatchHandler):
             self._report_load(model)
         # Only methods: with --share_model, `model` is a proxy to another process.
         captions = model.caption(self._stack(batch))
+        if not self._first_reported:
+            Metrics.distribution(self.get_metrics_namespace(), "first_caption_ms").update(
+                round((time.time() - batch_caption.IMPORTED_AT) * 1000))
+            self._first_reported = True
         model_id = model.get_model_id()
         return [PredictionResult(e, c, model_id) for e, c in zip(batch, captions)]
 

@@ -27,6 +27,7 @@ from batch_caption import lock
 from batch_caption.cli import UsageError
 from batch_caption.job import JobConfig, build_pipeline
 from batch_caption.job.config import MIN_READ_THREADS, REMOTE_READ_THREADS, default_read_threads
+from batch_caption.model.config import RUNTIMES
 from batch_caption.job.elements import NAMESPACE
 from batch_caption.job.image_files import parse_extensions
 from batch_caption.job.preflight import check_model, check_output, check_remote_paths, resolve_inputs
@@ -125,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "an --input or --input_list is on a remote filesystem such as gs://; 0: inline)")
     r.add_argument("--share_model", action="store_true",
                    help="one model copy per machine shared by all worker processes (large models)")
+    r.add_argument("--runtime", choices=RUNTIMES, default="litert",
+                   help="litert: the model's graph compiled once per model and search settings (cached under "
+                   "$BATCH_CAPTION_CACHE, default ~/.cache/batch_caption) and run by LiteRT, with no TensorFlow "
+                   "in the process; tensorflow: TensorFlow runs it (always for --attention_maps, and when a "
+                   "graph does not compile). Captions are the same; scores differ in float rounding")
     quiet.add_verbose_flag(p)
     return p
 
@@ -168,6 +174,7 @@ def parse(argv: list[str] | None):
         read_threads=args.read_threads if args.read_threads is not None else default_read_threads(
             [*args.input, *args.input_list]),
         share_model=args.share_model,
+        runtime=args.runtime,
         low_score_threshold=args.low_score_threshold,
         attention_maps=args.attention_maps,
         dedupe=args.dedupe,
@@ -267,7 +274,9 @@ def job_metrics(result) -> dict[str, int]:
     model_load_ms (how many loads, and their time summed over processes; a load includes
     the graph's trace), model_wait_ms (how long batches waited for a load: the load runs
     beside the first decodes, so this, not model_load_ms, is what it added to the run;
-    summed over DoFn instances, whose waits overlap when several run at once). A run that
+    summed over DoFn instances, whose waits overlap when several run at once),
+    first_caption_ms (from a process's import of the package to its first captions; the
+    earliest of the processes: for a command on the DirectRunner, its start-up). A run that
     captions nothing reports no load; its load still runs, and the process waits for it
     at exit. Beam's own load-latency metric times only the start of the load."""
     from apache_beam.metrics.metric import MetricsFilter
@@ -278,7 +287,11 @@ def job_metrics(result) -> dict[str, int]:
         out[c.key.metric.name] = out.get(c.key.metric.name, 0) + (c.committed or c.attempted or 0)
     for d in metrics["distributions"]:
         name = d.key.metric.name
-        if name in ("model_load_ms", "model_wait_ms"):
+        if name == "first_caption_ms":  # the earliest process's
+            value = d.committed or d.attempted
+            if value and value.count:
+                out[name] = min(out.get(name, value.min), value.min)
+        elif name in ("model_load_ms", "model_wait_ms"):
             value = d.committed or d.attempted
             out[name] = out.get(name, 0) + (value.sum if value else 0)
             if name == "model_load_ms":

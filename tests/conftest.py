@@ -6,12 +6,16 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The LiteRT compile cache (model.lite): one per session, never the user's; subprocesses inherit it.
+_CACHE = tempfile.TemporaryDirectory(prefix="batch_caption-test-cache-")
+os.environ["BATCH_CAPTION_CACHE"] = _CACHE.name
 
 
 def _free_port() -> int:

@@ -632,13 +632,15 @@ _NIGHT = """
 import json, sys
 from batch_caption import run
 manifest = run.run(sys.argv[1:])
-print(json.dumps({"counts": manifest["counts"], "tensorflow": "tensorflow" in sys.modules}))
+loaded = any(m in sys.modules for m in ("batch_caption.model.lite", "batch_caption.model.load"))
+print(json.dumps({"counts": manifest["counts"], "tensorflow": "tensorflow" in sys.modules, "model": loaded}))
 """
 
 
 def test_a_night_without_changes_never_loads_the_model(tiny_bundle, tmp_path):
-    """The model loads with the first file read: a night that reads nothing does not even
-    import TensorFlow; a night with one new file loads it and captions that file."""
+    """The model loads with the first file read: a night that reads nothing loads no model
+    runtime, nor TensorFlow; a night with one new file loads the model (compiled for
+    LiteRT by the first night: still no TensorFlow) and captions that file."""
     import subprocess
     import sys
 
@@ -654,9 +656,10 @@ def test_a_night_without_changes_never_loads_the_model(tiny_bundle, tmp_path):
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     quiet = night("r2")
-    assert quiet["counts"]["read"] == 0 and quiet["counts"]["carried"] == 4 and not quiet["tensorflow"]
+    assert quiet["counts"]["read"] == 0 and quiet["counts"]["carried"] == 4
+    assert not quiet["model"] and not quiet["tensorflow"]
     line = run.summary({"run_id": "r2", "counts": quiet["counts"], "elapsed_seconds": 1.0, "model": "m"})
     assert line.startswith("run=r2: 0 inputs, 0 captioned, 0 failed") and line.endswith("model m; 4 unchanged")
     _write_pngs(src, ["new.png"], seed=2)
     busy = night("r3")
-    assert busy["counts"]["captioned"] == 1 and busy["tensorflow"]
+    assert busy["counts"]["captioned"] == 1 and busy["model"] and not busy["tensorflow"]

@@ -92,7 +92,8 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
     )
     image_config = images.ImageConfig(image_size=image_size, max_image_pixels=config.max_image_pixels, draft=config.draft)
     handler = inference.CaptionModelHandler(
-        bundled.portable(config.model), decode, config.batch_size, config.share_model, config.attention_maps)
+        bundled.portable(config.model), decode, config.batch_size, config.share_model, config.attention_maps,
+        config.runtime)
 
     incremental = config.incremental and baseline is not None
     matched = pipeline | "MatchImages" >> MatchImages(

@@ -9,7 +9,7 @@ from batch_caption import files, image_formats, records
 from batch_caption.cli import UsageError
 from batch_caption.job import cpus
 from batch_caption.job.image_files import ImageFiles
-from batch_caption.model.config import MAX_BEAM_SIZE, DecodeConfig
+from batch_caption.model.config import MAX_BEAM_SIZE, RUNTIMES, DecodeConfig
 
 # Local reads are cheap, so local inputs get one thread per CPU: more threads than cores
 # gain nothing, fewer leave cores idle where decoding is the bottleneck (large photos).
@@ -50,6 +50,7 @@ class JobConfig:
     draft: bool = True
     read_threads: int = MIN_READ_THREADS  # run.parse gives default_read_threads(the inputs)
     share_model: bool = False
+    runtime: str = "litert"  # what runs the model: RUNTIMES
     low_score_threshold: float | None = None  # None: the model's own (bundled.low_score_threshold)
     attention_maps: bool = False  # attention decoder: each record gets its best caption's maps
     dedupe: bool = True
@@ -78,6 +79,8 @@ class JobConfig:
                 raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.max_failed_fraction <= 1.0:
             raise UsageError(f"--max_failed_fraction must be in [0, 1], got {self.max_failed_fraction}")
+        if self.runtime not in RUNTIMES:
+            raise UsageError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.read_threads < 0:
             raise UsageError(f"--read_threads must be >= 0, got {self.read_threads}")
         try:

@@ -103,7 +103,7 @@ def beam_search(
         cand_parent = tf.reshape(tf.repeat(tf.range(k)[None, :], per_beam, axis=1), [1, -1])
         cand_parent = tf.broadcast_to(cand_parent, tf.shape(cand_tok))
         cand_seq = tf.gather(alive_seq, cand_parent, batch_dims=1)  # [B, k*k', L]
-        cand_seq = tf.where(positions == t, cand_tok[:, :, None], cand_seq)
+        cand_seq = tf.where(positions == t, tf.expand_dims(cand_tok, 2), cand_seq)
 
         finishing = tf.logical_or(tf.equal(cand_tok, end_id), t == length - 1)
         cur_len = t + 1

@@ -269,6 +269,10 @@ def read_bundle(path: str) -> BundleFiles:
     Raises BundleError naming the file that is missing, corrupted, replaced or invalid.
     """
     manifest, contents = _read_verified(path)
+    return _parsed(path, manifest, contents, contents[WEIGHTS])
+
+
+def _parsed(path: str, manifest: dict, contents: dict[str, bytes], weights: bytes) -> BundleFiles:
     config = _parse_config(path, contents[CONFIG])
     try:
         vocabulary = Vocabulary.from_json(contents[VOCAB].decode())
@@ -276,13 +280,24 @@ def read_bundle(path: str) -> BundleFiles:
         raise BundleError(f"model bundle file {files.join(path, VOCAB)} is invalid: {e}") from e
     if len(vocabulary) != config.vocab_size:
         raise BundleError(f"model bundle {path}: vocab.json has {len(vocabulary)} tokens, config.json says {config.vocab_size}")
-    return BundleFiles(path, manifest, config, vocabulary, contents[WEIGHTS], _decode_of(path, contents))
+    return BundleFiles(path, manifest, config, vocabulary, weights, _decode_of(path, contents))
+
+
+def read_bundle_metadata(path: str) -> BundleFiles:
+    """`read_bundle` without the weights (`weights` is b""): the manifest, and the small
+    files checked against it. For a reader that runs a compiled copy of the weights."""
+    manifest = read_manifest(path)
+    return _parsed(path, manifest, _small_files(path, manifest), b"")
+
+
+def _small_files(path: str, manifest: dict) -> dict[str, bytes]:
+    small = (CONFIG, VOCAB, DECODE) if DECODE in manifest["files"] else (CONFIG, VOCAB)
+    return {name: _read_checked(path, name, manifest["files"][name]) for name in small}
 
 
 def _read_verified(path: str) -> tuple[dict, dict[str, bytes]]:
     manifest = read_manifest(path)
-    small = (CONFIG, VOCAB, DECODE) if DECODE in manifest["files"] else (CONFIG, VOCAB)
-    contents = {name: _read_checked(path, name, manifest["files"][name]) for name in small}
+    contents = _small_files(path, manifest)
     contents[WEIGHTS] = _read_checked(path, WEIGHTS, None)  # checked through the id: one hash
     _check_bundle_id(path, manifest, contents)
     return manifest, contents

@@ -7,41 +7,15 @@ The encoder, the image embedding and the whole beam search run inside one
 
 from __future__ import annotations
 
-import dataclasses
-import math
 
 import numpy as np
 import tensorflow as tf
 
 from batch_caption.model import vocab as V
 from batch_caption.model.beam_search import BeamSearchResult, beam_search
+from batch_caption.model.captions import AttentionMap, Caption, grid_of, to_captions  # noqa: F401  (re-exported)
 from batch_caption.model.config import DECODERS, DecodeConfig
 from batch_caption.model.network import CaptionModel
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionMap:
-    """Where an attention decoder looked while it said a caption: per word (`words`, the
-    vocabulary's tokens of the caption), its attention over the encoder's grid cells
-    (`weights`, [len(words)][rows * cols], row-major, each row summing to 1)."""
-
-    grid: tuple[int, int]
-    words: tuple[str, ...]
-    weights: tuple[tuple[float, ...], ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Caption:
-    """One caption hypothesis: text, ids (end token excluded), log-prob and score;
-    `truncated` when the search cut it at max_length before it emitted the end token.
-    `attention`: the best caption's `AttentionMap`, when asked for."""
-
-    text: str
-    tokens: tuple[int, ...]
-    logprob: float
-    score: float
-    truncated: bool = False
-    attention: AttentionMap | None = None
 
 
 def search_features(model: CaptionModel, features, decode: DecodeConfig) -> BeamSearchResult:
@@ -95,9 +69,7 @@ class Captioner:
         self.decode = decode or DecodeConfig()
         self.model_id = model_id
         self.attention_maps = attention_maps
-        cells = getattr(model, "cells", 1)
-        side = math.isqrt(cells)
-        self._grid = (side, side) if side * side == cells else (1, cells)
+        self._grid = grid_of(getattr(model, "cells", 1))
         size = model.config.image_size
         # The batch axis is None: any batch size runs the one trace. No autograph: the
         # graph code has no Python control flow on tensors (beam search calls
@@ -153,19 +125,4 @@ class Captioner:
 
     def to_captions(self, result: BeamSearchResult, maps: np.ndarray | None = None) -> list[list[Caption]]:
         """Search results (and the best captions' attention maps [B, T, cells]) -> Captions."""
-        out = []
-        for b, (toks, lens, logps, scores) in enumerate(zip(result.tokens, result.lengths, result.logprobs, result.scores)):
-            row = []
-            for seq, n, lp, sc in zip(toks, lens, logps, scores):
-                if not np.isfinite(sc):  # fewer finished hypotheses than asked for
-                    continue
-                ids = tuple(int(i) for i in seq[:n] if i != V.END_ID)
-                cut = len(ids) == n  # no end token among its n tokens
-                attention = None
-                if maps is not None and not row:  # the maps follow hypothesis 0, the best
-                    words = tuple(self.vocabulary.words[i] for i in ids)
-                    weights = tuple(tuple(float(a) for a in step) for step in maps[b, : len(ids)])
-                    attention = AttentionMap(self._grid, words, weights)
-                row.append(Caption(self.vocabulary.decode(ids), ids, float(lp), float(sc), cut, attention))
-            out.append(row)
-        return out
+        return to_captions(result, self.vocabulary, self._grid, maps)

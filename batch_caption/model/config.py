@@ -150,6 +150,10 @@ SEARCH_FLAGS = {"beam_size": "beam_size", "max_caption_length": "max_length", "n
 MAX_BEAM_SIZE = 64
 
 
+# What runs a caption model: LiteRT on its compiled graph (model.lite), or TensorFlow.
+RUNTIMES = ("litert", "tensorflow")
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """How captions are searched for.
