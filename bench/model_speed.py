@@ -2,6 +2,7 @@
 
     python bench/model_speed.py beam [--batch 32] [--rounds 20] [--model NAME|BUNDLE]
     python bench/model_speed.py encoders [--batch 16] [--rounds 3] [--encoders small_cnn,resnet50,...]
+    python bench/model_speed.py runtimes [--batch 41] [--rounds 10] [--model NAME|BUNDLE]
     python bench/model_speed.py models --old REV [--old_model DIR] [--new NAME|BUNDLE] [--batch 32] [--images 1000]
                                        [--rounds 5]
     (both: [--out FILE] [--fold NAME])
@@ -19,6 +20,12 @@ load; medians are reported.
             small_cnn. With random weights the decoder seldom emits the end token, so
             the search runs all its steps: the upper bound of a trained decoder's cost,
             the same for every encoder.
+  runtimes  one bundle with its own search settings on a batch of decoded web photos
+            (corpora.web_photos), run by TensorFlow (the Captioner's tf.function), by
+            TensorFlow with XLA (the same graph function with jit_compile=True) and by
+            LiteRT (model.lite: the graph compiled to a .tflite): seconds per batch, each
+            one's speed-up over TensorFlow, and whether its tokens equal TensorFlow's
+            (with the largest score difference).
   models    two bundles side by side: the default bundled model of git revision REV
             (old; --old_model names another directory of that revision) and the default
             bundled model of the checkout or --new (new). Per model: beam k=3 and
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import shutil
 import sys
 import tempfile
@@ -59,6 +67,41 @@ def beam(args, argv) -> int:
     c.write_report(args, argv, "model_speed.py", {"model": beam3.model_id, "settings": vars(args),
                                                   "seconds_per_batch": times, "median": {"beam3": b, "greedy": g},
                                                   "beam3_over_greedy": b / g})
+    return 0
+
+
+def runtimes(args, argv) -> int:
+    import numpy as np
+    import tensorflow as tf
+
+    from batch_caption.model import lite
+
+    captioner = c.load_captioner(c.model_path(args.model))
+    s = captioner.image_size
+    batch = np.stack([c.decode(pathlib.Path(p).read_bytes(), s) for p in corpora.web_photos(args.batch)])
+    xla = tf.function(captioner._search_graph, input_signature=[tf.TensorSpec([None, s, s, 3], tf.uint8)],
+                      autograph=False, jit_compile=True)
+    compiled = lite.LiteCaptioner(lite.compile_captioner(captioner), captioner.vocabulary, captioner.model_id, s)
+    calls = {"tensorflow": lambda: captioner.search(batch),
+             "tensorflow_xla": lambda: type(captioner.search(batch))(*(t.numpy() for t in xla(batch)[0])),
+             "litert": lambda: compiled.search(batch)}
+    results = {name: call() for name, call in calls.items()}  # trace, compile, warm up
+    want = results["tensorflow"]
+    agree = {name: {"tokens_equal": bool(np.array_equal(got.tokens, want.tokens)),
+                    "max_score_difference": float(np.max(np.abs(np.where(np.isfinite(want.scores), got.scores - want.scores,
+                                                                            0.0))))}
+             for name, got in results.items()}
+    times = c.alternate(args.rounds, {name: (lambda call: lambda r: timed(call))(call) for name, call in calls.items()})
+    medians = {name: c.median(t) for name, t in times.items()}
+    print(f"| runtime | s / batch of {args.batch} (median of {args.rounds}) | speed-up over TensorFlow | tokens equal | "
+          "max score difference |\n| --- | --- | --- | --- | --- |")
+    for name, m in medians.items():
+        print(f"| {name} | {m:.4f} | {medians['tensorflow'] / m:.2f}x | {agree[name]['tokens_equal']} | "
+              f"{agree[name]['max_score_difference']:.1e} |")
+    c.write_report(args, argv, "model_speed.py", {
+        "model": captioner.model_id, "decode": captioner.decode.to_dict(), "settings": vars(args),
+        "seconds_per_batch": times, "median": medians,
+        "speedup_over_tensorflow": {name: medians["tensorflow"] / m for name, m in medians.items()}, "agree": agree})
     return 0
 
 
@@ -190,6 +233,11 @@ def main(argv=None) -> int:
     e.add_argument("--rounds", type=int, default=3)
     e.add_argument("--encoders", default=None, help="comma-separated subset (default: every encoder)")
     c.add_out_flags(e, "encoders")
+    t = sub.add_parser("runtimes", help="TensorFlow, TensorFlow with XLA and LiteRT on one bundle")
+    t.add_argument("--batch", type=int, default=41, help="images per call (41: the job's at 224 px)")
+    t.add_argument("--rounds", type=int, default=10)
+    t.add_argument("--model", default=None, help="bundled model name or bundle (default: the default bundled model)")
+    c.add_out_flags(t, "runtimes")
     m = sub.add_parser("models", help="an older revision's bundled model against this one's: decoding and the job")
     m.add_argument("--old", required=True, help="git revision whose default bundled model is the old model")
     m.add_argument("--old_model", default=None, metavar="DIR",
@@ -205,6 +253,8 @@ def main(argv=None) -> int:
         return beam(args, argv)
     if args.command == "models":
         return models(args, argv)
+    if args.command == "runtimes":
+        return runtimes(args, argv)
     args.parser = e
     return encoders(args, argv)
 
