@@ -14,6 +14,7 @@ import pytest
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+from helpers import caption_record, write_catalog
 
 from batch_caption import catalog, progress
 from batch_caption.job import select
@@ -163,21 +164,13 @@ def test_partitions_grow_with_the_catalog_within_bounds():
     assert set(parts) == set(range(8))  # spread over all of them
 
 
-def _caption(path, size=10, modified=1.0, sha256="s", model="m", run_id="r0", decode=DECODE):
-    return {"path": path, "caption": "a thing", "score": -0.5, "flags": [], "model": model,
-            "run_id": run_id, "decode": decode, "bytes": size, "modified": modified, "sha256": sha256,
-            "width": 8, "height": 8}
-
-
 def _failed(path, size=10, modified=1.0):
     record = {"path": path, "stage": "decode", "error": "E", "message": "bad", "run_id": "r0"}
     return catalog.failed_row(record, size, modified, None, "m", DECODE)
 
 
-def _write_catalog(path, rows):
-    with open(path, "wb") as f:
-        catalog.write_rows(f, rows)
-    return str(path)
+def _captioned(path, **fields):
+    return catalog.captioned_row(caption_record(path, **fields), None)
 
 
 LATIN1 = os.fsdecode(b"/in/caf\xe9.png")  # a name that is not UTF-8
@@ -186,12 +179,12 @@ LATIN1 = os.fsdecode(b"/in/caf\xe9.png")  # a name that is not UTF-8
 @pytest.mark.parametrize("partitions", [1, 4])
 def test_catalog_rows_are_read_as_decision_columns_numbered_across_row_groups(tmp_path, monkeypatch, partitions):
     monkeypatch.setattr(catalog, "ROW_GROUP_ROWS", 2)
-    rows = [catalog.captioned_row(_caption("/in/a.png", 10, 1.5, "sa"), None),
-            catalog.captioned_row(_caption("/in/b.png", model="other"), None),
+    rows = [_captioned("/in/a.png", modified=1.5, sha256="sa"),
+            _captioned("/in/b.png", model="other"),
             _failed("/in/c.png", None, None),
-            catalog.captioned_row(_caption(LATIN1, sha256="sd"), None),
-            catalog.captioned_row(_caption("/in/e.png", decode={"beam_size": 1}), None)]
-    path = _write_catalog(tmp_path / "catalog.parquet", rows)
+            _captioned(LATIN1, sha256="sd"),
+            _captioned("/in/e.png", decode={"beam_size": 1})]
+    path = write_catalog(tmp_path / "catalog.parquet", rows)
     fn = select._ReadCatalogFn(SETTINGS, partitions)
     fn.setup()
     out = list(fn.process((5, path)))
@@ -221,12 +214,12 @@ def test_listed_files_are_batched_by_partition_up_to_batch_files(monkeypatch):
 
 
 def test_select_changed_joins_the_listing_with_a_catalog_of_several_files(tmp_path):
-    first = _write_catalog(tmp_path / "catalog-0.parquet", [
-        catalog.captioned_row(_caption(p, sha256=s), None)
+    first = write_catalog(tmp_path / "catalog-0.parquet", [
+        _captioned(p, sha256=s)
         for p, s in [("/in/a.png", "sa"), ("/in/b.png", "sb"), ("/in/gone.png", "sg"), ("/in/locked/x.png", "sx"),
                      ("/in/notes.txt", "sn")]])
-    second = _write_catalog(tmp_path / "catalog-1.parquet", [
-        catalog.captioned_row(_caption("/in/c.png"), None), _failed("/in/f.png")])
+    second = write_catalog(tmp_path / "catalog-1.parquet", [
+        _captioned("/in/c.png"), _failed("/in/f.png")])
     listed = [SourceFile("/in/a.png"), SourceFile("/in/a.png", 10, 1.0), SourceFile("/in/b.png", 10, 2.0),
               SourceFile("/in/c.png", 10, 1.0), SourceFile("/in/f.png", 10, 1.0), SourceFile("/in/new.png", 3, 1.0)]
     with BeamTestPipeline() as p:
@@ -250,7 +243,7 @@ def test_select_changed_joins_the_listing_with_a_catalog_of_several_files(tmp_pa
 
 
 @pytest.mark.parametrize("line", ["", "{not json", '{"run_id": "r1"}', "[1]", "7", '"a string"', "null",
-                                  json.dumps({**_caption("/in/a.png"), "path": 5})])
+                                  json.dumps({**caption_record("/in/a.png"), "path": 5})])
 def test_an_unreadable_caption_record_is_passed_over(line):
     fn = select._ParseCaptionRecordFn(SETTINGS, {})
     assert list(fn.process(line)) == []
@@ -258,12 +251,12 @@ def test_an_unreadable_caption_record_is_passed_over(line):
 
 def test_a_caption_record_gives_its_row_its_settings_and_its_runs_rank():
     fn = select._ParseCaptionRecordFn(SETTINGS, {"r1": "2026-01-02T00:00:00Z"})
-    [(key, previous)] = fn.process(json.dumps(_caption(LATIN1, 12, 3.0, "sa", run_id="r1")))
+    [(key, previous)] = fn.process(json.dumps(caption_record(LATIN1, bytes=12, modified=3.0, sha256="sa", run_id="r1")))
     assert key == b"/in/caf\xe9.png"
     assert (previous.size, previous.modified, previous.sha256, previous.same_settings) == (12, 3.0, "sa", True)
     assert previous.rank == ("2026-01-02T00:00:00Z", "r1") and previous.row["captioned_run"] == "r1"
     assert catalog.path_of(previous.row) == LATIN1
-    [(_, unknown_run)] = fn.process(json.dumps(_caption("/in/a.png", run_id="r0", model="other")))
+    [(_, unknown_run)] = fn.process(json.dumps(caption_record("/in/a.png", run_id="r0", model="other")))
     assert unknown_run.rank == ("", "r0") and not unknown_run.same_settings
 
 
@@ -307,10 +300,12 @@ def test_from_records_a_new_path_is_read_and_a_deleted_one_is_not_counted():
 
 def test_select_changed_without_a_catalog_reads_every_earlier_runs_records(tmp_path):
     old, new = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
-    old.write_text(json.dumps(_caption("/in/a.png", run_id="r1", model="other")) + "\n"
-                   + json.dumps(_caption("/in/b.png", run_id="r1")) + "\n" + json.dumps(_caption("/in/gone.png")) + "\n")
-    new.write_text(json.dumps(_caption("/in/a.png", run_id="r2")) + "\n{torn line\n"
-                   + json.dumps(_caption("/in/b.png", run_id="r2", model="other")) + "\n")
+    lines = {old: [caption_record("/in/a.png", run_id="r1", model="other"), caption_record("/in/b.png", run_id="r1"),
+                   caption_record("/in/gone.png")],
+             new: [caption_record("/in/a.png", run_id="r2"), "{torn line",
+                   caption_record("/in/b.png", run_id="r2", model="other")]}
+    for path, records in lines.items():
+        path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     listed = [SourceFile("/in/a.png", 10, 1.0), SourceFile("/in/b.png", 10, 1.0), SourceFile("/in/c.png", 10, 1.0)]
     with BeamTestPipeline() as p:
         out = p | beam.Create(listed) | select.SelectChanged(
