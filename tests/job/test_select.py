@@ -3,7 +3,6 @@ earlier caption records) -> the files to read, the rows to carry, the counts."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -16,7 +15,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from helpers import caption_record, write_catalog
 
-from batch_caption import catalog, progress
+from batch_caption import catalog
 from batch_caption.job import select
 from batch_caption.job.elements import CatalogRef, SourceFile, path_key
 from batch_caption.job.tallies import TAG
@@ -70,15 +69,7 @@ def _decide(parts, listed=(), not_image=(), unlistable=(), retry_failed=False, r
     return {f.path: f for f in read}, carried, tallies
 
 
-@pytest.fixture
-def reporter(monkeypatch):
-    """This process's progress reporter, fresh and silent."""
-    r = progress.Reporter(stream=io.StringIO(), bar=False)
-    monkeypatch.setattr(progress, "_reporter", r)
-    return r
-
-
-def test_each_listed_file_is_skipped_or_read_by_what_its_row_says(reporter):
+def test_each_listed_file_is_skipped_or_read_by_what_its_row_says(progress_reporter):
     part = _part(
         _row("same.png", sha256="s0"),
         _row("touched.png", sha256="s1"),
@@ -100,7 +91,7 @@ def test_each_listed_file_is_skipped_or_read_by_what_its_row_says(reporter):
     assert {p: f._replace(previous_sha256=None, previous=None) for p, f in read.items()} == {p: by_path[p] for p in read}
     assert carried == {2: [(10, 1.0)], 3: [(0, 5.0)]}
     assert tallies == {"matched": 7, "skipped": 2, "deleted": 1}
-    assert reporter.by_kind == {"skipped": 2}
+    assert progress_reporter.by_kind == {"skipped": 2}
 
 
 @pytest.mark.parametrize("retry_failed", [False, True])
