@@ -66,6 +66,18 @@ def gcs_emulator():
             os.environ["STORAGE_EMULATOR_HOST"] = old
 
 
+@pytest.fixture
+def progress_reporter(monkeypatch):
+    """This process's progress reporter (progress.reporter()), fresh and silent."""
+    import io
+
+    from batch_caption import progress
+
+    reporter = progress.Reporter(stream=io.StringIO(), bar=False)
+    monkeypatch.setattr(progress, "_reporter", reporter)
+    return reporter
+
+
 @pytest.fixture(scope="session")
 def tiny_vocab():
     from batch_caption.model.vocab import Vocabulary

@@ -76,3 +76,21 @@ def special_files(directory) -> dict:
     os.mkdir(paths["dir.png"])
     os.symlink(paths["dir.png"], paths["dir_link.png"])
     return paths
+
+
+def caption_record(path: str, **fields) -> dict:
+    """A caption record of `path` with the fields the catalog and the manifest read
+    (records.caption_record's), plain values unless `fields` give others."""
+    record = {"path": path, "caption": "a thing", "score": -0.5, "logprob": -1.0, "alternatives": [], "flags": [],
+              "width": 8, "height": 8, "format": "PNG", "bytes": 10, "sha256": "s", "modified": 1.0, "model": "m",
+              "run_id": "r0", "decode": {"beam_size": 3}}
+    return {**record, **fields}
+
+
+def write_catalog(path, rows) -> str:
+    """Writes catalog rows (dicts of catalog.COLUMNS) as one Parquet catalog file; -> its path."""
+    from batch_caption import catalog
+
+    with open(path, "wb") as f:
+        catalog.write_rows(f, rows)
+    return str(path)

@@ -556,12 +556,34 @@ def test_progress_line_names_failed_and_skipped_images():
 
 
 @pytest.mark.slow
-def test_share_model_across_processes(tiny_bundle, tmp_path):
+def test_share_model_on_the_in_memory_runner(tiny_bundle, tmp_path):
     Image.fromarray(varied_images(1, 64)[0]).save(tmp_path / "a.png")
     manifest = run.run(["--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "o"), "--model", tiny_bundle,
                         "--run_id", "s", "--share_model"])
     captions, errors, _ = read_run(str(tmp_path / "o" / "run=s"))
     assert manifest["counts"]["captioned"] == 1 and not errors and captions[0]["model"] == manifest["model"]
+
+
+@pytest.mark.slow
+def test_share_model_across_worker_processes(tmp_path):
+    """Two worker processes caption with one model, loaded once by the process that shares
+    it: every image gets one caption, the caption of a run whose workers load their own."""
+    _write_pngs(tmp_path / "in", [f"{i}.png" for i in range(4)], seed=7)
+    base = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", "scenes", "--batch_size", "2",
+            "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+    own = run.run(base + ["--run_id", "own"])
+    shared = run.run(base + ["--run_id", "shared", "--share_model"])
+    assert own["metrics"]["model_loads"] == 2  # both workers captioned, each with a model of its own
+    assert shared["metrics"]["model_loads"] == 1
+    by_run = {}
+    for manifest in (own, shared):
+        captions, errors, _ = read_run(str(tmp_path / "out" / f"run={manifest['run_id']}"))
+        assert not errors and manifest["counts"]["captioned"] == len(captions)
+        by_run[manifest["run_id"]] = {r["path"]: r for r in captions}
+        assert sorted(r["path"] for r in captions) == sorted(str(p) for p in (tmp_path / "in").iterdir())
+    for path, r in by_run["shared"].items():
+        assert r["caption"] == by_run["own"][path]["caption"]
+        assert r["score"] == pytest.approx(by_run["own"][path]["score"], abs=1e-4)
 
 
 def test_a_corrupted_model_stops_the_run_before_any_work(tiny_bundle, tmp_path, capsys):

@@ -253,6 +253,8 @@ class _ParseCaptionRecordFn(beam.DoFn):
     def process(self, line: str):
         try:
             r = json.loads(line)
+            if not isinstance(r, dict) or not isinstance(r.get("path"), str):
+                raise ValueError("not a caption record")
             row = catalog.captioned_row(r, r.get("bytes"))
             previous = Previous(row["size"], row["modified"], row["sha256"],
                                 self._settings.match(row["model"], row["decode"]), row,
