@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -26,15 +25,6 @@ import tempfile
 import _common as c
 import corpora
 from peak_memory import measure_process
-
-
-def _job_seconds(log: str) -> float:
-    """The run's seconds from flags to manifest, from the job's summary line ("... in 9.3 s")."""
-    with open(log) as f:
-        found = re.findall(r"^run=.* in ([0-9.]+) s \(", f.read(), re.M)
-    if not found:
-        raise SystemExit(f"no summary line in {log}")
-    return float(found[-1])
 
 
 def _manifest(out_dir: str, run_id: str) -> dict:
@@ -71,7 +61,7 @@ def main(argv=None) -> int:
                     measured = measure_process(cmd, os.path.join(work, f"{run_id}.log"), args.interval)
                     manifest = _manifest(out, run_id)
                     n = manifest["counts"]["inputs"]
-                    elapsed = _job_seconds(os.path.join(work, f"{run_id}.log"))
+                    elapsed = c.summary_seconds(os.path.join(work, f"{run_id}.log"))
                     runs[corpus][side].append({
                         "images": n, "wall_s": measured["seconds"], "job_img_s": n / elapsed,
                         "ru_maxrss_mib": measured["ru_maxrss_mib"],
