@@ -36,17 +36,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--new", default="flickr8k", help="bundled model name or bundle (default flickr8k)")
     p.add_argument("--old", default="scenes", help="bundled model name or bundle (default scenes)")
-    p.add_argument("--web", type=int, default=3000, help="640x480 photos (0: skip)")
-    p.add_argument("--phone", type=int, default=150, help="12 MP photos (0: skip)")
+    corpora.add_photo_flags(p)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--interval", type=float, default=0.25, help="seconds between RSS samples")
     c.add_out_flags(p, "photo_models")
     args = p.parse_args(argv)
-    corpus_dirs = {}
-    if args.web:
-        corpus_dirs["web 640x480"] = os.path.dirname(corpora.web_photos(args.web)[0])
-    if args.phone:
-        corpus_dirs["phone 12 MP"] = os.path.dirname(corpora.large_photos(args.phone)[0])
+    corpus_dirs = corpora.photo_dirs(args.web, args.phone)
     models = {"new": args.new, "old": args.old}
     work = tempfile.mkdtemp(prefix="bench_models_")
     runs: dict = {corpus: {side: [] for side in models} for corpus in corpus_dirs}
