@@ -6,7 +6,7 @@
 - rounds: `alternate` (every side once per round, so all see the same machine load);
 - the job in process: `run_job`, `job_round`, the steady time and the rates derived from it;
 - the job in a process of its own: `export_revision`, `run_child` (another package tree
-  first on PYTHONPATH);
+  first on PYTHONPATH), `summary_seconds` (the seconds its summary line gives);
 - the model alone: `load_captioner`, `decode`, `ceiling_pass`, `decode_and_caption_pass`,
   `random_model`.
 
@@ -21,6 +21,7 @@ import glob
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -267,6 +268,16 @@ def child_env(package_root: str | None = None) -> dict:
     if package_root:
         env["PYTHONPATH"] = package_root
     return env
+
+
+def summary_seconds(log: str, prefix: str = "run=") -> float:
+    """The seconds a process's last summary line gives ("PREFIX... in 9.3 s (..."); the
+    job's ("run=...") counts from flags to manifest, the model load included."""
+    with open(log) as f:
+        found = re.findall(rf"^{re.escape(prefix)}.* in ([0-9.]+) s \(", f.read(), re.M)
+    if not found:
+        raise SystemExit(f"no summary line starting {prefix!r} in {log}")
+    return float(found[-1])
 
 
 def run_child(args: list[str], package_root: str | None = None, cwd: str | None = None) -> str:

@@ -197,6 +197,22 @@ def web_photos(n: int = 3000, root: str | None = None) -> list[str]:
     return sorted(_build(directory, params, [f"web_{i:05d}.jpg" for i in range(n)], make, directory))
 
 
+def add_photo_flags(parser, web: int = 3000, phone: int = 150) -> None:
+    """--web and --phone: how many photos of each kind a run captions (0: none)."""
+    parser.add_argument("--web", type=int, default=web, help=f"640x480 photos (0: skip; default {web})")
+    parser.add_argument("--phone", type=int, default=phone, help=f"12 MP photos (0: skip; default {phone})")
+
+
+def photo_dirs(web: int, phone: int) -> dict[str, str]:
+    """--web and --phone values -> {label: the corpus directory} of those given."""
+    dirs = {}
+    if web:
+        dirs["web 640x480"] = os.path.dirname(web_photos(web)[0])
+    if phone:
+        dirs["phone 12 MP"] = os.path.dirname(large_photos(phone)[0])
+    return dirs
+
+
 def add_corpus_flag(parser, extra_help: str = "") -> None:
     """The benchmarks' --corpus flag: which of the two fixed corpora a run uses."""
     parser.add_argument("--corpus", choices=("small", "large"), default="small",

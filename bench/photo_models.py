@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -26,15 +25,6 @@ import tempfile
 import _common as c
 import corpora
 from peak_memory import measure_process
-
-
-def _job_seconds(log: str) -> float:
-    """The run's seconds from flags to manifest, from the job's summary line ("... in 9.3 s")."""
-    with open(log) as f:
-        found = re.findall(r"^run=.* in ([0-9.]+) s \(", f.read(), re.M)
-    if not found:
-        raise SystemExit(f"no summary line in {log}")
-    return float(found[-1])
 
 
 def _manifest(out_dir: str, run_id: str) -> dict:
@@ -46,17 +36,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--new", default="flickr8k", help="bundled model name or bundle (default flickr8k)")
     p.add_argument("--old", default="scenes", help="bundled model name or bundle (default scenes)")
-    p.add_argument("--web", type=int, default=3000, help="640x480 photos (0: skip)")
-    p.add_argument("--phone", type=int, default=150, help="12 MP photos (0: skip)")
+    corpora.add_photo_flags(p)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--interval", type=float, default=0.25, help="seconds between RSS samples")
     c.add_out_flags(p, "photo_models")
     args = p.parse_args(argv)
-    corpus_dirs = {}
-    if args.web:
-        corpus_dirs["web 640x480"] = os.path.dirname(corpora.web_photos(args.web)[0])
-    if args.phone:
-        corpus_dirs["phone 12 MP"] = os.path.dirname(corpora.large_photos(args.phone)[0])
+    corpus_dirs = corpora.photo_dirs(args.web, args.phone)
     models = {"new": args.new, "old": args.old}
     work = tempfile.mkdtemp(prefix="bench_models_")
     runs: dict = {corpus: {side: [] for side in models} for corpus in corpus_dirs}
@@ -71,7 +56,7 @@ def main(argv=None) -> int:
                     measured = measure_process(cmd, os.path.join(work, f"{run_id}.log"), args.interval)
                     manifest = _manifest(out, run_id)
                     n = manifest["counts"]["inputs"]
-                    elapsed = _job_seconds(os.path.join(work, f"{run_id}.log"))
+                    elapsed = c.summary_seconds(os.path.join(work, f"{run_id}.log"))
                     runs[corpus][side].append({
                         "images": n, "wall_s": measured["seconds"], "job_img_s": n / elapsed,
                         "ru_maxrss_mib": measured["ru_maxrss_mib"],

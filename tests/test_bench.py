@@ -58,5 +58,36 @@ def test_the_profiled_phases_exist():
         assert callable(getattr(cls, method)), f"{cls.__name__}.{method}"
 
 
+def test_the_tf_data_pipeline_captions_every_jpeg_once_from_the_jobs_pixels(tmp_path, monkeypatch):
+    """bench/tf_data_pipeline.py, vs_tf_data.py's baseline: one record per JPEG, from pixels
+    within half a grey level of the job's decode on average, DCT-scaled or not."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from batch_caption import images
+
+    monkeypatch.syspath_prepend(BENCH)
+    import tf_data_pipeline as pipeline
+
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(64, 48), (640, 480), (1100, 600), (2200, 1100)]):  # ratio 1, 1, 2, 4 at 128 px
+        smooth = Image.fromarray(rng.integers(0, 256, (6, 8, 3), np.uint8)).resize(size, Image.Resampling.BICUBIC)
+        smooth.save(tmp_path / f"{i}.jpg", quality=90)
+    paths = pipeline.jpeg_files(str(tmp_path))
+    (named, pixels), = pipeline.image_dataset(paths, 128, 8).as_numpy_iterator()
+    config = images.ImageConfig(image_size=128)
+    job = np.stack([images.decode_image((tmp_path / f"{i}.jpg").read_bytes(), config).pixels for i in range(4)])
+    assert [p.decode() for p in named] == paths
+    assert np.abs(pixels.astype(int) - job).mean() < 0.5
+
+    out = tmp_path / "captions.jsonl"
+    assert pipeline.main(["--input", str(tmp_path), "--model", "scenes", "--output", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["path"] for r in records] == paths
+    assert all(r["caption"] and isinstance(r["score"], float) for r in records)
+
+
 def teardown_module():
     sys.modules.pop("_common", None)
