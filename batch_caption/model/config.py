@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from batch_caption.cli import flag_names, option
+
 # ENCODERS and DECODERS map each name to what it can do; iterated, they give the names
 # (the flags' choices). IMAGE_INPUTS: where a decoder can take the image.
 from batch_caption.model.registry import DECODERS, ENCODERS, IMAGE_INPUTS  # noqa: F401  (re-exported)
@@ -143,16 +145,16 @@ class ModelConfig:
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
-# The job's search flags (run.py, api.Settings, training.decode_defaults) -> DecodeConfig fields.
-SEARCH_FLAGS = {"beam_size": "beam_size", "max_caption_length": "max_length", "num_alternatives": "num_alternatives",
-                "length_normalization": "length_normalization", "forbid_unknown": "forbid_unknown"}
 # The widest beam a DecodeConfig takes: flags are checked against it before a model's own is known.
 MAX_BEAM_SIZE = 64
+# DecodeConfig fields written to records even at their default: the settings records had first.
+_ALWAYS_RECORDED = ("beam_size", "max_length", "num_alternatives", "length_normalization")
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    """How captions are searched for.
+    """How captions are searched for. Each field, by its `option`, is a search flag of the
+    job and of training.decode_defaults (SEARCH_FLAGS); api.Settings takes the same names.
 
     Attributes:
       beam_size: hypotheses kept per image (k). k=1 is greedy decoding.
@@ -165,11 +167,12 @@ class DecodeConfig:
         takes the best known word there instead.
     """
 
-    beam_size: int = 3
-    max_length: int = 20
-    num_alternatives: int = 3
-    length_normalization: float = 0.7
-    forbid_unknown: bool = False
+    beam_size: int = option(3, help="beam width k; 1 = greedy")
+    max_length: int = option(20, flag="max_caption_length", help="max tokens per caption incl. the end token")
+    num_alternatives: int = option(3, help="n-best captions kept per image, at most beam_size")
+    length_normalization: float = option(0.7, help="alpha in score = logprob / length**alpha; 0 = raw log-prob")
+    forbid_unknown: bool = option(False, help="never write <unk> (a word the vocabulary cut): the search takes "
+                                  "the best known word")
 
     def __post_init__(self):
         if not 1 <= self.beam_size <= MAX_BEAM_SIZE:
@@ -184,12 +187,10 @@ class DecodeConfig:
             raise ValueError(f"length_normalization must be in [0, 2], got {self.length_normalization}")
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        if not self.forbid_unknown:
-            # Left out when off: records and catalogs written before the option existed
-            # keep matching these settings, so incremental runs do not re-caption them.
-            del data["forbid_unknown"]
-        return data
+        """What records and catalogs hold. A setting added later is left out at its
+        default, so that records written before it existed keep matching these settings
+        (an incremental run does not re-caption them)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in _ALWAYS_RECORDED or v != _SEARCH_DEFAULTS[k]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DecodeConfig":
@@ -199,21 +200,33 @@ class DecodeConfig:
         return cls(**data)
 
     def with_flags(self, flags: Any) -> "DecodeConfig":
-        """`overridden` by the job's search flags, read from `flags` (the parsed command
-        line, JobConfig, api.Settings: any object with attributes of SEARCH_FLAGS' names;
-        None = not given)."""
-        return self.overridden(**{field: getattr(flags, flag) for flag, field in SEARCH_FLAGS.items()})
+        """`overridden` by the search flags that `flags` gives (`given_search_flags`)."""
+        return self.overridden(**given_search_flags(flags))
 
-    def overridden(self, *, beam_size: int | None = None, max_length: int | None = None,
-                   num_alternatives: int | None = None, length_normalization: float | None = None,
-                   forbid_unknown: bool | None = None) -> "DecodeConfig":
+    def overridden(self, **settings: Any) -> "DecodeConfig":
         """These settings with each given (not None) one in its place: a run's flags over a
         model's defaults. The n-best, unless given, shrinks to fit a smaller beam."""
-        beam = self.beam_size if beam_size is None else beam_size
-        return DecodeConfig(
-            beam_size=beam,
-            max_length=self.max_length if max_length is None else max_length,
-            num_alternatives=min(self.num_alternatives, beam) if num_alternatives is None else num_alternatives,
-            length_normalization=self.length_normalization if length_normalization is None else length_normalization,
-            forbid_unknown=self.forbid_unknown if forbid_unknown is None else forbid_unknown,
-        )
+        settings = {k: v for k, v in settings.items() if v is not None}
+        beam = settings.get("beam_size", self.beam_size)
+        settings.setdefault("num_alternatives", min(self.num_alternatives, beam))
+        return dataclasses.replace(self, **settings)
+
+
+# Search flag name -> DecodeConfig field (only max_caption_length differs).
+SEARCH_FLAGS = {flag: name for name, flag in flag_names(DecodeConfig).items()}
+_SEARCH_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DecodeConfig)}
+
+
+def given_search_flags(flags: Any) -> dict[str, Any]:
+    """DecodeConfig field -> value of each search flag that `flags` gives: the parsed
+    command line, api.Settings, any object with attributes of SEARCH_FLAGS' names (None or
+    missing: not given)."""
+    return {name: getattr(flags, flag) for flag, name in SEARCH_FLAGS.items() if getattr(flags, flag, None) is not None}
+
+
+def in_flag_names(message: str) -> str:
+    """A DecodeConfig error message with each field named by its search flag."""
+    for flag, name in SEARCH_FLAGS.items():
+        if flag != name:
+            message = message.replace(name, flag)
+    return message
