@@ -136,6 +136,16 @@ def from_args(cls: type[T], args: argparse.Namespace, /, **values: Any) -> T:
     return cls(**{**flag_values(args, cls), **values})
 
 
+def flag_error(e: ValueError, cls: type) -> UsageError:
+    """A config's ValueError as the command line says it: a message that starts with a
+    field's name ("dropout must be ...") starts with its flag ("--dropout must be ...")."""
+    message = str(e)
+    for name, flag in flag_names(cls).items():
+        if message.startswith(f"{name} "):
+            return UsageError(f"--{flag}{message[len(name):]}")
+    return UsageError(message)
+
+
 def _default(field: dataclasses.Field) -> Any:
     if field.default_factory is not dataclasses.MISSING:
         return field.default_factory()

@@ -25,6 +25,7 @@ DEFAULT_DECODER = "show_and_tell"
 DEFAULT_SMALL_CNN_GRID = 4
 
 FORMAT_VERSION = 1
+_MIN_VOCAB_SIZE = 5  # the 4 special tokens and a word
 
 # Fields left out of config.json at their default: configs (and bundle ids) written before
 # they existed stay as they were.
@@ -33,7 +34,8 @@ _OMITTED_AT_DEFAULT = ("decoder", "deep_output")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a captioner: a CNN encoder and an LSTM decoder.
+    """Architecture of a captioner: a CNN encoder and an LSTM decoder. Each field made by
+    `option` is a flag of `python -m batch_caption.train`, with its help.
 
     Attributes:
       vocab_size: number of tokens including the 4 special ones.
@@ -70,26 +72,31 @@ class ModelConfig:
     """
 
     vocab_size: int
-    encoder: str = DEFAULT_ENCODER
-    image_size: int = 96
-    encoder_weights: str | None = None
-    train_encoder: bool = True
-    small_cnn_grid: int = DEFAULT_SMALL_CNN_GRID
-    image_input: str = "first"
-    decoder: str = DEFAULT_DECODER
-    attention_units: int = 256
-    deep_output: bool = False
-    embedding_size: int = 256
-    lstm_units: int = 512
-    dropout: float = 0.3
+    encoder: str = option(DEFAULT_ENCODER, choices=ENCODERS, help="CNN backbone")
+    image_size: int = option(96, help="input size in pixels")
+    encoder_weights: str | None = option(None, help="backbone initialisation: 'imagenet' (downloads), or a .weights.h5 "
+                                         "file", default_help="default: random")
+    train_encoder: bool = option(True, help="train the CNN too")
+    small_cnn_grid: int = option(DEFAULT_SMALL_CNN_GRID, help="small_cnn: side of the grid its features are pooled to, "
+                                 "F = grid*grid*128; 3 matches the synthetic scenes' 3x3 layout")
+    image_input: str = option("first", choices=IMAGE_INPUTS, help="where the LSTM sees the image: first (Show and "
+                              "Tell: its first input) or every_step (beside every word)")
+    decoder: str = option(DEFAULT_DECODER, choices=DECODERS, help="show_and_tell (the image as one pooled vector) or "
+                          "attention (Show, Attend and Tell: soft attention over the encoder's grid cells at every step)")
+    attention_units: int = option(256, help="attention decoder: hidden size of the additive attention")
+    deep_output: bool = option(False, negatable=True, help="attention decoder: predict words from emb(previous word) + "
+                               "L_h h + L_z context (Xu et al. eq. 7) rather than from [h ; context]")
+    embedding_size: int = option(256, help="size of the image and word embeddings")
+    lstm_units: int = option(512, help="LSTM state size")
+    dropout: float = option(0.3, help="dropout rate on the LSTM inputs and outputs in training")
     max_length: int = 20
 
     def __post_init__(self):
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
         encoder = ENCODERS[self.encoder]
-        if self.vocab_size < 5:
-            raise ValueError(f"vocab_size must be >= 5 (4 special tokens + a word), got {self.vocab_size}")
+        if self.vocab_size < _MIN_VOCAB_SIZE:
+            raise ValueError(f"vocab_size must be >= {_MIN_VOCAB_SIZE} (4 special tokens + a word), got {self.vocab_size}")
         if not 32 <= self.image_size <= 1024:
             raise ValueError(f"image_size must be in [32, 1024], got {self.image_size}")
         if not 1 <= self.small_cnn_grid <= 8:
@@ -127,6 +134,12 @@ class ModelConfig:
             if name in data and data[name] == _DEFAULTS[name]:
                 del data[name]
         return {"format_version": FORMAT_VERSION, **data}
+
+    @classmethod
+    def without_vocabulary(cls, **fields: Any) -> "ModelConfig":
+        """A config made before its vocabulary is known (prepare's backbone, a training
+        run's options): the smallest vocabulary stands in for it."""
+        return cls(vocab_size=_MIN_VOCAB_SIZE, **fields)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":

@@ -17,7 +17,6 @@ import time
 from batch_caption import cli, files, images, quiet, records
 from batch_caption.cli import UsageError
 from batch_caption.data import scenes, sources
-from batch_caption.model import vocab as vocab_lib
 from batch_caption.model.config import (DECODERS, DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_SMALL_CNN_GRID, ENCODERS,
                                         ModelConfig)
 
@@ -176,9 +175,9 @@ class PrepareConfig:
     def model_config(self) -> ModelConfig:
         """The backbone's config (features mode). vocab_size is a placeholder: the backbone
         does not use it, and the vocabulary is not known until the job has run."""
-        return ModelConfig(vocab_size=len(vocab_lib.SPECIAL_TOKENS) + 1, encoder=self.encoder,
-                           image_size=self.image_size, encoder_weights=self.encoder_weights, train_encoder=False,
-                           small_cnn_grid=self.small_cnn_grid or DEFAULT_SMALL_CNN_GRID, decoder=self.decoder)
+        return ModelConfig.without_vocabulary(
+            encoder=self.encoder, image_size=self.image_size, encoder_weights=self.encoder_weights, train_encoder=False,
+            small_cnn_grid=self.small_cnn_grid or DEFAULT_SMALL_CNN_GRID, decoder=self.decoder)
 
     @property
     def synthetic_dir(self) -> str:
