@@ -280,6 +280,10 @@ def test_one_replica_step_is_the_plain_mean_token_loss_step(features_dataset, en
                             "--eval_every", "0", "--seed", str(seed), *flags, *TINY])
     trained = load_bundle(result.export_path).model
     assert [trained.config.image_input, trained.config.decoder][flags[0] == "--decoder"] == flags[1]
+    # The job decodes inputs at the bundle's image size: the dataset's, as dataset.json records it.
+    assert trained.config.image_size == _info(data).image_size
+    written = json.loads((tmp_path / "out" / "train_config.json").read_text())
+    assert written["steps"] == 1 and written["model"]["image_size"] == trained.config.image_size
 
     # The bundle names the backbone's first weights by file name only (no machine path).
     assert trained.config.encoder_weights == os.path.basename(encoder_weights)
