@@ -104,6 +104,8 @@ def add_flags(parser: Any, cls: type, names: Iterable[str] | None = None, *,
         if kind is bool:
             switch = kwargs["default"] is False and not spec.negatable
             kwargs["action"] = "store_true" if switch else argparse.BooleanOptionalAction
+        elif spec.parse is None and kind not in (int, float, str):
+            raise TypeError(f"{cls.__name__}.{name} is {kind}: its option needs a parse")
         else:
             kwargs["type"] = spec.parse or (kind if kind in (int, float) else None)
         if spec.choices is not None:

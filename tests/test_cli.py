@@ -120,6 +120,15 @@ def test_a_config_s_fields_make_its_flags_and_come_back_from_them():
     assert cli.from_args(_Options, args, note="n") == _Options("p", 64, 0.5, "b", True, False, False, ("x", "y"), "n")
 
 
+def test_a_field_of_another_type_needs_its_parse():
+    @dataclasses.dataclass(frozen=True)
+    class Listed:
+        words: tuple[str, ...] = cli.option((), help="words")
+
+    with pytest.raises(TypeError, match="Listed.words is tuple"):
+        cli.add_flags(cli.ArgumentParser(), Listed)
+
+
 def test_unset_text_for_every_flag_names_each_field_s_default():
     parser = cli.ArgumentParser()
     cli.add_flags(parser, _Options, ["size", "cache"], unset="elsewhere, else {}")
