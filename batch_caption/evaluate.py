@@ -195,15 +195,23 @@ def match_predictions(records: Sequence[tuple[str, str]], file_names: Mapping[in
 
 @dataclasses.dataclass(frozen=True)
 class EvalOptions:
-    """What to evaluate; see ``python -m batch_caption.evaluate --help``."""
+    """What to evaluate. Each field made by `cli.option` is the command's flag of its name
+    (timeout_s: --timeout), with its help; captions come from the repeatable --captions."""
 
     captions: tuple[str, ...]
-    references: str
-    facts: str | None = None
-    output: str | None = None
-    tokenizer: str = "ptb"
-    metrics: tuple[str, ...] = ALL_METRICS
-    timeout_s: float = DEFAULT_TIMEOUT_S
+    references: str = cli.option(metavar="JSON", help="COCO captions JSON: images[{id, file_name}], "
+                                 "annotations[{image_id, caption}]")
+    facts: str | None = cli.option(None, metavar="JSON", help="scenes_<split>.json from batch_caption.data.scenes: "
+                                   "also report content accuracy")
+    output: str | None = cli.option(None, metavar="JSON", help="write the JSON report here (local or gs://)")
+    tokenizer: str = cli.option("ptb", choices=TOKENIZERS, help="ptb: Stanford PTB tokenizer, punctuation dropped "
+                                "(COCO standard, needs Java); none: whitespace split")
+    metrics: tuple[str, ...] = cli.option(
+        ALL_METRICS, metavar="LIST", parse=lambda text: tuple(text.split(",")),
+        help=f"comma-separated subset of {','.join(ALL_METRICS)}", default_help="default all; meteor needs Java")
+    timeout_s: float = cli.option(DEFAULT_TIMEOUT_S, flag="timeout", metavar="SECONDS",
+                                  help="limit for each Java step (tokenizer, METEOR)",
+                                  default_help=f"default {DEFAULT_TIMEOUT_S:g}")
 
     def __post_init__(self) -> None:
         if not self.captions:
@@ -335,18 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", action="append", required=True, metavar="PATH",
                    help="caption JSONL file, glob, or run directory .../run=<id>/ (reads its captions-*.jsonl); "
                    "local, gs:// or any Beam filesystem. Repeatable.")  # fmt: skip
-    p.add_argument("--references", required=True, metavar="JSON",
-                   help="COCO captions JSON: images[{id, file_name}], annotations[{image_id, caption}]")
-    p.add_argument("--facts", default=None, metavar="JSON",
-                   help="scenes_<split>.json from batch_caption.data.scenes: also report content accuracy")
-    p.add_argument("--output", default=None, metavar="JSON", help="write the JSON report here (local or gs://)")
-    p.add_argument("--tokenizer", choices=TOKENIZERS, default="ptb",
-                   help="ptb: Stanford PTB tokenizer, punctuation dropped (COCO standard, needs Java); "
-                   "none: whitespace split (default ptb)")  # fmt: skip
-    p.add_argument("--metrics", default=",".join(ALL_METRICS), metavar="LIST",
-                   help=f"comma-separated subset of {','.join(ALL_METRICS)} (default all; meteor needs Java)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
-                   help=f"limit for each Java step (tokenizer, METEOR) (default {DEFAULT_TIMEOUT_S:g})")
+    cli.add_flags(p, EvalOptions)
     quiet.add_verbose_flag(p)
     return p
 
@@ -359,15 +356,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        options = EvalOptions(
-            captions=tuple(args.captions),
-            references=args.references,
-            facts=args.facts,
-            output=args.output,
-            tokenizer=args.tokenizer,
-            metrics=tuple(args.metrics.split(",")),
-            timeout_s=args.timeout,
-        )
+        options = cli.from_args(EvalOptions, args, captions=tuple(args.captions))
         gcs.require_credentials([*options.captions, options.references, options.facts, options.output])
     except ValueError as e:  # cli.UsageError (a bad flag) is one
         parser.exit(2, f"{parser.prog}: error: {' '.join(str(e).split())}\n")

@@ -27,10 +27,10 @@ from batch_caption import lock
 from batch_caption.cli import UsageError
 from batch_caption.job import JobConfig, build_pipeline
 from batch_caption.job.config import MIN_READ_THREADS, REMOTE_READ_THREADS, default_read_threads
-from batch_caption.model.config import RUNTIMES
 from batch_caption.job.elements import NAMESPACE
 from batch_caption.job.image_files import parse_extensions
 from batch_caption.job.preflight import check_model, check_output, check_remote_paths, resolve_inputs
+from batch_caption.model.config import DecodeConfig, given_search_flags
 from batch_caption.model.registry import DECODERS
 
 EXIT_TOO_MANY_FAILED = 3
@@ -69,68 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default=None, metavar="NAME|BUNDLE",
                    help=f"a bundled model by name ({', '.join(bundled.BUNDLED)}; default {bundled.DEFAULT_MODEL_NAME}) "
                    "or a model bundle directory, local or gs:// (./NAME for a directory named like a bundled model)")
-    m.add_argument("--beam_size", type=int, default=None,
-                   help="beam width k; 1 = greedy (default: the model's, else 3). A bundle's decode.json gives "
-                   "the search settings its model was tuned with; each of these flags overrides one")
-    m.add_argument("--max_caption_length", type=int, default=None,
-                   help="max tokens per caption incl. the end token (default: the model's, else 20)")
-    m.add_argument("--num_alternatives", type=int, default=None,
-                   help="n-best captions kept per image, <= beam_size (default: the model's, else 3; at most beam_size)")
-    m.add_argument("--forbid_unknown", action=argparse.BooleanOptionalAction, default=None,
-                   help="never write <unk> (a word the vocabulary cut): the search takes the best known word "
-                   "(default: the model's, else off)")
-    m.add_argument("--length_normalization", type=float, default=None,
-                   help="alpha in score = logprob / length**alpha (default: the model's, else 0.7; 0 = raw log-prob)")
-    m.add_argument("--low_score_threshold", type=float, default=None,
-                   help="captions scoring below this get the low_score flag (default: the bundled model's calibrated "
-                   "threshold, " + ", ".join(f"{b.name} {b.low_score}" for b in bundled.BUNDLED.values())
-                   + "; another bundle gets the default model's)")
-    m.add_argument("--attention_maps", action="store_true",
-                   help="models with the attention decoder: each caption record gets 'attention', where the "
-                   "decoder looked (grid cells, in percent) as it said each word; the report overlays it")
+    cli.add_flags(m, JobConfig, ["low_score_threshold", "attention_maps"])
+    search = p.add_argument_group("search", "A bundle's decode.json gives the search settings its model was tuned "
+                                  "with; each of these flags overrides one.")
+    cli.add_flags(search, DecodeConfig, unset="the model's, else {}")
     n = p.add_argument_group("incremental runs and duplicates")
-    n.add_argument("--incremental", action="store_true",
-                   help="caption only files that are new or changed since the earlier complete runs under --output "
-                   "(same path with another size or modification time, or other content); the rest are counted "
-                   "as skipped. Earlier runs of another model do not count unless --incremental_any_model.")
-    n.add_argument("--incremental_any_model", action="store_true",
-                   help="with --incremental: keep captions made by any model (default: a model change re-captions)")
-    n.add_argument("--retry_failed", action="store_true",
-                   help="with --incremental: read files that failed before even when unchanged (default: a failed "
-                   "file is tried again only once its size or modification time changes, or the model or decode "
-                   "settings do)")
-    n.add_argument("--max_failed_fraction", type=float, default=1.0,
-                   help="a run in which a larger share of its inputs failed exits 3 and does not move LATEST, nor is "
-                   "it the baseline of the next --incremental run (default 1.0: off)")
+    cli.add_flags(n, JobConfig, ["incremental", "incremental_any_model", "retry_failed", "max_failed_fraction"])
     n.add_argument("--break_lock", default=None, metavar="AGE",
                    help="take over the output's lock when it is older than AGE (90s, 45m, 6h, 2d): for a lock left "
                    "by a run that was killed. Default: a held lock stops the run (exit 2, the holder named)")
-    n.add_argument("--dedupe", action=argparse.BooleanOptionalAction, default=True,
-                   help="decode and caption identical bytes under several paths once; every path still gets "
-                   "its record (default on: files are hashed, only paths and hashes are shuffled, and one file per "
-                   "hash is read again)")
+    cli.add_flags(n, JobConfig, ["dedupe"])
     r = p.add_argument_group("resources")
-    r.add_argument("--batch_size", type=int, default=None,
-                   help="images per model call (default: as many as hold ~2 M pixels at the model's input size, "
-                   "8 to 128: 128 at 128 px, 41 at 224 px, 23 at 299 px)")
-    r.add_argument("--max_image_pixels", type=int, default=100_000_000,
-                   help="decoded pixel limit per image, against decompression bombs (default 100M)")
-    r.add_argument("--max_file_bytes", type=int, default=256 * 1024 * 1024, help="larger files are errors (default 256 MiB)")
-    r.add_argument("--draft", action=argparse.BooleanOptionalAction, default=True,
-                   help="decode JPEGs at a reduced DCT scale (>= 2x the model's input size) before resizing; "
-                   "--no-draft decodes every pixel (slower, nearly identical pixels; default on)")
-    r.add_argument("--read_threads", type=int, default=None,
-                   help="threads per worker thread that read and decode images ahead of the model, at most one decode "
-                   "per CPU at once (and twice as many threads hash files for --dedupe); more hide storage latency "
-                   f"(default: one per CPU of this machine, at least {MIN_READ_THREADS}, or {REMOTE_READ_THREADS} when "
-                   "an --input or --input_list is on a remote filesystem such as gs://; 0: inline)")
-    r.add_argument("--share_model", action="store_true",
-                   help="one model copy per machine shared by all worker processes (large models)")
-    r.add_argument("--runtime", choices=RUNTIMES, default="litert",
-                   help="litert: the model's graph compiled once per model and search settings (cached under "
-                   "$BATCH_CAPTION_CACHE, default ~/.cache/batch_caption) and run by LiteRT, with no TensorFlow "
-                   "in the process; tensorflow: TensorFlow runs it (always for --attention_maps, and when a "
-                   "graph does not compile). Captions are the same; scores differ in float rounding")
+    cli.add_flags(r, JobConfig, ["batch_size", "max_image_pixels", "max_file_bytes", "draft", "read_threads",
+                                 "share_model", "runtime"],
+                  unset={"read_threads": f"one per CPU of this machine, at least {MIN_READ_THREADS}, or "
+                         f"{REMOTE_READ_THREADS} when an --input or --input_list is on a remote filesystem such as "
+                         "gs://; 0: inline"})
     quiet.add_verbose_flag(p)
     return p
 
@@ -155,33 +109,17 @@ def parse(argv: list[str] | None):
             image_formats.DEFAULT_EXTENSIONS if args.extensions is None else parse_extensions(args.extensions))
     except ValueError as e:
         raise UsageError(f"--extensions {args.extensions!r}: {e}") from e
-    config = JobConfig(
+    config = cli.from_args(
+        JobConfig, args,
         inputs=tuple(args.input),
         input_lists=tuple(args.input_list),
         output=output,
         model=model,
         extensions=extensions,
         run_id=args.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
-        beam_size=args.beam_size,
-        max_caption_length=args.max_caption_length,
-        num_alternatives=args.num_alternatives,
-        length_normalization=args.length_normalization,
-        forbid_unknown=args.forbid_unknown,
-        batch_size=args.batch_size,
-        max_image_pixels=args.max_image_pixels,
-        max_file_bytes=args.max_file_bytes,
-        draft=args.draft,
+        search=given_search_flags(args),
         read_threads=args.read_threads if args.read_threads is not None else default_read_threads(
             [*args.input, *args.input_list]),
-        share_model=args.share_model,
-        runtime=args.runtime,
-        low_score_threshold=args.low_score_threshold,
-        attention_maps=args.attention_maps,
-        dedupe=args.dedupe,
-        incremental=args.incremental,
-        incremental_any_model=args.incremental_any_model,
-        retry_failed=args.retry_failed,
-        max_failed_fraction=args.max_failed_fraction,
         break_lock=break_lock,
     )
     return config, options

@@ -3,6 +3,7 @@ exit 2, and never Beam's "Discarding unparseable args" warning."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -82,6 +83,57 @@ def test_a_typo_on_the_command_line_shows_no_beam_warning(tmp_path):
     assert done.stderr == ("batch_caption.run: error: unknown options --outptu (did you mean --output?), "
                            "--beam-size (did you mean --beam_size?); see --help\n")
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- flags from a config's fields
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    path: str = cli.option(help="where")
+    size: int = cli.option(96, help="side")
+    ratio: float | None = cli.option(None, help="share", default_help="default: the data's")
+    mode: str = cli.option("a", help="how", choices=("a", "b"))
+    fast: bool = cli.option(False, help="hurry")
+    deep: bool = cli.option(False, help="deeper", negatable=True)
+    cache: bool = cli.option(True, help="keep", default_help="default on")
+    words: tuple[str, ...] = cli.option((), flag="word_list", help="words", parse=lambda s: tuple(s.split(",")),
+                                        default_help="")
+    note: str = "no flag"
+
+
+def test_a_config_s_fields_make_its_flags_and_come_back_from_them():
+    parser = cli.ArgumentParser()
+    cli.add_flags(parser, _Options, unset={"size": "the dataset's"})
+    helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
+    assert helps == {"-h": helps["-h"], "--path": "where", "--size": "side (default: the dataset's)",
+                     "--ratio": "share (default: the data's)", "--mode": "how (default %(default)s)", "--fast": "hurry",
+                     "--deep": "deeper (default %(default)s)", "--cache": "keep (default on)", "--word_list": "words"}
+    assert cli.flag_names(_Options)["words"] == "word_list" and "note" not in cli.flag_names(_Options)
+    with pytest.raises(cli.UsageError, match="the following arguments are required: --path"):
+        parser.parse_args([])
+    with pytest.raises(cli.UsageError, match="invalid choice: 'c'"):
+        parser.parse_args(["--path", "p", "--mode", "c"])
+    assert cli.from_args(_Options, parser.parse_args(["--path", "p"])) == _Options("p")
+    args = parser.parse_args(["--path", "p", "--size", "64", "--ratio", "0.5", "--mode", "b", "--fast", "--no-deep",
+                              "--no-cache", "--word_list", "x,y"])
+    assert cli.from_args(_Options, args, note="n") == _Options("p", 64, 0.5, "b", True, False, False, ("x", "y"), "n")
+
+
+def test_a_field_of_another_type_needs_its_parse():
+    @dataclasses.dataclass(frozen=True)
+    class Listed:
+        words: tuple[str, ...] = cli.option((), help="words")
+
+    with pytest.raises(TypeError, match="Listed.words is tuple"):
+        cli.add_flags(cli.ArgumentParser(), Listed)
+
+
+def test_unset_text_for_every_flag_names_each_field_s_default():
+    parser = cli.ArgumentParser()
+    cli.add_flags(parser, _Options, ["size", "cache"], unset="elsewhere, else {}")
+    assert [(a.dest, a.default, a.help) for a in parser._actions[1:]] == [
+        ("size", None, "side (default: elsewhere, else 96)"), ("cache", None, "keep (default: elsewhere, else on)")]
 
 
 # ---------------------------------------------------------------- Dataflow without its extra

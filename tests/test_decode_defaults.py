@@ -3,6 +3,7 @@ API unless a flag overrides them; and the search's forbid_unknown option."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import pytest
 from helpers import varied_images
 from PIL import Image
 
-from batch_caption import api, run
+from batch_caption import api, cli, run
 from batch_caption.model import bundle as B
 from batch_caption.model import vocab as V
 from batch_caption.model.captioner import Captioner
@@ -90,6 +91,39 @@ def test_the_job_searches_with_the_bundle_defaults_and_each_flag_overrides_one(t
     with pytest.raises(run.UsageError, match="num_alternatives must be in \\[1, beam_size=4\\]"):
         run.run(["--input", str(root), "--output", str(tmp_path / "x"), "--model", tuned_bundle,
                  "--num_alternatives", "6"])
+
+
+def _set_away_from_default(field: dataclasses.Field) -> tuple[list[str], object]:
+    """The command-line words that set a DecodeConfig field to a valid value other than its
+    default, and that value (every field at once stays valid: the n-best fits the beam)."""
+    flag = "--" + cli.flag_names(DecodeConfig)[field.name]
+    if isinstance(field.default, bool):
+        return [flag if not field.default else f"--no-{flag[2:]}"], not field.default
+    if isinstance(field.default, (int, float)):
+        value = field.default + (1 if isinstance(field.default, int) else 0.25)
+        return [flag, str(value)], value
+    raise AssertionError(f"give a non-default value for DecodeConfig.{field.name} here")
+
+
+def test_every_search_setting_is_a_flag_whose_value_reaches_the_search(tuned_bundle):
+    """A DecodeConfig field is, with nothing more, a flag of the job (with its help) and of
+    decode_defaults, whose value becomes the run's search setting over the bundle's."""
+    argv, want = [], {}
+    for field in dataclasses.fields(DecodeConfig):
+        words, want[field.name] = _set_away_from_default(field)
+        argv += words
+    config, _ = run.parse(["--input", "x", "--model", tuned_bundle, *argv])
+    assert config.search == want
+    assert dataclasses.replace(config, model_decode=TUNED).decode == DecodeConfig(**want)
+    assert config.options()[cli.flag_names(DecodeConfig)["max_length"]] == want["max_length"]
+    helps = {a.option_strings[0]: a.help for a in run.build_parser()._actions if a.option_strings}
+    for flag in cli.flag_names(DecodeConfig).values():
+        assert helps[f"--{flag}"].endswith(")") and "(default: the model's, else " in helps[f"--{flag}"]
+    args = decode_defaults.build_parser().parse_args(["--bundle", "b", *argv])
+    assert DecodeConfig().with_flags(args) == DecodeConfig(**want)
+    # Not given, a flag leaves the bundle's setting; the n-best still fits a smaller beam.
+    config, _ = run.parse(["--input", "x", "--model", tuned_bundle, "--beam_size", "1"])
+    assert dataclasses.replace(config, model_decode=TUNED).decode == TUNED.overridden(beam_size=1)
 
 
 def test_the_api_uses_the_bundle_defaults_under_its_settings(tuned_bundle):

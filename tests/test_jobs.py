@@ -182,8 +182,8 @@ def test_run_parse_accepts_every_assembled_flag(launcher, no_cloud):
     ])
     config, options = run.parse(argv)
     assert config.inputs == ("gs://my-bucket/photos/**",) and config.input_lists == ("gs://my-bucket/new.txt",)
-    assert (config.output, config.model, config.run_id, config.beam_size) == ("gs://my-bucket/captions",
-                                                                          "gs://my-bucket/m", "r1", 5)
+    assert (config.output, config.model, config.run_id, config.decode.beam_size) == (
+        "gs://my-bucket/captions", "gs://my-bucket/m", "r1", 5)
     assert config.incremental
     assert options.view_as(StandardOptions).runner == "DataflowRunner"
     cloud = options.view_as(GoogleCloudOptions)
@@ -292,7 +292,7 @@ def test_run_local_command(echo_python, tmp_path):
     assert options.view_as(StandardOptions).runner == "DirectRunner"
     direct = options.view_as(DirectOptions)
     assert (direct.direct_num_workers, direct.direct_running_mode) == (0, "multi_processing")
-    assert config.beam_size == 2
+    assert config.decode.beam_size == 2
 
 
 def _today_ids() -> set[str]:

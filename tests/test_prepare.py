@@ -15,7 +15,7 @@ import pytest
 from helpers import varied_images
 from PIL import Image
 
-from batch_caption import images, prepare
+from batch_caption import api, images, prepare
 from batch_caption.data import sources, tfrecord
 from batch_caption.model.vocab import UNK_ID, Vocabulary, tokenize
 from batch_caption.prepare.config import check_inputs, parse
@@ -110,16 +110,18 @@ def test_synthetic_dataset_info_and_shards(synthetic):
 
 
 def test_records_hold_the_jobs_pixels_and_encoded_captions(synthetic):
+    """The stored pixels are what the job makes of the file for a model of the size that
+    dataset.json records (a bundle trained on it has that size), with its default settings."""
     out, _ = synthetic
     info, vocab, parsed = read_dataset(out)
-    config = images.ImageConfig(image_size=32)
+    assert info.image_size == 32
     src = os.path.join(out, "source")
     for split in SYNTHETIC_COUNTS:
         names, caps = coco_captions(os.path.join(src, f"captions_{split}.json"))
         assert [r["image_id"] for r in parsed[split]] == sorted(names)
         for r in parsed[split]:
             with open(os.path.join(src, names[r["image_id"]]), "rb") as f:
-                want = images.decode_image(f.read(), config).pixels
+                want = api.decode_example(f.read(), info.image_size).pixels
             np.testing.assert_array_equal(r["image"], want)
             assert r["captions"] == [expected_ids(vocab, c) for c in caps[r["image_id"]]]
     # Train words are all known (min_word_count 1): ids decode back to the captions.

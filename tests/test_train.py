@@ -280,6 +280,10 @@ def test_one_replica_step_is_the_plain_mean_token_loss_step(features_dataset, en
                             "--eval_every", "0", "--seed", str(seed), *flags, *TINY])
     trained = load_bundle(result.export_path).model
     assert [trained.config.image_input, trained.config.decoder][flags[0] == "--decoder"] == flags[1]
+    # The job decodes inputs at the bundle's image size: the dataset's, as dataset.json records it.
+    assert trained.config.image_size == _info(data).image_size
+    written = json.loads((tmp_path / "out" / "train_config.json").read_text())
+    assert written["steps"] == 1 and written["model"]["image_size"] == trained.config.image_size
 
     # The bundle names the backbone's first weights by file name only (no machine path).
     assert trained.config.encoder_weights == os.path.basename(encoder_weights)
@@ -573,17 +577,42 @@ def _features_spec(tmp_path, grid, feature_size):
 ])
 def test_features_dataset_decides_the_small_cnn_grid(tmp_path, recorded, feature_size, flag, want):
     from batch_caption.cli import UsageError
-    from batch_caption.training.config import TrainConfig
     from batch_caption.training.preflight import resolve
 
     spec = _features_spec(tmp_path, recorded, feature_size)
-    config = TrainConfig(data=spec.path, output=str(tmp_path / "out"), small_cnn_grid=flag, eval_every=0)
+    given = [] if flag is None else ["--small_cnn_grid", str(flag)]
+    config = train_cli.parse(["--data", spec.path, "--output", str(tmp_path / "out"), "--eval_every", "0", *given])
     if isinstance(want, str):
         with pytest.raises(UsageError, match=re.escape(want)):
             resolve(config, spec)
     else:
-        config, model_config, _ = resolve(config, spec)
-        assert config.small_cnn_grid == model_config.small_cnn_grid == want
+        assert resolve(config, spec)[0].model.small_cnn_grid == want
+
+
+def test_a_model_flag_the_dataset_decides_is_checked_against_it_even_at_its_default(tmp_path):
+    """--encoder small_cnn is ModelConfig's default, yet given: another encoder's features
+    are refused. Imagenet weights are checked against the encoder the dataset names."""
+    from batch_caption.cli import UsageError
+    from batch_caption.training.preflight import resolve
+
+    spec = _features_spec(tmp_path, None, 576)
+    spec = dataclasses.replace(spec, info=dataclasses.replace(spec.info, encoder="mobilenet_v3_small"))
+    base = ["--data", spec.path, "--output", str(tmp_path / "out"), "--eval_every", "0"]
+    with pytest.raises(UsageError, match=re.escape("--encoder small_cnn does not match the encoder that made the "
+                                                   "features (mobilenet_v3_small)")):
+        resolve(train_cli.parse([*base, "--encoder", "small_cnn"]), spec)
+    model = resolve(train_cli.parse([*base, "--encoder_weights", "imagenet"]), spec)[0].model
+    assert (model.encoder, model.encoder_weights, model.train_encoder) == ("mobilenet_v3_small", "imagenet", False)
+    with pytest.raises(UsageError, match="small_cnn has no imagenet weights"):
+        train_cli.parse([*base, "--encoder", "small_cnn", "--encoder_weights", "imagenet"])
+
+
+def _resolved(tmp_path, **model):
+    """A TrainConfig whose model is complete, as preflight.resolve leaves it."""
+    from batch_caption.model.config import ModelConfig
+    from batch_caption.training.config import TrainConfig
+
+    return TrainConfig(data=str(tmp_path), output=str(tmp_path / "out"), model=ModelConfig(vocab_size=9, **model))
 
 
 @pytest.mark.parametrize("field, changed, message", [
@@ -592,19 +621,38 @@ def test_features_dataset_decides_the_small_cnn_grid(tmp_path, recorded, feature
 ])
 def test_a_run_from_before_a_model_field_still_resumes(tmp_path, field, changed, message):
     from batch_caption.cli import UsageError
-    from batch_caption.model.config import ModelConfig
-    from batch_caption.training.config import TrainConfig
     from batch_caption.training.preflight import TRAIN_CONFIG_NAME, check_output
 
-    out = tmp_path / "out"
-    out.mkdir()
-    old = ModelConfig(vocab_size=9, image_size=96).to_dict()
+    (tmp_path / "out").mkdir()
+    old = _resolved(tmp_path).model.to_dict()
     del old[field]  # train_config.json as written before the field existed
-    (out / TRAIN_CONFIG_NAME).write_text(json.dumps({"model": old}))
-    config = TrainConfig(data=str(tmp_path), output=str(out))
-    assert check_output(config, ModelConfig(vocab_size=9, image_size=96)) is True
+    (tmp_path / "out" / TRAIN_CONFIG_NAME).write_text(json.dumps({"model": old}))
+    assert check_output(_resolved(tmp_path)) is True
     with pytest.raises(UsageError, match=message):
-        check_output(config, ModelConfig(vocab_size=9, image_size=96, **{field: changed}))
+        check_output(_resolved(tmp_path, **{field: changed}))
+
+
+def test_train_config_json_holds_the_model_in_the_options_and_a_flat_one_still_resumes(tmp_path):
+    """train_config.json is TrainConfig.to_dict (the model nested); the flat form written
+    before, {"train": options with the model's fields, "model": config.json's}, is read too."""
+    from batch_caption.cli import UsageError
+    from batch_caption.training.preflight import TRAIN_CONFIG_NAME, check_output
+
+    (tmp_path / "out").mkdir()
+    path = tmp_path / "out" / TRAIN_CONFIG_NAME
+    config = _resolved(tmp_path, decoder="attention", lstm_units=64)
+    written = config.to_dict()
+    assert written["model"] == config.model.to_dict() and "lstm_units" not in written and written["steps"] == 10_000
+    path.write_text(config.to_json())
+    assert check_output(config) is True
+    flat = {k: v for k, v in written.items() if k not in ("model", "given")}
+    flat.update(encoder="small_cnn", image_size=96, small_cnn_grid=4, image_input="first", decoder="attention",
+                attention_units=256, deep_output=False, embedding_size=256, lstm_units=64, dropout=0.3,
+                encoder_weights=None, train_encoder=True)
+    path.write_text(json.dumps({"train": flat, "model": config.model.to_dict()}))
+    assert check_output(config) is True
+    with pytest.raises(UsageError, match="lstm_units 64 -> 32"):
+        check_output(_resolved(tmp_path, decoder="attention", lstm_units=32))
 
 
 @pytest.mark.parametrize("made_for, decoder, ok", [
@@ -614,17 +662,17 @@ def test_a_run_from_before_a_model_field_still_resumes(tmp_path, field, changed,
 def test_application_features_must_be_made_for_the_decoder(tmp_path, made_for, decoder, ok):
     """efficientnet_lite0 features are a grid for attention and pooled for Show and Tell."""
     from batch_caption.cli import UsageError
-    from batch_caption.training.config import TrainConfig
     from batch_caption.training.preflight import resolve
 
     spec = _features_spec(tmp_path, None, 49 * 1280 if made_for == "attention" else 1280)
     source = dict(spec.info.source, **({"decoder": made_for} if made_for else {}))
     spec = dataclasses.replace(spec, info=dataclasses.replace(spec.info, encoder="efficientnet_lite0", image_size=224,
                                                               source=source))
-    config = TrainConfig(data=spec.path, output=str(tmp_path / "out"), decoder=decoder, eval_every=0)
+    config = train_cli.parse(["--data", spec.path, "--output", str(tmp_path / "out"), "--decoder", decoder,
+                              "--eval_every", "0"])
     if ok:
-        _, model_config, _ = resolve(config, spec)
-        assert model_config.encoder == "efficientnet_lite0" and model_config.decoder == decoder
+        model = resolve(config, spec)[0].model
+        assert model.encoder == "efficientnet_lite0" and model.decoder == decoder
     else:
         with pytest.raises(UsageError, match=f"made for --decoder {made_for}, not {decoder}"):
             resolve(config, spec)

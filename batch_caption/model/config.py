@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from batch_caption.cli import flag_names, option
+
 # ENCODERS and DECODERS map each name to what it can do; iterated, they give the names
 # (the flags' choices). IMAGE_INPUTS: where a decoder can take the image.
 from batch_caption.model.registry import DECODERS, ENCODERS, IMAGE_INPUTS  # noqa: F401  (re-exported)
@@ -23,6 +25,7 @@ DEFAULT_DECODER = "show_and_tell"
 DEFAULT_SMALL_CNN_GRID = 4
 
 FORMAT_VERSION = 1
+_MIN_VOCAB_SIZE = 5  # the 4 special tokens and a word
 
 # Fields left out of config.json at their default: configs (and bundle ids) written before
 # they existed stay as they were.
@@ -31,7 +34,8 @@ _OMITTED_AT_DEFAULT = ("decoder", "deep_output")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a captioner: a CNN encoder and an LSTM decoder.
+    """Architecture of a captioner: a CNN encoder and an LSTM decoder. Each field made by
+    `option` is a flag of `python -m batch_caption.train`, with its help.
 
     Attributes:
       vocab_size: number of tokens including the 4 special ones.
@@ -68,26 +72,31 @@ class ModelConfig:
     """
 
     vocab_size: int
-    encoder: str = DEFAULT_ENCODER
-    image_size: int = 96
-    encoder_weights: str | None = None
-    train_encoder: bool = True
-    small_cnn_grid: int = DEFAULT_SMALL_CNN_GRID
-    image_input: str = "first"
-    decoder: str = DEFAULT_DECODER
-    attention_units: int = 256
-    deep_output: bool = False
-    embedding_size: int = 256
-    lstm_units: int = 512
-    dropout: float = 0.3
+    encoder: str = option(DEFAULT_ENCODER, choices=ENCODERS, help="CNN backbone")
+    image_size: int = option(96, help="input size in pixels")
+    encoder_weights: str | None = option(None, help="backbone initialisation: 'imagenet' (downloads), or a .weights.h5 "
+                                         "file", default_help="default: random")
+    train_encoder: bool = option(True, help="train the CNN too")
+    small_cnn_grid: int = option(DEFAULT_SMALL_CNN_GRID, help="small_cnn: side of the grid its features are pooled to, "
+                                 "F = grid*grid*128; 3 matches the synthetic scenes' 3x3 layout")
+    image_input: str = option("first", choices=IMAGE_INPUTS, help="where the LSTM sees the image: first (Show and "
+                              "Tell: its first input) or every_step (beside every word)")
+    decoder: str = option(DEFAULT_DECODER, choices=DECODERS, help="show_and_tell (the image as one pooled vector) or "
+                          "attention (Show, Attend and Tell: soft attention over the encoder's grid cells at every step)")
+    attention_units: int = option(256, help="attention decoder: hidden size of the additive attention")
+    deep_output: bool = option(False, negatable=True, help="attention decoder: predict words from emb(previous word) + "
+                               "L_h h + L_z context (Xu et al. eq. 7) rather than from [h ; context]")
+    embedding_size: int = option(256, help="size of the image and word embeddings")
+    lstm_units: int = option(512, help="LSTM state size")
+    dropout: float = option(0.3, help="dropout rate on the LSTM inputs and outputs in training")
     max_length: int = 20
 
     def __post_init__(self):
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
         encoder = ENCODERS[self.encoder]
-        if self.vocab_size < 5:
-            raise ValueError(f"vocab_size must be >= 5 (4 special tokens + a word), got {self.vocab_size}")
+        if self.vocab_size < _MIN_VOCAB_SIZE:
+            raise ValueError(f"vocab_size must be >= {_MIN_VOCAB_SIZE} (4 special tokens + a word), got {self.vocab_size}")
         if not 32 <= self.image_size <= 1024:
             raise ValueError(f"image_size must be in [32, 1024], got {self.image_size}")
         if not 1 <= self.small_cnn_grid <= 8:
@@ -127,6 +136,12 @@ class ModelConfig:
         return {"format_version": FORMAT_VERSION, **data}
 
     @classmethod
+    def without_vocabulary(cls, **fields: Any) -> "ModelConfig":
+        """A config made before its vocabulary is known (prepare's backbone, a training
+        run's options): the smallest vocabulary stands in for it."""
+        return cls(vocab_size=_MIN_VOCAB_SIZE, **fields)
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         data = dict(data)
         version = data.pop("format_version", None)
@@ -143,11 +158,10 @@ class ModelConfig:
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
-# The job's search flags (run.py, api.Settings, training.decode_defaults) -> DecodeConfig fields.
-SEARCH_FLAGS = {"beam_size": "beam_size", "max_caption_length": "max_length", "num_alternatives": "num_alternatives",
-                "length_normalization": "length_normalization", "forbid_unknown": "forbid_unknown"}
 # The widest beam a DecodeConfig takes: flags are checked against it before a model's own is known.
 MAX_BEAM_SIZE = 64
+# DecodeConfig fields written to records even at their default: the settings records had first.
+_ALWAYS_RECORDED = ("beam_size", "max_length", "num_alternatives", "length_normalization")
 
 
 # What runs a caption model: LiteRT on its compiled graph (model.lite), or TensorFlow.
@@ -156,7 +170,8 @@ RUNTIMES = ("litert", "tensorflow")
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    """How captions are searched for.
+    """How captions are searched for. Each field, by its `option`, is a search flag of the
+    job and of training.decode_defaults (SEARCH_FLAGS); api.Settings takes the same names.
 
     Attributes:
       beam_size: hypotheses kept per image (k). k=1 is greedy decoding.
@@ -169,11 +184,12 @@ class DecodeConfig:
         takes the best known word there instead.
     """
 
-    beam_size: int = 3
-    max_length: int = 20
-    num_alternatives: int = 3
-    length_normalization: float = 0.7
-    forbid_unknown: bool = False
+    beam_size: int = option(3, help="beam width k; 1 = greedy")
+    max_length: int = option(20, flag="max_caption_length", help="max tokens per caption incl. the end token")
+    num_alternatives: int = option(3, help="n-best captions kept per image, at most beam_size")
+    length_normalization: float = option(0.7, help="alpha in score = logprob / length**alpha; 0 = raw log-prob")
+    forbid_unknown: bool = option(False, help="never write <unk> (a word the vocabulary cut): the search takes "
+                                  "the best known word")
 
     def __post_init__(self):
         if not 1 <= self.beam_size <= MAX_BEAM_SIZE:
@@ -188,12 +204,10 @@ class DecodeConfig:
             raise ValueError(f"length_normalization must be in [0, 2], got {self.length_normalization}")
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        if not self.forbid_unknown:
-            # Left out when off: records and catalogs written before the option existed
-            # keep matching these settings, so incremental runs do not re-caption them.
-            del data["forbid_unknown"]
-        return data
+        """What records and catalogs hold. A setting added later is left out at its
+        default, so that records written before it existed keep matching these settings
+        (an incremental run does not re-caption them)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in _ALWAYS_RECORDED or v != _SEARCH_DEFAULTS[k]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DecodeConfig":
@@ -203,21 +217,33 @@ class DecodeConfig:
         return cls(**data)
 
     def with_flags(self, flags: Any) -> "DecodeConfig":
-        """`overridden` by the job's search flags, read from `flags` (the parsed command
-        line, JobConfig, api.Settings: any object with attributes of SEARCH_FLAGS' names;
-        None = not given)."""
-        return self.overridden(**{field: getattr(flags, flag) for flag, field in SEARCH_FLAGS.items()})
+        """`overridden` by the search flags that `flags` gives (`given_search_flags`)."""
+        return self.overridden(**given_search_flags(flags))
 
-    def overridden(self, *, beam_size: int | None = None, max_length: int | None = None,
-                   num_alternatives: int | None = None, length_normalization: float | None = None,
-                   forbid_unknown: bool | None = None) -> "DecodeConfig":
+    def overridden(self, **settings: Any) -> "DecodeConfig":
         """These settings with each given (not None) one in its place: a run's flags over a
         model's defaults. The n-best, unless given, shrinks to fit a smaller beam."""
-        beam = self.beam_size if beam_size is None else beam_size
-        return DecodeConfig(
-            beam_size=beam,
-            max_length=self.max_length if max_length is None else max_length,
-            num_alternatives=min(self.num_alternatives, beam) if num_alternatives is None else num_alternatives,
-            length_normalization=self.length_normalization if length_normalization is None else length_normalization,
-            forbid_unknown=self.forbid_unknown if forbid_unknown is None else forbid_unknown,
-        )
+        settings = {k: v for k, v in settings.items() if v is not None}
+        beam = settings.get("beam_size", self.beam_size)
+        settings.setdefault("num_alternatives", min(self.num_alternatives, beam))
+        return dataclasses.replace(self, **settings)
+
+
+# Search flag name -> DecodeConfig field (only max_caption_length differs).
+SEARCH_FLAGS = {flag: name for name, flag in flag_names(DecodeConfig).items()}
+_SEARCH_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DecodeConfig)}
+
+
+def given_search_flags(flags: Any) -> dict[str, Any]:
+    """DecodeConfig field -> value of each search flag that `flags` gives: the parsed
+    command line, api.Settings, any object with attributes of SEARCH_FLAGS' names (None or
+    missing: not given)."""
+    return {name: getattr(flags, flag) for flag, name in SEARCH_FLAGS.items() if getattr(flags, flag, None) is not None}
+
+
+def in_flag_names(message: str) -> str:
+    """A DecodeConfig error message with each field named by its search flag."""
+    for flag, name in SEARCH_FLAGS.items():
+        if flag != name:
+            message = message.replace(name, flag)
+    return message

@@ -15,9 +15,8 @@ import textwrap
 import time
 
 from batch_caption import cli, files, images, quiet, records
-from batch_caption.cli import UsageError
+from batch_caption.cli import UsageError, option
 from batch_caption.data import scenes, sources
-from batch_caption.model import vocab as vocab_lib
 from batch_caption.model.config import (DECODERS, DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_SMALL_CNN_GRID, ENCODERS,
                                         ModelConfig)
 
@@ -51,28 +50,34 @@ class PrepareConfig:
       small_cnn always keeps its pooled grid.
     """
 
-    source: str
-    output: str
+    source: str = option(choices=SOURCES, help="annotation format")
+    output: str = option(help="dataset directory (local or gs://); earlier shards there are replaced")
     splits: tuple[tuple[str, str | None], ...]
     run_id: str
-    image_root: str | None = None
-    captions: str | None = None
+    image_root: str | None = option(None, help="directory (local or gs://) the annotations' image names are relative to")
+    captions: str | None = option(None, help="karpathy: dataset_*.json; flickr8k: Flickr8k.token.txt")
     restval: str | None = "train"
     synthetic_counts: tuple[tuple[str, int], ...] = ()
-    seed: int = 0
-    image_size: int = 96
-    max_length: int = 20
-    min_word_count: int = 4
-    vocab_split: str = "train"
-    num_shards: int = 0
-    precompute_features: bool = False
-    encoder: str | None = None
-    encoder_weights: str | None = None
-    small_cnn_grid: int | None = None
-    decoder: str = DEFAULT_DECODER
-    batch_size: int = 32
-    max_image_pixels: int = 100_000_000
-    max_file_bytes: int = 256 * 1024 * 1024
+    seed: int = option(0, help="synthetic: scene seed")
+    image_size: int = option(96, help="side of the stored square images, pixels")
+    max_length: int = option(20, help="captions are cut to this many tokens")
+    min_word_count: int = option(4, help="words seen fewer times in the vocab split become <unk>")
+    vocab_split: str = option("train", help="split whose captions make the vocabulary")
+    num_shards: int = option(0, help="TFRecord shards per split", default_help="default 0: the runner decides")
+    precompute_features: bool = option(False, help="store pooled CNN features instead of pixels, computed with the "
+                                       "captioning job's model handler")
+    encoder: str | None = option(None, help=f"backbone: {', '.join(ENCODERS)}", default_help=f"default {DEFAULT_ENCODER}")
+    encoder_weights: str | None = option(None, help="'imagenet' (Keras downloads them) or a backbone .weights.h5 file "
+                                         "(local or gs://); required")
+    small_cnn_grid: int | None = option(
+        None, help="small_cnn: side of the grid its features are pooled to, F = grid*grid*128; 3 matches the synthetic "
+        "scenes' 3x3 layout; recorded in dataset.json for train", default_help=f"default {DEFAULT_SMALL_CNN_GRID}")
+    decoder: str = option(DEFAULT_DECODER, choices=DECODERS, help="the decoder the features are for: attention keeps "
+                          "the encoder's last feature map as a grid of cells (h*w*C floats), show_and_tell pools it (C "
+                          "floats); small_cnn keeps its grid either way; recorded in dataset.json for train")
+    batch_size: int = option(32, help="images per encoder call")
+    max_image_pixels: int = option(100_000_000, help="decoded pixel limit per image", default_help="default 100M")
+    max_file_bytes: int = option(256 * 1024 * 1024, help="larger files are errors", default_help="default 256 MiB")
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -176,9 +181,9 @@ class PrepareConfig:
     def model_config(self) -> ModelConfig:
         """The backbone's config (features mode). vocab_size is a placeholder: the backbone
         does not use it, and the vocabulary is not known until the job has run."""
-        return ModelConfig(vocab_size=len(vocab_lib.SPECIAL_TOKENS) + 1, encoder=self.encoder,
-                           image_size=self.image_size, encoder_weights=self.encoder_weights, train_encoder=False,
-                           small_cnn_grid=self.small_cnn_grid or DEFAULT_SMALL_CNN_GRID, decoder=self.decoder)
+        return ModelConfig.without_vocabulary(
+            encoder=self.encoder, image_size=self.image_size, encoder_weights=self.encoder_weights, train_encoder=False,
+            small_cnn_grid=self.small_cnn_grid or DEFAULT_SMALL_CNN_GRID, decoder=self.decoder)
 
     @property
     def synthetic_dir(self) -> str:
@@ -210,44 +215,25 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s = p.add_argument_group("source")
-    s.add_argument("--source", required=True, choices=SOURCES, help="annotation format")
+    cli.add_flags(s, PrepareConfig, ["source"])
     s.add_argument("--split", action="append", default=[], metavar="NAME[=FILE]",
                    help="coco: NAME=CAPTIONS_JSON, one per split (required). flickr8k: NAME[=IMAGE_LIST] (train, val, "
                    "test; lists default to the official Flickr_8k.*Images.txt next to --captions). karpathy: NAME "
                    "(train, val, test). Given names restrict the output to those splits. Repeatable.")
-    s.add_argument("--image_root", help="directory (local or gs://) the annotations' image names are relative to")
-    s.add_argument("--captions", help="karpathy: dataset_*.json; flickr8k: Flickr8k.token.txt")
+    cli.add_flags(s, PrepareConfig, ["image_root", "captions"])
     s.add_argument("--restval", default="train", help="karpathy: split for 'restval' images, or 'none' (default train)")
     s.add_argument("--synthetic_counts", default=DEFAULT_SYNTHETIC_COUNTS, metavar="SPLIT=N,...",
                    help=f"synthetic: scenes per split, rendered into OUTPUT/{SYNTHETIC_DIR}/ at --image_size "
                    f"(default {DEFAULT_SYNTHETIC_COUNTS})")
-    s.add_argument("--seed", type=int, default=0, help="synthetic: scene seed (default 0)")
+    cli.add_flags(s, PrepareConfig, ["seed"])
     o = p.add_argument_group("output")
-    o.add_argument("--output", required=True, help="dataset directory (local or gs://); earlier shards there are replaced")
-    o.add_argument("--image_size", type=int, default=96, help="side of the stored square images, pixels (default 96)")
-    o.add_argument("--max_length", type=int, default=20, help="captions are cut to this many tokens (default 20)")
-    o.add_argument("--min_word_count", type=int, default=4,
-                   help="words seen fewer times in the vocab split become <unk> (default 4)")
-    o.add_argument("--vocab_split", default="train", help="split whose captions make the vocabulary (default train)")
-    o.add_argument("--num_shards", type=int, default=0, help="TFRecord shards per split (default 0: the runner decides)")
+    cli.add_flags(o, PrepareConfig, ["output", "image_size", "max_length", "min_word_count", "vocab_split", "num_shards"])
     o.add_argument("--run_id", default=None, help="name in the error records (default: UTC timestamp)")
     f = p.add_argument_group("precomputed features (decoder-only training)")
-    f.add_argument("--precompute_features", action="store_true",
-                   help="store pooled CNN features instead of pixels, computed with the captioning job's model handler")
-    f.add_argument("--encoder", default=None, help=f"backbone: {', '.join(ENCODERS)} (default {DEFAULT_ENCODER})")
-    f.add_argument("--encoder_weights", default=None,
-                   help="'imagenet' (Keras downloads them) or a backbone .weights.h5 file (local or gs://); required")
-    f.add_argument("--small_cnn_grid", type=int, default=None,
-                   help="small_cnn: side of the grid its features are pooled to, F = grid*grid*128 (default 4; "
-                   "3 matches the synthetic scenes' 3x3 layout); recorded in dataset.json for train")
-    f.add_argument("--decoder", default=DEFAULT_DECODER, choices=DECODERS,
-                   help="the decoder the features are for: attention keeps the encoder's last feature map as a grid "
-                   "of cells (h*w*C floats), show_and_tell pools it (C floats); small_cnn keeps its grid either way "
-                   "(default show_and_tell); recorded in dataset.json for train")
-    f.add_argument("--batch_size", type=int, default=32, help="images per encoder call (default 32)")
+    cli.add_flags(f, PrepareConfig, ["precompute_features", "encoder", "encoder_weights", "small_cnn_grid", "decoder",
+                                     "batch_size"])
     r = p.add_argument_group("resources")
-    r.add_argument("--max_image_pixels", type=int, default=100_000_000, help="decoded pixel limit per image (default 100M)")
-    r.add_argument("--max_file_bytes", type=int, default=256 * 1024 * 1024, help="larger files are errors (default 256 MiB)")
+    cli.add_flags(r, PrepareConfig, ["max_image_pixels", "max_file_bytes"])
     quiet.add_verbose_flag(p)
     return p
 
@@ -286,30 +272,13 @@ def parse(argv: list[str] | None):
         splits = tuple((n, None) for n in sources.KARPATHY_SPLITS)
     else:
         splits = given
-    precompute = args.precompute_features
-    return PrepareConfig(
-        source=args.source,
-        output=args.output,
+    return cli.from_args(
+        PrepareConfig, args,
         splits=splits,
         run_id=args.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
-        image_root=args.image_root,
-        captions=args.captions,
         restval=None if args.restval == "none" else args.restval,
         synthetic_counts=counts,
-        seed=args.seed,
-        image_size=args.image_size,
-        max_length=args.max_length,
-        min_word_count=args.min_word_count,
-        vocab_split=args.vocab_split,
-        num_shards=args.num_shards,
-        precompute_features=precompute,
-        encoder=args.encoder or (DEFAULT_ENCODER if precompute else None),
-        encoder_weights=args.encoder_weights,
-        small_cnn_grid=args.small_cnn_grid,
-        decoder=args.decoder,
-        batch_size=args.batch_size,
-        max_image_pixels=args.max_image_pixels,
-        max_file_bytes=args.max_file_bytes,
+        encoder=args.encoder or (DEFAULT_ENCODER if args.precompute_features else None),
     ), options
 
 

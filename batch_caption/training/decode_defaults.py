@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from batch_caption import cli
+from batch_caption.model.config import DecodeConfig, given_search_flags, in_flag_names
 
 PROG = "python -m batch_caption.training.decode_defaults"
 
@@ -26,27 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", required=True, help="the bundle directory (local or any Beam filesystem)")
     p.add_argument("--clear", action="store_true", help="remove decode.json: the job's own defaults apply")
-    p.add_argument("--beam_size", type=int, default=None)
-    p.add_argument("--max_caption_length", type=int, default=None)
-    p.add_argument("--num_alternatives", type=int, default=None)
-    p.add_argument("--length_normalization", type=float, default=None)
-    p.add_argument("--forbid_unknown", action=argparse.BooleanOptionalAction, default=None)
+    cli.add_flags(p, DecodeConfig, unset="{}")
     return p
 
 
 def run(argv: Sequence[str] | None = None) -> str:
     from batch_caption.model import bundle
-    from batch_caption.model.config import DecodeConfig
-
-    from batch_caption.model.config import SEARCH_FLAGS
 
     args = build_parser().parse_args(argv)
-    if args.clear and any(getattr(args, flag) is not None for flag in SEARCH_FLAGS):
+    if args.clear and given_search_flags(args):
         raise cli.UsageError("--clear takes no search settings")
     try:
         decode = None if args.clear else DecodeConfig().with_flags(args)
     except ValueError as e:
-        raise cli.UsageError(str(e).replace("max_length", "max_caption_length")) from e
+        raise cli.UsageError(in_flag_names(str(e))) from e
     try:
         bundle_id = bundle.set_decode_defaults(args.bundle, decode)
     except bundle.BundleError as e:

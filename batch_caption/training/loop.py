@@ -37,14 +37,13 @@ import tensorflow as tf
 
 from batch_caption import files
 from batch_caption.model.bundle import save_bundle
-from batch_caption.model.config import ModelConfig
 from batch_caption.model.attend_and_tell import attention_penalty
 from batch_caption.model.network import build_model
 from batch_caption.model.show_and_tell import caption_loss
 from batch_caption.training import input as data_input
 from batch_caption.training import optim
 from batch_caption.training.config import TrainConfig, TrainingError, UsageError
-from batch_caption.training.preflight import TRAIN_CONFIG_NAME, DatasetSpec, train_config_json
+from batch_caption.training.preflight import TRAIN_CONFIG_NAME, DatasetSpec
 from batch_caption.training.result import RESULT_NAME, TrainResult, weights_digest
 from batch_caption.training.samples import SampleCaptions
 from batch_caption.training.stop import StopRequest
@@ -66,22 +65,21 @@ class Trainer:
     Create it right after the strategy (see train.py): everything here is TF work.
 
     Args:
-      config, model_config: resolved options (preflight.resolve).
+      config: resolved options (preflight.resolve).
       spec: the prepared dataset.
       strategy, role: from strategy.create_strategy.
       log: where progress lines go (print).
     """
 
-    def __init__(self, config: TrainConfig, model_config: ModelConfig, spec: DatasetSpec, strategy, role: Role,
-                 log: Callable[[str], None] = print):
-        self.config, self.model_config, self.spec = config, model_config, spec
+    def __init__(self, config: TrainConfig, spec: DatasetSpec, strategy, role: Role, log: Callable[[str], None] = print):
+        self.config, self.model_config, self.spec = config, config.model, spec
         self.strategy, self.role, self._print = strategy, role, log
         self.replicas = strategy.num_replicas_in_sync
         if config.global_batch_size % self.replicas:
             raise UsageError(f"--global_batch_size {config.global_batch_size} is not divisible by the "
                              f"{self.replicas} replicas of this strategy")
         self.key = data_input.input_key(spec.info)
-        self.encoder_start = config.fine_tune_after_steps if self.key == "images" and config.train_encoder else None
+        self.encoder_start = config.fine_tune_after_steps if self.key == "images" and config.model.train_encoder else None
         with strategy.scope():
             self._build_model()
             self._build_optimizers()
@@ -249,7 +247,7 @@ class Trainer:
         if self.role.is_chief:
             tf.io.gfile.makedirs(c.output)
             with tf.io.gfile.GFile(files.join(c.output, TRAIN_CONFIG_NAME), "w") as f:
-                f.write(train_config_json(c, self.model_config))
+                f.write(c.to_json())
         self.log(f"training {self.model_config.encoder} {self.key} on {self.spec.path}: steps {step}..{c.steps}, "
                  f"global batch {c.global_batch_size} over {self.replicas} replica(s) "
                  f"({type(self.strategy).__name__}), {'chief' if self.role.is_chief else 'worker'}", every_worker=True)

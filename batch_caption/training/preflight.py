@@ -23,8 +23,6 @@ TRAIN_CONFIG_NAME = "train_config.json"
 # Fields that fix the shapes of the checkpointed variables: a resumed run must match them.
 _ARCHITECTURE = ("vocab_size", "encoder", "image_size", "small_cnn_grid", "image_input", "decoder",
                  "attention_units", "deep_output", "embedding_size", "lstm_units")
-# A model field that a train_config.json lacks means that field's default.
-_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,23 +70,24 @@ def read_dataset(path: str) -> DatasetSpec:
     return DatasetSpec(path, info, vocabulary, shards)
 
 
-def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, ModelConfig, list[str]]:
-    """Fills the options the dataset decides and builds the model config.
+def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, list[str]]:
+    """Fills in what the dataset decides: the model's vocabulary, caption length and
+    FROM_DATASET fields (checking those given against it), and whether there is a split
+    to evaluate on.
 
-    Returns (config with encoder / image_size / train_encoder / encoder_weights / eval
-    resolved, the ModelConfig, notes to print). Raises UsageError when flags and dataset
-    disagree.
+    Returns (the config with its model complete, notes to print). Raises UsageError when
+    flags and dataset disagree.
     """
-    info, notes = spec.info, []
+    info, notes, given = spec.info, [], config.given
     if not spec.files.get(config.train_split):
         have = ", ".join(s for s, f in spec.files.items() if f) or "none"
         raise UsageError(f"dataset {spec.path} has no {config.train_split!r} shards (splits with shards: {have})")
     if (info.splits.get(config.train_split) or {}).get("captions") == 0:
         raise UsageError(f"split {config.train_split!r} of {spec.path} has no captions to train on")
-    if config.image_size is not None and config.image_size != info.image_size:
-        raise UsageError(f"--image_size {config.image_size} does not match the dataset's images ({info.image_size} px)")
-    changes: dict = {"image_size": info.image_size}
-    grid = config.small_cnn_grid
+    if given.get("image_size", info.image_size) != info.image_size:
+        raise UsageError(f"--image_size {given['image_size']} does not match the dataset's images ({info.image_size} px)")
+    changes: dict = {"vocab_size": len(spec.vocabulary), "max_length": info.max_length, "image_size": info.image_size}
+    grid = given.get("small_cnn_grid")
     if info.mode == "features":
         if info.encoder not in ENCODERS:
             raise UsageError(f"the dataset's features come from encoder {info.encoder!r}, unknown here "
@@ -98,12 +97,13 @@ def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, ModelC
         if grid is not None and recorded is not None and grid != recorded:
             raise UsageError(f"--small_cnn_grid {grid} does not match the grid of the dataset's features ({recorded})")
         grid = recorded if grid is None else grid
-        if config.encoder is not None and config.encoder != info.encoder:
-            raise UsageError(f"--encoder {config.encoder} does not match the encoder that made the features ({info.encoder})")
-        if config.train_encoder or config.fine_tune_after_steps:
+        if given.get("encoder", info.encoder) != info.encoder:
+            raise UsageError(f"--encoder {given['encoder']} does not match the encoder that made the features "
+                             f"({info.encoder})")
+        if given.get("train_encoder") or config.fine_tune_after_steps:
             raise UsageError("a features dataset trains the decoder only: drop --train_encoder / --fine_tune_after_steps "
                              "(prepare an images dataset to fine-tune the CNN)")
-        weights = config.encoder_weights or info.source.get("encoder_weights")
+        weights = given.get("encoder_weights") or info.source.get("encoder_weights")
         if not weights:
             raise UsageError(
                 f"a features dataset needs --encoder_weights: the {info.encoder} weights that computed the features "
@@ -111,44 +111,29 @@ def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, ModelC
             )
         changes.update(encoder=info.encoder, train_encoder=False, encoder_weights=weights)
         made_for = info.source.get("decoder", DEFAULT_DECODER)
-        if not encoder.takes_grid and _features_for(made_for) != DECODERS[config.decoder].features:
+        decoder = config.model.decoder
+        if not encoder.takes_grid and _features_for(made_for) != DECODERS[decoder].features:
             # Such an encoder's map is averaged for a decoder that reads a pooled vector and
             # kept whole for one that reads a grid.
             raise UsageError(f"the dataset's {info.encoder} features were made for --decoder {made_for}, not "
-                             f"{config.decoder} (prepare them again with --decoder {config.decoder})")
+                             f"{decoder} (prepare them again with --decoder {decoder})")
         if encoder.takes_grid and info.feature_size != grid * grid * encoder.grid_channels:
             raise UsageError(f"the dataset's features have {info.feature_size} floats, not the "
                              f"{grid * grid * encoder.grid_channels} of {info.encoder} pooled to {grid}x{grid}")
     else:
-        changes.update(encoder=config.encoder or info.encoder or DEFAULT_ENCODER,
-                       train_encoder=True if config.train_encoder is None else config.train_encoder)
+        changes.update(encoder=given.get("encoder") or info.encoder or DEFAULT_ENCODER,
+                       train_encoder=given.get("train_encoder", True), encoder_weights=given.get("encoder_weights"))
     if config.eval_every and not spec.files.get(config.eval_split):
         notes.append(f"no {config.eval_split!r} split in {spec.path}: periodic evaluation is off")
-        changes.update(eval_every=0)
+        config = dataclasses.replace(config, eval_every=0)
     changes.update(small_cnn_grid=DEFAULT_SMALL_CNN_GRID if grid is None else grid)
-    config = dataclasses.replace(config, **changes)
     try:
-        model_config = ModelConfig(
-            vocab_size=len(spec.vocabulary),
-            encoder=config.encoder,
-            image_size=config.image_size,
-            small_cnn_grid=config.small_cnn_grid,
-            encoder_weights=config.encoder_weights,
-            train_encoder=config.train_encoder,
-            image_input=config.image_input,
-            decoder=config.decoder,
-            attention_units=config.attention_units,
-            deep_output=config.deep_output,
-            embedding_size=config.embedding_size,
-            lstm_units=config.lstm_units,
-            dropout=config.dropout,
-            max_length=info.max_length,
-        )
+        model = dataclasses.replace(config.model, **changes)
     except ValueError as e:  # an option its encoder or decoder does not take, no imagenet weights...
         raise UsageError(str(e)) from e
-    if model_config.encoder_weights not in (None, "imagenet") and not files.exists(model_config.encoder_weights):
-        raise UsageError(f"--encoder_weights file {model_config.encoder_weights} does not exist")
-    return config, model_config, notes
+    if model.encoder_weights not in (None, "imagenet") and not files.exists(model.encoder_weights):
+        raise UsageError(f"--encoder_weights file {model.encoder_weights} does not exist")
+    return dataclasses.replace(config, model=model), notes
 
 
 def _features_for(decoder: str) -> str | None:
@@ -156,7 +141,7 @@ def _features_for(decoder: str) -> str | None:
     return DECODERS[decoder].features if decoder in DECODERS else None
 
 
-def check_output(config: TrainConfig, model_config: ModelConfig) -> bool:
+def check_output(config: TrainConfig) -> bool:
     """Refuses an output directory whose checkpoints belong to another architecture.
 
     Returns True when OUTPUT already holds a run (it will be resumed).
@@ -165,17 +150,13 @@ def check_output(config: TrainConfig, model_config: ModelConfig) -> bool:
     if not files.exists(path):
         return False
     try:
-        previous = json.loads(files.read_text(path))["model"]
+        # Both forms of the file hold the model under "model": TrainConfig.to_dict, and the
+        # {"train": flat options, "model": ...} written before the options held the model.
+        previous = dataclasses.asdict(ModelConfig.from_dict(json.loads(files.read_text(path))["model"]))
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise UsageError(f"{path} is unreadable ({e}); use a new --output") from e
-    current = dataclasses.asdict(model_config)
-    before = {k: previous.get(k, _MODEL_DEFAULTS[k]) for k in _ARCHITECTURE}
-    diffs = [f"{k} {before[k]!r} -> {current[k]!r}" for k in _ARCHITECTURE if before[k] != current[k]]
+    current = dataclasses.asdict(config.model)
+    diffs = [f"{k} {previous[k]!r} -> {current[k]!r}" for k in _ARCHITECTURE if previous[k] != current[k]]
     if diffs:
         raise UsageError(f"{config.output} holds checkpoints of another model ({'; '.join(diffs)}); use a new --output")
     return True
-
-
-def train_config_json(config: TrainConfig, model_config: ModelConfig) -> str:
-    """What OUTPUT/train_config.json records: the options and the model they built."""
-    return json.dumps({"train": config.to_dict(), "model": model_config.to_dict()}, indent=2, sort_keys=True)

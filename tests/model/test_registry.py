@@ -154,7 +154,7 @@ def test_a_registered_encoder_and_decoder_caption_and_round_trip_a_bundle(tiny_v
 
 def test_a_registered_grid_decoder_gets_attention_maps_and_the_penalty(tiny_vocab):
     from batch_caption.cli import UsageError
-    from batch_caption.training.config import TrainConfig
+    from batch_caption import train
 
     with registered(TINY_GRID_CNN, ATTEND_AGAIN):
         config = ModelConfig(vocab_size=len(tiny_vocab), encoder="tiny_grid_cnn", small_cnn_grid=2,
@@ -167,11 +167,12 @@ def test_a_registered_grid_decoder_gets_attention_maps_and_the_penalty(tiny_voca
         assert best.attention.grid == (2, 2)
         np.testing.assert_allclose(np.sum(best.attention.weights, axis=1), 1.0, atol=1e-5)
 
-        TrainConfig(data="d", output="o", decoder="attend_again", attention_units=6, attention_penalty=0.5)
-        with pytest.raises(UsageError, match="--deep_output applies to --decoder attention only"):
-            TrainConfig(data="d", output="o", decoder="attend_again", deep_output=True)
+        flags = ["--data", "d", "--output", "o", "--decoder", "attend_again"]
+        assert train.parse([*flags, "--attention_units", "6", "--attention_penalty", "0.5"]).model.attention_units == 6
+        with pytest.raises(UsageError, match="--deep_output applies to the attention decoder only"):
+            train.parse([*flags, "--deep_output"])
         with pytest.raises(UsageError, match="--attention_penalty applies to --decoder attention or attend_again"):
-            TrainConfig(data="d", output="o", attention_penalty=0.5)
+            train.parse(["--data", "d", "--output", "o", "--attention_penalty", "0.5"])
         with pytest.raises(ValueError, match="small_cnn_grid only applies to small_cnn or tiny_grid_cnn, not resnet50"):
             ModelConfig(vocab_size=10, encoder="resnet50", small_cnn_grid=2)
 
