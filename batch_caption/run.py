@@ -40,7 +40,7 @@ _log = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(
         prog="python -m batch_caption.run",
-        description="Caption images in batch (Show and Tell: CNN encoder + LSTM beam search) with Apache Beam. "
+        description="Caption images in batch (CNN encoder + LSTM decoder with beam search) with Apache Beam. "
         "Every input gets a caption record or an error record.",
         epilog="Any Apache Beam pipeline option may be added, e.g. --runner=DataflowRunner --project=... "
         "--region=... --temp_location=gs://..., or --direct_num_workers=2 --direct_running_mode=multi_processing. "

@@ -1,4 +1,4 @@
-"""Training of the Show-and-Tell captioner with tf.distribute (`python -m batch_caption.train`).
+"""Training of the captioner (either decoder) with tf.distribute (`python -m batch_caption.train`).
 
     config.py    TrainConfig: every training option, frozen and validated (no TensorFlow)
     preflight.py checks before TensorFlow: the dataset (DatasetSpec), flags vs dataset, OUTPUT
