@@ -28,13 +28,13 @@ import apache_beam as beam
 import numpy as np
 
 from batch_caption import bundled, gcs, images, quiet, records
-from batch_caption.inference import CaptionModelHandler
-from batch_caption.job import file_reads
+from batch_caption.core import file_reads
+from batch_caption.core.cpus import available_cpus
+from batch_caption.core.elements import ERRORS, ImageExample
+from batch_caption.core.inference import CaptionModelHandler
+from batch_caption.core.read import ReadImages
 from batch_caption.job.caption import CaptionImages
 from batch_caption.job.config import default_batch_size
-from batch_caption.job.cpus import available_cpus
-from batch_caption.job.elements import ERRORS, ImageExample
-from batch_caption.job.read import ReadImages
 from batch_caption.model.config import DecodeConfig
 
 quiet.quiet_library()  # none of the imports above loads TensorFlow: its first import is held

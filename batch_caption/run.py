@@ -22,12 +22,11 @@ import logging
 import sys
 import time
 
-from batch_caption import bundled, cli, gcs, image_formats, quiet, runs
-from batch_caption import lock
+from batch_caption import bundled, cli, gcs, image_formats, lock, quiet, runs
 from batch_caption.cli import UsageError
+from batch_caption.core.elements import NAMESPACE
 from batch_caption.job import JobConfig, build_pipeline
 from batch_caption.job.config import MIN_READ_THREADS, REMOTE_READ_THREADS, default_read_threads
-from batch_caption.job.elements import NAMESPACE
 from batch_caption.job.image_files import parse_extensions
 from batch_caption.job.preflight import check_model, check_output, check_remote_paths, resolve_inputs
 from batch_caption.model.config import DecodeConfig, given_search_flags

@@ -2,7 +2,7 @@
 
 The report reads each image again, after the run, when the file at its path may be
 another file (replaced by another format, grown, removed). It goes through the job's own
-reading (job/file_reads.py: uncompressed, capped at --max_file_bytes) and decoding
+reading (core/file_reads.py: uncompressed, capped at --max_file_bytes) and decoding
 (images.decode_image: the formats allow-list, the header pixel guard, no truncated files)
 with the run's settings from its manifest's options, and the job's defaults for what the
 manifest does not record. No format outside the allow-list is tried, so no Pillow plugin
@@ -20,10 +20,13 @@ import dataclasses
 import io
 
 from batch_caption import images
+from batch_caption.core import file_reads
 from batch_caption.image_formats import is_int
 
-# The job's options (JobConfig fields) that decide how it read and decoded an image.
-_READ_OPTIONS = ("max_image_pixels", "max_file_bytes", "draft")
+# The job's options (JobConfig fields) that decide how it read and decoded an image, and
+# their defaults (the job's own, kept where the job takes them from).
+READ_DEFAULTS = {"max_image_pixels": images.DEFAULT_MAX_IMAGE_PIXELS,
+                 "max_file_bytes": file_reads.DEFAULT_MAX_FILE_BYTES, "draft": images.ImageConfig.draft}
 
 
 class FileTooLargeError(Exception):
@@ -41,16 +44,13 @@ class Decoding:
 def run_decoding(manifest: dict | None, size: int) -> tuple[Decoding, str | None]:
     """(the run's decoding at thumbnail `size`, None), or (the job's defaults, why the
     manifest's options were not usable)."""
-    from batch_caption.job.config import JobConfig
-
-    defaults = {f.name: f.default for f in dataclasses.fields(JobConfig) if f.name in _READ_OPTIONS}
     options = (manifest or {}).get("options")
-    recorded = {k: v for k, v in options.items() if k in _READ_OPTIONS} if isinstance(options, dict) else {}
+    recorded = {k: v for k, v in options.items() if k in READ_DEFAULTS} if isinstance(options, dict) else {}
     try:
-        return _decoding({**defaults, **recorded}, size), None
+        return _decoding({**READ_DEFAULTS, **recorded}, size), None
     except ValueError as e:
         note = f"the run's decoder options are not usable ({e}); thumbnails use the job's defaults"
-        return _decoding(defaults, size), note
+        return _decoding(READ_DEFAULTS, size), note
 
 
 def _decoding(settings: dict, size: int) -> Decoding:
@@ -66,8 +66,6 @@ def thumbnail(path: str, decoding: Decoding) -> tuple[str, int, int]:
     """(data: URI of a JPEG within size x size, width, height) of the image at `path`.
     Raises what reading or decoding raises."""
     from PIL import Image
-
-    from batch_caption.job import file_reads
 
     data = file_reads.read_file(path, decoding.max_file_bytes)
     if len(data) > decoding.max_file_bytes:

@@ -14,7 +14,7 @@ from helpers import varied_images
 from PIL import Image
 
 from batch_caption import catalog, files, run, runs
-from batch_caption.job import file_reads
+from batch_caption.core import file_reads
 
 
 def _write_pngs(folder, names, seed):

@@ -129,7 +129,7 @@ def _worker_record(level: int, location: str) -> logging.LogRecord:
     (logging.WARNING, "/venv/lib/python3.11/site-packages/apache_beam/runners/worker/sdk_worker_main.py:421", False),
     (logging.WARNING, "/venv/lib/python3.11/site-packages/keras/src/trainers/epoch_iterator.py:74", False),
     (logging.ERROR, "/venv/lib/python3.11/site-packages/apache_beam/runners/worker/sdk_worker.py:300", True),
-    (logging.WARNING, "/srv/batch_caption/batch_caption/job/read.py:120", True),
+    (logging.WARNING, "/srv/batch_caption/batch_caption/core/read.py:120", True),
 ])
 def test_workers_library_chatter_is_dropped_and_their_errors_and_the_jobs_warnings_kept(level, location, shown):
     assert quiet._DropWorkerSetupChatter().filter(_worker_record(level, location)) is shown

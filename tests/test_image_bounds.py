@@ -146,7 +146,7 @@ def test_any_failure_while_decoding_or_resizing_is_the_images_error(monkeypatch,
 
 
 def test_a_memory_error_while_decoding_is_a_decode_record_not_a_failed_run(monkeypatch, tmp_path):
-    from batch_caption.job.read import ReadDecodeFn
+    from batch_caption.core.read import ReadDecodeFn
 
     def fail(*args, **kwargs):
         raise MemoryError

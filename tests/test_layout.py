@@ -39,7 +39,17 @@ def _imported(module: str, path: pathlib.Path, known: set[str]) -> set[str]:
                 target = node.module or ""
             # `from pkg import name` imports pkg.name when that is a module, else pkg.
             names.update(f"{target}.{a.name}" if f"{target}.{a.name}" in known else target for a in node.names)
-    return {n for n in names if n in known and n != module}
+    names = {n for n in names if n in known and n != module}
+    return names | {p for n in names for p in _parents_run(module, n) if p in known}
+
+
+def _parents_run(importer: str, target: str) -> list[str]:
+    """The packages whose `__init__` importing `target` runs first: importing a.b.c runs
+    a/__init__ and a/b/__init__, except the packages that hold `importer` (already running)."""
+    parts = target.split(".")
+    own = importer.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))
+            if parts[:i] != own[:i]]
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -73,6 +83,47 @@ def test_no_import_cycle_in_the_package():
     modules = _modules()
     graph = {m: _imported(m, p, set(modules)) for m, p in modules.items()}
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+# The entry points' own packages: each imports the shared ones (core and below), never
+# another's modules.
+STAGES = {
+    "job": ("batch_caption.job",),
+    "prepare": ("batch_caption.prepare",),
+    "report": ("batch_caption.report", "batch_caption.report_attention", "batch_caption.thumbnails"),
+}
+
+
+def _stage(module: str) -> str | None:
+    return next((name for name, roots in STAGES.items()
+                 if any(module == r or module.startswith(r + ".") for r in roots)), None)
+
+
+def _reaches(graph: dict[str, set[str]]) -> list[str]:
+    """'a -> b' for every import of one stage's module by another stage's."""
+    return sorted(f"{m} -> {n}" for m, targets in graph.items() for n in targets
+                  if _stage(m) and _stage(n) and _stage(m) != _stage(n))
+
+
+def test_no_stage_imports_another_stages_modules():
+    modules = _modules()
+    graph = {m: _imported(m, p, set(modules)) for m, p in modules.items()}
+    assert _reaches(graph) == []
+    shared_reaching_up = [f"{m} -> {n}" for m, targets in graph.items() if m.startswith("batch_caption.core")
+                          for n in targets if _stage(n)]
+    assert shared_reaching_up == []
+
+
+def test_a_reach_into_another_stage_is_found():
+    graph = {"batch_caption.thumbnails": {"batch_caption.job.config", "batch_caption.core.file_reads"},
+             "batch_caption.job.read": {"batch_caption.core.elements"}, "batch_caption.prepare": set()}
+    assert _reaches(graph) == ["batch_caption.thumbnails -> batch_caption.job.config"]
+
+
+def test_importing_a_submodule_runs_its_parent_packages():
+    assert _parents_run("x.y", "a.b.c") == ["a", "a.b"]
+    assert _parents_run("a.b.d", "a.b.c") == []  # a and a.b are already running
+    assert _parents_run("a.e", "a.b.c") == ["a.b"]
 
 
 def test_cycle_finder_finds_a_cycle():

@@ -24,7 +24,7 @@ def test_the_tree_is_clean():
 
 
 @pytest.mark.parametrize("source, rule", [
-    ("from batch_caption.job.read import _FileFn\n\nprint(_FileFn)\n", "PLC2701"),
+    ("from batch_caption.core.read import _FileFn\n\nprint(_FileFn)\n", "PLC2701"),
     ("import os\n", "F401"),
     ("x = '" + "a" * 140 + "'\n", "E501"),
 ])

@@ -17,8 +17,8 @@ from PIL import Image
 
 from batch_caption import bundled, images, quality, run
 from batch_caption.job.config import default_batch_size
-from batch_caption.model.load import load_captioner
 from batch_caption.model.config import DecodeConfig
+from batch_caption.model.load import load_captioner
 from batch_caption.progress import Reporter
 
 BROKEN = {  # name -> expected stage
@@ -407,7 +407,7 @@ def test_a_bundle_with_swapped_weights_is_refused_before_any_work(tiny_model, ti
 
 @pytest.mark.parametrize("cpus, local, remote", [(1, 2, 16), (2, 2, 16), (8, 8, 16), (32, 32, 16)])
 def test_read_threads_default_to_one_per_cpu_for_local_inputs_and_16_for_remote_ones(tmp_path, monkeypatch, cpus, local, remote):
-    from batch_caption.job import cpus as job_cpus
+    from batch_caption.core import cpus as job_cpus
 
     monkeypatch.setattr(job_cpus, "available_cpus", lambda: cpus)
 

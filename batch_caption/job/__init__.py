@@ -4,7 +4,7 @@
       -> MatchImages      (match.py)    SourceFile per distinct image path (image_files.py)
       -> SelectChanged    (select.py)   --incremental: join with the earlier catalog; skip
                                         unchanged files unread, count deleted ones
-      -> ReadImages       (read.py)     ImageExample (decoded, resized) | error | skip
+      -> ReadImages       (core/read.py) ImageExample (decoded, resized) | error | skip
       -> CaptionImages    (caption.py)  RunInference -> caption record | error record
       -> WriteRun         (write.py)    every sink (sinks.py): captions-*.jsonl, errors-*.jsonl,
                                         catalog-*.parquet (this run's rows + carried ones),
@@ -24,13 +24,13 @@ from collections.abc import Sequence
 
 import apache_beam as beam
 
-# inference as a module (its names are looked up when the job is built): it imports job.elements.
-from batch_caption import bundled, catalog, images, inference
+from batch_caption import bundled, catalog, images
+from batch_caption.core import inference
+from batch_caption.core.elements import ERRORS, NAMESPACE, ImageExample, SourceFile
+from batch_caption.core.read import ReadImages
 from batch_caption.job.caption import CaptionImages
 from batch_caption.job.config import JobConfig, default_batch_size
-from batch_caption.job.elements import ERRORS, NAMESPACE, ImageExample, SourceFile
 from batch_caption.job.match import MatchImages
-from batch_caption.job.read import ReadImages
 from batch_caption.job.select import SelectChanged, Settings
 from batch_caption.job.sinks import Shards, Sink
 from batch_caption.job.tallies import count, each
@@ -46,7 +46,8 @@ def timed_phases() -> list[tuple[type, str, str]]:
     """(class, method, label) of the job's phases in data-flow order: the methods a
     profiler wraps to draw a run's timeline (bench/profile_job.py), each called once per
     element, batch or bundle of its phase."""
-    from batch_caption.job import match, read, shards, write
+    from batch_caption.core import read
+    from batch_caption.job import match, shards, write
 
     return [
         (match._MatchPatternFn, "process", "match"),

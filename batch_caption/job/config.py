@@ -7,9 +7,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from batch_caption import bundled, files, image_formats, records
+from batch_caption import bundled, files, image_formats, images, records
 from batch_caption.cli import UsageError, option
-from batch_caption.job import cpus
+from batch_caption.core import cpus, file_reads
 from batch_caption.job.image_files import ImageFiles
 from batch_caption.model.config import MAX_BEAM_SIZE, RUNTIMES, SEARCH_FLAGS, DecodeConfig, in_flag_names
 
@@ -47,9 +47,11 @@ class JobConfig:
         None, help="images per model call",
         default_help="default: as many as hold ~2 M pixels at the model's input size, 8 to 128: 128 at 128 px, "
         "41 at 224 px, 23 at 299 px")
-    max_image_pixels: int = option(100_000_000, help="decoded pixel limit per image, against decompression bombs",
+    max_image_pixels: int = option(images.DEFAULT_MAX_IMAGE_PIXELS,
+                                   help="decoded pixel limit per image, against decompression bombs",
                                    default_help="default 100M")
-    max_file_bytes: int = option(256 * 1024 * 1024, help="larger files are errors", default_help="default 256 MiB")
+    max_file_bytes: int = option(file_reads.DEFAULT_MAX_FILE_BYTES, help="larger files are errors",
+                                 default_help="default 256 MiB")
     draft: bool = option(True, help="decode JPEGs at a reduced DCT scale (>= 2x the model's input size) before "
                          "resizing; --no-draft decodes every pixel: slower, nearly identical pixels",
                          default_help="default on")

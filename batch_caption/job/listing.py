@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from batch_caption import files, gcs
-from batch_caption.job.elements import SourceFile
+from batch_caption.core.elements import SourceFile
 
 _GCS_TREE = re.compile(r"^gs://(?P<bucket>[^/*?\[]+)/(?P<prefix>[^*?\[]*)\*\*$")
 

@@ -13,8 +13,8 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from batch_caption import files, gcs, progress, records
+from batch_caption.core.elements import ERRORS, SourceFile, counter, path_key
 from batch_caption.job import listing
-from batch_caption.job.elements import ERRORS, SourceFile, counter, path_key
 from batch_caption.job.image_files import ImageFiles
 
 _GLOB_CHARS = frozenset("*?[")

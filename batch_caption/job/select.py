@@ -35,7 +35,7 @@ import apache_beam as beam
 import numpy as np
 
 from batch_caption import catalog, gcs, progress
-from batch_caption.job.elements import CatalogRef, SourceFile, counter, path_key
+from batch_caption.core.elements import CatalogRef, SourceFile, counter, path_key
 from batch_caption.job.match import best_known
 from batch_caption.job.tallies import TAG, TallyFn
 

@@ -32,11 +32,26 @@ import apache_beam as beam
 from batch_caption import cli, files, gcs, records
 from batch_caption.data import tfrecord
 from batch_caption.prepare.config import PrepareConfig, check_inputs, parse
-from batch_caption.prepare.read import (ERRORS, CheckCaptions, ComputeFeatures, JoinCaptionsToImages,
-                                        ReadCaptionSource, ReadImages, describe_source, make_synthetic,
-                                        source_tasks)
-from batch_caption.prepare.write import (BuildVocabulary, EncodedExample, EncodeRecords, WriteDatasetInfo,
-                                         WriteSplit, clear_output, write_named)
+from batch_caption.prepare.read import (
+    ERRORS,
+    CheckCaptions,
+    ComputeFeatures,
+    JoinCaptionsToImages,
+    ReadCaptionSource,
+    ReadImages,
+    describe_source,
+    make_synthetic,
+    source_tasks,
+)
+from batch_caption.prepare.write import (
+    BuildVocabulary,
+    EncodedExample,
+    EncodeRecords,
+    WriteDatasetInfo,
+    WriteSplit,
+    clear_output,
+    write_named,
+)
 
 __all__ = ["PrepareConfig", "build_pipeline", "check_inputs", "main", "parse", "run", "summary"]
 
@@ -47,7 +62,7 @@ def _split_index(encoded: EncodedExample, n: int, index: dict[str, int]) -> int:
 
 def build_pipeline(pipeline, config: PrepareConfig, source: dict[str, Any]):
     """Adds the whole job to `pipeline`; returns the PCollection of dataset.json's text."""
-    from batch_caption.inference import FeatureModelHandler
+    from batch_caption.core.inference import FeatureModelHandler
 
     run_id, splits = config.run_id, config.split_names
     read_source = pipeline | "ReadCaptionSource" >> ReadCaptionSource(source_tasks(config), run_id)

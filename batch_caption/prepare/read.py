@@ -21,10 +21,11 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from batch_caption import files, gcs, records
+from batch_caption.core.elements import ERRORS, NAMESPACE
+from batch_caption.core.read import ReadImages
 from batch_caption.data import scenes, sources
 from batch_caption.data.sources import CaptionedImage, SourceProblem
 from batch_caption.model import vocab as vocab_lib
-from batch_caption.job import ERRORS, NAMESPACE, ReadImages
 from batch_caption.prepare.config import PrepareConfig
 
 __all__ = ["ERRORS", "ReadImages", "CaptionedExample", "CheckCaptions", "ComputeFeatures", "JoinCaptionsToImages",
@@ -203,8 +204,8 @@ class _ToFeaturesFn(beam.DoFn):
 class ComputeFeatures(beam.PTransform):
     """PCollection[ImageExample] -> (path, float32 [F]) with RunInference; tag 'errors'.
 
-    `handler` is an inference.FeatureModelHandler: the batching, process sharing and
-    backbone code of the captioning job.
+    `handler` is a core.inference.FeatureModelHandler: the batching, process sharing
+    and backbone code of the captioning job.
     """
 
     def __init__(self, handler, run_id: str):
@@ -215,7 +216,7 @@ class ComputeFeatures(beam.PTransform):
     def expand(self, examples):
         from apache_beam.ml.inference.base import RunInference
 
-        from batch_caption.job.caption import FailedBatchToErrorsFn
+        from batch_caption.core.dead_letters import FailedBatchToErrorsFn
 
         predictions, dead = examples | "RunInference" >> RunInference(self._handler).with_exception_handling()
         out = predictions | "ToFeatures" >> beam.ParDo(_ToFeaturesFn(self._run_id)).with_outputs(ERRORS, main="features")

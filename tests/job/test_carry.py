@@ -12,8 +12,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from helpers import caption_record, write_catalog
 
 from batch_caption import catalog, records
+from batch_caption.core.elements import CatalogRef, SourceFile
 from batch_caption.job import ERRORS, carry
-from batch_caption.job.elements import CatalogRef, SourceFile
 
 DECODE = {"beam_size": 3}
 

@@ -16,8 +16,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from helpers import caption_record, write_catalog
 
 from batch_caption import catalog
+from batch_caption.core.elements import CatalogRef, SourceFile, path_key
 from batch_caption.job import select
-from batch_caption.job.elements import CatalogRef, SourceFile, path_key
 from batch_caption.job.tallies import TAG
 
 DECODE = {"beam_size": 3}

@@ -15,8 +15,8 @@ import pytest
 from helpers import caption_record, write_catalog
 
 from batch_caption import catalog, quality, records, runs
+from batch_caption.core.elements import CatalogRef, SourceFile
 from batch_caption.job import ERRORS, RunInfo, Sink, WriteRun, shards, write
-from batch_caption.job.elements import CatalogRef, SourceFile
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,7 +93,7 @@ def test_a_graph_that_disagrees_with_tensorflow_is_not_cached(tiny_model, every_
 
 
 def test_handler_keeps_tensorflow_when_the_graph_does_not_compile(tiny_bundle, cache, monkeypatch, caplog):
-    from batch_caption.inference import CaptionModelHandler
+    from batch_caption.core.inference import CaptionModelHandler
 
     def refuse(captioner):
         raise lite.CompileError("LiteRT cannot convert the graph: no")

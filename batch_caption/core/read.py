@@ -18,11 +18,11 @@ from typing import Any, NamedTuple
 
 import apache_beam as beam
 
-from batch_caption import gcs, images, model_loading, records
-from batch_caption.job import file_reads
-from batch_caption.job.cpus import available_cpus
-from batch_caption.job.elements import ERRORS, FileData, ImageExample, SourceFile, as_source, counter
-from batch_caption.job.readahead import ReadAheadFn
+from batch_caption import gcs, images, records
+from batch_caption.core import file_reads, model_loading
+from batch_caption.core.cpus import available_cpus
+from batch_caption.core.elements import ERRORS, FileData, ImageExample, SourceFile, as_source, counter
+from batch_caption.core.readahead import ReadAheadFn
 
 DECODE_THREADS = 2
 DECODE_LOOKAHEAD = 32  # images in flight per DoFn instance; >= the batch size hides decoding

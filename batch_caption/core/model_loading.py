@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+
 class _DropBeamResourceWarning(logging.Filter):
     """Beam (2.77) disables its memory probe when torch is absent (model_manager imports torch in
     the same try block as `resource`) and then warns on every model load."""
@@ -123,7 +124,7 @@ class BackgroundLoad:
     that reads nothing never loads.
 
     A failed load raises ModelLoadError from the methods that wait;
-    `job.caption.FailedBatchToErrorsFn` lets that error fail the bundle instead of turning
+    `dead_letters.FailedBatchToErrorsFn` lets that error fail the bundle instead of turning
     the batch into error records. Beam's `Shared` keeps handing this object to the
     process's later DoFn instances, such as a retried bundle's, so once a failure has
     been raised the next wait loads again (up to MAX_ATTEMPTS loads): a transient error

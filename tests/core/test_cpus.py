@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from batch_caption.job.cpus import available_cpus, cgroup_cpu_quota
+from batch_caption.core.cpus import available_cpus, cgroup_cpu_quota
 
 
 @pytest.mark.parametrize("files, quota", [

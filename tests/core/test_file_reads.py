@@ -9,8 +9,7 @@ import pytest
 from helpers import special_files, within
 
 from batch_caption import files
-from batch_caption.job import file_reads
-
+from batch_caption.core import file_reads
 
 _FILE = (bytes(range(256)) * 12)[:3000]
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import batch_caption
-from batch_caption import inference, model_loading
-from batch_caption.inference import CaptionModelHandler
-from batch_caption.job.elements import ImageExample
+from batch_caption.core import inference, model_loading
+from batch_caption.core.elements import ImageExample
+from batch_caption.core.inference import CaptionModelHandler
 from batch_caption.model.config import DecodeConfig
 
 
@@ -165,7 +165,7 @@ def test_the_first_batch_reports_the_load_and_its_wait(monkeypatch):
 _FIRST_LOADS = """
 import gc, json, sys
 import batch_caption.model.load as load
-from batch_caption.inference import CaptionModelHandler
+from batch_caption.core.inference import CaptionModelHandler
 from batch_caption.model.config import DecodeConfig
 
 real, gc_on = load.load_captioner, []

@@ -1,4 +1,5 @@
-"""What the job's stages hand each other, and the names their outputs and metrics share.
+"""What the pipelines' stages hand each other (the captioning job's, and dataset
+preparation's read), and the names their outputs and metrics share.
 
     SourceFile    MatchImages -> SelectChanged -> ReadImages: one input path
     FileData      inside ReadImages: one content, every path holding it

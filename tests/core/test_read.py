@@ -18,10 +18,10 @@ from helpers import special_files, varied_images, within
 from PIL import Image
 
 from batch_caption import images
+from batch_caption.core.elements import FileData, SourceFile, as_source
+from batch_caption.core.read import HashFileFn, ReadDecodeFn, split_by_size
+from batch_caption.core.readahead import ReadAheadFn
 from batch_caption.job import ERRORS, ReadImages
-from batch_caption.job.elements import FileData, SourceFile, as_source
-from batch_caption.job.read import HashFileFn, ReadDecodeFn, split_by_size
-from batch_caption.job.readahead import ReadAheadFn
 
 
 def test_a_decode_error_is_kept_without_a_reference_cycle(tmp_path):

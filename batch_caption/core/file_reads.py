@@ -17,6 +17,7 @@ import io
 from batch_caption import files
 
 READ_CHUNK_BYTES = 1 << 20
+DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024  # --max_file_bytes of the job and of prepare
 
 
 def too_large(max_bytes: int) -> tuple[str, str]:

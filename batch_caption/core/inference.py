@@ -21,13 +21,13 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 import batch_caption
 from batch_caption import bundled, gcs
-from batch_caption.job.elements import ImageExample
-from batch_caption.model.config import RUNTIMES, DecodeConfig, ModelConfig
-from batch_caption.model_loading import (
+from batch_caption.core.elements import ImageExample
+from batch_caption.core.model_loading import (
     BackgroundLoad,
     gc_frozen_after_first_load,
     quiet_beam_memory_warning,
 )
+from batch_caption.model.config import RUNTIMES, DecodeConfig, ModelConfig
 
 # Beam warns before load_model runs, so the filter goes in at import: every process that
 # unpickles a handler (workers, the --share_model server) imports this module first.
