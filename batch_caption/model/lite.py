@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from batch_caption.core.cpus import available_cpus
 from batch_caption.model.bundle import read_bundle_metadata
 from batch_caption.model.captions import Caption, to_captions
 from batch_caption.model.config import DecodeConfig
@@ -150,7 +151,8 @@ class LiteCaptioner:
     Args:
       model: the .tflite file's path or bytes.
       vocabulary, model_id, image_size: the bundle's.
-      num_threads: the interpreter's threads (default: the CPUs this process may use).
+      num_threads: the interpreter's threads (default: the CPUs this process may use,
+        core.cpus.available_cpus).
     """
 
     attention_maps = False
@@ -158,15 +160,13 @@ class LiteCaptioner:
     def __init__(self, model: str | bytes, vocabulary: Vocabulary, model_id: str, image_size: int,
                  num_threads: int | None = None):
         Interpreter = _interpreter_class()
-        if num_threads is None:
-            num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         source = {"model_path": model} if isinstance(model, str) else {"model_content": model}
-        self._interpreter = Interpreter(**source, num_threads=num_threads)
+        self._interpreter = Interpreter(**source, num_threads=num_threads or available_cpus())
         self._input = self._interpreter.get_input_details()[0]["index"]
         # Outputs in the graph's flattened order (tokens, lengths, logprobs, scores): the
         # converter names them Identity, Identity_1, ...
         outputs = self._interpreter.get_output_details()
-        order = sorted(outputs, key=lambda d: int(d["name"].rpartition("_")[2] or 0) if "_" in d["name"] else 0)
+        order = sorted(outputs, key=lambda d: int(d["name"].rpartition("_")[2]) if "_" in d["name"] else 0)
         self._outputs = [d["index"] for d in order]
         self._batch = None
         self._lock = threading.Lock()  # one interpreter: one invoke at a time
@@ -180,7 +180,8 @@ class LiteCaptioner:
         return self.model_id
 
     def warm_up(self) -> None:
-        """Runs one blank image, so that the first batch pays no allocation."""
+        """Runs one blank image inside the load, so that the interpreter's first invoke
+        (XNNPACK packs the weights then) is not paid by the first batch."""
         self.search(np.zeros([1, self._size, self._size, 3], np.uint8))
 
     def search(self, images: np.ndarray) -> LiteResult:
