@@ -83,7 +83,7 @@ def runtimes(args, argv) -> int:
                       autograph=False, jit_compile=True)
     compiled = lite.LiteCaptioner(lite.compile_captioner(captioner), captioner.vocabulary, captioner.model_id, s)
     calls = {"tensorflow": lambda: captioner.search(batch),
-             "tensorflow_xla": lambda: type(captioner.search(batch))(*(t.numpy() for t in xla(batch)[0])),
+             "tensorflow_xla": lambda: lite.LiteResult(*(t.numpy() for t in xla(batch)[0])),
              "litert": lambda: compiled.search(batch)}
     results = {name: call() for name, call in calls.items()}  # trace, compile, warm up
     want = results["tensorflow"]
