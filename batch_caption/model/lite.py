@@ -2,7 +2,8 @@
 
     load_lite_captioner(bundle_dir, decode)   a LiteCaptioner, from the compile cache
     compile_captioner(captioner)               the .tflite bytes of a TF Captioner's graph
-    LiteCaptioner                              uint8 [B, S, S, 3] -> n-best Captions
+    LiteCaptioner                              uint8 [B, S, S, 3] -> n-best Captions, a batch
+                                               split over interpreters run side by side
 
 The TF `Captioner` runs encoder and beam search in one `tf.function`; LiteRT's converter
 turns that whole graph (the while loop included, builtin ops only) into one flatbuffer,
@@ -25,6 +26,7 @@ import json
 import os
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from typing import NamedTuple
 
@@ -144,61 +146,111 @@ def load_lite_captioner(bundle_dir: str, decode: DecodeConfig, log=None) -> Lite
     return lite
 
 
+# Rows a replica gets at least: a batch is split only where each part keeps this many.
+_MIN_ROWS = 8
+# At most this many replicas: each holds its own packed weights and tensor arena.
+_MAX_REPLICAS = 4
+
+
+def default_replicas(cpus: int) -> int:
+    """Interpreters a LiteCaptioner runs side by side on `cpus` CPUs: one a CPU, up to
+    _MAX_REPLICAS (the CPUs are then shared out as threads)."""
+    return max(1, min(cpus, _MAX_REPLICAS))
+
+
+class _Replica:
+    """One interpreter and the batch size its tensors are allocated for."""
+
+    def __init__(self, interpreter):
+        self.interpreter = interpreter
+        self.input = interpreter.get_input_details()[0]["index"]
+        # Outputs in the graph's flattened order (tokens, lengths, logprobs, scores): the
+        # converter names them Identity, Identity_1, ...
+        outputs = interpreter.get_output_details()
+        order = sorted(outputs, key=lambda d: int(d["name"].rpartition("_")[2]) if "_" in d["name"] else 0)
+        self.outputs = [d["index"] for d in order]
+        self.batch = None
+        self.lock = threading.Lock()  # one invoke at a time per interpreter
+
+    def search(self, images: np.ndarray) -> LiteResult:
+        it = self.interpreter
+        with self.lock:
+            if images.shape[0] != self.batch:
+                it.resize_tensor_input(self.input, images.shape)
+                it.allocate_tensors()
+                self.batch = images.shape[0]
+            it.set_tensor(self.input, np.ascontiguousarray(images))
+            it.invoke()  # releases the GIL: replicas run in parallel
+            return LiteResult(*(it.get_tensor(i).copy() for i in self.outputs))
+
+
 class LiteCaptioner:
     """Captions batches with a compiled graph: the TF Captioner's `caption`, `search`,
     `image_size`, `get_model_id` and `warm_up`, without attention maps.
 
+    A batch is split into contiguous parts that run at once on separate interpreters
+    (replicas) of few threads each, rather than on one interpreter with every thread: the
+    beam search's steps are small matrix products over [B * k] rows that spread badly
+    over threads, and an interpreter of one thread never spins waiting for its others
+    while the job's decode threads want the CPU. Each image's captions are the same
+    whichever part it falls in: rows do not interact.
+
     Args:
       model: the .tflite file's path or bytes.
       vocabulary, model_id, image_size: the bundle's.
-      num_threads: the interpreter's threads (default: the CPUs this process may use,
-        core.cpus.available_cpus).
+      num_threads: the CPUs to use, across replicas (default: the CPUs this process may
+        use, core.cpus.available_cpus).
+      replicas: interpreters side by side (default: default_replicas(num_threads)); each
+        gets num_threads // replicas threads.
     """
 
     attention_maps = False
 
     def __init__(self, model: str | bytes, vocabulary: Vocabulary, model_id: str, image_size: int,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, replicas: int | None = None):
         Interpreter = _interpreter_class()
         source = {"model_path": model} if isinstance(model, str) else {"model_content": model}
-        self._interpreter = Interpreter(**source, num_threads=num_threads or available_cpus())
-        self._input = self._interpreter.get_input_details()[0]["index"]
-        # Outputs in the graph's flattened order (tokens, lengths, logprobs, scores): the
-        # converter names them Identity, Identity_1, ...
-        outputs = self._interpreter.get_output_details()
-        order = sorted(outputs, key=lambda d: int(d["name"].rpartition("_")[2]) if "_" in d["name"] else 0)
-        self._outputs = [d["index"] for d in order]
-        self._batch = None
-        self._lock = threading.Lock()  # one interpreter: one invoke at a time
+        cpus = num_threads or available_cpus()
+        count = replicas or default_replicas(cpus)
+        threads = max(1, cpus // count)
+        self._replicas = [_Replica(Interpreter(**source, num_threads=threads)) for _ in range(count)]
+        self._pool = ThreadPoolExecutor(count - 1, thread_name_prefix="litert") if count > 1 else None
         self.vocabulary, self.model_id, self._size = vocabulary, model_id, image_size
 
     @property
     def image_size(self) -> int:
         return self._size
 
+    @property
+    def replicas(self) -> int:
+        return len(self._replicas)
+
     def get_model_id(self) -> str:
         return self.model_id
 
     def warm_up(self) -> None:
-        """Runs one blank image inside the load, so that the interpreter's first invoke
-        (XNNPACK packs the weights then) is not paid by the first batch."""
-        self.search(np.zeros([1, self._size, self._size, 3], np.uint8))
+        """Runs one blank image on every replica inside the load, so that an interpreter's
+        first invoke (XNNPACK packs the weights then) is not paid by the first batch."""
+        blank = np.zeros([1, self._size, self._size, 3], np.uint8)
+        self._run([(r, blank) for r in self._replicas])
+
+    def _run(self, parts: list[tuple[_Replica, np.ndarray]]) -> list[LiteResult]:
+        """Runs each (replica, images) part, the first in this thread, the rest in the pool."""
+        futures = [self._pool.submit(r.search, x) for r, x in parts[1:]]
+        first = parts[0][0].search(parts[0][1])
+        return [first] + [f.result() for f in futures]
 
     def search(self, images: np.ndarray) -> LiteResult:
-        """uint8 [B, S, S, 3] -> LiteResult."""
+        """uint8 [B, S, S, 3] -> LiteResult (arrays [B, ...])."""
         images = np.asarray(images)
         s = self._size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (s, s, 3):
             raise ValueError(f"expected uint8 images [B, {s}, {s}, 3], got {images.dtype} {images.shape}")
-        it = self._interpreter
-        with self._lock:
-            if images.shape[0] != self._batch:
-                it.resize_tensor_input(self._input, images.shape)
-                it.allocate_tensors()
-                self._batch = images.shape[0]
-            it.set_tensor(self._input, np.ascontiguousarray(images))
-            it.invoke()
-            return LiteResult(*(it.get_tensor(i).copy() for i in self._outputs))
+        count = min(len(self._replicas), max(1, images.shape[0] // _MIN_ROWS))
+        if count == 1:
+            return self._replicas[0].search(images)
+        results = self._run(list(zip(self._replicas, np.array_split(images, count))))
+        return LiteResult(*(np.concatenate(field) for field in zip(*results)))
 
     def caption(self, images: np.ndarray) -> list[list[Caption]]:
         """uint8 [B, S, S, 3] -> for each image its n-best captions, best first."""

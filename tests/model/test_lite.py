@@ -50,6 +50,37 @@ def test_compiled_graph_finds_tensorflows_captions(tiny_model, attention_model, 
         _same_search(tf_captioner.search(images[:1]), compiled.search(images[:1]))
 
 
+def test_a_batch_split_over_replicas_finds_what_one_interpreter_finds(attention_model, tiny_vocab):
+    tf_captioner = Captioner(attention_model, tiny_vocab, DecodeConfig(beam_size=3, num_alternatives=2), model_id="m")
+    data = lite.compile_captioner(tf_captioner)
+    one = lite.LiteCaptioner(data, tiny_vocab, "m", 64, num_threads=1)
+    three = lite.LiteCaptioner(data, tiny_vocab, "m", 64, num_threads=3)
+    assert (one.replicas, three.replicas) == (1, 3)
+    images = varied_images(26)  # parts of 9, 9 and 8 rows: the split is uneven
+    want = one.search(images)
+    assert want.tokens.shape[0] == 26
+    _same_search(want, three.search(images), atol=1e-5)
+    _same_search(tf_captioner.search(images), three.search(images))
+    assert lite.LiteCaptioner(data, tiny_vocab, "m", 64, num_threads=2, replicas=1).replicas == 1
+
+
+def test_replicas_are_safe_to_share_between_threads(tiny_model, tiny_vocab):
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = lite.compile_captioner(Captioner(tiny_model, tiny_vocab))
+    shared = lite.LiteCaptioner(data, tiny_vocab, "m", 64, num_threads=2)
+    batches = [varied_images(n) for n in (16, 9, 16, 3, 24)]
+    want = [lite.LiteCaptioner(data, tiny_vocab, "m", 64, num_threads=1).search(b).tokens for b in batches]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda b: shared.search(b).tokens, batches * 3))
+    for i, tokens in enumerate(got):
+        assert np.array_equal(tokens, want[i % len(batches)])
+
+
+def test_default_replicas_use_each_cpu_up_to_a_cap():
+    assert [lite.default_replicas(n) for n in (1, 2, 3, 8, 64)] == [1, 2, 3, 4, 4]
+
+
 def test_bad_input_is_refused(tiny_model, tiny_vocab):
     compiled = lite.LiteCaptioner(lite.compile_captioner(Captioner(tiny_model, tiny_vocab)), tiny_vocab, "m", 64)
     with pytest.raises(ValueError, match=r"expected uint8 images \[B, 64, 64, 3\]"):
