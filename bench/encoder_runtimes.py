@@ -7,13 +7,13 @@
 ONNX Runtime and tf2onnx are not dependencies of the project: install them into a venv of
 their own beside the package, and run this script with that venv's python:
 
-    python3.11 -m venv /work/onnxvenv && /work/onnxvenv/bin/pip install -e . onnxruntime onnx \\
-        && /work/onnxvenv/bin/pip install --no-deps tf2onnx
+    python3.11 -m venv .venv-onnx && .venv-onnx/bin/pip install -e . onnxruntime onnx \\
+        && .venv-onnx/bin/pip install --no-deps tf2onnx
 
 (tf2onnx 1.17's own requirements, protobuf>=3.20 and onnx>=1.14, are already met there;
 --no-deps keeps pip from resolving them again.) The measurement, on a quiet machine:
 
-    /work/onnxvenv/bin/python bench/encoder_runtimes.py --rounds 10
+    .venv-onnx/bin/python bench/encoder_runtimes.py --rounds 10
 
 With tf2onnx importable the script converts the encoder itself; without it, pass --onnx
 FILE, made beforehand where tf2onnx is installed by
