@@ -13,10 +13,11 @@ Tokens are the same as TensorFlow's; log-probabilities differ in float rounding 
 
 The search settings are part of the graph, so a compiled file is for one bundle id and
 one DecodeConfig. Files are cached under `$BATCH_CAPTION_CACHE` (default
-`~/.cache/batch_caption`)/litert/, keyed by both and by the converter's and runtime's
-versions. On a miss the bundle is loaded with TensorFlow once, compiled, checked against
-TensorFlow's own output on a test batch, and written (atomically); a graph the converter
-rejects, or whose check fails, raises `CompileError` and the caller keeps TensorFlow.
+`~/.cache/batch_caption`)/litert/, keyed by both, by the digest of the model package's
+sources and by the converter's and runtime's versions. On a miss the bundle is loaded with
+TensorFlow once, compiled, checked against TensorFlow's own output on a test batch, and
+written (atomically); a graph the converter rejects, or whose check fails, raises
+`CompileError` and the caller keeps TensorFlow.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from batch_caption.model.vocab import Vocabulary
 
 CACHE_ENV = "BATCH_CAPTION_CACHE"
 _FORMAT = 1  # bump when the compiled graph's inputs or outputs change
+_graph_code = None  # the digest of the code that builds the graph, once per process
 
 
 class CompileError(RuntimeError):
@@ -67,9 +69,24 @@ def _version(package: str) -> str:
         return "none"
 
 
+def graph_code_digest() -> str:
+    """sha256 of this package's sources (model/*.py): the code that builds the graph, so
+    that a compiled file never outlives a change to the network or the search."""
+    global _graph_code
+    if _graph_code is None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        digest = hashlib.sha256()
+        for name in sorted(n for n in os.listdir(here) if n.endswith(".py")):
+            with open(os.path.join(here, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read() + b"\0")
+        _graph_code = digest.hexdigest()
+    return _graph_code
+
+
 def compiled_path(bundle_id: str, decode: DecodeConfig) -> str:
-    """Where the compiled graph of (bundle_id, decode) is cached."""
-    key = json.dumps({"bundle": bundle_id, "decode": decode.to_dict(), "format": _FORMAT,
+    """Where the compiled graph of (bundle_id, decode) is cached: keyed by both, by the
+    code that builds the graph and by the converter's and runtime's versions."""
+    key = json.dumps({"bundle": bundle_id, "decode": decode.to_dict(), "format": _FORMAT, "code": graph_code_digest(),
                       "tensorflow": _version("tensorflow"), "litert": _version("ai-edge-litert")}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return os.path.join(cache_root(), "litert", f"{bundle_id}-{digest}.tflite")

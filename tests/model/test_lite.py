@@ -177,3 +177,10 @@ def test_job_with_a_compiled_model_never_imports_tensorflow(tmp_path):
     for path, (caption, score) in on_tf.items():
         assert on_lite[path][0] == caption
         assert on_lite[path][1] == pytest.approx(score, abs=1e-4)
+
+
+def test_a_change_to_the_model_code_compiles_anew(monkeypatch):
+    before = lite.compiled_path("b", DecodeConfig())
+    assert lite.graph_code_digest() == lite.graph_code_digest()  # computed once, stable
+    monkeypatch.setattr(lite, "_graph_code", "other code")
+    assert lite.compiled_path("b", DecodeConfig()) != before
