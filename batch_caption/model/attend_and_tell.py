@@ -12,9 +12,10 @@
         logits = L_o(dropout(emb(w) + L_h h + L_z z))                [B, vocab]
 
 Teacher forcing (`call`) and step-by-step inference (`step`) run the same `_advance`, so
-they agree by construction; `call` scans it over the caption with `tf.scan`. The beam
-state carries the cells (a and W_a a, computed once per image) beside (h, c), so the
-batched beam search reorders them with the hypotheses like any other state.
+they agree by construction; `call` scans it over the caption with `tf.scan`. The state
+carries the cells (a and W_a a, computed once per image) beside (h, c); `shared_state`
+tells the beam search that they are per image, so it keeps one copy per image while
+(h, c) hold a row per hypothesis, and `_attend` groups the hypotheses by image.
 """
 
 from __future__ import annotations
@@ -68,12 +69,20 @@ class AttendAndTell(keras.Model):
         return self.backbone(images, training=training)
 
     # --- the decoder's one step, shared by teacher forcing and inference -----------------
+    # The beam search keeps the cells and their keys at one row per image (k hypotheses
+    # read them): no copy of [B * k, L, D] made or reordered at every step.
+    shared_state = (False, False, True, True)
+
     def _attend(self, h, cells, keys):
-        """h [N, U], cells [N, L, D], keys [N, L, A] -> (context [N, D], alpha [N, L])."""
-        energy = self.attention_score(tf.tanh(keys + self.state_keys(h)[:, None, :]))[:, :, 0]
-        alpha = tf.nn.softmax(energy, axis=1)
-        context = tf.reduce_sum(alpha[:, :, None] * cells, axis=1)
-        return self.context_gate(h) * context, alpha
+        """h [N, U], cells [M, L, D], keys [M, L, A] with N = M * g (row n of h is image
+        n // g's: g = 1 in training, the beam size in the search)
+        -> (context [N, D], alpha [N, L])."""
+        m = tf.shape(cells)[0]
+        query = tf.reshape(self.state_keys(h), [m, -1, 1, self.config.attention_units])  # [M, g, 1, A]
+        energy = self.attention_score(tf.tanh(keys[:, None] + query))[..., 0]  # [M, g, L]
+        alpha = tf.nn.softmax(energy, axis=-1)
+        context = tf.reshape(tf.matmul(alpha, cells), [-1, self.channels])  # [M, g, D] -> [N, D]
+        return self.context_gate(h) * context, tf.reshape(alpha, [-1, self.cells])
 
     @property
     def _output_size(self) -> int:
@@ -116,7 +125,8 @@ class AttendAndTell(keras.Model):
         return self.call_with_attention(inputs, training)[0]
 
     def step(self, tokens, state):
-        """tokens int32 [N], state as `initial_state`'s with N rows -> (log-probs [N, vocab], state)."""
+        """tokens int32 [N], state as `initial_state`'s, (h, c) with N rows, (cells, keys)
+        with N or N / g rows (see `_attend`) -> (log-probs [N, vocab], state)."""
         h, c, cells, keys = state
         h, c, out, _ = self._advance(self.word_embedding(tokens), h, c, cells, keys)
         logits = tf.cast(self.output_projection(out), tf.float32) + self._forbidden

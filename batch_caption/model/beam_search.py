@@ -58,6 +58,7 @@ def beam_search(
     alpha: float = 0.0,
     pad_id: int = 0,
     min_words: int = 0,
+    shared: Any = None,
 ) -> BeamSearchResult:
     """Finds the n-best token sequences for every row of `initial_state`.
 
@@ -73,6 +74,10 @@ def beam_search(
       alpha: length-normalisation exponent (>= 0).
       min_words: the end token is not allowed before this many words (1 = never an
         empty caption).
+      shared: None, or a nest of bools shaped like `initial_state`: True marks an entry
+        that all hypotheses of an image read and `step_fn` returns unchanged (e.g. the
+        image's attention cells). Such an entry keeps its [B, ...] rows, never repeated k
+        times nor reordered, so step_fn sees it beside [B*k]-row entries.
 
     Returns:
       A `BeamSearchResult`.
@@ -83,7 +88,9 @@ def beam_search(
         raise ValueError(f"need max_length >= 1 and alpha >= 0, got {max_length}, {alpha}")
     k, length = beam_size, max_length
     batch = tf.shape(tf.nest.flatten(initial_state)[0])[0]
-    state = tf.nest.map_structure(lambda s: tf.repeat(s, k, axis=0), initial_state)
+    if shared is None:
+        shared = tf.nest.map_structure(lambda _: False, initial_state)
+    state = tf.nest.map_structure(lambda s, fixed: s if fixed else tf.repeat(s, k, axis=0), initial_state, shared)
     positions = tf.range(length)[None, None, :]
     max_len_norm = tf.pow(tf.cast(length, tf.float32), alpha)
 
@@ -129,7 +136,8 @@ def beam_search(
             return tf.reshape(s, tf.concat([[batch * k], tf.shape(s)[2:]], axis=0))
 
         # Static shapes are lost in the reshapes; the loop needs them unchanged.
-        state = tf.nest.map_structure(lambda s, old: tf.ensure_shape(reorder(s), old.shape), new_state, state)
+        state = tf.nest.map_structure(lambda s, old, fixed: old if fixed else tf.ensure_shape(reorder(s), old.shape),
+                                      new_state, state, shared)
         return t + 1, alive_seq, alive_logp, state, fin_seq, fin_logp, fin_score, fin_len
 
     def not_done(t, alive_seq, alive_logp, state, fin_seq, fin_logp, fin_score, fin_len):

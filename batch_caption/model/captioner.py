@@ -43,6 +43,7 @@ def search_features(model: CaptionModel, features, decode: DecodeConfig) -> Beam
         num_results=decode.num_alternatives,
         alpha=decode.length_normalization,
         min_words=1,  # an empty caption is never an answer
+        shared=getattr(model, "shared_state", None),
     )
 
 

@@ -26,7 +26,12 @@ class CaptionModel(Protocol):
         """features [B, F] -> the decoder state before <start>, a nest of [B, ...] tensors."""
 
     def step(self, tokens, state):
-        """tokens int32 [N], state with N rows -> (log-probs float32 [N, vocab], state)."""
+        """tokens int32 [N], state with N rows -> (log-probs float32 [N, vocab], state).
+
+        A network may also have `shared_state`, a nest of bools shaped like the state:
+        True marks an entry per image that `step` reads and returns unchanged; the beam
+        search then keeps it at B rows while the rest has N = B * k (beam_search's
+        `shared`), and `step` must accept both layouts."""
 
     def __call__(self, inputs, training=False):
         """{"tokens" int32 [B, T], "images" or "features"} -> logits [B, T, vocab] (teacher forcing)."""

@@ -297,3 +297,28 @@ def test_early_stop_returns_what_running_to_max_length_returns():
     assert steps.calls == 2
     assert captions(r, 0) == [(END,), (a, END)]
     np.testing.assert_allclose(np.exp(r.logprobs.numpy()[0]), [0.6, 0.18], rtol=1e-6)
+
+
+def test_a_shared_entry_stays_one_row_per_image_and_changes_nothing():
+    """An image's bias on the logits, carried as a shared state entry ([B, V], never
+    repeated nor reordered), gives the search's results with the bias repeated per beam."""
+    model = TinyRnn(vocab=6, hidden=4, seed=3)
+    h0 = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
+    bias = np.random.default_rng(2).normal(size=(3, 6)).astype(np.float32)
+    k = 3
+    rows_seen = []
+
+    def step(tokens, state):
+        h, image_bias = state
+        rows_seen.append((int(tokens.shape[0]) if tokens.shape[0] is not None else None, image_bias.shape[0]))
+        log_probs, h = model.step_tf(tokens, h)
+        groups = tf.shape(h)[0] // tf.shape(image_bias)[0]
+        log_probs = tf.nn.log_softmax(log_probs + tf.repeat(image_bias, groups, axis=0))
+        return log_probs, (h, image_bias)
+
+    kw = dict(start_id=START, end_id=END, beam_size=k, num_results=2, max_length=5, alpha=0.7)
+    shared = beam_search(step, (tf.constant(h0), tf.constant(bias)), shared=(False, True), **kw)
+    tiled = beam_search(step, (tf.constant(h0), tf.constant(bias)), **kw)
+    for a, b in zip(shared, tiled):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert any(bias_rows == 3 for _, bias_rows in rows_seen)  # the shared run saw B rows of it
