@@ -300,6 +300,17 @@ def load_captioner(model: str, decode=None, **search):
     return load(model, DecodeConfig(**search) if search else decode)
 
 
+def load_job_model(config):
+    """The model exactly as the job's handler loads it for `config` (a parsed JobConfig):
+    its runtime (LiteRT's compiled graph by default, split over its replicas) and its
+    search settings. It has the TF Captioner's `caption`, `image_size` and `model_id`."""
+    from batch_caption import bundled
+    from batch_caption.core.inference import CaptionModelHandler
+
+    return CaptionModelHandler(bundled.portable(config.model), config.decode, config.batch_size or 32,
+                               runtime=config.runtime).load_now()
+
+
 def with_search(captioner, **search):
     """The same model with other decode settings."""
     from batch_caption.model.config import DecodeConfig

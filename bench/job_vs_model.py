@@ -17,7 +17,8 @@ and medians over rounds are reported. The sides:
   job at scale (images - head) / (T(images) - T(head)), T the steady time of the full run
                and of a run over the corpus's first --head images in the same round: the
                per-image rate without a run's fixed cost.
-  ceiling      (`ceiling`) the same bundle's Captioner on pre-decoded uint8 arrays, texts
+  ceiling      (`ceiling`) the same bundle's model as the job loads it (its --runtime:
+               LiteRT's compiled graph by default) on pre-decoded uint8 arrays, texts
                included, at each batch size of --batches; the best median is the ceiling.
   loop         (`loop`) what one writes by hand, im2txt style: per file PIL open, full
                decode, BICUBIC resize, caption alone (batch 1), on the first --loop_images.
@@ -73,7 +74,7 @@ def compare(args, argv) -> int:
     head_dir = os.path.dirname(corpora.by_flag(args.corpus, head, args.size)[0]) if 0 < head < args.images else None
     extra = shlex.split(args.job_args)
     config = c.job_config(input_dir, extra)
-    captioner = c.load_captioner(config.model, config.decode)  # the job's model and search
+    captioner = c.load_job_model(config)  # the job's model, runtime and search
     size, draft = captioner.image_size, config.draft
     datas = [open(path, "rb").read() for path in paths]
     n = len(paths)

@@ -1,6 +1,7 @@
-"""Peak memory of the job for 1k vs 10k images: does it stay flat as the input grows?
+"""Peak memory of the job: flat as the input grows, per image of batch, against a revision.
 
     python bench/peak_memory.py [--sizes 1000,10000] [--image_px 64] [--with_no_dedupe] [--out bench/results/peak_memory.json]
+    python bench/peak_memory.py --corpus web --sizes 1000 --batch_sizes 16,41,82 [--baseline REV] [--fold NAME]
 
 For each size, the real job (`python -m batch_caption.run`, bundled default model,
 DirectRunner in its default running mode, reported) captions a corpus of that many small
@@ -14,7 +15,13 @@ process, so every peak starts from nothing. Two measures of each run:
   sampled from /proc every `--interval` seconds (Linux; can miss a short spike, but counts
   worker processes together, e.g. with --direct_running_mode=multi_processing).
 
-The issue's target: peak(largest size) <= 1.1 x peak(smallest size). `--with_no_dedupe`
+The target: peak(largest size) <= 1.1 x peak(smallest size). `--corpus web|large` uses
+640x480 web photos or 12 MP phone photos instead of the scenes. `--batch_sizes` runs each
+size at each `--batch_size` and fits peak = fixed + slope x batch size by least squares:
+the slope is the memory each image of a batch costs, over every copy the job holds of it
+in flight (bytes, pixels, model tensors). `--baseline REV` runs the same at git revision
+REV (its tree exported with `git archive`, first on PYTHONPATH) and reports this tree's
+peak over REV's at each equal batch size. `--with_no_dedupe`
 also runs every size with `--no-dedupe`: the dedupe step groups the files' bytes by
 sha256, and the in-memory runner holds a whole GroupByKey's output (every file's bytes)
 at once. Extra job flags go after `--`, e.g.
@@ -33,7 +40,7 @@ import threading
 import time
 
 import _common as c
-from corpora import small_images
+from corpora import large_photos, small_images, web_photos
 
 
 def _rss_tree_kib(root: int) -> int:
@@ -69,14 +76,17 @@ def _rss_tree_kib(root: int) -> int:
     return total
 
 
-def measure_process(cmd: list[str], log: str, interval: float) -> dict:
-    """Runs `cmd` (output to `log`) -> its seconds, ru_maxrss and the sampled peak RSS of
-    its process tree (every `interval` s); a failed command ends the benchmark."""
-    env = c.child_env()
+def measure_process(cmd: list[str], log: str, interval: float, package_root: str | None = None,
+                    cwd: str | None = None) -> dict:
+    """Runs `cmd` (output to `log`; batch_caption from `package_root` when given, from a
+    `cwd` outside the repository so that only PYTHONPATH decides) -> its seconds, ru_maxrss
+    and the sampled peak RSS of its process tree (every `interval` s); a failed command
+    ends the benchmark."""
+    env = c.child_env(package_root)
     samples: list[tuple[float, int]] = []
     with open(log, "w") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         done = threading.Event()
 
         def sample():
@@ -105,10 +115,32 @@ def measure_process(cmd: list[str], log: str, interval: float) -> dict:
     }
 
 
+def _corpus(args, n: int) -> str:
+    if args.corpus == "web":
+        paths = web_photos(n, root=args.root)
+    elif args.corpus == "large":
+        paths = large_photos(n, root=args.root)
+    else:
+        paths = small_images(n, size=args.image_px, root=args.root)
+    return os.path.dirname(paths[0])
+
+
+def _fit(points: list[tuple[float, float]]) -> dict:
+    """Least squares y = fixed + slope * x over (x, y) points."""
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return {"fixed_mib": my - slope * mx, "slope_mib_per_batch_image": slope}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="1000,10000", help="comma-separated image counts, smallest first")
+    p.add_argument("--corpus", choices=["small", "web", "large"], default="small",
+                   help="generated scenes of --image_px (default), 640x480 web photos or 12 MP photos")
     p.add_argument("--image_px", type=int, default=64, help="side of the generated JPEG scenes")
+    p.add_argument("--batch_sizes", default="", help="comma-separated --batch_size values (default: the job's)")
+    p.add_argument("--baseline", default=None, help="also run git revision REV's job")
     p.add_argument("--interval", type=float, default=0.25, help="seconds between /proc samples")
     p.add_argument("--root", default=None, help="corpus cache (default bench/.corpus)")
     c.add_out_flags(p, "peak_memory")
@@ -117,9 +149,10 @@ def main(argv=None) -> int:
     p.add_argument("job_args", nargs="*", help="extra batch_caption.run / Beam flags (after --)")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    variants = {"job defaults": []}
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    flag_sets = {"job defaults": []}
     if args.with_no_dedupe:
-        variants["--no-dedupe"] = ["--no-dedupe"]
+        flag_sets["--no-dedupe"] = ["--no-dedupe"]
 
     from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
@@ -129,40 +162,45 @@ def main(argv=None) -> int:
               "direct_running_mode": direct.direct_running_mode, "direct_num_workers": direct.direct_num_workers}
 
     work = tempfile.mkdtemp(prefix="bench_mem_")
+    trees = {"this tree": c.REPO}
+    report_extra = {}
+    if args.baseline:
+        trees[args.baseline] = os.path.join(work, "baseline")
+        os.makedirs(trees[args.baseline])
+        report_extra["baseline_commit"] = c.export_revision(args.baseline, trees[args.baseline])
+
+    def name(tree: str, label: str, batch: int | None) -> str:
+        return label + (f", batch {batch}" if batch else "") + (f" ({tree})" if args.baseline else "")
+
+    variants = {name(tree, label, b): [*flags, *(["--batch_size", str(b)] if b else [])]
+                for tree in trees for label, flags in flag_sets.items() for b in batch_sizes or [None]}
     results: dict[str, dict[str, dict]] = {v: {} for v in variants}
     try:
         for n in sizes:
-            corpus = os.path.dirname(small_images(n, size=args.image_px, root=args.root)[0])
-            for variant, flags in variants.items():
-                run_id = f"n{n}-v{list(variants).index(variant)}"
-                cmd = [sys.executable, "-m", "batch_caption.run", "--input", corpus,
-                       "--output", os.path.join(work, "out"), "--run_id", run_id, *args.job_args, *flags]
-                log = os.path.join(work, f"{run_id}.log")
-                res = measure_process(cmd, log, args.interval)
-                with open(log) as f:
-                    res["summary"] = [line for line in f.read().splitlines() if line.startswith("run=")][-1:]
-                results[variant][str(n)] = res
-                print(f"{n} images ({variant}): ru_maxrss {res['ru_maxrss_mib']:.0f} MiB, tree RSS peak "
-                      f"{res['tree_rss_peak_mib']:.0f} MiB, {res['seconds']:.0f} s", file=sys.stderr, flush=True)
-                shutil.rmtree(os.path.join(work, "out", f"run={run_id}"), ignore_errors=True)
+            corpus = _corpus(args, n)
+            for tree, root in trees.items():
+                for label in flag_sets:
+                    for b in batch_sizes or [None]:
+                        variant = name(tree, label, b)
+                        run_id = f"n{n}-v{list(variants).index(variant)}"
+                        cmd = [sys.executable, "-m", "batch_caption.run", "--input", corpus,
+                               "--output", os.path.join(work, "out"), "--run_id", run_id, *args.job_args,
+                               *variants[variant]]
+                        log = os.path.join(work, f"{run_id}.log")
+                        res = measure_process(cmd, log, args.interval, package_root=root, cwd=work)
+                        with open(log) as f:
+                            res["summary"] = [line for line in f.read().splitlines() if line.startswith("run=")][-1:]
+                        results[variant][str(n)] = res
+                        print(f"{n} images ({variant}): ru_maxrss {res['ru_maxrss_mib']:.0f} MiB, tree RSS peak "
+                              f"{res['tree_rss_peak_mib']:.0f} MiB, {res['seconds']:.0f} s", file=sys.stderr,
+                              flush=True)
+                        shutil.rmtree(os.path.join(work, "out", f"run={run_id}"), ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    ratios = {}
-    for variant, res in results.items():
-        first, last = res[str(sizes[0])], res[str(sizes[-1])]
-        ratios[variant] = {
-            "ru_maxrss": last["ru_maxrss_mib"] / first["ru_maxrss_mib"],
-            "tree_rss_peak": last["tree_rss_peak_mib"] / first["tree_rss_peak_mib"] if first["tree_rss_peak_mib"] else None,
-        }
-    report = {
-        "settings": vars(args),
-        "runner": runner,
-        "results": results,
-        f"ratio_{sizes[-1]}_over_{sizes[0]}": ratios,
-    }
+    report = {"settings": vars(args), "runner": runner, **report_extra, "results": results}
     print(f"runner: {runner['runner']}, direct_running_mode={runner['direct_running_mode']}, "
-          f"direct_num_workers={runner['direct_num_workers']}; {args.image_px}x{args.image_px} JPEG scenes\n")
+          f"direct_num_workers={runner['direct_num_workers']}; corpus {args.corpus}\n")
     print("| flags | images | peak RSS (ru_maxrss), MiB | peak RSS of the process tree (sampled), MiB | seconds |")
     print("| --- | --- | --- | --- | --- |")
     for variant, res in results.items():
@@ -170,10 +208,42 @@ def main(argv=None) -> int:
             r = res[str(n)]
             print(f"| {variant} | {n:,} | {r['ru_maxrss_mib']:.0f} | {r['tree_rss_peak_mib']:.0f} | {r['seconds']:.0f} |")
     print()
-    for variant, ratio in ratios.items():
-        tree = ratio["tree_rss_peak"]
-        print(f"{variant}: {sizes[-1]:,} / {sizes[0]:,} images: ru_maxrss {ratio['ru_maxrss']:.2f}x, "
-              f"tree peak {f'{tree:.2f}x' if tree else '-'} (target <= 1.1x)")
+    if len(sizes) > 1:
+        ratios = {}
+        for variant, res in results.items():
+            first, last = res[str(sizes[0])], res[str(sizes[-1])]
+            ratios[variant] = {
+                "ru_maxrss": last["ru_maxrss_mib"] / first["ru_maxrss_mib"],
+                "tree_rss_peak": (last["tree_rss_peak_mib"] / first["tree_rss_peak_mib"]
+                                  if first["tree_rss_peak_mib"] else None),
+            }
+            tree = ratios[variant]["tree_rss_peak"]
+            print(f"{variant}: {sizes[-1]:,} / {sizes[0]:,} images: ru_maxrss {ratios[variant]['ru_maxrss']:.2f}x, "
+                  f"tree peak {f'{tree:.2f}x' if tree else '-'} (target <= 1.1x)")
+        report[f"ratio_{sizes[-1]}_over_{sizes[0]}"] = ratios
+    if len(batch_sizes) > 1:
+        fits = {}
+        for tree in trees:
+            for label in flag_sets:
+                key = name(tree, label, None)
+                fits[key] = {str(n): _fit([(b, results[name(tree, label, b)][str(n)]["ru_maxrss_mib"])
+                                           for b in batch_sizes]) for n in sizes}
+                for n, fit in fits[key].items():
+                    print(f"{key}, {int(n):,} images: peak RSS = {fit['fixed_mib']:.0f} MiB + "
+                          f"{fit['slope_mib_per_batch_image']:.2f} MiB x batch size")
+        report["rss_per_batch_image"] = fits
+    if args.baseline:
+        over = {}
+        for label in flag_sets:
+            for b in batch_sizes or [None]:
+                for n in sizes:
+                    ours = results[name("this tree", label, b)][str(n)]["ru_maxrss_mib"]
+                    theirs = results[name(args.baseline, label, b)][str(n)]["ru_maxrss_mib"]
+                    key = f"{name('', label, b).removesuffix(' ()')}, {n} images"
+                    over[key] = ours / theirs
+                    print(f"{key}: peak RSS this tree / {args.baseline}: {ours:.0f} / {theirs:.0f} MiB "
+                          f"= {ours / theirs:.2f}x")
+        report["peak_rss_over_baseline"] = over
     c.write_report(args, argv, "peak_memory.py", report)
     return 0
 
