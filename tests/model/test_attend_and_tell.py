@@ -221,3 +221,62 @@ def test_one_step_matches_the_papers_equations_in_numpy(attention_model):
     log_probs, _ = model.step(tf.constant(tokens), model.initial_state(tf.constant(features)))
     finite = np.isfinite(expected)
     np.testing.assert_allclose(log_probs.numpy()[finite], expected[finite], atol=1e-4)
+
+
+def _reference_step(model, word, h, c, cells):
+    """One decoder step in numpy, written from the paper's equations (Xu et al. 2015,
+    soft attention, eqs. 4-7 and 9), reading the layers' weights only:
+        e_i = v . tanh(W_a a_i + W_h h + b)          alpha = softmax(e)
+        z = sigmoid(f_beta(h)) * sum_i alpha_i a_i
+        i, f, g, o = split(W x + U h + b), x = [E w ; z]   (Keras LSTM gate order)
+        c' = f c + i g,  h' = o tanh(c')             (sigmoid gates, tanh candidate)
+        logits = L_o(E w + L_h h' + L_z z)  or  L_o([h' ; z])
+    word int [N], h, c [N, U], cells [N, L, D] -> (log-probs [N, V], h', c')."""
+    def dense(layer, x):
+        out = x @ layer.kernel.numpy()
+        return out + layer.bias.numpy() if layer.use_bias else out
+
+    def sigmoid(x):
+        return 1.0 / (1.0 + np.exp(-x))
+
+    keys = dense(model.cell_keys, cells)  # [N, L, A]
+    e = dense(model.attention_score, np.tanh(keys + dense(model.state_keys, h)[:, None, :]))[..., 0]
+    alpha = np.exp(e - e.max(axis=1, keepdims=True))
+    alpha /= alpha.sum(axis=1, keepdims=True)
+    z = sigmoid(dense(model.context_gate, h)) * np.einsum("nl,nld->nd", alpha, cells)
+    emb = model.word_embedding.embeddings.numpy()[word]
+    x = np.concatenate([emb, z], axis=1)
+    lstm = model.lstm
+    gates = x @ lstm.kernel.numpy() + h @ lstm.recurrent_kernel.numpy() + lstm.bias.numpy()
+    i, f, g, o = np.split(gates, 4, axis=1)
+    c_new = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+    h_new = sigmoid(o) * np.tanh(c_new)
+    if model.config.deep_output:
+        out = emb + dense(model.output_state, h_new) + dense(model.output_context, z)
+    else:
+        out = np.concatenate([h_new, z], axis=1)
+    logits = dense(model.output_projection, out).astype(np.float64) + model._forbidden.numpy()
+    finite = np.where(np.isfinite(logits), logits, -np.inf)
+    top = finite.max(axis=1, keepdims=True)
+    return finite - top - np.log(np.exp(finite - top).sum(axis=1, keepdims=True)), h_new, c_new
+
+
+@pytest.mark.parametrize("beams", [1, 3], ids=["row_per_image", "beams_share_the_cells"])
+def test_a_step_follows_the_papers_equations(attention_model, beams):
+    """model.step against the numpy reference, with a row per image (training, sampling)
+    and with k rows per image over one copy of the image's cells (the beam search's
+    `shared_state` layout)."""
+    model = attention_model
+    h0, c0, cells, keys = (x.numpy() for x in model.initial_state(model.encode(_images(2, seed=11))))
+    rng = np.random.default_rng(4)
+    n = 2 * beams
+    h = (h0.repeat(beams, 0) + rng.normal(0, 0.3, (n, h0.shape[1]))).astype(np.float32)
+    c = (c0.repeat(beams, 0) + rng.normal(0, 0.3, (n, c0.shape[1]))).astype(np.float32)
+    words = np.array([4, 5, 6, 7, 4, 6][:n], np.int32)
+    got, (h_new, c_new, _, _) = model.step(tf.constant(words), (h, c, cells, keys))  # cells: 2 rows
+    want, want_h, want_c = _reference_step(model, words, h, c, cells.repeat(beams, 0))
+    finite = np.isfinite(want)
+    assert np.array_equal(np.isfinite(got.numpy()), finite)
+    np.testing.assert_allclose(got.numpy()[finite], want[finite], atol=1e-4)
+    np.testing.assert_allclose(h_new.numpy(), want_h, atol=1e-5)
+    np.testing.assert_allclose(c_new.numpy(), want_c, atol=1e-5)
