@@ -35,7 +35,7 @@ from batch_caption.core.inference import CaptionModelHandler
 from batch_caption.core.read import ReadImages
 from batch_caption.job.caption import CaptionImages
 from batch_caption.job.config import default_batch_size
-from batch_caption.model.config import DecodeConfig
+from batch_caption.model.config import SEARCH_FLAGS, DecodeConfig
 
 quiet.quiet_library()  # none of the imports above loads TensorFlow: its first import is held
 
@@ -43,16 +43,26 @@ __all__ = ["ERRORS", "CaptionModelHandler", "CaptionPaths", "Captioner", "ImageE
            "decode_example", "image_size", "load", "model_handler"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """How images are decoded and captioned; each field is the job's flag of that name."""
+def _search_settings() -> type:
+    """A frozen dataclass with one field per search flag of the job (DecodeConfig's fields,
+    under their flags' names), each None unless given: None takes the model's default (its
+    bundle's decode.json), else DecodeConfig's. A new DecodeConfig field comes with it."""
+    types = {f.name: f.type for f in dataclasses.fields(DecodeConfig)}
+    fields = [(flag, f"{types[name]} | None", dataclasses.field(default=None)) for flag, name in SEARCH_FLAGS.items()]
+    made = dataclasses.make_dataclass("_SearchSettings", fields, frozen=True)
+    made.__module__ = __name__
+    return made
 
-    # Search settings: None takes the model's default (its bundle's decode.json), else DecodeConfig's.
-    beam_size: int | None = None
-    max_caption_length: int | None = None
-    num_alternatives: int | None = None  # None: the model's, cut to the beam size
-    length_normalization: float | None = None
-    forbid_unknown: bool | None = None
+
+_SearchSettings = _search_settings()
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(_SearchSettings):
+    """How images are decoded and captioned; each field is the job's flag of that name.
+    The search settings come first, one per DecodeConfig field (num_alternatives None:
+    the model's, cut to the beam size)."""
+
     low_score_threshold: float | None = None  # None: the bundled model's calibrated threshold
     attention_maps: bool = False
     batch_size: int | None = None  # None: ~2 M pixels a batch at the model's input size
