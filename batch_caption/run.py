@@ -223,13 +223,11 @@ def job_metrics(result) -> dict[str, int]:
     for c in metrics["counters"]:
         out[c.key.metric.name] = out.get(c.key.metric.name, 0) + (c.committed or c.attempted or 0)
     for d in metrics["distributions"]:
-        name = d.key.metric.name
+        name, value = d.key.metric.name, d.committed or d.attempted
         if name == "first_caption_ms":  # the earliest process's
-            value = d.committed or d.attempted
             if value and value.count:
                 out[name] = min(out.get(name, value.min), value.min)
         elif name in ("model_load_ms", "model_wait_ms"):
-            value = d.committed or d.attempted
             out[name] = out.get(name, 0) + (value.sum if value else 0)
             if name == "model_load_ms":
                 out["model_loads"] = out.get("model_loads", 0) + (value.count if value else 0)
