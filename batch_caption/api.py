@@ -27,12 +27,13 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
-from batch_caption import bundled, gcs, images, quiet, records
+from batch_caption import bundled, gcs, quiet, records
 from batch_caption.core import file_reads
 from batch_caption.core.cpus import available_cpus
 from batch_caption.core.elements import ERRORS, ImageExample
 from batch_caption.core.inference import CaptionModelHandler
 from batch_caption.core.read import ReadImages
+from batch_caption.images import decoding
 from batch_caption.job.caption import CaptionImages
 from batch_caption.job.config import default_batch_size
 from batch_caption.model.config import SEARCH_FLAGS, DecodeConfig
@@ -80,8 +81,8 @@ class Settings(_SearchSettings):
         """The search settings: these over the model's defaults (None: DecodeConfig's)."""
         return (model_decode or DecodeConfig()).with_flags(self)
 
-    def image_config(self, size: int) -> images.ImageConfig:
-        return images.ImageConfig(image_size=size, max_image_pixels=self.max_image_pixels, draft=self.draft)
+    def image_config(self, size: int) -> decoding.ImageConfig:
+        return decoding.ImageConfig(image_size=size, max_image_pixels=self.max_image_pixels, draft=self.draft)
 
     def batch(self, size: int) -> int:
         return self.batch_size or default_batch_size(size)
@@ -119,8 +120,8 @@ def image_size(model: str | None = None) -> int:
 
 def decode_example(data: bytes, size: int, path: str | None = None, settings: Settings = Settings()) -> ImageExample:
     """An image file's bytes -> the ImageExample that the model handler takes, squashed
-    to `size` (image_size()). Raises images.ImageDecodeError for bytes that are no image."""
-    decoded = images.decode_image(data, settings.image_config(size))
+    to `size` (image_size()). Raises decoding.ImageDecodeError for bytes that are no image."""
+    decoded = decoding.decode_image(data, settings.image_config(size))
     return ImageExample(path, decoded.pixels, decoded.width, decoded.height, decoded.format,
                         hashlib.sha256(data).hexdigest(), len(data))
 
@@ -187,7 +188,7 @@ class Captioner:
         squashed to the model's input as files are. A wrong dtype or shape raises."""
         size, arrays = self.model.image_size, [np.asarray(a) for a in arrays]
         return self._caption([
-            ImageExample(_name(names, i, len(arrays)), images.resize_pixels(a, size), a.shape[1], a.shape[0],
+            ImageExample(_name(names, i, len(arrays)), decoding.resize_pixels(a, size), a.shape[1], a.shape[0],
                          None, None, None)
             for i, a in enumerate(arrays)])
 
@@ -204,7 +205,7 @@ class Captioner:
     def _decode(self, data: bytes, path: str | None) -> ImageExample | dict[str, Any]:
         try:
             return decode_example(data, self.model.image_size, path, self.settings)
-        except images.ImageDecodeError as e:
+        except decoding.ImageDecodeError as e:
             return records.error_record(path, "decode", e, run_id=self.run_id, size=len(data),
                                         sha256=hashlib.sha256(data).hexdigest())
 

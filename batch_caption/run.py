@@ -22,9 +22,10 @@ import logging
 import sys
 import time
 
-from batch_caption import bundled, cli, gcs, image_formats, lock, quiet, runs
+from batch_caption import bundled, cli, gcs, lock, quiet, runs
 from batch_caption.cli import UsageError
 from batch_caption.core.elements import NAMESPACE
+from batch_caption.images import formats
 from batch_caption.job import JobConfig, build_pipeline
 from batch_caption.job.config import MIN_READ_THREADS, REMOTE_READ_THREADS, default_read_threads
 from batch_caption.job.image_files import parse_extensions
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the file name extensions (case-insensitive) that make a listed file an input; a file "
                        "without an extension is one when its first bytes are an image in one of their formats; "
                        "other files are skipped unopened and counted (default: those of every image format: "
-                       f"{', '.join(image_formats.DEFAULT_EXTENSIONS)})")
+                       f"{', '.join(formats.DEFAULT_EXTENSIONS)})")
     which.add_argument("--all_files", action="store_true",
                        help="every listed file is an input, whatever its name (a file that is not an image gets an "
                        "error record)")
@@ -105,7 +106,7 @@ def parse(argv: list[str] | None):
         raise UsageError(f"--break_lock: {e}") from e
     try:
         extensions = None if args.all_files else (
-            image_formats.DEFAULT_EXTENSIONS if args.extensions is None else parse_extensions(args.extensions))
+            formats.DEFAULT_EXTENSIONS if args.extensions is None else parse_extensions(args.extensions))
     except ValueError as e:
         raise UsageError(f"--extensions {args.extensions!r}: {e}") from e
     config = cli.from_args(

@@ -3,7 +3,7 @@
 The report reads each image again, after the run, when the file at its path may be
 another file (replaced by another format, grown, removed). It goes through the job's own
 reading (core/file_reads.py: uncompressed, capped at --max_file_bytes) and decoding
-(images.decode_image: the formats allow-list, the header pixel guard, no truncated files)
+(images/decoding.py: the formats allow-list, the header pixel guard, no truncated files)
 with the run's settings from its manifest's options, and the job's defaults for what the
 manifest does not record. No format outside the allow-list is tried, so no Pillow plugin
 that starts another program (EPS runs Ghostscript) is reached; a file that fails becomes
@@ -19,14 +19,14 @@ import base64
 import dataclasses
 import io
 
-from batch_caption import images
 from batch_caption.core import file_reads
-from batch_caption.image_formats import is_int
+from batch_caption.images.decoding import DEFAULT_MAX_IMAGE_PIXELS, RESAMPLE, ImageConfig, decode_image
+from batch_caption.images.formats import is_int
 
 # The job's options (JobConfig fields) that decide how it read and decoded an image, and
 # their defaults (the job's own, kept where the job takes them from).
-READ_DEFAULTS = {"max_image_pixels": images.DEFAULT_MAX_IMAGE_PIXELS,
-                 "max_file_bytes": file_reads.DEFAULT_MAX_FILE_BYTES, "draft": images.ImageConfig.draft}
+READ_DEFAULTS = {"max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS,
+                 "max_file_bytes": file_reads.DEFAULT_MAX_FILE_BYTES, "draft": ImageConfig.draft}
 
 
 class FileTooLargeError(Exception):
@@ -37,7 +37,7 @@ class FileTooLargeError(Exception):
 class Decoding:
     """How to read and decode a thumbnail: `image.image_size` is the longest side."""
 
-    image: images.ImageConfig
+    image: ImageConfig
     max_file_bytes: int
 
 
@@ -57,7 +57,7 @@ def _decoding(settings: dict, size: int) -> Decoding:
     max_bytes = settings["max_file_bytes"]
     if not is_int(max_bytes) or max_bytes < 1:
         raise ValueError(f"max_file_bytes must be a positive int, got {max_bytes!r}")
-    image = images.ImageConfig(image_size=size, max_image_pixels=settings["max_image_pixels"],
+    image = ImageConfig(image_size=size, max_image_pixels=settings["max_image_pixels"],
                                draft=settings["draft"])
     return Decoding(image, int(max_bytes))
 
@@ -70,10 +70,10 @@ def thumbnail(path: str, decoding: Decoding) -> tuple[str, int, int]:
     data = file_reads.read_file(path, decoding.max_file_bytes)
     if len(data) > decoding.max_file_bytes:
         raise FileTooLargeError(file_reads.too_large(decoding.max_file_bytes)[1])
-    decoded = images.decode_image(data, decoding.image)
+    decoded = decode_image(data, decoding.image)
     scale = min(1.0, decoding.image.image_size / max(decoded.width, decoded.height))
     width, height = (max(1, round(side * scale)) for side in (decoded.width, decoded.height))
-    img = Image.fromarray(decoded.pixels).resize((width, height), images.RESAMPLE)
+    img = Image.fromarray(decoded.pixels).resize((width, height), RESAMPLE)
     out = io.BytesIO()
     img.save(out, "JPEG", quality=80, optimize=True)
     return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii"), width, height

@@ -309,9 +309,9 @@ def with_search(captioner, **search):
 
 def decode(data: bytes, image_size: int, draft: bool = True):
     """The job's decoding of one file's bytes -> uint8 [S, S, 3]."""
-    from batch_caption import images
+    from batch_caption.images import decoding
 
-    return images.decode_image(data, images.ImageConfig(image_size=image_size, draft=draft)).pixels
+    return decoding.decode_image(data, decoding.ImageConfig(image_size=image_size, draft=draft)).pixels
 
 
 def scene_batch(n: int, size: int):

@@ -33,7 +33,7 @@ def image_dataset(paths: list[str], image_size: int, batch_size: int):
     """(paths, uint8 [B, S, S, 3]) batches."""
     import tensorflow as tf
 
-    from batch_caption.images import DRAFT_REDUCING_GAP
+    from batch_caption.images.decoding import DRAFT_REDUCING_GAP
 
     target = DRAFT_REDUCING_GAP * image_size
 

@@ -66,7 +66,7 @@ def test_the_tf_data_pipeline_captions_every_jpeg_once_from_the_jobs_pixels(tmp_
     import numpy as np
     from PIL import Image
 
-    from batch_caption import images
+    from batch_caption.images import decoding
 
     monkeypatch.syspath_prepend(BENCH)
     import tf_data_pipeline as pipeline
@@ -77,8 +77,8 @@ def test_the_tf_data_pipeline_captions_every_jpeg_once_from_the_jobs_pixels(tmp_
         smooth.save(tmp_path / f"{i}.jpg", quality=90)
     paths = pipeline.jpeg_files(str(tmp_path))
     (named, pixels), = pipeline.image_dataset(paths, 128, 8).as_numpy_iterator()
-    config = images.ImageConfig(image_size=128)
-    job = np.stack([images.decode_image((tmp_path / f"{i}.jpg").read_bytes(), config).pixels for i in range(4)])
+    config = decoding.ImageConfig(image_size=128)
+    job = np.stack([decoding.decode_image((tmp_path / f"{i}.jpg").read_bytes(), config).pixels for i in range(4)])
     assert [p.decode() for p in named] == paths
     assert np.abs(pixels.astype(int) - job).mean() < 0.5
 

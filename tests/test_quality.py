@@ -175,7 +175,8 @@ def _readme_sample_counts() -> dict[str, int]:
 def test_the_readme_says_how_often_each_flag_fires_on_the_scene_samples():
     """With the scenes model, its samples and the job's default settings: the README's
     counts hold, and no sample is cut or flagged repeated."""
-    from batch_caption import images, run
+    from batch_caption import run
+    from batch_caption.images import decoding
     from batch_caption.model.load import load_captioner
 
     scenes_model = bundled.BUNDLED["scenes"]
@@ -183,9 +184,9 @@ def test_the_readme_says_how_often_each_flag_fires_on_the_scene_samples():
     captioner = load_captioner(scenes_model.path, config.decode)
     paths = scenes_model.sample_files()
     assert len(paths) == 8
-    decode = images.ImageConfig(image_size=captioner.image_size, max_image_pixels=config.max_image_pixels,
+    decode = decoding.ImageConfig(image_size=captioner.image_size, max_image_pixels=config.max_image_pixels,
                                 draft=config.draft)
-    pixels = np.stack([images.decode_image(files.read_bytes(p), decode).pixels for p in paths])
+    pixels = np.stack([decoding.decode_image(files.read_bytes(p), decode).pixels for p in paths])
     best = [row[0] for row in captioner.caption(pixels)]
     flags = [caption_flags(c.text, c.score, scenes_model.low_score, c.truncated) for c in best]
     counts = {f: sum(f in fl for fl in flags) for f in quality.FLAGS}

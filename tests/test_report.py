@@ -23,7 +23,8 @@ import pytest
 from helpers import within
 from PIL import Image
 
-from batch_caption import images, report, report_attention
+from batch_caption import report, report_attention
+from batch_caption.images import decoding as image_decoding
 
 EVIL = '<script>alert("x")</script>'
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
@@ -379,7 +380,7 @@ def test_unusable_decoder_options_fall_back_to_the_jobs_defaults(tmp_path):
     decoding, note = thumbnails.run_decoding(None, 64)
     assert note is None and decoding.max_file_bytes == JobConfig.max_file_bytes
     assert (decoding.image.max_image_pixels, decoding.image.draft) == (JobConfig.max_image_pixels, JobConfig.draft)
-    assert decoding.image.formats == images.DEFAULT_FORMATS and "EPS" not in images.DEFAULT_FORMATS
+    assert decoding.image.formats == image_decoding.DEFAULT_FORMATS and "EPS" not in image_decoding.DEFAULT_FORMATS
 
 
 def test_max_images_caps_cards_but_not_errors(run_dir):

@@ -15,7 +15,8 @@ import pytest
 from helpers import varied_images, within
 from PIL import Image
 
-from batch_caption import bundled, images, quality, run
+from batch_caption import bundled, quality, run
+from batch_caption.images import decoding
 from batch_caption.job.config import default_batch_size
 from batch_caption.model.config import DecodeConfig
 from batch_caption.model.load import load_captioner
@@ -170,8 +171,8 @@ def test_job_captions_equal_the_captioners(mixed, in_memory_run, tiny_bundle):
     out, _ = in_memory_run
     captions, _, _ = read_run(os.path.join(out, "run=mem"))
     captioner = load_captioner(tiny_bundle, DecodeConfig())
-    config = images.ImageConfig(image_size=captioner.image_size)
-    pixels = np.stack([images.decode_image(open(p, "rb").read(), config).pixels for p in valid])
+    config = decoding.ImageConfig(image_size=captioner.image_size)
+    pixels = np.stack([decoding.decode_image(open(p, "rb").read(), config).pixels for p in valid])
     direct = {p: row for p, row in zip(valid, captioner.caption(pixels))}
     for r in captions:
         best, *alts = direct[r["path"]]

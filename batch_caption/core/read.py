@@ -18,11 +18,12 @@ from typing import Any, NamedTuple
 
 import apache_beam as beam
 
-from batch_caption import gcs, images, records
+from batch_caption import gcs, records
 from batch_caption.core import file_reads, model_loading
 from batch_caption.core.cpus import available_cpus
 from batch_caption.core.elements import ERRORS, FileData, ImageExample, SourceFile, as_source, counter
 from batch_caption.core.readahead import ReadAheadFn
+from batch_caption.images import decoding
 
 DECODE_THREADS = 2
 DECODE_LOOKAHEAD = 32  # images in flight per DoFn instance; >= the batch size hides decoding
@@ -183,13 +184,13 @@ class _Unchanged(NamedTuple):
 
 class _Undecodable(NamedTuple):
     file: FileData
-    error: images.ImageDecodeError
+    error: decoding.ImageDecodeError
     bytes_read: int
 
 
 class _Decoded(NamedTuple):
     file: FileData
-    image: images.DecodedImage
+    image: decoding.DecodedImage
     size: int  # bytes decoded
     bytes_read: int
 
@@ -205,7 +206,7 @@ class ReadDecodeFn(_FileFn):
     `max_decodes` of them decoding at once (default: the CPU count).
     """
 
-    def __init__(self, image_config: images.ImageConfig, max_file_bytes: int, run_id: str,
+    def __init__(self, image_config: decoding.ImageConfig, max_file_bytes: int, run_id: str,
                  threads: int = DECODE_THREADS, lookahead: int = DECODE_LOOKAHEAD, max_decodes: int | None = None):
         super().__init__(max_file_bytes, run_id, threads, lookahead)
         self._config = image_config
@@ -237,8 +238,8 @@ class ReadDecodeFn(_FileFn):
         without_bytes = FileData(fd.sources, None, fd.sha256)
         try:
             with self._decode_slots:
-                decoded = images.decode_image(fd.data, self._config)
-        except images.ImageDecodeError as e:
+                decoded = decoding.decode_image(fd.data, self._config)
+        except decoding.ImageDecodeError as e:
             # Kept as a value without its traceback and chained errors: their frames lead
             # back to this one, which holds the error (a cycle only the GC frees, keeping
             # the file's bytes alive until then; one made while the first model load has
@@ -298,7 +299,7 @@ class ReadImages(beam.PTransform):
         in-memory DirectRunner).
     """
 
-    def __init__(self, image_config: images.ImageConfig, max_file_bytes: int, run_id: str, dedupe: bool = False,
+    def __init__(self, image_config: decoding.ImageConfig, max_file_bytes: int, run_id: str, dedupe: bool = False,
                  lookahead: int = DECODE_LOOKAHEAD, decode_threads: int = DECODE_THREADS,
                  spread_hashing: bool = True):
         super().__init__()

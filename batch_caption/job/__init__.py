@@ -24,10 +24,11 @@ from collections.abc import Sequence
 
 import apache_beam as beam
 
-from batch_caption import bundled, catalog, images
+from batch_caption import bundled, catalog
 from batch_caption.core import inference
 from batch_caption.core.elements import ERRORS, NAMESPACE, ImageExample, SourceFile
 from batch_caption.core.read import ReadImages
+from batch_caption.images import decoding
 from batch_caption.job.caption import CaptionImages
 from batch_caption.job.config import JobConfig, default_batch_size
 from batch_caption.job.match import MatchImages
@@ -91,7 +92,7 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
         previous_catalog=baseline.catalog_files if baseline else (),
         max_failed_fraction=config.max_failed_fraction,
     )
-    image_config = images.ImageConfig(image_size=image_size, max_image_pixels=config.max_image_pixels, draft=config.draft)
+    image_config = decoding.ImageConfig(image_size=image_size, max_image_pixels=config.max_image_pixels, draft=config.draft)
     handler = inference.CaptionModelHandler(
         bundled.portable(config.model), decode, config.batch_size, config.share_model, config.attention_maps,
         config.runtime)

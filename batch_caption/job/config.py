@@ -7,9 +7,10 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from batch_caption import bundled, files, image_formats, images, records
+from batch_caption import bundled, files, records
 from batch_caption.cli import UsageError, option
 from batch_caption.core import cpus, file_reads
+from batch_caption.images import decoding, formats
 from batch_caption.job.image_files import ImageFiles
 from batch_caption.model.config import MAX_BEAM_SIZE, RUNTIMES, SEARCH_FLAGS, DecodeConfig, in_flag_names
 
@@ -41,13 +42,13 @@ class JobConfig:
     output: str
     model: str
     run_id: str
-    extensions: tuple[str, ...] | None = image_formats.DEFAULT_EXTENSIONS
+    extensions: tuple[str, ...] | None = formats.DEFAULT_EXTENSIONS
     search: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     batch_size: int | None = option(
         None, help="images per model call",
         default_help="default: as many as hold ~2 M pixels at the model's input size, 8 to 128: 128 at 128 px, "
         "41 at 224 px, 23 at 299 px")
-    max_image_pixels: int = option(images.DEFAULT_MAX_IMAGE_PIXELS,
+    max_image_pixels: int = option(decoding.DEFAULT_MAX_IMAGE_PIXELS,
                                    help="decoded pixel limit per image, against decompression bombs",
                                    default_help="default 100M")
     max_file_bytes: int = option(file_reads.DEFAULT_MAX_FILE_BYTES, help="larger files are errors",

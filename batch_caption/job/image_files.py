@@ -13,9 +13,10 @@ import dataclasses
 import os
 import re
 
-from batch_caption import files, image_formats
+from batch_caption import files
+from batch_caption.images import formats
 
-HEAD_BYTES = 32  # what image_formats.sniff looks at
+HEAD_BYTES = 32  # what formats.sniff looks at
 _EXTENSION = re.compile(r"^[a-z0-9][a-z0-9_+-]{0,15}$")
 
 
@@ -51,7 +52,7 @@ class ImageFiles:
     """The listing's filter. extensions: lower case, without the dot; None: every file is
     an input (--all_files)."""
 
-    extensions: tuple[str, ...] | None = image_formats.DEFAULT_EXTENSIONS
+    extensions: tuple[str, ...] | None = formats.DEFAULT_EXTENSIONS
 
     def __post_init__(self):
         if self.extensions is not None:
@@ -61,7 +62,7 @@ class ImageFiles:
     def _formats(self) -> frozenset[str]:
         """The format names whose files are inputs (sniffed in files without an extension)."""
         wanted = set(self.extensions or ())
-        return frozenset(f for f, names in image_formats.EXTENSIONS.items() if wanted & set(names))
+        return frozenset(f for f, names in formats.EXTENSIONS.items() if wanted & set(names))
 
     def by_name(self, path: str) -> bool | None:
         """Whether `path` is an input by its name alone: None when it has no extension
@@ -81,4 +82,4 @@ class ImageFiles:
             head = files.read_head(path, HEAD_BYTES)
         except Exception:  # noqa: BLE001 - unreadable now: an input, whose read says why
             return True
-        return image_formats.sniff(head) in self._formats
+        return formats.sniff(head) in self._formats

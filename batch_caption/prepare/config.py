@@ -14,10 +14,11 @@ import re
 import textwrap
 import time
 
-from batch_caption import cli, files, images, quiet, records
+from batch_caption import cli, files, quiet, records
 from batch_caption.cli import UsageError, option
 from batch_caption.core import file_reads
 from batch_caption.data import scenes, sources
+from batch_caption.images import decoding
 from batch_caption.model.config import DECODERS, DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_SMALL_CNN_GRID, ENCODERS, ModelConfig
 
 SOURCES = ("coco", "karpathy", "flickr8k", "synthetic")
@@ -175,8 +176,8 @@ class PrepareConfig:
         return "features" if self.precompute_features else "images"
 
     @property
-    def image_config(self) -> images.ImageConfig:
-        return images.ImageConfig(image_size=self.image_size, max_image_pixels=self.max_image_pixels)
+    def image_config(self) -> decoding.ImageConfig:
+        return decoding.ImageConfig(image_size=self.image_size, max_image_pixels=self.max_image_pixels)
 
     @property
     def model_config(self) -> ModelConfig:

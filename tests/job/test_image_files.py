@@ -8,7 +8,8 @@ import os
 import pytest
 from PIL import Image
 
-from batch_caption import files, image_formats
+from batch_caption import files
+from batch_caption.images import formats
 from batch_caption.job import image_files
 from batch_caption.job.image_files import ImageFiles, extension_of, parse_extensions
 
@@ -49,18 +50,18 @@ def test_the_extension_is_the_file_names_last_suffix(path, want):
 def test_every_extension_pillow_gives_a_default_format_is_an_input():
     Image.init()
     registered = Image.registered_extensions()
-    for fmt in image_formats.DEFAULT_FORMATS:
+    for fmt in formats.DEFAULT_FORMATS:
         if fmt in Image.OPEN:
             names = {e.lstrip(".") for e, f in registered.items() if f == fmt}
-            assert names <= set(image_formats.EXTENSIONS[fmt]), fmt
-    assert set(image_formats.DEFAULT_EXTENSIONS) == {e for names in image_formats.EXTENSIONS.values() for e in names}
+            assert names <= set(formats.EXTENSIONS[fmt]), fmt
+    assert set(formats.DEFAULT_EXTENSIONS) == {e for names in formats.EXTENSIONS.values() for e in names}
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "ICO"])
 def test_a_file_without_an_extension_is_an_input_when_its_bytes_are_an_image(fmt, tmp_path):
     (tmp_path / "IMG_0001").write_bytes(_encoded(fmt))
     assert ImageFiles().wants(str(tmp_path / "IMG_0001"))
-    assert image_formats.sniff(_encoded(fmt)) in image_formats.EXTENSIONS
+    assert formats.sniff(_encoded(fmt)) in formats.EXTENSIONS
 
 
 def test_by_extension_case_insensitive_and_other_files_unopened(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import numpy as np
 from PIL import ExifTags, Image
 
-from batch_caption.image_errors import DATA_ERRORS, ImageDecodeError, TruncatedImageError, UnsupportedImageError
+from batch_caption.images.errors import DATA_ERRORS, ImageDecodeError, TruncatedImageError, UnsupportedImageError
 
 __all__ = [
     "DEFAULT_EXTENSIONS",

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps, JpegImagePlugin, features
 
-from batch_caption import image_formats, images
-from batch_caption.images import (
+from batch_caption.images import decoding, formats
+from batch_caption.images.decoding import (
     DEFAULT_FORMATS,
     DEFAULT_MAX_IMAGE_PIXELS,
     DRAFT_REDUCING_GAP,
@@ -347,7 +347,7 @@ def test_sixteen_bit_gradient_keeps_ordering_and_range():
 )
 def test_in_memory_only_modes(im, expected):
     # Modes that no writer here produces in a file; test the conversion step.
-    rgb = image_formats.to_rgb(im, WHITE)
+    rgb = formats.to_rgb(im, WHITE)
     assert rgb.mode == "RGB"
     assert_colour(np.asarray(rgb)[4, 4], expected, 1)
 
@@ -399,7 +399,7 @@ def test_exif_orientation(orientation, size, red_corner):
 
     # Same picture as Pillow's exif_transpose followed by the squash.
     with Image.open(io.BytesIO(data)) as im:
-        reference = np.asarray(ImageOps.exif_transpose(im).convert("RGB").resize((40, 40), images.RESAMPLE))
+        reference = np.asarray(ImageOps.exif_transpose(im).convert("RGB").resize((40, 40), decoding.RESAMPLE))
     assert np.abs(p.astype(int) - reference.astype(int)).max() <= 2
 
 

@@ -1,4 +1,4 @@
-"""Every decode is bounded: memory within images.DECODE_BYTES_PER_PIXEL of the pixel
+"""Every decode is bounded: memory within decoding.DECODE_BYTES_PER_PIXEL of the pixel
 limit, hostile headers refused before allocation, and any failure one image's error."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch_caption import images
-from batch_caption.images import ImageConfig, ImageTooLargeError, TruncatedImageError, decode_image
+from batch_caption.images import decoding
+from batch_caption.images.decoding import ImageConfig, ImageTooLargeError, TruncatedImageError, decode_image
 
 LIMIT = 4_000_000  # the pixel limit of the memory tests: a worst case is ~100 MB
 
@@ -51,7 +51,7 @@ def _worst_cases() -> dict[str, bytes]:
     rgba = Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 4), np.uint8), "RGBA")
     grey16 = Image.fromarray(np.arange(side * side, dtype=np.uint16).reshape(side, side) % 60000)
     return {
-        "wide_at_side_limit": _grey_png(images.max_side(LIMIT), LIMIT // images.max_side(LIMIT)),
+        "wide_at_side_limit": _grey_png(decoding.max_side(LIMIT), LIMIT // decoding.max_side(LIMIT)),
         "wide_over_side_limit": _grey_png(LIMIT, 1),
         "float_tiff": _encode(Image.fromarray(np.full((side, side), 0.5, np.float32)), "TIFF", compression="tiff_deflate"),
         "sixteen_bit_with_transparency": _encode(grey16, "PNG", transparency=7),
@@ -65,23 +65,23 @@ def _worst_cases() -> dict[str, bytes]:
 # parent's peak over the exec.
 _MEASURE = textwrap.dedent("""
     import sys
-    from batch_caption import images
+    from batch_caption.images import decoding
 
     def peak():
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
     data = open(sys.argv[1], "rb").read()
-    config = images.ImageConfig(image_size=128, max_image_pixels=int(sys.argv[2]))
+    config = decoding.ImageConfig(image_size=128, max_image_pixels=int(sys.argv[2]))
     try:
-        images.decode_image(open(sys.argv[3], "rb").read(), config)  # warm up: lazy imports
-    except images.ImageDecodeError:
+        decoding.decode_image(open(sys.argv[3], "rb").read(), config)  # warm up: lazy imports
+    except decoding.ImageDecodeError:
         pass
     before = peak()
     try:
-        images.decode_image(data, config)
+        decoding.decode_image(data, config)
         outcome = "decoded"
-    except images.ImageDecodeError as e:
+    except decoding.ImageDecodeError as e:
         outcome = type(e).__name__
     print(outcome, peak() - before)
 """)
@@ -99,7 +99,7 @@ def test_the_worst_cases_decode_within_the_stated_memory(tmp_path):
                              capture_output=True, text=True, timeout=120, env=env, check=True).stdout.split()
         outcomes[name] = out[0]
         # The growth of the peak over the peak before is what the decode took.
-        assert int(out[1]) <= images.DECODE_BYTES_PER_PIXEL * LIMIT, (name, int(out[1]) / LIMIT)
+        assert int(out[1]) <= decoding.DECODE_BYTES_PER_PIXEL * LIMIT, (name, int(out[1]) / LIMIT)
     assert outcomes == {
         "wide_at_side_limit": "decoded", "wide_over_side_limit": "ImageTooLargeError", "float_tiff": "decoded",
         "sixteen_bit_with_transparency": "decoded", "rgba": "decoded", "ico_lying_under_limit": "decoded",
@@ -111,8 +111,8 @@ def test_an_extreme_aspect_ratio_under_the_pixel_limit_is_refused_from_the_heade
     data = _grey_png(99_999_999, 1)  # the ~97 KB file that took 3.2 GB to resize
     with pytest.raises(ImageTooLargeError, match="99999999x1.*a side of 99,999,999 pixels"):
         decode_image(data, ImageConfig(image_size=128))
-    assert images.max_side(images.DEFAULT_MAX_IMAGE_PIXELS) == 12_500_000
-    assert images.max_side(100) == 1 << 16  # small limits still take ordinary images
+    assert decoding.max_side(decoding.DEFAULT_MAX_IMAGE_PIXELS) == 12_500_000
+    assert decoding.max_side(100) == 1 << 16  # small limits still take ordinary images
 
 
 def test_an_icon_is_refused_by_what_its_image_says_not_its_directory():
@@ -127,7 +127,7 @@ def test_the_float_conversion_gives_the_pixels_it_gave_before():
     rows = np.repeat(values, 3000, axis=0)  # more rows than one conversion block holds
     out = decode_image(_encode(Image.fromarray(rows), "TIFF"), ImageConfig(image_size=4))
     grey = np.rint(np.clip(np.nan_to_num(rows.astype(np.float64) * 255.0, nan=0.0, posinf=255.0, neginf=0.0), 0, 255))
-    expected = images.resize_pixels(grey.astype(np.uint8), 4)
+    expected = decoding.resize_pixels(grey.astype(np.uint8), 4)
     assert np.array_equal(out.pixels, expected)
 
 

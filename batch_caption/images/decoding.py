@@ -38,7 +38,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from batch_caption.image_errors import (
+from batch_caption.images.errors import (
     BOMB_ERRORS,
     DATA_ERRORS,
     EmptyImageError,
@@ -50,7 +50,7 @@ from batch_caption.image_errors import (
     load_error,
     reason,
 )
-from batch_caption.image_formats import (
+from batch_caption.images.formats import (
     DEFAULT_FORMATS,
     DRAFT_FORMATS,
     TRANSPOSE,
