@@ -27,7 +27,7 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
-from batch_caption import bundled, gcs, quiet, records
+from batch_caption import bundled, quiet, records
 from batch_caption.core import file_reads
 from batch_caption.core.cpus import available_cpus
 from batch_caption.core.elements import ERRORS, ImageExample
@@ -37,6 +37,7 @@ from batch_caption.images import decoding
 from batch_caption.job.caption import CaptionImages
 from batch_caption.job.config import default_batch_size
 from batch_caption.model.config import SEARCH_FLAGS, DecodeConfig
+from batch_caption.storage import gcs
 
 quiet.quiet_library()  # none of the imports above loads TensorFlow: its first import is held
 

@@ -39,8 +39,9 @@ import sys
 import time
 from typing import Any, Iterator
 
-from batch_caption import catalog, cli, files, gcs, quiet, records, report_attention, thumbnails
+from batch_caption import catalog, cli, quiet, records, report_attention, thumbnails
 from batch_caption.cli import UsageError
+from batch_caption.storage import files, gcs
 
 REPORT_NAME = "report.html"
 DEFAULT_MAX_IMAGES = 2000

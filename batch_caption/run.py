@@ -22,7 +22,7 @@ import logging
 import sys
 import time
 
-from batch_caption import bundled, cli, gcs, lock, quiet, runs
+from batch_caption import bundled, cli, quiet
 from batch_caption.cli import UsageError
 from batch_caption.core.elements import NAMESPACE
 from batch_caption.images import formats
@@ -32,6 +32,7 @@ from batch_caption.job.image_files import parse_extensions
 from batch_caption.job.preflight import check_model, check_output, check_remote_paths, resolve_inputs
 from batch_caption.model.config import DecodeConfig, given_search_flags
 from batch_caption.model.registry import DECODERS
+from batch_caption.storage import gcs, lock, run_dirs
 
 EXIT_TOO_MANY_FAILED = 3
 _log = logging.getLogger(__name__)
@@ -180,10 +181,10 @@ def _run_locked(config: JobConfig, options, model_id: str, model_config, single_
         _log.warning("removed %d temporary files that failed runs left under %s", removed, config.output)
     check_output(config)  # nothing of an earlier attempt is deleted for a run that cannot start
     try:
-        earlier = runs.complete_runs(config.output, other_than=config.run_id)
-        baseline = runs.baseline(earlier) if config.incremental else None
-        runs.release_latest(config.output, config.run_id, earlier)
-        runs.clear_run_dir(config.run_dir)
+        earlier = run_dirs.complete_runs(config.output, other_than=config.run_id)
+        baseline = run_dirs.baseline(earlier) if config.incremental else None
+        run_dirs.release_latest(config.output, config.run_id, earlier)
+        run_dirs.clear_run_dir(config.run_dir)
     except (OSError, ValueError) as e:  # BeamIOError is an OSError
         raise UsageError(f"--output {config.output}: cannot read or clear the earlier runs there: {e}") from e
     started = time.time()
@@ -199,9 +200,9 @@ def _run_locked(config: JobConfig, options, model_id: str, model_config, single_
         progress.follow(result, job_metrics, progress.reporter())  # a remote job: from its counters
     finally:
         progress.reporter().close()
-    manifest = runs.read_run(config.run_dir).manifest
+    manifest = run_dirs.read_run(config.run_dir).manifest
     if not manifest.get("rejected"):
-        runs.point_latest(config.output, config.run_id)  # the run is complete: LATEST names it
+        run_dirs.point_latest(config.output, config.run_id)  # the run is complete: LATEST names it
     manifest["elapsed_seconds"] = round(time.time() - started, 3)
     manifest["metrics"] = job_metrics(result)
     return manifest

@@ -52,7 +52,7 @@ def gcs_emulator():
             time.sleep(0.2)
     old = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = host
-    from batch_caption import gcs
+    from batch_caption.storage import gcs
 
     gcs.configure_for_emulator()
     try:

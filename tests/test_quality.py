@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from batch_caption import bundled, files, quality, records
+from batch_caption import bundled, quality, records
 from batch_caption.data import scenes
 from batch_caption.model import vocab as V
 from batch_caption.model.beam_search import beam_search
 from batch_caption.model.captioner import Caption, Captioner
 from batch_caption.model.config import DecodeConfig
 from batch_caption.quality import caption_flags
+from batch_caption.storage import files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 
-from batch_caption import files
+from batch_caption.storage import files
 
 READ_CHUNK_BYTES = 1 << 20
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024  # --max_file_bytes of the job and of prepare

@@ -18,12 +18,13 @@ from typing import Any, NamedTuple
 
 import apache_beam as beam
 
-from batch_caption import gcs, records
+from batch_caption import records
 from batch_caption.core import file_reads, model_loading
 from batch_caption.core.cpus import available_cpus
 from batch_caption.core.elements import ERRORS, FileData, ImageExample, SourceFile, as_source, counter
 from batch_caption.core.readahead import ReadAheadFn
 from batch_caption.images import decoding
+from batch_caption.storage import gcs
 
 DECODE_THREADS = 2
 DECODE_LOOKAHEAD = 32  # images in flight per DoFn instance; >= the batch size hides decoding

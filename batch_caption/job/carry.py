@@ -14,8 +14,9 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
-from batch_caption import catalog, gcs
+from batch_caption import catalog
 from batch_caption.core.elements import CatalogRef, SourceFile, counter
+from batch_caption.storage import gcs
 
 # BuildCatalog's outputs, the catalog's rows by where they come from.
 ROWS = ("captioned_rows", "carried_rows", "failed_rows", "inline_rows")

@@ -7,12 +7,13 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from batch_caption import bundled, files, records
+from batch_caption import bundled, records
 from batch_caption.cli import UsageError, option
 from batch_caption.core import cpus, file_reads
 from batch_caption.images import decoding, formats
 from batch_caption.job.image_files import ImageFiles
 from batch_caption.model.config import MAX_BEAM_SIZE, RUNTIMES, SEARCH_FLAGS, DecodeConfig, in_flag_names
+from batch_caption.storage import files
 
 # Local reads are cheap, so local inputs get one thread per CPU: more threads than cores
 # gain nothing, fewer leave cores idle where decoding is the bottleneck (large photos).

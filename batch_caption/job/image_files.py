@@ -13,8 +13,8 @@ import dataclasses
 import os
 import re
 
-from batch_caption import files
 from batch_caption.images import formats
+from batch_caption.storage import files
 
 HEAD_BYTES = 32  # what formats.sniff looks at
 _EXTENSION = re.compile(r"^[a-z0-9][a-z0-9_+-]{0,15}$")

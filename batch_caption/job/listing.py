@@ -21,8 +21,8 @@ import re
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from batch_caption import files, gcs
 from batch_caption.core.elements import SourceFile
+from batch_caption.storage import files, gcs
 
 _GCS_TREE = re.compile(r"^gs://(?P<bucket>[^/*?\[]+)/(?P<prefix>[^*?\[]*)\*\*$")
 

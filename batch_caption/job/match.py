@@ -12,10 +12,11 @@ import stat
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from batch_caption import files, gcs, progress, records
+from batch_caption import progress, records
 from batch_caption.core.elements import ERRORS, SourceFile, counter, path_key
 from batch_caption.job import listing
 from batch_caption.job.image_files import ImageFiles
+from batch_caption.storage import files, gcs
 
 _GLOB_CHARS = frozenset("*?[")
 

@@ -11,9 +11,10 @@ import os
 import stat
 from typing import Any
 
-from batch_caption import bundled, files
+from batch_caption import bundled
 from batch_caption.cli import UsageError
 from batch_caption.job.config import JobConfig
+from batch_caption.storage import files
 
 _GLOB_CHARS = set("*?[")
 

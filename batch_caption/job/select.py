@@ -34,10 +34,11 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 import numpy as np
 
-from batch_caption import catalog, gcs, progress
+from batch_caption import catalog, progress
 from batch_caption.core.elements import CatalogRef, SourceFile, counter, path_key
 from batch_caption.job.match import best_known
 from batch_caption.job.tallies import TAG, TallyFn
+from batch_caption.storage import gcs
 
 BATCH_FILES = 4096  # files per element on the listing side of the join
 

@@ -19,7 +19,8 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from batch_caption import catalog, files, gcs, records
+from batch_caption import catalog, records
+from batch_caption.storage import files, gcs
 
 TEMP_DIR_NAME = "_temporary"  # readers skip it: it never matches KIND-*
 

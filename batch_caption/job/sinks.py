@@ -27,10 +27,11 @@ from typing import Any
 
 import apache_beam as beam
 
-from batch_caption import catalog, files
+from batch_caption import catalog
 from batch_caption.core.elements import ERRORS
 from batch_caption.job.carry import ROWS
 from batch_caption.job.shards import FORMATS, WriteShardFn, publish_shards, temp_dir_of
+from batch_caption.storage import files
 
 
 @dataclasses.dataclass(frozen=True)

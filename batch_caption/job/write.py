@@ -18,12 +18,13 @@ from typing import Any
 
 import apache_beam as beam
 
-from batch_caption import files, gcs, progress, quality, records
+from batch_caption import progress, quality, records
 from batch_caption.core.elements import ERRORS
 from batch_caption.job.carry import BuildCatalog
 from batch_caption.job.shards import remove_temp_dir
 from batch_caption.job.sinks import Sink, run_sinks
 from batch_caption.job.tallies import count, each
+from batch_caption.storage import files, gcs
 
 
 @dataclasses.dataclass(frozen=True)

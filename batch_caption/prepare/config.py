@@ -14,12 +14,13 @@ import re
 import textwrap
 import time
 
-from batch_caption import cli, files, quiet, records
+from batch_caption import cli, quiet, records
 from batch_caption.cli import UsageError, option
 from batch_caption.core import file_reads
 from batch_caption.data import scenes, sources
 from batch_caption.images import decoding
 from batch_caption.model.config import DECODERS, DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_SMALL_CNN_GRID, ENCODERS, ModelConfig
+from batch_caption.storage import files
 
 SOURCES = ("coco", "karpathy", "flickr8k", "synthetic")
 DEFAULT_SYNTHETIC_COUNTS = "train=4000,val=200,test=500,compositional=500"

@@ -8,8 +8,8 @@ import io
 import pytest
 from helpers import special_files, within
 
-from batch_caption import files
 from batch_caption.core import file_reads
+from batch_caption.storage import files
 
 _FILE = (bytes(range(256)) * 12)[:3000]
 

@@ -8,10 +8,10 @@ import os
 import pytest
 from PIL import Image
 
-from batch_caption import files
 from batch_caption.images import formats
 from batch_caption.job import image_files
 from batch_caption.job.image_files import ImageFiles, extension_of, parse_extensions
+from batch_caption.storage import files
 
 
 def _encoded(fmt: str) -> bytes:

@@ -84,7 +84,7 @@ def test_which_patterns_are_trees(tmp_path):
 
 
 def test_a_bucket_prefix_is_listed_by_sub_prefix_without_placeholders(gcs_emulator):
-    from batch_caption import gcs
+    from batch_caption.storage import gcs
 
     bucket = gcs.client().bucket(gcs_emulator)
     for name in ("tree/top.png", "tree/x/", "tree/x/one.png", "tree/x/y/two.png", "tree/z/three.png"):

@@ -9,9 +9,8 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from PIL import Image
-
 from helpers import special_files, within
+from PIL import Image
 
 from batch_caption.job import ERRORS, MatchImages
 
@@ -120,7 +119,7 @@ def test_files_named_one_by_one_are_inputs_whatever_their_names(tmp_path):
 
 
 def test_a_bucket_prefix_gives_its_image_objects_and_skips_the_rest(gcs_emulator):
-    from batch_caption import gcs
+    from batch_caption.storage import gcs
 
     bucket = gcs.client().bucket(gcs_emulator)
     objects = {"filtered/a.PNG": _png(), "filtered/x/IMG_0002": _png(), "filtered/x/notes.txt": b"n",

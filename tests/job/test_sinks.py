@@ -11,9 +11,9 @@ import uuid
 import apache_beam as beam
 import pytest
 
-from batch_caption import files, records, runs
-from batch_caption.job import ERRORS, RunInfo, Sink, WriteRun, build_pipeline
-from batch_caption.job import carry, shards, sinks
+from batch_caption import records
+from batch_caption.job import ERRORS, RunInfo, Sink, WriteRun, build_pipeline, carry, shards, sinks
+from batch_caption.storage import files, run_dirs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,7 @@ def _write_run(run_dir, extra):
             "tallies": p | "Tallies" >> beam.Create([(("matched", ""), 4)]),
         }
         outputs | WriteRun(info, sinks=extra)
-    return runs.read_run(run_dir).manifest
+    return run_dirs.read_run(run_dir).manifest
 
 
 def test_an_extra_sink_writes_beside_the_runs_own_and_the_manifest_names_all(tmp_path):
@@ -116,7 +116,7 @@ def test_the_job_takes_extra_sinks(tiny_bundle, tmp_path):
     model_id, model_config, _ = check_model(config.model)
     with beam.Pipeline(options=options) as p:
         build_pipeline(p, config, model_id, model_config.image_size, True, sinks=[Summary("summary", config.run_dir)])
-    manifest = runs.read_run(config.run_dir).manifest
+    manifest = run_dirs.read_run(config.run_dir).manifest
     assert manifest["files"]["summary"] == ["summary.json"] and manifest["counts"]["captioned"] == 2
     assert json.loads(files.read_bytes(os.path.join(config.run_dir, "summary.json"))) == {"captions": 2}
 

@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import caption_record, write_catalog
 
-from batch_caption import catalog, quality, records, runs
+from batch_caption import catalog, quality, records
 from batch_caption.core.elements import CatalogRef, SourceFile
 from batch_caption.job import ERRORS, RunInfo, Sink, WriteRun, shards, write
+from batch_caption.storage import run_dirs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +100,7 @@ def _write(run_dir, report=False, previous_catalog=(), **given):
     with beam.Pipeline() as p:
         outputs = {k: p | f"Given{k.title()}" >> beam.Create(given.get(k, [])) for k in keys}
         outputs | WriteRun(info, report_progress=report)
-    return runs.read_run(run_dir)
+    return run_dirs.read_run(run_dir)
 
 
 def test_an_empty_run_writes_empty_shards_an_empty_catalog_and_zero_counts(tmp_path):

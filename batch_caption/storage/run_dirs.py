@@ -19,7 +19,8 @@ import json
 import logging
 from typing import Any
 
-from batch_caption import catalog, files, records
+from batch_caption import catalog, records
+from batch_caption.storage import files
 
 LATEST_NAME = "LATEST"
 _log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from batch_caption import files, lock
-from batch_caption.lock import LOCK_NAME, Holder, LockHeld, OutputLock, parse_age
+from batch_caption.storage import files, lock
+from batch_caption.storage.lock import LOCK_NAME, Holder, LockHeld, OutputLock, parse_age
 
 
 class Clock:

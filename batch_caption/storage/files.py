@@ -81,7 +81,7 @@ def basename(path: str) -> str:
 def _filesystems():
     from apache_beam.io.filesystems import FileSystems
 
-    from batch_caption import gcs
+    from batch_caption.storage import gcs
 
     gcs.configure_for_emulator()
     return FileSystems
@@ -104,7 +104,7 @@ def read_head(path: str, n: int) -> bytes:
             return f.read(n)
     from google.api_core.exceptions import RequestRangeNotSatisfiable
 
-    from batch_caption import gcs
+    from batch_caption.storage import gcs
 
     bucket, _, name = path[len("gs://"):].partition("/")
     try:

@@ -36,7 +36,7 @@ import time
 import uuid
 from typing import Callable
 
-from batch_caption import files, gcs
+from batch_caption.storage import files, gcs
 
 LOCK_NAME = "_LOCK"
 _log = logging.getLogger(__name__)

@@ -14,9 +14,10 @@ import pytest
 from google.auth.exceptions import DefaultCredentialsError
 from helpers import evaluate_main
 
-from batch_caption import gcs, prepare, report, run, train
+from batch_caption import prepare, report, run, train
+from batch_caption.storage import gcs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture
