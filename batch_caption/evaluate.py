@@ -35,7 +35,7 @@ from typing import Any
 
 from batch_caption import cli, quiet
 from batch_caption.storage import files, gcs
-from batch_caption.coco_metrics import (ALL_METRICS, DEFAULT_TIMEOUT_S, METRIC_NAMES, METRIC_NOTES, TOKENIZERS,
+from batch_caption.evaluation.metrics import (ALL_METRICS, DEFAULT_TIMEOUT_S, METRIC_NAMES, METRIC_NOTES, TOKENIZERS,
                                         EvaluationError, check_metrics, needs_java, require_java,
                                         require_pycocoevalcap, score_captions, tokenize)
 

@@ -14,7 +14,8 @@ import pytest
 from google.auth.exceptions import DefaultCredentialsError
 from helpers import evaluate_main
 
-from batch_caption import prepare, report, run, train
+from batch_caption import prepare, run, train
+from batch_caption.report import page
 from batch_caption.storage import gcs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -82,7 +83,7 @@ def test_a_lookup_that_hangs_counts_as_none_found(monkeypatch):
     (prepare.main, ["--source", "synthetic", "--output", "gs://bucket/data"]),
     (train.main, ["--data", "gs://bucket/data", "--output", "out"]),
     (evaluate_main, ["--captions", "gs://bucket/run=1/", "--references", "refs.json", "--tokenizer", "none"]),
-    (report.main, ["gs://bucket/captions/run=1"]),
+    (page.main, ["gs://bucket/captions/run=1"]),
 ], ids=["run-input", "run-output", "prepare", "train", "evaluate", "report"])
 def test_every_entry_point_stops_in_one_line_before_any_work(main, argv, no_credentials, tmp_path, capsys,
                                                              monkeypatch):

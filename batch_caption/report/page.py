@@ -14,7 +14,7 @@ self-contained page (default ``RUN_DIR/report.html``):
   that fails the card says why), the caption and its score, the alternatives with theirs,
   quality flags when the record has them, size and path; with the record's attention
   maps (--attention_maps), a grid over the thumbnail showing the map of the caption's
-  hovered or focused word (see :mod:`batch_caption.report_attention`);
+  hovered or focused word (see :mod:`batch_caption.report.overlay`);
 * a table with every error record (path, stage, error, message).
 
 The page loads nothing: no scripts, fonts or remote images; a Content-Security-Policy
@@ -39,8 +39,9 @@ import sys
 import time
 from typing import Any, Iterator
 
-from batch_caption import catalog, cli, quiet, records, report_attention, thumbnails
+from batch_caption import catalog, cli, quiet, records
 from batch_caption.cli import UsageError
+from batch_caption.report import overlay, thumbnails
 from batch_caption.storage import files, gcs
 
 REPORT_NAME = "report.html"
@@ -222,17 +223,17 @@ def _header(run_dir: str, manifest: dict | None, problem: str | None, n_captions
 
 
 def _card(record: dict, thumb: tuple[str, int, int] | str,
-          attention: report_attention.Attention | None = None) -> str:
+          attention: overlay.Attention | None = None) -> str:
     path = record["path"]
     out = [f'<article class="card" data-path="{_e(path)}">']
     attention = attention if isinstance(thumb, tuple) else None  # nothing to lay a map over
     if isinstance(thumb, tuple):
         uri, w, h = thumb
         img = f'<img class="thumb" src="{_e(uri)}" width="{w}" height="{h}" alt="{_e(path)}">'
-        out.append(f'<div class="attn">{img}{report_attention.overlay(attention)}</div>' if attention else img)
+        out.append(f'<div class="attn">{img}{overlay.overlay(attention)}</div>' if attention else img)
     else:
         out.append(f'<p class="missing">image unavailable: {_e(thumb)}</p>')
-    caption = report_attention.caption_words(attention) if attention else _e(record.get("caption", ""))
+    caption = overlay.caption_words(attention) if attention else _e(record.get("caption", ""))
     out.append(f'<p class="caption">{caption}</p>')
     out.append(f'<p class="score">score <span class="value">{_e(_number(record.get("score")))}</span>'
                f' (log-prob {_e(_number(record.get("logprob")))})</p>')
@@ -291,7 +292,7 @@ def render(run_dir: str, thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE,
         notes.append(unusable)
     with concurrent.futures.ThreadPoolExecutor(max_workers=_THREADS) as pool:
         thumbs = list(pool.map(lambda r: thumbnails.safe_thumbnail(r["path"], decoding), shown))
-    attentions = [report_attention.parse(r) for r in shown]
+    attentions = [overlay.parse(r) for r in shown]
     max_words = max((len(a.words) for a in attentions if a), default=0)
 
     title = f"Captions: {(manifest or {}).get('run_id') or run_dir}"
@@ -300,7 +301,7 @@ def render(run_dir: str, thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE,
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
             '<meta name="referrer" content="no-referrer">',
             f"<title>{_e(title)}</title>",
-            f"<style>{_CSS}{report_attention.css(max_words) if max_words else ''}</style></head>", "<body>"]
+            f"<style>{_CSS}{overlay.css(max_words) if max_words else ''}</style></head>", "<body>"]
     page += _header(run_dir, manifest, problem, captions.count, errors_in.count, notes)
     page.append(f'<section id="captions"><h2>Captions ({captions.count:,})</h2>')
     if captions.count > len(shown):
@@ -372,6 +373,3 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.buffer.flush()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

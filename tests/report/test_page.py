@@ -23,8 +23,9 @@ import pytest
 from helpers import within
 from PIL import Image
 
-from batch_caption import report, report_attention
 from batch_caption.images import decoding as image_decoding
+from batch_caption.report import overlay
+from batch_caption.report import page as report_page
 
 EVIL = '<script>alert("x")</script>'
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
@@ -184,7 +185,7 @@ def _decode_data_uri(uri):
 
 def test_default_output_counts_cards_and_errors(run_dir):
     run_dir, captions, errors = run_dir
-    out = report.run([run_dir])
+    out = report_page.run([run_dir])
     assert out == os.path.join(run_dir, "report.html")
     page = open(out, encoding="utf-8").read()
     dom = parse(page)
@@ -215,7 +216,7 @@ def test_default_output_counts_cards_and_errors(run_dir):
 
 def test_everything_is_escaped_and_nothing_is_loaded(run_dir):
     run_dir, captions, _ = run_dir
-    page = open(report.run([run_dir, "--output", os.path.join(run_dir, "r.html")]), encoding="utf-8").read()
+    page = open(report_page.run([run_dir, "--output", os.path.join(run_dir, "r.html")]), encoding="utf-8").read()
     low = page.lower()
     assert "<script" not in low and "<img src=x" not in low and "<b>" not in low and "<i>" not in low
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &quot;double&quot; &#x27;single&#x27;" in page
@@ -237,7 +238,7 @@ def test_everything_is_escaped_and_nothing_is_loaded(run_dir):
 
 def test_thumbnails_and_an_image_that_is_gone(run_dir):
     run_dir, captions, _ = run_dir
-    dom = parse(open(report.run([run_dir, "--thumbnail_size", "40"]), encoding="utf-8").read())
+    dom = parse(open(report_page.run([run_dir, "--thumbnail_size", "40"]), encoding="utf-8").read())
     cards = _cards(dom)
     for record, colour in zip(captions[:3], COLOURS.values()):
         img = cards[record["path"]].find("img", "thumb")
@@ -293,7 +294,7 @@ def _one_image_run(root, options=None):
 
 
 def _card(run_dir, photo):
-    return _cards(parse(open(report.run([run_dir]), encoding="utf-8").read()))[photo]
+    return _cards(parse(open(report_page.run([run_dir]), encoding="utf-8").read()))[photo]
 
 
 def _card_note(run_dir, photo):
@@ -370,11 +371,11 @@ def test_thumbnails_keep_the_runs_limits(tmp_path, options, error):
 
 
 def test_unusable_decoder_options_fall_back_to_the_jobs_defaults(tmp_path):
-    from batch_caption import thumbnails
     from batch_caption.job.config import JobConfig
+    from batch_caption.report import thumbnails
 
     run_dir, photo = _one_image_run(str(tmp_path), {"max_image_pixels": "many"})
-    dom = parse(open(report.run([run_dir]), encoding="utf-8").read())
+    dom = parse(open(report_page.run([run_dir]), encoding="utf-8").read())
     assert _cards(dom)[photo].find("img", "thumb") is not None
     assert any("decoder options are not usable" in n.text() for n in dom.find_all("p", "note"))
     decoding, note = thumbnails.run_decoding(None, 64)
@@ -385,19 +386,19 @@ def test_unusable_decoder_options_fall_back_to_the_jobs_defaults(tmp_path):
 
 def test_max_images_caps_cards_but_not_errors(run_dir):
     run_dir, captions, errors = run_dir
-    dom = parse(open(report.run([run_dir, "--max_images", "2"]), encoding="utf-8").read())
+    dom = parse(open(report_page.run([run_dir, "--max_images", "2"]), encoding="utf-8").read())
     assert [c.attrs["data-path"] for c in dom.find_all("article", "card")] == sorted(r["path"] for r in captions)[:2]
     assert "first 2 of 5" in dom.find("p", "truncated").text()
     assert len(dom.find_all("tr", "error-row")) == len(errors)
-    dom = parse(open(report.run([run_dir, "--max_images", "0"]), encoding="utf-8").read())
+    dom = parse(open(report_page.run([run_dir, "--max_images", "0"]), encoding="utf-8").read())
     assert dom.find_all("article", "card") == [] and "first 0 of 5" in dom.find("p", "truncated").text()
-    dom = parse(open(report.run([run_dir]), encoding="utf-8").read())
+    dom = parse(open(report_page.run([run_dir]), encoding="utf-8").read())
     assert dom.find("p", "truncated") is None
 
 
 def test_no_manifest_still_renders(tmp_path):
     run_dir, captions, errors = make_run(str(tmp_path), manifest=False)
-    dom = parse(open(report.run([run_dir]), encoding="utf-8").read())
+    dom = parse(open(report_page.run([run_dir]), encoding="utf-8").read())
     assert dom.find("p", "incomplete").text() == "incomplete run: no manifest"
     assert dom.find(cls="run-id").text() == "r1"  # from the directory name
     assert len(dom.find_all("article", "card")) == len(captions)
@@ -409,18 +410,18 @@ def test_bad_lines_and_count_mismatch_are_noted(run_dir):
     with open(os.path.join(run_dir, "captions-00000-of-00001.jsonl"), "a") as f:
         f.write("not json\n[1, 2]\n")
     os.remove(os.path.join(run_dir, "errors-00000-of-00001.jsonl"))
-    notes = [n.text() for n in parse(open(report.run([run_dir]), encoding="utf-8").read()).find_all("p", "note")]
+    notes = [n.text() for n in parse(open(report_page.run([run_dir]), encoding="utf-8").read()).find_all("p", "note")]
     assert "2 line(s) in the caption files are not caption records and were skipped" in notes
     assert "the manifest counts 3 failed but the files hold 0 records" in notes
 
 
 def test_missing_run_dir_and_bad_flags_exit_2(tmp_path, capsys):
-    assert report.main([str(tmp_path / "nope")]) == 2
+    assert report_page.main([str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("batch_caption.report: error: run directory ") and err.count("\n") == 1
-    assert report.main([str(tmp_path), "--thumbnail_size", "5"]) == 2
-    assert report.main([str(tmp_path), "--max_images", "x"]) == 2
-    assert report.main([]) == 2
+    assert report_page.main([str(tmp_path), "--thumbnail_size", "5"]) == 2
+    assert report_page.main([str(tmp_path), "--max_images", "x"]) == 2
+    assert report_page.main([]) == 2
     assert all(line.startswith("batch_caption.report: error: ") for line in capsys.readouterr().err.splitlines())
 
 
@@ -444,13 +445,13 @@ def test_gcs_run_dir(gcs_emulator, tmp_path):
     for name in os.listdir(local):
         bucket.blob(f"report-test/run=r1/{name}").upload_from_filename(os.path.join(local, name))
     gs_run = f"gs://{gcs_emulator}/report-test/run=r1"
-    assert report.run([gs_run]) == f"{gs_run}/report.html"
+    assert report_page.run([gs_run]) == f"{gs_run}/report.html"
     dom = parse(bucket.blob("report-test/run=r1/report.html").download_as_text())
     cards = _cards(dom)
     assert sorted(cards) == sorted(r["path"] for r in captions)
     assert len(dom.find_all("tr", "error-row")) == len(errors)
     assert cards[captions[0]["path"]].find("img", "thumb") is not None  # read from gs://
-    assert report.main([f"gs://{gcs_emulator}/report-test/run=nope"]) == 2
+    assert report_page.main([f"gs://{gcs_emulator}/report-test/run=nope"]) == 2
 
 
 # --- a real browser --------------------------------------------------------------------
@@ -500,7 +501,7 @@ def _headless(chromium, tmp_path, url, *args, timeout=60):
 
 def test_in_a_real_browser(chromium, run_dir, tmp_path):
     run_dir, captions, errors = run_dir
-    page = report.run([run_dir, "--thumbnail_size", "64"])
+    page = report_page.run([run_dir, "--thumbnail_size", "64"])
     url = pathlib.Path(page).as_uri()
 
     # The DOM the browser built from the page.
@@ -574,7 +575,7 @@ def test_attention_overlay_cells_and_word_maps(run_dir):
     evil_words = captions[3]["caption"].split()  # markup and quotes, as words
     evil = {"grid": [1, 1], "words": evil_words, "percent": [[100]] * len(evil_words)}
     _with_attention(run_dir, {captions[0]["path"]: red, captions[3]["path"]: evil})
-    page = open(report.run([run_dir]), encoding="utf-8").read()
+    page = open(report_page.run([run_dir]), encoding="utf-8").read()
     assert "<script" not in page.lower() and ".w3:hover" in page and ".w4:hover" not in page
     cards = _cards(parse(page))
 
@@ -589,7 +590,7 @@ def test_attention_overlay_cells_and_word_maps(run_dir):
         assert props == {f"--p{w}": str(row[c]) for w, row in enumerate(red["percent"])}
     scales = _custom_properties(grid)  # each word's strongest cell is drawn at MAX_OPACITY
     assert {k: float(v) for k, v in scales.items()} == pytest.approx(
-        {f"--s{w}": report_attention.MAX_OPACITY / max(row) for w, row in enumerate(red["percent"])}, rel=1e-3)
+        {f"--s{w}": overlay.MAX_OPACITY / max(row) for w, row in enumerate(red["percent"])}, rel=1e-3)
     words = card.find("p", "caption").find_all("span", "word")
     assert [(w.text(), w.attrs["tabindex"]) for w in words] == [("a", "0"), ("red", "0"), ("square", "0")]
     assert [f"w{i}" in w.classes for i, w in enumerate(words)] == [True] * 3
@@ -607,8 +608,8 @@ def test_attention_words_keep_the_captions_punctuation(tmp_path):
     record = {"caption": "a dog, on grass.",
               "attention": {"grid": [1, 2], "words": ["a", "dog", ",", "on", "grass", "."],
                             "percent": [[40, 60]] * 6}}
-    attention = report_attention.parse(record)
-    words = parse(f"<p>{report_attention.caption_words(attention)}</p>").find("p")
+    attention = overlay.parse(record)
+    words = parse(f"<p>{overlay.caption_words(attention)}</p>").find("p")
     assert words.text() == "a dog, on grass."
     assert [w.text() for w in words.find_all("span", "word")] == ["a", "dog", ",", "on", "grass", "."]
 
@@ -639,12 +640,12 @@ def test_malformed_attention_is_ignored(run_dir, bad):
     """A card with malformed attention is byte for byte the card without it."""
     run_dir, captions, _ = run_dir
     blue = captions[2]["path"]
-    page = report.run([run_dir])
+    page = report_page.run([run_dir])
     plain = open(page, encoding="utf-8").read()
     _with_attention(run_dir, {blue: bad})
-    assert report_attention.parse({"caption": "a blue square", "attention": bad}) is None
-    assert report_attention.parse({"caption": "a blue square", "attention": GOOD_ATTENTION}) is not None
-    got = open(report.run([run_dir]), encoding="utf-8").read()
+    assert overlay.parse({"caption": "a blue square", "attention": bad}) is None
+    assert overlay.parse({"caption": "a blue square", "attention": GOOD_ATTENTION}) is not None
+    got = open(report_page.run([run_dir]), encoding="utf-8").read()
     footer = '<footer><p class="meta">Generated by batch_caption.report at '
     assert got.split(footer)[0] == plain.split(footer)[0]
 
@@ -656,7 +657,7 @@ def test_attention_overlay_in_a_real_browser(chromium, tmp_path):
     Image.new("RGB", (120, 90), COLOURS["blue"]).save(photo, "JPEG")
     _with_attention(run_dir, {photo: {"grid": [2, 2], "words": ["a", "red", "square"],
                                       "percent": [[100, 0, 0, 0], [0, 0, 0, 100], [25, 25, 25, 25]]}})
-    page = report.run([run_dir])
+    page = report_page.run([run_dir])
     html_text = open(page, encoding="utf-8").read()
     assert html_text.count('class="word w1"') == 1
 
@@ -678,7 +679,7 @@ def test_attention_overlay_in_a_real_browser(chromium, tmp_path):
     focused = tmp_path / "focused.html"
     focused.write_text(html_text.replace('class="word w1"', 'class="word w1" autofocus'), encoding="utf-8")
     # "red" looked at the bottom-right cell only: it is drawn at MAX_OPACITY, the rest not.
-    mixed = report_attention.MAX_OPACITY * np.array([255, 212, 0]) + (1 - report_attention.MAX_OPACITY) * np.array(
+    mixed = overlay.MAX_OPACITY * np.array([255, 212, 0]) + (1 - overlay.MAX_OPACITY) * np.array(
         [0, 0, 255])
     *others, bottom_right = quadrants(focused)
     assert np.abs(bottom_right - mixed).max() < 24, bottom_right
