@@ -28,15 +28,15 @@ import apache_beam as beam
 import numpy as np
 
 from batch_caption import bundled, quiet, records
-from batch_caption.core import file_reads
+from batch_caption.core import bounded_reads
 from batch_caption.core.cpus import available_cpus
 from batch_caption.core.elements import ERRORS, ImageExample
 from batch_caption.core.inference import CaptionModelHandler
 from batch_caption.core.read import ReadImages
 from batch_caption.images import decoding
-from batch_caption.job.caption import CaptionImages
-from batch_caption.job.config import default_batch_size
 from batch_caption.model.config import SEARCH_FLAGS, DecodeConfig
+from batch_caption.pipeline.caption import CaptionImages
+from batch_caption.pipeline.config import default_batch_size
 from batch_caption.storage import gcs
 
 quiet.quiet_library()  # none of the imports above loads TensorFlow: its first import is held
@@ -196,11 +196,11 @@ class Captioner:
     def _read_and_decode(self, path: str) -> ImageExample | dict[str, Any]:
         limit = self.settings.max_file_bytes
         try:
-            data = file_reads.read_file(path, limit)
+            data = bounded_reads.read_file(path, limit)
         except Exception as e:  # noqa: BLE001 - missing, permissions, network: the file's error record
-            return records.error_record(path, "read", file_reads.root_cause(e), run_id=self.run_id)
+            return records.error_record(path, "read", bounded_reads.root_cause(e), run_id=self.run_id)
         if len(data) > limit:
-            return records.error_record(path, "read", *file_reads.too_large(limit), run_id=self.run_id)
+            return records.error_record(path, "read", *bounded_reads.too_large(limit), run_id=self.run_id)
         return self._decode(data, path)
 
     def _decode(self, data: bytes, path: str | None) -> ImageExample | dict[str, Any]:

@@ -5,7 +5,7 @@
 
 Reads the job's caption records (``captions-*.jsonl``, see :mod:`batch_caption.records`),
 matches each record's ``path`` to a reference image, and reports the COCO caption metrics
-BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (:mod:`batch_caption.coco_metrics`) - plus, with
+BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (:mod:`batch_caption.evaluation.metrics`) - plus, with
 ``--facts``, the synthetic-scene fact checker's content accuracy
 (:mod:`batch_caption.data.facts`).
 

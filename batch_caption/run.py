@@ -26,12 +26,12 @@ from batch_caption import bundled, cli, quiet
 from batch_caption.cli import UsageError
 from batch_caption.core.elements import NAMESPACE
 from batch_caption.images import formats
-from batch_caption.job import JobConfig, build_pipeline
-from batch_caption.job.config import MIN_READ_THREADS, REMOTE_READ_THREADS, default_read_threads
-from batch_caption.job.image_files import parse_extensions
-from batch_caption.job.preflight import check_model, check_output, check_remote_paths, resolve_inputs
 from batch_caption.model.config import DecodeConfig, given_search_flags
 from batch_caption.model.registry import DECODERS
+from batch_caption.pipeline import JobConfig, build_pipeline
+from batch_caption.pipeline.config import MIN_READ_THREADS, REMOTE_READ_THREADS, default_read_threads
+from batch_caption.pipeline.image_files import parse_extensions
+from batch_caption.pipeline.preflight import check_model, check_output, check_remote_paths, resolve_inputs
 from batch_caption.storage import gcs, lock, run_dirs
 
 EXIT_TOO_MANY_FAILED = 3
@@ -130,7 +130,7 @@ def run(argv: list[str] | None = None) -> dict:
     """Runs the job; returns the manifest. Raises UsageError before any work on bad input."""
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
-    from batch_caption import progress
+    from batch_caption.pipeline import progress
 
     config, options = parse(argv)
     check_remote_paths(config, options)
@@ -170,7 +170,7 @@ def _run_locked(config: JobConfig, options, model_id: str, model_config, single_
     reach the progress line through a progress_channel.Channel."""
     import apache_beam as beam
 
-    from batch_caption.job.shards import remove_stale_temp_dirs
+    from batch_caption.pipeline.shards import remove_stale_temp_dirs
 
     # Before the probe write: a failed run's leftovers may be what keeps the disk full.
     try:
@@ -188,8 +188,8 @@ def _run_locked(config: JobConfig, options, model_id: str, model_config, single_
     except (OSError, ValueError) as e:  # BeamIOError is an OSError
         raise UsageError(f"--output {config.output}: cannot read or clear the earlier runs there: {e}") from e
     started = time.time()
-    from batch_caption import progress
-    from batch_caption.progress_channel import Channel
+    from batch_caption.pipeline import progress
+    from batch_caption.pipeline.progress_channel import Channel
 
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, config, model_id, model_config.image_size, single_process, baseline,

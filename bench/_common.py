@@ -241,9 +241,9 @@ def marginal_rate(big: dict, small: dict) -> float:
 def job_phases() -> list[tuple[object, str, str]]:
     """(class, method, label) of the job's phases, in data-flow order, for
     profile_job.py's timeline."""
-    from batch_caption import job
+    from batch_caption import pipeline
 
-    return job.timed_phases()
+    return pipeline.timed_phases()
 
 
 # A py-spy frame of the model load's own thread (BackgroundLoad), for profile_job.py summary.

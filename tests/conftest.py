@@ -71,7 +71,7 @@ def progress_reporter(monkeypatch):
     """This process's progress reporter (progress.reporter()), fresh and silent."""
     import io
 
-    from batch_caption import progress
+    from batch_caption.pipeline import progress
 
     reporter = progress.Reporter(stream=io.StringIO(), bar=False)
     monkeypatch.setattr(progress, "_reporter", reporter)

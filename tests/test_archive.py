@@ -14,7 +14,7 @@ from helpers import varied_images
 from PIL import Image
 
 from batch_caption import catalog, run
-from batch_caption.core import file_reads
+from batch_caption.core import bounded_reads
 from batch_caption.storage import files, run_dirs
 
 
@@ -38,7 +38,7 @@ def _catalog(out: str, run_id: str) -> dict[str, dict]:
 def read_paths(monkeypatch):
     """Every path whose bytes the job reads (first reads and hashes), in this process."""
     seen: list[str] = []
-    real_read, real_hash = file_reads.read_file, file_reads.hash_file
+    real_read, real_hash = bounded_reads.read_file, bounded_reads.hash_file
 
     def read_file(path, *args, **kwargs):
         seen.append(os.path.basename(path))
@@ -48,8 +48,8 @@ def read_paths(monkeypatch):
         seen.append(os.path.basename(path))
         return real_hash(path, *args, **kwargs)
 
-    monkeypatch.setattr(file_reads, "read_file", read_file)
-    monkeypatch.setattr(file_reads, "hash_file", hash_file)
+    monkeypatch.setattr(bounded_reads, "read_file", read_file)
+    monkeypatch.setattr(bounded_reads, "hash_file", hash_file)
     return seen
 
 
@@ -159,7 +159,7 @@ def test_an_unreadable_catalog_falls_back_to_the_run_before(tiny_bundle, tmp_pat
 
 
 def test_a_failed_listing_fails_the_run_and_latest_stays(tiny_bundle, tmp_path, monkeypatch, capsys):
-    from batch_caption.job import listing, match
+    from batch_caption.pipeline import listing, match
 
     src, out = tmp_path / "archive", str(tmp_path / "out")
     _write_pngs(src, ["a.png"], seed=8)
@@ -344,7 +344,7 @@ def test_a_run_killed_at_any_change_leaves_latest_readable_and_a_rerun_completes
 
 
 def test_links_and_unlistable_directories_are_accounted_in_the_run(tiny_bundle, tmp_path, monkeypatch):
-    from batch_caption.job import listing
+    from batch_caption.pipeline import listing
 
     src = tmp_path / "archive"
     _write_pngs(src / "sub", ["a.png"], seed=16)
@@ -365,7 +365,7 @@ def test_links_and_unlistable_directories_are_accounted_in_the_run(tiny_bundle, 
 
 
 def test_files_under_an_unlistable_directory_are_carried_not_deleted(tiny_bundle, tmp_path, monkeypatch, read_paths):
-    from batch_caption.job import listing
+    from batch_caption.pipeline import listing
 
     src, out = tmp_path / "archive", str(tmp_path / "out")
     _write_pngs(src / "open", ["a.png"], seed=18)

@@ -50,9 +50,9 @@ def test_a_bench_script_imports_and_names_only_public_package_names(script, monk
 
 
 def test_the_profiled_phases_exist():
-    from batch_caption import job
+    from batch_caption import pipeline
 
-    phases = job.timed_phases()
+    phases = pipeline.timed_phases()
     assert [label for _, _, label in phases][0] == "match"
     for cls, method, _ in phases:
         assert callable(getattr(cls, method)), f"{cls.__name__}.{method}"

@@ -158,7 +158,7 @@ def test_each_bundled_models_threshold_is_its_calibration(name):
 
 def test_the_job_takes_its_models_threshold_unless_given_one(monkeypatch):
     from batch_caption import run
-    from batch_caption.job.config import JobConfig
+    from batch_caption.pipeline.config import JobConfig
 
     assert run.parse(["--output", "o"])[0].low_score_threshold is None  # filled in from the bundle id
     assert run.parse(["--output", "o", "--low_score_threshold", "-2"])[0].low_score_threshold == -2.0

@@ -17,10 +17,10 @@ from PIL import Image
 
 from batch_caption import bundled, quality, run
 from batch_caption.images import decoding
-from batch_caption.job.config import default_batch_size
 from batch_caption.model.config import DecodeConfig
 from batch_caption.model.load import load_captioner
-from batch_caption.progress import Reporter
+from batch_caption.pipeline.config import default_batch_size
+from batch_caption.pipeline.progress import Reporter
 
 BROKEN = {  # name -> expected stage
     "zero.jpg": "decode",
@@ -436,7 +436,7 @@ def test_the_default_batch_size_holds_the_pixels_per_batch(tiny_bundle, tmp_path
 def test_draft_flag_turns_jpeg_draft_decoding_off(tmp_path, monkeypatch):
     import apache_beam as beam
 
-    from batch_caption import job
+    from batch_caption import pipeline
 
     assert run.parse(["--input", str(tmp_path)])[0].draft is True
     assert run.parse(["--input", str(tmp_path), "--draft"])[0].draft is True
@@ -451,9 +451,9 @@ def test_draft_flag_turns_jpeg_draft_decoding_off(tmp_path, monkeypatch):
         seen.append(image_config)
         raise Built
 
-    monkeypatch.setattr(job, "ReadImages", read_images)
+    monkeypatch.setattr(pipeline, "ReadImages", read_images)
     with pytest.raises(Built):
-        job.build_pipeline(beam.Pipeline(), config, "id", 128, False)
+        pipeline.build_pipeline(beam.Pipeline(), config, "id", 128, False)
     assert seen[0].draft is False and seen[0].image_size == 128
 
 

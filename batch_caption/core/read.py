@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 
 from batch_caption import records
-from batch_caption.core import file_reads, model_loading
+from batch_caption.core import bounded_reads, model_loading
 from batch_caption.core.cpus import available_cpus
 from batch_caption.core.elements import ERRORS, FileData, ImageExample, SourceFile, as_source, counter
 from batch_caption.core.readahead import ReadAheadFn
@@ -87,7 +87,7 @@ class _RefuseTooLargeFn(beam.DoFn):
         source = as_source(item)
         if source.size is not None and source.size > self._max_bytes:
             counter("failed_read").inc()
-            error = file_error(source, "read", *file_reads.too_large(self._max_bytes), self._run_id)
+            error = file_error(source, "read", *bounded_reads.too_large(self._max_bytes), self._run_id)
             yield beam.pvalue.TaggedOutput(ERRORS, error)
         else:
             yield item
@@ -108,9 +108,9 @@ class HashFileFn(_FileFn):
 
     def _work(self, source: SourceFile):
         try:
-            return file_reads.hash_file(source.path, self._max_bytes)
+            return bounded_reads.hash_file(source.path, self._max_bytes)
         except Exception as e:  # missing, a directory, permissions, network: all data
-            return file_reads.root_cause(e)
+            return bounded_reads.root_cause(e)
 
     def _emit(self, source: SourceFile, result):
         if isinstance(result, BaseException):
@@ -120,7 +120,7 @@ class HashFileFn(_FileFn):
         self._hashed.inc()
         self._bytes_read.inc(size)
         if size > self._max_bytes:
-            yield from self._read_errors((source,), *file_reads.too_large(self._max_bytes))
+            yield from self._read_errors((source,), *bounded_reads.too_large(self._max_bytes))
             return
         if source.previous_sha256 == sha:
             self._skipped.inc()
@@ -226,12 +226,12 @@ class ReadDecodeFn(_FileFn):
         if fd.data is None:
             source = fd.sources[0]
             try:
-                data = file_reads.read_file(source.path, self._max_bytes, size_hint=source.size)
+                data = bounded_reads.read_file(source.path, self._max_bytes, size_hint=source.size)
             except Exception as e:  # missing, deleted since hashed, permissions, network: all data
-                return _Unreadable(fd, file_reads.root_cause(e))
+                return _Unreadable(fd, bounded_reads.root_cause(e))
             counted = len(data) if first_read else 0
             if len(data) > self._max_bytes:
-                return _Unreadable(fd, *file_reads.too_large(self._max_bytes), bytes_read=counted)
+                return _Unreadable(fd, *bounded_reads.too_large(self._max_bytes), bytes_read=counted)
             sha = hashlib.sha256(data).hexdigest()
             if first_read and source.previous_sha256 == sha:
                 return _Unchanged(fd, counted)

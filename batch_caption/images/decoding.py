@@ -25,8 +25,8 @@ rule or the background changes the pixels the model sees.
 * Only :data:`DEFAULT_FORMATS` by default; first frame of animations; truncated
   files are errors (Pillow's global ``LOAD_TRUNCATED_IMAGES`` is never set).
 
-The error types live in :mod:`batch_caption.image_errors`, format sniffing and pixel
-mode conversion in :mod:`batch_caption.image_formats`; both are re-exported here.
+The error types live in :mod:`batch_caption.images.errors`, format sniffing and pixel
+mode conversion in :mod:`batch_caption.images.formats`; both are re-exported here.
 """
 
 from __future__ import annotations

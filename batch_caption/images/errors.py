@@ -1,4 +1,4 @@
-"""The errors `images.decode_image` raises for bad data, and what counts as bad data.
+"""The errors `decoding.decode_image` raises for bad data, and what counts as bad data.
 
 Each error's class name is the error record's machine-readable reason and ``str(exc)``
 its message, a complete sentence. Only a message is stored, so instances pickle.

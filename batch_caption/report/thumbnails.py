@@ -2,7 +2,7 @@
 
 The report reads each image again, after the run, when the file at its path may be
 another file (replaced by another format, grown, removed). It goes through the job's own
-reading (core/file_reads.py: uncompressed, capped at --max_file_bytes) and decoding
+reading (core/bounded_reads.py: uncompressed, capped at --max_file_bytes) and decoding
 (images/decoding.py: the formats allow-list, the header pixel guard, no truncated files)
 with the run's settings from its manifest's options, and the job's defaults for what the
 manifest does not record. No format outside the allow-list is tried, so no Pillow plugin
@@ -19,14 +19,14 @@ import base64
 import dataclasses
 import io
 
-from batch_caption.core import file_reads
+from batch_caption.core import bounded_reads
 from batch_caption.images.decoding import DEFAULT_MAX_IMAGE_PIXELS, RESAMPLE, ImageConfig, decode_image
 from batch_caption.images.formats import is_int
 
 # The job's options (JobConfig fields) that decide how it read and decoded an image, and
 # their defaults (the job's own, kept where the job takes them from).
 READ_DEFAULTS = {"max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS,
-                 "max_file_bytes": file_reads.DEFAULT_MAX_FILE_BYTES, "draft": ImageConfig.draft}
+                 "max_file_bytes": bounded_reads.DEFAULT_MAX_FILE_BYTES, "draft": ImageConfig.draft}
 
 
 class FileTooLargeError(Exception):
@@ -67,9 +67,9 @@ def thumbnail(path: str, decoding: Decoding) -> tuple[str, int, int]:
     Raises what reading or decoding raises."""
     from PIL import Image
 
-    data = file_reads.read_file(path, decoding.max_file_bytes)
+    data = bounded_reads.read_file(path, decoding.max_file_bytes)
     if len(data) > decoding.max_file_bytes:
-        raise FileTooLargeError(file_reads.too_large(decoding.max_file_bytes)[1])
+        raise FileTooLargeError(bounded_reads.too_large(decoding.max_file_bytes)[1])
     decoded = decode_image(data, decoding.image)
     scale = min(1.0, decoding.image.image_size / max(decoded.width, decoded.height))
     width, height = (max(1, round(side * scale)) for side in (decoded.width, decoded.height))

@@ -21,7 +21,7 @@ from batch_caption.core.elements import FileData, SourceFile, as_source
 from batch_caption.core.read import HashFileFn, ReadDecodeFn, split_by_size
 from batch_caption.core.readahead import ReadAheadFn
 from batch_caption.images import decoding
-from batch_caption.job import ERRORS, ReadImages
+from batch_caption.pipeline import ERRORS, ReadImages
 
 
 def test_a_decode_error_is_kept_without_a_reference_cycle(tmp_path):

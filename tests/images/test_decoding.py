@@ -1,4 +1,4 @@
-"""Tests for batch_caption.images and its image_errors / image_formats (all test data is
+"""Tests for batch_caption.images: decoding and its errors / formats (all test data is
 generated in memory)."""
 
 from __future__ import annotations

@@ -303,7 +303,7 @@ def _card_note(run_dir, photo):
 
 
 def test_an_image_replaced_by_eps_shows_its_error_and_starts_no_program(tmp_path, no_programs):
-    from batch_caption.job.config import JobConfig
+    from batch_caption.pipeline.config import JobConfig
 
     defaults = {k: getattr(JobConfig, k) for k in ("max_image_pixels", "max_file_bytes", "draft")}
     run_dir, photo = _one_image_run(str(tmp_path), defaults)
@@ -371,7 +371,7 @@ def test_thumbnails_keep_the_runs_limits(tmp_path, options, error):
 
 
 def test_unusable_decoder_options_fall_back_to_the_jobs_defaults(tmp_path):
-    from batch_caption.job.config import JobConfig
+    from batch_caption.pipeline.config import JobConfig
     from batch_caption.report import thumbnails
 
     run_dir, photo = _one_image_run(str(tmp_path), {"max_image_pixels": "many"})

@@ -29,13 +29,13 @@ from batch_caption.core import inference
 from batch_caption.core.elements import ERRORS, NAMESPACE, ImageExample, SourceFile
 from batch_caption.core.read import ReadImages
 from batch_caption.images import decoding
-from batch_caption.job.caption import CaptionImages
-from batch_caption.job.config import JobConfig, default_batch_size
-from batch_caption.job.match import MatchImages
-from batch_caption.job.select import SelectChanged, Settings
-from batch_caption.job.sinks import Shards, Sink
-from batch_caption.job.tallies import count, each
-from batch_caption.job.write import RunInfo, WriteRun
+from batch_caption.pipeline.caption import CaptionImages
+from batch_caption.pipeline.config import JobConfig, default_batch_size
+from batch_caption.pipeline.match import MatchImages
+from batch_caption.pipeline.select import SelectChanged, Settings
+from batch_caption.pipeline.sinks import Shards, Sink
+from batch_caption.pipeline.tallies import count, each
+from batch_caption.pipeline.write import RunInfo, WriteRun
 
 __all__ = [
     "ERRORS", "NAMESPACE", "CaptionImages", "ImageExample", "JobConfig", "MatchImages", "ReadImages", "RunInfo",
@@ -48,7 +48,7 @@ def timed_phases() -> list[tuple[type, str, str]]:
     profiler wraps to draw a run's timeline (bench/profile_job.py), each called once per
     element, batch or bundle of its phase."""
     from batch_caption.core import read
-    from batch_caption.job import match, shards, write
+    from batch_caption.pipeline import match, shards, write
 
     return [
         (match._MatchPatternFn, "process", "match"),
@@ -68,7 +68,7 @@ def build_pipeline(pipeline, config: JobConfig, model_id: str, image_size: int, 
     single_process: the runner runs everything in this process (the in-memory
       DirectRunner): no work needs spreading.
     baseline: with --incremental, what to compare with (runs.Baseline).
-    sinks: outputs besides the run's own shards and catalog (job/sinks.py).
+    sinks: outputs besides the run's own shards and catalog (sinks.py).
     report_progress: the stages count for the progress line (progress.reporter());
       default: single_process. Also where worker processes send the driver their counts
       (the multi-processing DirectRunner, progress.py).

@@ -13,7 +13,7 @@ from helpers import caption_record, write_catalog
 
 from batch_caption import catalog, records
 from batch_caption.core.elements import CatalogRef, SourceFile
-from batch_caption.job import ERRORS, carry
+from batch_caption.pipeline import ERRORS, carry
 
 DECODE = {"beam_size": 3}
 

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 
-from batch_caption.progress_channel import CHANNEL, Sender
+from batch_caption.pipeline.progress_channel import CHANNEL, Sender
 
 LOG_INTERVAL = 15.0  # seconds between plain lines in logs
 POLL_INTERVAL = 5.0  # seconds between metric queries of a remote job

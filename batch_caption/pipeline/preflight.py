@@ -13,7 +13,7 @@ from typing import Any
 
 from batch_caption import bundled
 from batch_caption.cli import UsageError
-from batch_caption.job.config import JobConfig
+from batch_caption.pipeline.config import JobConfig
 from batch_caption.storage import files
 
 _GLOB_CHARS = set("*?[")
@@ -56,7 +56,7 @@ def resolve_inputs(config: JobConfig) -> JobConfig:
 
 def _within_output(pattern: str, output: str) -> bool:
     """Whether everything `pattern` can match lies in the output tree (an output inside
-    an input is fine: listing leaves it out, job/listing.Outside)."""
+    an input is fine: listing leaves it out, listing.Outside)."""
     fixed = pattern
     for i, c in enumerate(pattern):
         if c in _GLOB_CHARS:

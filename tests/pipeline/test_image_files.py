@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from batch_caption.images import formats
-from batch_caption.job import image_files
-from batch_caption.job.image_files import ImageFiles, extension_of, parse_extensions
+from batch_caption.pipeline import image_files
+from batch_caption.pipeline.image_files import ImageFiles, extension_of, parse_extensions
 from batch_caption.storage import files
 
 

@@ -17,8 +17,8 @@ from helpers import caption_record, write_catalog
 
 from batch_caption import catalog
 from batch_caption.core.elements import CatalogRef, SourceFile, path_key
-from batch_caption.job import select
-from batch_caption.job.tallies import TAG
+from batch_caption.pipeline import select
+from batch_caption.pipeline.tallies import TAG
 
 DECODE = {"beam_size": 3}
 SETTINGS = select.Settings("m", catalog.decode_key(DECODE))

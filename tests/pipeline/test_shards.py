@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from batch_caption.job import shards
+from batch_caption.pipeline import shards
 
 
 @pytest.fixture(params=["local", "gcs"])

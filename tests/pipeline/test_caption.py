@@ -13,9 +13,9 @@ from apache_beam.testing.util import assert_that
 from batch_caption.core.dead_letters import describe_failure, is_model_load_failure
 from batch_caption.core.inference import CaptionModelHandler
 from batch_caption.core.model_loading import ModelLoadError
-from batch_caption.job import ERRORS, CaptionImages, ImageExample
 from batch_caption.model.captioner import Caption
 from batch_caption.model.config import DecodeConfig
+from batch_caption.pipeline import ERRORS, CaptionImages, ImageExample
 
 
 def _example(path):

@@ -16,7 +16,7 @@ from helpers import caption_record, write_catalog
 
 from batch_caption import catalog, quality, records
 from batch_caption.core.elements import CatalogRef, SourceFile
-from batch_caption.job import ERRORS, RunInfo, Sink, WriteRun, shards, write
+from batch_caption.pipeline import ERRORS, RunInfo, Sink, WriteRun, shards, write
 from batch_caption.storage import run_dirs
 
 

@@ -15,9 +15,10 @@ from apache_beam.runners.runner import PipelineState
 from helpers import varied_images
 from PIL import Image
 
-from batch_caption import progress, run
-from batch_caption.progress import Reporter
-from batch_caption.progress_channel import CHANNEL, Channel, Sender, path_digest
+from batch_caption import run
+from batch_caption.pipeline import progress
+from batch_caption.pipeline.progress import Reporter
+from batch_caption.pipeline.progress_channel import CHANNEL, Channel, Sender, path_digest
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

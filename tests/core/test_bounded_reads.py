@@ -8,7 +8,7 @@ import io
 import pytest
 from helpers import special_files, within
 
-from batch_caption.core import file_reads
+from batch_caption.core import bounded_reads
 from batch_caption.storage import files
 
 _FILE = (bytes(range(256)) * 12)[:3000]
@@ -39,12 +39,12 @@ def _open_recording_reads(monkeypatch) -> list[int]:
 ])
 def test_reads_ask_for_what_the_file_holds_not_the_limit(monkeypatch, size_hint, limit, expected, reads):
     asked = _open_recording_reads(monkeypatch)
-    got = file_reads.read_file("any", limit - 1, size_hint=size_hint)
+    got = bounded_reads.read_file("any", limit - 1, size_hint=size_hint)
     size, sha = len(got), hashlib.sha256(got).hexdigest()
     assert got == _FILE[:expected] and size == expected and sha == hashlib.sha256(_FILE[:expected]).hexdigest()
     # A buffered read(n) allocates n bytes first: never ask for the whole limit (256 MiB
     # by default) when the file is a few MB.
-    assert max(asked) <= max(file_reads.READ_CHUNK_BYTES, (size_hint or 0) + 1)
+    assert max(asked) <= max(bounded_reads.READ_CHUNK_BYTES, (size_hint or 0) + 1)
     # A short read of a buffered stream is its end: no read past it (on GCS each is a request).
     assert len(asked) == reads
 
@@ -52,7 +52,7 @@ def test_reads_ask_for_what_the_file_holds_not_the_limit(monkeypatch, size_hint,
 @pytest.mark.parametrize("max_bytes, size", [(8 << 20, 3000), (2000, 2001)])
 def test_hashing_streams_the_file_and_stops_at_its_end_or_the_limit(monkeypatch, max_bytes, size):
     asked = _open_recording_reads(monkeypatch)
-    assert file_reads.hash_file("any", max_bytes) == (size, hashlib.sha256(_FILE[:size]).hexdigest())
+    assert bounded_reads.hash_file("any", max_bytes) == (size, hashlib.sha256(_FILE[:size]).hexdigest())
     assert len(asked) == 1  # the short (or limit-filling) read ends it: no request past the end
 
 
@@ -72,8 +72,8 @@ def test_a_stream_with_short_reads_is_read_to_its_end():
             self.pos += n
             return n
 
-    assert file_reads.read_stream(Trickle(), 1 << 20, len(data)) == data
-    assert file_reads.read_stream(Trickle(), 100, None) == data[:100]
+    assert bounded_reads.read_stream(Trickle(), 1 << 20, len(data)) == data
+    assert bounded_reads.read_stream(Trickle(), 100, None) == data[:100]
 
 
 @pytest.mark.parametrize("name, kind", [
@@ -83,6 +83,6 @@ def test_a_stream_with_short_reads_is_read_to_its_end():
 @pytest.mark.parametrize("read", ["read", "hash"])
 def test_only_regular_files_are_read_and_nothing_blocks(tmp_path, name, kind, read):
     path = special_files(tmp_path)[name]
-    fn = (lambda: file_reads.read_file(path, 1 << 20)) if read == "read" else (lambda: file_reads.hash_file(path, 1 << 20))
+    fn = (lambda: bounded_reads.read_file(path, 1 << 20)) if read == "read" else (lambda: bounded_reads.hash_file(path, 1 << 20))
     with pytest.raises(files.NotARegularFile, match=kind):
         within(10, fn)

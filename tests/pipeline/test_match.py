@@ -9,10 +9,11 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from helpers import special_files, within
 from PIL import Image
 
-from batch_caption.job import ERRORS, MatchImages
+from helpers import special_files, within
+
+from batch_caption.pipeline import ERRORS, MatchImages
 
 
 def test_match_images_dedupes_and_reports_empty_patterns(tmp_path):
@@ -98,7 +99,7 @@ def test_a_tree_or_a_glob_gives_its_image_files_and_skips_the_rest(tmp_path, pat
 
 
 def test_extensions_choose_the_inputs_and_all_files_takes_every_file(tmp_path):
-    from batch_caption.job.image_files import ImageFiles
+    from batch_caption.pipeline.image_files import ImageFiles
 
     images, others = _archive(tmp_path / "in")
     root = tmp_path / "in"

@@ -1,7 +1,7 @@
 """WriteRun: the run's records -> its sinks (shards, catalog, ...), then its manifest, last.
 
 captions-*.jsonl and errors-*.jsonl hold this run's records; catalog-*.parquet the whole
-archive as of this run (job/carry.py). Each output is a Sink (job/sinks.py): every bundle
+archive as of this run (carry.py). Each output is a Sink (sinks.py): every bundle
 writes what it has, and the manifest step, which waits for every sink, has each sink
 publish what it wrote and writes the manifest last, naming it, so a run directory with a
 manifest is complete. The manifest's counts come from the records themselves, not from
@@ -18,12 +18,13 @@ from typing import Any
 
 import apache_beam as beam
 
-from batch_caption import progress, quality, records
+from batch_caption import quality, records
 from batch_caption.core.elements import ERRORS
-from batch_caption.job.carry import BuildCatalog
-from batch_caption.job.shards import remove_temp_dir
-from batch_caption.job.sinks import Sink, run_sinks
-from batch_caption.job.tallies import count, each
+from batch_caption.pipeline import progress
+from batch_caption.pipeline.carry import BuildCatalog
+from batch_caption.pipeline.shards import remove_temp_dir
+from batch_caption.pipeline.sinks import Sink, run_sinks
+from batch_caption.pipeline.tallies import count, each
 from batch_caption.storage import files, gcs
 
 

@@ -8,7 +8,7 @@ Per path:
     ... under a directory whose listing  unlisted: counted, its row carried unchanged (the
         failed                           file is unknown, not gone)
     listed, but not an input (the image  a caption's row carried unchanged, counted as
-        filter, job/image_files.py)      carried_not_image; a failed row drops out
+        filter, image_files.py)      carried_not_image; a failed row drops out
     no earlier row                       read (new)
     other model or decode settings       read (re-caption)
     same size and mtime                  skipped unread; a failed file too, unless
@@ -20,7 +20,7 @@ Per path:
 The join runs on batches: both sides are cut into `partitions` by a hash of the path and
 each partition is joined in memory, so a night over millions of unchanged files moves
 thousands of elements through the runner, not millions. A skipped file carries its
-earlier row forward by reference (job/carry.py). Outputs written before catalogs existed
+earlier row forward by reference (carry.py). Outputs written before catalogs existed
 are read once from their caption records instead, file by file.
 """
 
@@ -34,10 +34,11 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 import numpy as np
 
-from batch_caption import catalog, progress
+from batch_caption import catalog
 from batch_caption.core.elements import CatalogRef, SourceFile, counter, path_key
-from batch_caption.job.match import best_known
-from batch_caption.job.tallies import TAG, TallyFn
+from batch_caption.pipeline import progress
+from batch_caption.pipeline.match import best_known
+from batch_caption.pipeline.tallies import TAG, TallyFn
 from batch_caption.storage import gcs
 
 BATCH_FILES = 4096  # files per element on the listing side of the join

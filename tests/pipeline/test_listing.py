@@ -8,7 +8,7 @@ import pytest
 from helpers import special_files, within
 
 from batch_caption.core.elements import SourceFile
-from batch_caption.job import listing
+from batch_caption.pipeline import listing
 
 
 def _everything(pattern: str, output: str | None = None) -> list:

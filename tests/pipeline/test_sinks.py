@@ -12,8 +12,8 @@ import apache_beam as beam
 import pytest
 
 from batch_caption import records
-from batch_caption.job import ERRORS, RunInfo, Sink, WriteRun, build_pipeline, carry, shards, sinks
 from batch_caption.storage import files, run_dirs
+from batch_caption.pipeline import ERRORS, RunInfo, Sink, WriteRun, build_pipeline, carry, shards, sinks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,7 @@ def test_the_job_takes_extra_sinks(tiny_bundle, tmp_path):
     from PIL import Image
 
     from batch_caption import run
-    from batch_caption.job.preflight import check_model, resolve_inputs
+    from batch_caption.pipeline.preflight import check_model, resolve_inputs
 
     for i, px in enumerate(varied_images(2, 32)):
         Image.fromarray(px).save(tmp_path / f"{i}.png")

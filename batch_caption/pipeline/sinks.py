@@ -29,8 +29,8 @@ import apache_beam as beam
 
 from batch_caption import catalog
 from batch_caption.core.elements import ERRORS
-from batch_caption.job.carry import ROWS
-from batch_caption.job.shards import FORMATS, WriteShardFn, publish_shards, temp_dir_of
+from batch_caption.pipeline.carry import ROWS
+from batch_caption.pipeline.shards import FORMATS, WriteShardFn, publish_shards, temp_dir_of
 from batch_caption.storage import files
 
 
@@ -69,7 +69,7 @@ class Shards(Sink):
 
     Each of `keys` has a writer of its own, fused with the stage that makes its records:
     a Flatten in front of one writer would hold a whole run's records in memory on the
-    in-memory runner. Every bundle writes a temp file (job/shards.py); publish() renames
+    in-memory runner. Every bundle writes a temp file (shards.py); publish() renames
     them and the manifest entry lists the final names.
     """
 

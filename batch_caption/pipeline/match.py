@@ -1,6 +1,6 @@
 """MatchImages: patterns and list files -> one SourceFile per distinct input path.
 
-What a pattern lists passes the image filter (job/image_files.py); files named one by
+What a pattern lists passes the image filter (image_files.py); files named one by
 one (a pattern without wildcards, a list file's lines) are inputs whatever their names.
 """
 
@@ -12,10 +12,10 @@ import stat
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from batch_caption import progress, records
+from batch_caption import records
 from batch_caption.core.elements import ERRORS, SourceFile, counter, path_key
-from batch_caption.job import listing
-from batch_caption.job.image_files import ImageFiles
+from batch_caption.pipeline import listing, progress
+from batch_caption.pipeline.image_files import ImageFiles
 from batch_caption.storage import files, gcs
 
 _GLOB_CHARS = frozenset("*?[")
@@ -46,7 +46,7 @@ class ListingError(RuntimeError):
 class _MatchPatternFn(_ListInputFn):
     """pattern -> every image file it matches (an empty match is an error record), or for
     a whole tree (DIR/**, gs://BUCKET/PREFIX/**) its top level and a piece per subtree
-    (tag 'pieces'; job/listing.py); tag 'not_image': the files the image filter skips.
+    (tag 'pieces'; listing.py); tag 'not_image': the files the image filter skips.
     A listing that fails, after the filesystem client's own retries, fails the run."""
 
     def process(self, pattern: str):

@@ -9,10 +9,10 @@ from typing import Any
 
 from batch_caption import bundled, records
 from batch_caption.cli import UsageError, option
-from batch_caption.core import cpus, file_reads
+from batch_caption.core import bounded_reads, cpus
 from batch_caption.images import decoding, formats
-from batch_caption.job.image_files import ImageFiles
 from batch_caption.model.config import MAX_BEAM_SIZE, RUNTIMES, SEARCH_FLAGS, DecodeConfig, in_flag_names
+from batch_caption.pipeline.image_files import ImageFiles
 from batch_caption.storage import files
 
 # Local reads are cheap, so local inputs get one thread per CPU: more threads than cores
@@ -33,7 +33,7 @@ class JobConfig:
     """The job's own options; the fields made by `option` are run.py's flags of their name.
 
     inputs: patterns after resolution (directories become recursive globs).
-    extensions: which listed files are inputs (job/image_files.py); None: every file.
+    extensions: which listed files are inputs (image_files.py); None: every file.
     search: the search settings given (DecodeConfig field -> value); the others are the
       model's (`model_decode`), else DecodeConfig's.
     """
@@ -52,7 +52,7 @@ class JobConfig:
     max_image_pixels: int = option(decoding.DEFAULT_MAX_IMAGE_PIXELS,
                                    help="decoded pixel limit per image, against decompression bombs",
                                    default_help="default 100M")
-    max_file_bytes: int = option(file_reads.DEFAULT_MAX_FILE_BYTES, help="larger files are errors",
+    max_file_bytes: int = option(bounded_reads.DEFAULT_MAX_FILE_BYTES, help="larger files are errors",
                                  default_help="default 256 MiB")
     draft: bool = option(True, help="decode JPEGs at a reduced DCT scale (>= 2x the model's input size) before "
                          "resizing; --no-draft decodes every pixel: slower, nearly identical pixels",
