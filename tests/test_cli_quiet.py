@@ -46,7 +46,7 @@ def _clean_env() -> dict[str, str]:
     (CUINIT, 3, True), (CUINIT, 2, False),
     (NOTICE, 3, True), (NOTICE, 1, False),
     (b"[batch_caption] 1/8 images captioned, first after 7.4 s, ETA ?\n", 3, False),
-    (b"WARNING batch_caption.lock: took over the lock of run x\n", 3, False),
+    (b"WARNING batch_caption.storage.lock: took over the lock of run x\n", 3, False),
     (b"I0000 is not a log line without its source\n", 3, False),
 ])
 def test_hidden_follows_tf_cpp_min_log_level(line, level, hide):

@@ -10,8 +10,8 @@ self-contained page (default ``RUN_DIR/report.html``):
   id and times - or "incomplete run: no manifest" when the run never finished;
 * one card per caption record, sorted by path, at most ``--max_images`` (a note says when
   the list is cut): a JPEG thumbnail embedded as a ``data:`` URI (the image at ``path``
-  read and decoded with the run's own settings, see :mod:`batch_caption.thumbnails`; when
-  that fails the card says why), the caption and its score, the alternatives with theirs,
+  read and decoded with the run's own settings, see :mod:`batch_caption.report.thumbnails`;
+  when that fails the card says why), the caption and its score, the alternatives with theirs,
   quality flags when the record has them, size and path; with the record's attention
   maps (--attention_maps), a grid over the thumbnail showing the map of the caption's
   hovered or focused word (see :mod:`batch_caption.report.overlay`);
@@ -85,7 +85,7 @@ def _display(text: str) -> str:
 
 
 def _fs():
-    """Beam's FileSystems, for what batch_caption.files does not do: streamed reads, and a
+    """Beam's FileSystems, for what batch_caption.storage.files does not do: streamed reads, and a
     listing that stops at the first file."""
     from apache_beam.io.filesystems import FileSystems
 
