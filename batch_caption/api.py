@@ -27,15 +27,17 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
-from batch_caption import bundled, gcs, images, quiet, records
-from batch_caption.core import file_reads
+from batch_caption import bundled, quiet, records
+from batch_caption.core import bounded_reads
 from batch_caption.core.cpus import available_cpus
 from batch_caption.core.elements import ERRORS, ImageExample
 from batch_caption.core.inference import CaptionModelHandler
 from batch_caption.core.read import ReadImages
-from batch_caption.job.caption import CaptionImages
-from batch_caption.job.config import default_batch_size
-from batch_caption.model.config import DecodeConfig
+from batch_caption.images import decoding
+from batch_caption.model.config import SEARCH_FLAGS, DecodeConfig
+from batch_caption.pipeline.caption import CaptionImages
+from batch_caption.pipeline.config import default_batch_size
+from batch_caption.storage import gcs
 
 quiet.quiet_library()  # none of the imports above loads TensorFlow: its first import is held
 
@@ -43,16 +45,26 @@ __all__ = ["ERRORS", "CaptionModelHandler", "CaptionPaths", "Captioner", "ImageE
            "decode_example", "image_size", "load", "model_handler"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """How images are decoded and captioned; each field is the job's flag of that name."""
+def _search_settings() -> type:
+    """A frozen dataclass with one field per search flag of the job (DecodeConfig's fields,
+    under their flags' names), each None unless given: None takes the model's default (its
+    bundle's decode.json), else DecodeConfig's. A new DecodeConfig field comes with it."""
+    types = {f.name: f.type for f in dataclasses.fields(DecodeConfig)}
+    fields = [(flag, f"{types[name]} | None", dataclasses.field(default=None)) for flag, name in SEARCH_FLAGS.items()]
+    made = dataclasses.make_dataclass("_SearchSettings", fields, frozen=True)
+    made.__module__ = __name__
+    return made
 
-    # Search settings: None takes the model's default (its bundle's decode.json), else DecodeConfig's.
-    beam_size: int | None = None
-    max_caption_length: int | None = None
-    num_alternatives: int | None = None  # None: the model's, cut to the beam size
-    length_normalization: float | None = None
-    forbid_unknown: bool | None = None
+
+_SearchSettings = _search_settings()
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(_SearchSettings):
+    """How images are decoded and captioned; each field is the job's flag of that name.
+    The search settings come first, one per DecodeConfig field (num_alternatives None:
+    the model's, cut to the beam size)."""
+
     low_score_threshold: float | None = None  # None: the bundled model's calibrated threshold
     attention_maps: bool = False
     batch_size: int | None = None  # None: ~2 M pixels a batch at the model's input size
@@ -70,8 +82,8 @@ class Settings:
         """The search settings: these over the model's defaults (None: DecodeConfig's)."""
         return (model_decode or DecodeConfig()).with_flags(self)
 
-    def image_config(self, size: int) -> images.ImageConfig:
-        return images.ImageConfig(image_size=size, max_image_pixels=self.max_image_pixels, draft=self.draft)
+    def image_config(self, size: int) -> decoding.ImageConfig:
+        return decoding.ImageConfig(image_size=size, max_image_pixels=self.max_image_pixels, draft=self.draft)
 
     def batch(self, size: int) -> int:
         return self.batch_size or default_batch_size(size)
@@ -109,8 +121,8 @@ def image_size(model: str | None = None) -> int:
 
 def decode_example(data: bytes, size: int, path: str | None = None, settings: Settings = Settings()) -> ImageExample:
     """An image file's bytes -> the ImageExample that the model handler takes, squashed
-    to `size` (image_size()). Raises images.ImageDecodeError for bytes that are no image."""
-    decoded = images.decode_image(data, settings.image_config(size))
+    to `size` (image_size()). Raises decoding.ImageDecodeError for bytes that are no image."""
+    decoded = decoding.decode_image(data, settings.image_config(size))
     return ImageExample(path, decoded.pixels, decoded.width, decoded.height, decoded.format,
                         hashlib.sha256(data).hexdigest(), len(data))
 
@@ -177,24 +189,24 @@ class Captioner:
         squashed to the model's input as files are. A wrong dtype or shape raises."""
         size, arrays = self.model.image_size, [np.asarray(a) for a in arrays]
         return self._caption([
-            ImageExample(_name(names, i, len(arrays)), images.resize_pixels(a, size), a.shape[1], a.shape[0],
+            ImageExample(_name(names, i, len(arrays)), decoding.resize_pixels(a, size), a.shape[1], a.shape[0],
                          None, None, None)
             for i, a in enumerate(arrays)])
 
     def _read_and_decode(self, path: str) -> ImageExample | dict[str, Any]:
         limit = self.settings.max_file_bytes
         try:
-            data = file_reads.read_file(path, limit)
+            data = bounded_reads.read_file(path, limit)
         except Exception as e:  # noqa: BLE001 - missing, permissions, network: the file's error record
-            return records.error_record(path, "read", file_reads.root_cause(e), run_id=self.run_id)
+            return records.error_record(path, "read", bounded_reads.root_cause(e), run_id=self.run_id)
         if len(data) > limit:
-            return records.error_record(path, "read", *file_reads.too_large(limit), run_id=self.run_id)
+            return records.error_record(path, "read", *bounded_reads.too_large(limit), run_id=self.run_id)
         return self._decode(data, path)
 
     def _decode(self, data: bytes, path: str | None) -> ImageExample | dict[str, Any]:
         try:
             return decode_example(data, self.model.image_size, path, self.settings)
-        except images.ImageDecodeError as e:
+        except decoding.ImageDecodeError as e:
             return records.error_record(path, "decode", e, run_id=self.run_id, size=len(data),
                                         sha256=hashlib.sha256(data).hexdigest())
 

@@ -148,7 +148,7 @@ class RowWriter:
         import pyarrow.parquet as pq
 
         self._schema = schema()
-        # Page checksums: a later run's check (runs.check_catalog) finds a damaged page.
+        # Page checksums: a later run's check (storage/run_dirs.check_catalog) finds a damaged page.
         self._writer = pq.ParquetWriter(f, self._schema, compression="zstd", write_page_checksum=True)
         self._batch: list[dict[str, Any]] = []
         self.rows = 0

@@ -5,7 +5,7 @@
 
 Reads the job's caption records (``captions-*.jsonl``, see :mod:`batch_caption.records`),
 matches each record's ``path`` to a reference image, and reports the COCO caption metrics
-BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (:mod:`batch_caption.coco_metrics`) - plus, with
+BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (:mod:`batch_caption.evaluation.metrics`) - plus, with
 ``--facts``, the synthetic-scene fact checker's content accuracy
 (:mod:`batch_caption.data.facts`).
 
@@ -33,8 +33,9 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from batch_caption import cli, files, gcs, quiet
-from batch_caption.coco_metrics import (ALL_METRICS, DEFAULT_TIMEOUT_S, METRIC_NAMES, METRIC_NOTES, TOKENIZERS,
+from batch_caption import cli, quiet
+from batch_caption.storage import files, gcs
+from batch_caption.evaluation.metrics import (ALL_METRICS, DEFAULT_TIMEOUT_S, METRIC_NAMES, METRIC_NOTES, TOKENIZERS,
                                         EvaluationError, check_metrics, needs_java, require_java,
                                         require_pycocoevalcap, score_captions, tokenize)
 

@@ -22,15 +22,17 @@ import logging
 import sys
 import time
 
-from batch_caption import bundled, cli, gcs, image_formats, lock, quiet, runs
+from batch_caption import bundled, cli, quiet
 from batch_caption.cli import UsageError
 from batch_caption.core.elements import NAMESPACE
-from batch_caption.job import JobConfig, build_pipeline
-from batch_caption.job.config import MIN_READ_THREADS, REMOTE_READ_THREADS, default_read_threads
-from batch_caption.job.image_files import parse_extensions
-from batch_caption.job.preflight import check_model, check_output, check_remote_paths, resolve_inputs
+from batch_caption.images import formats
 from batch_caption.model.config import DecodeConfig, given_search_flags
 from batch_caption.model.registry import DECODERS
+from batch_caption.pipeline import JobConfig, build_pipeline
+from batch_caption.pipeline.config import MIN_READ_THREADS, REMOTE_READ_THREADS, default_read_threads
+from batch_caption.pipeline.image_files import parse_extensions
+from batch_caption.pipeline.preflight import check_model, check_output, check_remote_paths, resolve_inputs
+from batch_caption.storage import gcs, lock, run_dirs
 
 EXIT_TOO_MANY_FAILED = 3
 _log = logging.getLogger(__name__)
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the file name extensions (case-insensitive) that make a listed file an input; a file "
                        "without an extension is one when its first bytes are an image in one of their formats; "
                        "other files are skipped unopened and counted (default: those of every image format: "
-                       f"{', '.join(image_formats.DEFAULT_EXTENSIONS)})")
+                       f"{', '.join(formats.DEFAULT_EXTENSIONS)})")
     which.add_argument("--all_files", action="store_true",
                        help="every listed file is an input, whatever its name (a file that is not an image gets an "
                        "error record)")
@@ -105,7 +107,7 @@ def parse(argv: list[str] | None):
         raise UsageError(f"--break_lock: {e}") from e
     try:
         extensions = None if args.all_files else (
-            image_formats.DEFAULT_EXTENSIONS if args.extensions is None else parse_extensions(args.extensions))
+            formats.DEFAULT_EXTENSIONS if args.extensions is None else parse_extensions(args.extensions))
     except ValueError as e:
         raise UsageError(f"--extensions {args.extensions!r}: {e}") from e
     config = cli.from_args(
@@ -128,7 +130,7 @@ def run(argv: list[str] | None = None) -> dict:
     """Runs the job; returns the manifest. Raises UsageError before any work on bad input."""
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
-    from batch_caption import progress
+    from batch_caption.pipeline import progress
 
     config, options = parse(argv)
     check_remote_paths(config, options)
@@ -168,7 +170,7 @@ def _run_locked(config: JobConfig, options, model_id: str, model_config, single_
     reach the progress line through a progress_channel.Channel."""
     import apache_beam as beam
 
-    from batch_caption.job.shards import remove_stale_temp_dirs
+    from batch_caption.pipeline.shards import remove_stale_temp_dirs
 
     # Before the probe write: a failed run's leftovers may be what keeps the disk full.
     try:
@@ -179,15 +181,15 @@ def _run_locked(config: JobConfig, options, model_id: str, model_config, single_
         _log.warning("removed %d temporary files that failed runs left under %s", removed, config.output)
     check_output(config)  # nothing of an earlier attempt is deleted for a run that cannot start
     try:
-        earlier = runs.complete_runs(config.output, other_than=config.run_id)
-        baseline = runs.baseline(earlier) if config.incremental else None
-        runs.release_latest(config.output, config.run_id, earlier)
-        runs.clear_run_dir(config.run_dir)
+        earlier = run_dirs.complete_runs(config.output, other_than=config.run_id)
+        baseline = run_dirs.baseline(earlier) if config.incremental else None
+        run_dirs.release_latest(config.output, config.run_id, earlier)
+        run_dirs.clear_run_dir(config.run_dir)
     except (OSError, ValueError) as e:  # BeamIOError is an OSError
         raise UsageError(f"--output {config.output}: cannot read or clear the earlier runs there: {e}") from e
     started = time.time()
-    from batch_caption import progress
-    from batch_caption.progress_channel import Channel
+    from batch_caption.pipeline import progress
+    from batch_caption.pipeline.progress_channel import Channel
 
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, config, model_id, model_config.image_size, single_process, baseline,
@@ -198,9 +200,9 @@ def _run_locked(config: JobConfig, options, model_id: str, model_config, single_
         progress.follow(result, job_metrics, progress.reporter())  # a remote job: from its counters
     finally:
         progress.reporter().close()
-    manifest = runs.read_run(config.run_dir).manifest
+    manifest = run_dirs.read_run(config.run_dir).manifest
     if not manifest.get("rejected"):
-        runs.point_latest(config.output, config.run_id)  # the run is complete: LATEST names it
+        run_dirs.point_latest(config.output, config.run_id)  # the run is complete: LATEST names it
     manifest["elapsed_seconds"] = round(time.time() - started, 3)
     manifest["metrics"] = job_metrics(result)
     return manifest
@@ -223,13 +225,11 @@ def job_metrics(result) -> dict[str, int]:
     for c in metrics["counters"]:
         out[c.key.metric.name] = out.get(c.key.metric.name, 0) + (c.committed or c.attempted or 0)
     for d in metrics["distributions"]:
-        name = d.key.metric.name
+        name, value = d.key.metric.name, d.committed or d.attempted
         if name == "first_caption_ms":  # the earliest process's
-            value = d.committed or d.attempted
             if value and value.count:
                 out[name] = min(out.get(name, value.min), value.min)
         elif name in ("model_load_ms", "model_wait_ms"):
-            value = d.committed or d.attempted
             out[name] = out.get(name, 0) + (value.sum if value else 0)
             if name == "model_load_ms":
                 out["model_loads"] = out.get("model_loads", 0) + (value.count if value else 0)

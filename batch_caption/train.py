@@ -33,8 +33,9 @@ import json
 import sys
 from collections.abc import Sequence
 
-from batch_caption import cli, gcs, quiet
+from batch_caption import cli, quiet
 from batch_caption.model.config import ModelConfig
+from batch_caption.storage import gcs
 from batch_caption.training import preflight
 from batch_caption.training import strategy as strategies
 from batch_caption.training.config import EXIT_PREEMPTED, FROM_DATASET, TrainConfig, TrainingError, UsageError

@@ -241,9 +241,9 @@ def marginal_rate(big: dict, small: dict) -> float:
 def job_phases() -> list[tuple[object, str, str]]:
     """(class, method, label) of the job's phases, in data-flow order, for
     profile_job.py's timeline."""
-    from batch_caption import job
+    from batch_caption import pipeline
 
-    return job.timed_phases()
+    return pipeline.timed_phases()
 
 
 # A py-spy frame of the model load's own thread (BackgroundLoad), for profile_job.py summary.
@@ -320,9 +320,9 @@ def with_search(captioner, **search):
 
 def decode(data: bytes, image_size: int, draft: bool = True):
     """The job's decoding of one file's bytes -> uint8 [S, S, 3]."""
-    from batch_caption import images
+    from batch_caption.images import decoding
 
-    return images.decode_image(data, images.ImageConfig(image_size=image_size, draft=draft)).pixels
+    return decoding.decode_image(data, decoding.ImageConfig(image_size=image_size, draft=draft)).pixels
 
 
 def scene_batch(n: int, size: int):

@@ -43,7 +43,8 @@ def main(argv=None):
 
     from pycocoevalcap.cider.cider import Cider
 
-    from batch_caption import coco_metrics, evaluate
+    from batch_caption import evaluate
+    from batch_caption.evaluation import metrics
 
     records = _records(args.run)
     file_names, references = evaluate.read_references(args.references)
@@ -52,8 +53,8 @@ def main(argv=None):
         for image_id in evaluate.match_predictions([(r["path"], r["caption"])], file_names).predictions:
             by_id.setdefault(image_id, r)
     ids = sorted(by_id)
-    gts = coco_metrics.tokenize({i: references[i] for i in ids})
-    res = coco_metrics.tokenize({i: [by_id[i]["caption"]] for i in ids})
+    gts = metrics.tokenize({i: references[i] for i in ids})
+    res = metrics.tokenize({i: [by_id[i]["caption"]] for i in ids})
     _, per_image = Cider().compute_score(gts, res)
     per_image = np.asarray(per_image, dtype=float)
     edges = np.quantile(per_image, [0.25, 0.5, 0.75])

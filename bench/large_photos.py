@@ -11,7 +11,7 @@ included). A timed run of `--warmup` photos per mode gives each run's fixed cost
 rate without it: (n - warmup) / (T(n) - T(warmup)), T a run's steady time (elapsed -
 `model_wait_ms`; a short run waits for the whole load, which a long one hides behind
 decoding). Reports the median images/s of each, their ratio, and the two modes' captions
-compared file by file (last round). As context, `images.decode_image` alone on every
+compared file by file (last round). As context, `images.decoding.decode_image` alone on every
 photo's bytes, draft and full alternately: median ms per image and the mean / max absolute
 pixel difference of the two outputs.
 """

@@ -33,7 +33,7 @@ def image_dataset(paths: list[str], image_size: int, batch_size: int):
     """(paths, uint8 [B, S, S, 3]) batches."""
     import tensorflow as tf
 
-    from batch_caption.images import DRAFT_REDUCING_GAP
+    from batch_caption.images.decoding import DRAFT_REDUCING_GAP
 
     target = DRAFT_REDUCING_GAP * image_size
 
@@ -63,8 +63,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from batch_caption import bundled
-    from batch_caption.job.config import default_batch_size
     from batch_caption.model.load import load_captioner
+    from batch_caption.pipeline.config import default_batch_size
 
     paths = jpeg_files(args.input)
     # No DecodeConfig given: the bundle's own search settings (its decode.json), as the job's default.

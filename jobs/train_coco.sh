@@ -20,7 +20,7 @@ python -m batch_caption.prepare --source karpathy --captions "$KARPATHY" --image
 
 # 2. Stage 1: the decoder on a frozen CNN; stage 2 (after 500k steps): the CNN too, at 0.1x lr.
 python -m batch_caption.train --data "$OUT/data" --output "$OUT/train" \
-  --encoder inception_v3 --encoder_weights imagenet --no-train_encoder --fine_tune_after_steps 500000 \
+  --encoder inception_v3 --encoder_weights imagenet --fine_tune_after_steps 500000 \
   --encoder_lr_multiplier 0.1 --embedding_size 512 --lstm_units 512 --dropout 0.3 \
   --global_batch_size 64 --steps 1000000 --learning_rate 2e-3 --lr_schedule exponential \
   --clip_norm 5 --checkpoint_every 5000 --eval_every 10000

@@ -17,7 +17,7 @@ GPU=${GPU:-NVIDIA_TESLA_V100}
 GPUS=${GPUS:-4}
 
 ARGS="--data=$DATA,--output=$OUTPUT,--strategy=multi_worker,--encoder=inception_v3,--encoder_weights=imagenet,\
---no-train_encoder,--fine_tune_after_steps=200000,--global_batch_size=512,--steps=400000,\
+--fine_tune_after_steps=200000,--global_batch_size=512,--steps=400000,\
 --learning_rate=4e-3,--clip_norm=5,--checkpoint_every=2000,--eval_every=5000"
 POOL="machine-type=$MACHINE,accelerator-type=$GPU,accelerator-count=$GPUS,container-image-uri=$IMAGE"
 

@@ -52,7 +52,7 @@ def gcs_emulator():
             time.sleep(0.2)
     old = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = host
-    from batch_caption import gcs
+    from batch_caption.storage import gcs
 
     gcs.configure_for_emulator()
     try:
@@ -71,7 +71,7 @@ def progress_reporter(monkeypatch):
     """This process's progress reporter (progress.reporter()), fresh and silent."""
     import io
 
-    from batch_caption import progress
+    from batch_caption.pipeline import progress
 
     reporter = progress.Reporter(stream=io.StringIO(), bar=False)
     monkeypatch.setattr(progress, "_reporter", reporter)

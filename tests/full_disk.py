@@ -1,4 +1,4 @@
-"""Importing this module makes the job's shard files (job/shards.py) fill a disk: once
+"""Importing this module makes the job's shard files (pipeline/shards.py) fill a disk: once
 they hold FULL_DISK_BYTES in all, every write raises OSError ENOSPC, as on a full disk
 (the rest of the process writes as usual: the model still loads)."""
 
@@ -10,7 +10,7 @@ import types
 
 from apache_beam.io.filesystems import FileSystems
 
-from batch_caption.job import shards
+from batch_caption.pipeline import shards
 
 _LIMIT = int(os.environ.get("FULL_DISK_BYTES", "0"))
 _written = 0

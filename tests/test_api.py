@@ -3,6 +3,7 @@ handler in a pipeline; the records are the job's; the README's examples run, qui
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -77,6 +78,20 @@ def test_bad_settings_raise_before_loading(tiny_bundle):
         api.CaptionPaths(tiny_bundle, batch_size=0)
     with pytest.raises(TypeError):
         api.load(tiny_bundle, beam_sise=3)
+
+
+def test_settings_take_every_search_flag_from_decode_config():
+    """One definition per search setting: Settings has a field for each of the job's
+    search flags, None (the model's default) unless given, and passes it to the search."""
+    from batch_caption.model.config import SEARCH_FLAGS, DecodeConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(api.Settings)}
+    assert {flag: fields.get(flag, "missing") for flag in SEARCH_FLAGS} == dict.fromkeys(SEARCH_FLAGS)
+    given = dict(beam_size=5, max_caption_length=9, num_alternatives=2, length_normalization=0.0,
+                 forbid_unknown=True)
+    assert set(given) == set(SEARCH_FLAGS)
+    assert api.Settings(**given).decode_for(DecodeConfig()) == DecodeConfig(
+        beam_size=5, max_length=9, num_alternatives=2, length_normalization=0.0, forbid_unknown=True)
 
 
 def _sizeless_errors(rs):

@@ -13,8 +13,9 @@ import pytest
 from helpers import varied_images
 from PIL import Image
 
-from batch_caption import catalog, files, run, runs
-from batch_caption.core import file_reads
+from batch_caption import catalog, run
+from batch_caption.core import bounded_reads
+from batch_caption.storage import files, run_dirs
 
 
 def _write_pngs(folder, names, seed):
@@ -37,7 +38,7 @@ def _catalog(out: str, run_id: str) -> dict[str, dict]:
 def read_paths(monkeypatch):
     """Every path whose bytes the job reads (first reads and hashes), in this process."""
     seen: list[str] = []
-    real_read, real_hash = file_reads.read_file, file_reads.hash_file
+    real_read, real_hash = bounded_reads.read_file, bounded_reads.hash_file
 
     def read_file(path, *args, **kwargs):
         seen.append(os.path.basename(path))
@@ -47,8 +48,8 @@ def read_paths(monkeypatch):
         seen.append(os.path.basename(path))
         return real_hash(path, *args, **kwargs)
 
-    monkeypatch.setattr(file_reads, "read_file", read_file)
-    monkeypatch.setattr(file_reads, "hash_file", hash_file)
+    monkeypatch.setattr(bounded_reads, "read_file", read_file)
+    monkeypatch.setattr(bounded_reads, "hash_file", hash_file)
     return seen
 
 
@@ -102,7 +103,7 @@ def test_catalog_holds_the_archive_and_incremental_runs_read_only_what_changed(t
     wider = run.run(base + ["--run_id", "r5", "--beam_size", "2"])  # other decode settings: caption again
     assert wider["counts"]["captioned"] == 6 and wider["counts"]["failed"] == 1 and wider["counts"]["carried"] == 0
     assert {r["captioned_run"] for r in _catalog(out, "r5").values()} == {"r5"}
-    assert runs.read_latest(out) == "r5"
+    assert run_dirs.read_latest(out) == "r5"
 
 
 def test_an_output_written_without_catalogs_is_read_once_to_build_the_first(tiny_bundle, tmp_path, read_paths):
@@ -138,7 +139,7 @@ def test_an_unreadable_earlier_manifest_is_skipped_with_a_warning(tiny_bundle, t
     with caplog.at_level(logging.WARNING):
         assert run.main(base + ["--run_id", "next"]) == 0
     assert any("run=broken" in r.getMessage() for r in caplog.records)
-    assert runs.read_latest(out) == "next"
+    assert run_dirs.read_latest(out) == "next"
     assert json.loads(open(os.path.join(out, "run=next", "manifest.json")).read())["counts"]["carried"] == 2
 
 
@@ -158,7 +159,7 @@ def test_an_unreadable_catalog_falls_back_to_the_run_before(tiny_bundle, tmp_pat
 
 
 def test_a_failed_listing_fails_the_run_and_latest_stays(tiny_bundle, tmp_path, monkeypatch, capsys):
-    from batch_caption.job import listing, match
+    from batch_caption.pipeline import listing, match
 
     src, out = tmp_path / "archive", str(tmp_path / "out")
     _write_pngs(src, ["a.png"], seed=8)
@@ -180,7 +181,7 @@ def test_a_failed_listing_fails_the_run_and_latest_stays(tiny_bundle, tmp_path, 
     assert run.main(base + ["--input_list", str(tmp_path / "list.txt"), "--run_id", "storm"]) == 1
     err = capsys.readouterr().err
     assert err.count("cannot list") == 2 and err.count("cannot read --input_list") == 1
-    assert runs.read_latest(out) == "ok"
+    assert run_dirs.read_latest(out) == "ok"
 
 
 def test_too_many_failures_exit_3_and_latest_stays(tiny_bundle, tmp_path, capsys):
@@ -192,7 +193,7 @@ def test_too_many_failures_exit_3_and_latest_stays(tiny_bundle, tmp_path, capsys
         (src / f"bad{i}.jpg").write_bytes(b"garbage")
     assert run.main(base + ["--run_id", "bad"]) == 3
     assert "LATEST not moved" in capsys.readouterr().err
-    assert runs.read_latest(out) == "fine"
+    assert run_dirs.read_latest(out) == "fine"
     assert "rejected" in json.loads(open(os.path.join(out, "run=bad", "manifest.json")).read())
     # The rejected run is not the next incremental run's baseline.
     again = run.run(base + ["--run_id", "again", "--incremental", "--max_failed_fraction", "1"])
@@ -205,23 +206,23 @@ def test_a_rerun_of_the_latest_run_points_latest_back_first(tiny_bundle, tmp_pat
     base = ["--input", str(src), "--output", out, "--model", tiny_bundle]
     run.run(base + ["--run_id", "a"])
     run.run(base + ["--run_id", "b"])
-    assert runs.read_latest(out) == "b"
+    assert run_dirs.read_latest(out) == "b"
     seen = []
-    real_clear = runs.clear_run_dir
+    real_clear = run_dirs.clear_run_dir
 
     def clear(run_dir):
-        seen.append(runs.read_latest(out))  # what a reader sees while the old attempt goes
+        seen.append(run_dirs.read_latest(out))  # what a reader sees while the old attempt goes
         real_clear(run_dir)
         raise KeyboardInterrupt  # killed right after clearing
 
-    monkeypatch.setattr(runs, "clear_run_dir", clear)
+    monkeypatch.setattr(run_dirs, "clear_run_dir", clear)
     with pytest.raises(KeyboardInterrupt):
         run.run(base + ["--run_id", "b"])
-    assert seen == ["a"] and runs.read_latest(out) == "a"
-    runs.read_run(runs.run_dir_of(out, runs.read_latest(out)))  # LATEST names a complete run
-    monkeypatch.setattr(runs, "clear_run_dir", real_clear)
+    assert seen == ["a"] and run_dirs.read_latest(out) == "a"
+    run_dirs.read_run(run_dirs.run_dir_of(out, run_dirs.read_latest(out)))  # LATEST names a complete run
+    monkeypatch.setattr(run_dirs, "clear_run_dir", real_clear)
     run.run(base + ["--run_id", "b"])
-    assert runs.read_latest(out) == "b"
+    assert run_dirs.read_latest(out) == "b"
 
 
 def test_a_file_over_the_limit_is_refused_from_its_size_unread(tiny_bundle, tmp_path, read_paths):
@@ -282,8 +283,8 @@ def test_two_runs_started_together_one_runs_the_other_exits_2_naming_it(tiny_bun
     [(_, loser_err)] = [v for r, v in results.items() if r != winner]
     [said] = [line for line in loser_err.splitlines() if line.startswith("batch_caption.run:")]
     assert f"held by run {winner} on" in said
-    assert runs.read_latest(out) == winner
-    done = runs.read_run(runs.run_dir_of(out, winner)).manifest
+    assert run_dirs.read_latest(out) == winner
+    done = run_dirs.read_run(run_dirs.run_dir_of(out, winner)).manifest
     assert done["counts"]["captioned"] == 30 and done["counts"]["catalog_rows"] == 30
 
 
@@ -332,18 +333,18 @@ def test_a_run_killed_at_any_change_leaves_latest_readable_and_a_rerun_completes
         outcomes = list(pool.map(killed_at, range(1, changes + 1)))
     for k, out, code in outcomes:
         assert code == -9, f"change {k}: exit {code}"
-        latest = runs.read_latest(str(out))
+        latest = run_dirs.read_latest(str(out))
         assert latest in ("base", "next"), f"change {k}: LATEST {latest!r}"
-        done = runs.read_run(runs.run_dir_of(str(out), latest))
+        done = run_dirs.read_run(run_dirs.run_dir_of(str(out), latest))
         rows = pq.read_table(list(done.catalog_files), partitioning=None).num_rows
         assert rows == (3 if latest == "base" else 4), f"change {k}"
     for k, out, _ in outcomes:
         rerun = run.run(args(out) + ["--run_id", "next"])
-        assert runs.read_latest(str(out)) == "next" and rerun["counts"]["catalog_rows"] == 4, f"change {k}"
+        assert run_dirs.read_latest(str(out)) == "next" and rerun["counts"]["catalog_rows"] == 4, f"change {k}"
 
 
 def test_links_and_unlistable_directories_are_accounted_in_the_run(tiny_bundle, tmp_path, monkeypatch):
-    from batch_caption.job import listing
+    from batch_caption.pipeline import listing
 
     src = tmp_path / "archive"
     _write_pngs(src / "sub", ["a.png"], seed=16)
@@ -364,7 +365,7 @@ def test_links_and_unlistable_directories_are_accounted_in_the_run(tiny_bundle, 
 
 
 def test_files_under_an_unlistable_directory_are_carried_not_deleted(tiny_bundle, tmp_path, monkeypatch, read_paths):
-    from batch_caption.job import listing
+    from batch_caption.pipeline import listing
 
     src, out = tmp_path / "archive", str(tmp_path / "out")
     _write_pngs(src / "open", ["a.png"], seed=18)
@@ -479,7 +480,7 @@ def test_runs_that_end_within_one_second_are_ordered_by_their_end(tmp_path):
         (out / f"run={run_id}").mkdir(parents=True)
         (out / f"run={run_id}" / "manifest.json").write_text(json.dumps(
             {"run_id": run_id, "files": {"captions": []}, "end_time": "1970-01-01T00:01:40Z", "end_seconds": seconds}))
-    assert [r.run_id for r in runs.complete_runs(str(out))] == ["zzz", "aaa"]
+    assert [r.run_id for r in run_dirs.complete_runs(str(out))] == ["zzz", "aaa"]
 
 
 def _fake_run(out, run_id: str, end: int, manifest_files=None, table=None) -> None:
@@ -523,7 +524,7 @@ def test_a_catalog_that_does_not_read_whole_falls_back_to_the_run_before(tmp_pat
         data = data[:4] + data[len(data) // 2:]
     path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
-        chosen = runs.baseline(runs.complete_runs(str(out)))
+        chosen = run_dirs.baseline(run_dirs.complete_runs(str(out)))
     assert chosen.run_ids == ("one",) and chosen.catalog_rows == 1
     assert any("run=two" in r.getMessage() and "catalog-00000-of-00001.parquet" in r.getMessage()
                for r in caplog.records)
@@ -539,8 +540,8 @@ def test_a_manifest_with_fields_of_the_wrong_type_is_skipped_naming_it(tmp_path,
     _fake_run(out, "one", 1)
     _fake_run(out, "two", 2, manifest_files=listed)
     with caplog.at_level(logging.WARNING):
-        complete = runs.complete_runs(str(out))
-        chosen = runs.baseline(complete)
+        complete = run_dirs.complete_runs(str(out))
+        chosen = run_dirs.baseline(complete)
     assert [r.run_id for r in complete] == ["one"] and chosen.run_ids == ("one",)
     assert any("run=two" in r.getMessage() for r in caplog.records)
 
@@ -554,7 +555,7 @@ def test_a_manifest_with_other_fields_of_the_wrong_type_is_skipped(tmp_path, fie
     manifest = json.loads(manifest_path.read_text())
     manifest[field] = value
     manifest_path.write_text(json.dumps(manifest))
-    assert [r.run_id for r in runs.complete_runs(str(out))] == ["one"]
+    assert [r.run_id for r in run_dirs.complete_runs(str(out))] == ["one"]
 
 
 def test_a_damaged_catalog_in_history_never_wedges_an_incremental_run(tiny_bundle, tmp_path, caplog):
@@ -625,7 +626,7 @@ def test_a_full_disk_fails_with_the_error_last_and_the_next_run_cleans_up(tiny_b
     (out / "run=older" / "_temporary" / "captions-0.jsonl").write_bytes(b"x" * 1000)
     assert run.main(base + ["--run_id", "next"]) == 0
     assert not list(out.glob("run=*/_temporary"))
-    assert runs.read_latest(str(out)) == "next"
+    assert run_dirs.read_latest(str(out)) == "next"
 
 
 _NIGHT = """

@@ -50,9 +50,9 @@ def test_a_bench_script_imports_and_names_only_public_package_names(script, monk
 
 
 def test_the_profiled_phases_exist():
-    from batch_caption import job
+    from batch_caption import pipeline
 
-    phases = job.timed_phases()
+    phases = pipeline.timed_phases()
     assert [label for _, _, label in phases][0] == "match"
     for cls, method, _ in phases:
         assert callable(getattr(cls, method)), f"{cls.__name__}.{method}"
@@ -66,7 +66,7 @@ def test_the_tf_data_pipeline_captions_every_jpeg_once_from_the_jobs_pixels(tmp_
     import numpy as np
     from PIL import Image
 
-    from batch_caption import images
+    from batch_caption.images import decoding
 
     monkeypatch.syspath_prepend(BENCH)
     import tf_data_pipeline as pipeline
@@ -77,8 +77,8 @@ def test_the_tf_data_pipeline_captions_every_jpeg_once_from_the_jobs_pixels(tmp_
         smooth.save(tmp_path / f"{i}.jpg", quality=90)
     paths = pipeline.jpeg_files(str(tmp_path))
     (named, pixels), = pipeline.image_dataset(paths, 128, 8).as_numpy_iterator()
-    config = images.ImageConfig(image_size=128)
-    job = np.stack([images.decode_image((tmp_path / f"{i}.jpg").read_bytes(), config).pixels for i in range(4)])
+    config = decoding.ImageConfig(image_size=128)
+    job = np.stack([decoding.decode_image((tmp_path / f"{i}.jpg").read_bytes(), config).pixels for i in range(4)])
     assert [p.decode() for p in named] == paths
     assert np.abs(pixels.astype(int) - job).mean() < 0.5
 

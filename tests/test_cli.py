@@ -12,7 +12,8 @@ import types
 import pytest
 from helpers import evaluate_main
 
-from batch_caption import cli, report, run, train
+from batch_caption import cli, run, train
+from batch_caption.report import page
 from batch_caption import prepare
 from batch_caption.training import scene_encoder
 
@@ -56,7 +57,7 @@ ENTRY_POINTS = [
     ("train", train.main, ["--data", "d", "--output", "o"], "--global-batch-size", "--global_batch_size", "--stesp", "--steps"),
     ("evaluate", evaluate_main, ["--captions", "c", "--references", "r"], "--tokenizer-x", "--tokenizer",
      "--referneces", "--references"),
-    ("report", report.main, ["run_dir"], "--thumbnail-size", "--thumbnail_size", "--ouptut", "--output"),
+    ("report", page.main, ["run_dir"], "--thumbnail-size", "--thumbnail_size", "--ouptut", "--output"),
     ("scene_encoder", scene_encoder.main, ["--output", "o"], "--batch-size", "--batch_size", "--epochz", "--epochs"),
 ]
 

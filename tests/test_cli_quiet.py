@@ -12,15 +12,16 @@ import textwrap
 
 import pytest
 
-from batch_caption import bundled, cli, evaluate, quiet, report, run, train
+from batch_caption import bundled, cli, evaluate, quiet, run, train
 from batch_caption.prepare import config as prepare_config
+from batch_caption.report import page
 from batch_caption.training import scene_encoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINTS = ["batch_caption.run", "batch_caption.train", "batch_caption.prepare", "batch_caption.evaluate",
                 "batch_caption.report", "batch_caption.training.scene_encoder"]
 PARSERS = [run.build_parser, train.build_parser, prepare_config.build_parser, evaluate.build_parser,
-           report.build_parser, scene_encoder.build_parser]
+           page.build_parser, scene_encoder.build_parser]
 # What TensorFlow 2.21 prints on a CPU machine as it loads and looks for devices.
 ONEDNN = (b"I0000 00:00:1796290368.816228   27486 port.cc:153] oneDNN custom operations are on. You may see "
           b"slightly different numerical results due to floating-point round-off errors.\n")
@@ -45,7 +46,7 @@ def _clean_env() -> dict[str, str]:
     (CUINIT, 3, True), (CUINIT, 2, False),
     (NOTICE, 3, True), (NOTICE, 1, False),
     (b"[batch_caption] 1/8 images captioned, first after 7.4 s, ETA ?\n", 3, False),
-    (b"WARNING batch_caption.lock: took over the lock of run x\n", 3, False),
+    (b"WARNING batch_caption.storage.lock: took over the lock of run x\n", 3, False),
     (b"I0000 is not a log line without its source\n", 3, False),
 ])
 def test_hidden_follows_tf_cpp_min_log_level(line, level, hide):

@@ -381,6 +381,57 @@ def test_every_launcher_parses(script):
     assert done.returncode == 0, done.stderr
 
 
+def _train_commands() -> list[tuple[str, list[str]]]:
+    """(script, argv) for every `python -m batch_caption.train` a shell recipe runs, and for
+    vertex_train.sh's comma-separated ARGS: continuation lines joined, each array the script
+    defines expanded (once per definition), every variable standing for 1000000000."""
+    found = []
+    for path in sorted(JOBS.glob("*.sh")):
+        text = path.read_text().replace("\\\n", "")
+        arrays: dict[str, list[str]] = {}
+        for name, body in re.findall(r"(\w+)=\(([^)]*)\)", text):
+            arrays.setdefault(name, []).append(body)
+        lines = [ln.split("batch_caption.train", 1)[1] for ln in text.splitlines()
+                 if re.search(r"python -m batch_caption\.train(\s|$)", ln)]
+        lines += [m.replace(",", " ") for m in re.findall(r'^ARGS="([^"]*)"', text, flags=re.M)]
+        for line in lines:
+            variants = [line]
+            for name, bodies in arrays.items():
+                ref = f'"${{{name}[@]}}"'
+                variants = [v.replace(ref, body) for v in variants for body in (bodies if ref in v else [""])]
+            for v in variants:
+                v = re.sub(r"\$\{?\w+(:-[^}]*)?\}?", "1000000000", v)
+                found.append((path.name, shlex.split(v)))
+    return found
+
+
+def test_the_recipes_train_commands_are_found():
+    counts: dict[str, int] = {}
+    for script, _ in _train_commands():
+        counts[script] = counts.get(script, 0) + 1
+    assert counts == {"train_coco.sh": 1, "train_flickr8k.sh": 2, "train_scenes_model.sh": 2, "vertex_train.sh": 1}
+
+
+@pytest.mark.parametrize("script,argv", _train_commands(), ids=lambda x: x if isinstance(x, str) else "argv")
+def test_every_recipes_train_flags_are_accepted(script, argv):
+    """train's parser and TrainConfig's checks (flags that contradict each other, such as
+    --no-train_encoder with --fine_tune_after_steps) accept what each recipe passes."""
+    from batch_caption import train
+
+    try:
+        train.parse(argv)
+    except (UsageError, SystemExit) as e:
+        pytest.fail(f"jobs/{script}: {e}")
+
+
+def test_a_refused_train_flag_fails_the_recipe_check():
+    from batch_caption import train
+
+    with pytest.raises(UsageError, match="fine_tune_after_steps"):
+        train.parse(["--data", "d", "--output", "o", "--no-train_encoder", "--fine_tune_after_steps", "5",
+                     "--steps", "10"])
+
+
 def test_the_flickr8k_recipe_names_its_missing_inputs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("IMAGES", "TEXT")}
     done = subprocess.run(["bash", str(JOBS / "train_flickr8k.sh"), str(tmp_path / "work")], capture_output=True,

@@ -15,8 +15,9 @@ import pytest
 from helpers import varied_images
 from PIL import Image
 
-from batch_caption import api, images, prepare
+from batch_caption import api, prepare
 from batch_caption.data import sources, tfrecord
+from batch_caption.images import decoding
 from batch_caption.model.vocab import UNK_ID, Vocabulary, tokenize
 from batch_caption.prepare.config import check_inputs, parse
 from batch_caption.prepare.read import source_tasks
@@ -239,10 +240,10 @@ def test_precomputed_features_equal_the_backbones(tmp_path, size, grid):
     _, _, parsed = read_dataset(out)
     keras.utils.set_random_seed(6)  # a fresh backbone gets other weights unless they are loaded
     backbone = build_backbone(dataclasses.replace(config, encoder_weights=weights))
-    image_config = images.ImageConfig(image_size=size)
+    image_config = decoding.ImageConfig(image_size=size)
     for split, rows in parsed.items():
         assert len(rows) == info.splits[split]["images"] == {"train": 4, "test": 2}[split]
-        pixels = np.stack([images.decode_image(open(root / "img" / f"{r['image_id'] - 1}.png", "rb").read(),
+        pixels = np.stack([decoding.decode_image(open(root / "img" / f"{r['image_id'] - 1}.png", "rb").read(),
                                                image_config).pixels for r in rows])
         want = backbone(pixels, training=False).numpy()
         got = np.stack([r["features"] for r in rows])

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from batch_caption import bundled, files, quality, records
+from batch_caption import bundled, quality, records
 from batch_caption.data import scenes
 from batch_caption.model import vocab as V
 from batch_caption.model.beam_search import beam_search
 from batch_caption.model.captioner import Caption, Captioner
 from batch_caption.model.config import DecodeConfig
 from batch_caption.quality import caption_flags
+from batch_caption.storage import files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,7 +158,7 @@ def test_each_bundled_models_threshold_is_its_calibration(name):
 
 def test_the_job_takes_its_models_threshold_unless_given_one(monkeypatch):
     from batch_caption import run
-    from batch_caption.job.config import JobConfig
+    from batch_caption.pipeline.config import JobConfig
 
     assert run.parse(["--output", "o"])[0].low_score_threshold is None  # filled in from the bundle id
     assert run.parse(["--output", "o", "--low_score_threshold", "-2"])[0].low_score_threshold == -2.0
@@ -175,7 +176,8 @@ def _readme_sample_counts() -> dict[str, int]:
 def test_the_readme_says_how_often_each_flag_fires_on_the_scene_samples():
     """With the scenes model, its samples and the job's default settings: the README's
     counts hold, and no sample is cut or flagged repeated."""
-    from batch_caption import images, run
+    from batch_caption import run
+    from batch_caption.images import decoding
     from batch_caption.model.load import load_captioner
 
     scenes_model = bundled.BUNDLED["scenes"]
@@ -183,9 +185,9 @@ def test_the_readme_says_how_often_each_flag_fires_on_the_scene_samples():
     captioner = load_captioner(scenes_model.path, config.decode)
     paths = scenes_model.sample_files()
     assert len(paths) == 8
-    decode = images.ImageConfig(image_size=captioner.image_size, max_image_pixels=config.max_image_pixels,
+    decode = decoding.ImageConfig(image_size=captioner.image_size, max_image_pixels=config.max_image_pixels,
                                 draft=config.draft)
-    pixels = np.stack([images.decode_image(files.read_bytes(p), decode).pixels for p in paths])
+    pixels = np.stack([decoding.decode_image(files.read_bytes(p), decode).pixels for p in paths])
     best = [row[0] for row in captioner.caption(pixels)]
     flags = [caption_flags(c.text, c.score, scenes_model.low_score, c.truncated) for c in best]
     counts = {f: sum(f in fl for fl in flags) for f in quality.FLAGS}

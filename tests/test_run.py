@@ -15,11 +15,12 @@ import pytest
 from helpers import varied_images, within
 from PIL import Image
 
-from batch_caption import bundled, images, quality, run
-from batch_caption.job.config import default_batch_size
+from batch_caption import bundled, quality, run
+from batch_caption.images import decoding
 from batch_caption.model.config import DecodeConfig
 from batch_caption.model.load import load_captioner
-from batch_caption.progress import Reporter
+from batch_caption.pipeline.config import default_batch_size
+from batch_caption.pipeline.progress import Reporter
 
 BROKEN = {  # name -> expected stage
     "zero.jpg": "decode",
@@ -170,8 +171,8 @@ def test_job_captions_equal_the_captioners(mixed, in_memory_run, tiny_bundle):
     out, _ = in_memory_run
     captions, _, _ = read_run(os.path.join(out, "run=mem"))
     captioner = load_captioner(tiny_bundle, DecodeConfig())
-    config = images.ImageConfig(image_size=captioner.image_size)
-    pixels = np.stack([images.decode_image(open(p, "rb").read(), config).pixels for p in valid])
+    config = decoding.ImageConfig(image_size=captioner.image_size)
+    pixels = np.stack([decoding.decode_image(open(p, "rb").read(), config).pixels for p in valid])
     direct = {p: row for p, row in zip(valid, captioner.caption(pixels))}
     for r in captions:
         best, *alts = direct[r["path"]]
@@ -435,7 +436,7 @@ def test_the_default_batch_size_holds_the_pixels_per_batch(tiny_bundle, tmp_path
 def test_draft_flag_turns_jpeg_draft_decoding_off(tmp_path, monkeypatch):
     import apache_beam as beam
 
-    from batch_caption import job
+    from batch_caption import pipeline
 
     assert run.parse(["--input", str(tmp_path)])[0].draft is True
     assert run.parse(["--input", str(tmp_path), "--draft"])[0].draft is True
@@ -450,9 +451,9 @@ def test_draft_flag_turns_jpeg_draft_decoding_off(tmp_path, monkeypatch):
         seen.append(image_config)
         raise Built
 
-    monkeypatch.setattr(job, "ReadImages", read_images)
+    monkeypatch.setattr(pipeline, "ReadImages", read_images)
     with pytest.raises(Built):
-        job.build_pipeline(beam.Pipeline(), config, "id", 128, False)
+        pipeline.build_pipeline(beam.Pipeline(), config, "id", 128, False)
     assert seen[0].draft is False and seen[0].image_size == 128
 
 

@@ -85,7 +85,7 @@ def test_extensions_and_all_files_choose_the_inputs(photos, tiny_bundle, tmp_pat
 def _old_lock(out, run_id: str, age_seconds: float) -> str:
     """A lock at OUT/_LOCK written by a run on another machine (no evidence that it died),
     modified `age_seconds` ago; returns its path."""
-    from batch_caption.lock import LOCK_NAME, Holder
+    from batch_caption.storage.lock import LOCK_NAME, Holder
 
     os.makedirs(str(out), exist_ok=True)
     path = os.path.join(str(out), LOCK_NAME)

@@ -67,7 +67,7 @@ def test_group_accuracy_counts_an_image_right_only_when_every_label_is():
 def test_rendered_split_is_the_prepared_datasets_pixels(tmp_path):
     config = scenes.SceneConfig(image_size=64)
     scenes.write_dataset(tmp_path, {"train": 3}, seed=5, config=config)
-    from batch_caption import images as I
+    from batch_caption.images import decoding as I
 
     pixels, labels = SE.render_split("train", 3, seed=5, image_size=64, processes=1)
     facts = json.loads((tmp_path / "scenes_train.json").read_text())

@@ -2,7 +2,7 @@
 pieces below every entry point, so that none imports another's internals.
 
     elements       what the stages pass: SourceFile, FileData, ImageExample; ERRORS, NAMESPACE
-    file_reads     bounded, chunked file reads (regular files only)
+    bounded_reads  whole files read up to a size limit, in chunks (regular files only)
     readahead      the read-ahead thread-pool DoFn base
     cpus           CPUs available under affinity masks and cgroup quotas
     read           ReadImages: size refusal, dedupe, read + decode ahead

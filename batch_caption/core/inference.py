@@ -20,7 +20,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 import batch_caption
-from batch_caption import bundled, gcs
+from batch_caption import bundled
 from batch_caption.core.elements import ImageExample
 from batch_caption.core.model_loading import (
     BackgroundLoad,
@@ -28,6 +28,7 @@ from batch_caption.core.model_loading import (
     quiet_beam_memory_warning,
 )
 from batch_caption.model.config import RUNTIMES, DecodeConfig, ModelConfig
+from batch_caption.storage import gcs
 
 # Beam warns before load_model runs, so the filter goes in at import: every process that
 # unpickles a handler (workers, the --share_model server) imports this module first.

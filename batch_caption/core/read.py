@@ -18,11 +18,13 @@ from typing import Any, NamedTuple
 
 import apache_beam as beam
 
-from batch_caption import gcs, images, records
-from batch_caption.core import file_reads, model_loading
+from batch_caption import records
+from batch_caption.core import bounded_reads, model_loading
 from batch_caption.core.cpus import available_cpus
 from batch_caption.core.elements import ERRORS, FileData, ImageExample, SourceFile, as_source, counter
 from batch_caption.core.readahead import ReadAheadFn
+from batch_caption.images import decoding
+from batch_caption.storage import gcs
 
 DECODE_THREADS = 2
 DECODE_LOOKAHEAD = 32  # images in flight per DoFn instance; >= the batch size hides decoding
@@ -85,7 +87,7 @@ class _RefuseTooLargeFn(beam.DoFn):
         source = as_source(item)
         if source.size is not None and source.size > self._max_bytes:
             counter("failed_read").inc()
-            error = file_error(source, "read", *file_reads.too_large(self._max_bytes), self._run_id)
+            error = file_error(source, "read", *bounded_reads.too_large(self._max_bytes), self._run_id)
             yield beam.pvalue.TaggedOutput(ERRORS, error)
         else:
             yield item
@@ -106,9 +108,9 @@ class HashFileFn(_FileFn):
 
     def _work(self, source: SourceFile):
         try:
-            return file_reads.hash_file(source.path, self._max_bytes)
+            return bounded_reads.hash_file(source.path, self._max_bytes)
         except Exception as e:  # missing, a directory, permissions, network: all data
-            return file_reads.root_cause(e)
+            return bounded_reads.root_cause(e)
 
     def _emit(self, source: SourceFile, result):
         if isinstance(result, BaseException):
@@ -118,7 +120,7 @@ class HashFileFn(_FileFn):
         self._hashed.inc()
         self._bytes_read.inc(size)
         if size > self._max_bytes:
-            yield from self._read_errors((source,), *file_reads.too_large(self._max_bytes))
+            yield from self._read_errors((source,), *bounded_reads.too_large(self._max_bytes))
             return
         if source.previous_sha256 == sha:
             self._skipped.inc()
@@ -183,13 +185,13 @@ class _Unchanged(NamedTuple):
 
 class _Undecodable(NamedTuple):
     file: FileData
-    error: images.ImageDecodeError
+    error: decoding.ImageDecodeError
     bytes_read: int
 
 
 class _Decoded(NamedTuple):
     file: FileData
-    image: images.DecodedImage
+    image: decoding.DecodedImage
     size: int  # bytes decoded
     bytes_read: int
 
@@ -205,7 +207,7 @@ class ReadDecodeFn(_FileFn):
     `max_decodes` of them decoding at once (default: the CPU count).
     """
 
-    def __init__(self, image_config: images.ImageConfig, max_file_bytes: int, run_id: str,
+    def __init__(self, image_config: decoding.ImageConfig, max_file_bytes: int, run_id: str,
                  threads: int = DECODE_THREADS, lookahead: int = DECODE_LOOKAHEAD, max_decodes: int | None = None):
         super().__init__(max_file_bytes, run_id, threads, lookahead)
         self._config = image_config
@@ -224,12 +226,12 @@ class ReadDecodeFn(_FileFn):
         if fd.data is None:
             source = fd.sources[0]
             try:
-                data = file_reads.read_file(source.path, self._max_bytes, size_hint=source.size)
+                data = bounded_reads.read_file(source.path, self._max_bytes, size_hint=source.size)
             except Exception as e:  # missing, deleted since hashed, permissions, network: all data
-                return _Unreadable(fd, file_reads.root_cause(e))
+                return _Unreadable(fd, bounded_reads.root_cause(e))
             counted = len(data) if first_read else 0
             if len(data) > self._max_bytes:
-                return _Unreadable(fd, *file_reads.too_large(self._max_bytes), bytes_read=counted)
+                return _Unreadable(fd, *bounded_reads.too_large(self._max_bytes), bytes_read=counted)
             sha = hashlib.sha256(data).hexdigest()
             if first_read and source.previous_sha256 == sha:
                 return _Unchanged(fd, counted)
@@ -237,8 +239,8 @@ class ReadDecodeFn(_FileFn):
         without_bytes = FileData(fd.sources, None, fd.sha256)
         try:
             with self._decode_slots:
-                decoded = images.decode_image(fd.data, self._config)
-        except images.ImageDecodeError as e:
+                decoded = decoding.decode_image(fd.data, self._config)
+        except decoding.ImageDecodeError as e:
             # Kept as a value without its traceback and chained errors: their frames lead
             # back to this one, which holds the error (a cycle only the GC frees, keeping
             # the file's bytes alive until then; one made while the first model load has
@@ -298,7 +300,7 @@ class ReadImages(beam.PTransform):
         in-memory DirectRunner).
     """
 
-    def __init__(self, image_config: images.ImageConfig, max_file_bytes: int, run_id: str, dedupe: bool = False,
+    def __init__(self, image_config: decoding.ImageConfig, max_file_bytes: int, run_id: str, dedupe: bool = False,
                  lookahead: int = DECODE_LOOKAHEAD, decode_threads: int = DECODE_THREADS,
                  spread_hashing: bool = True):
         super().__init__()

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
-from batch_caption import files
 from batch_caption.data.scenes import COLOURS, SHAPES
+from batch_caption.storage import files
 
 __all__ = ["FactCheck", "check_caption", "content_accuracy", "load_facts"]
 

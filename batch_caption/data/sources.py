@@ -24,7 +24,7 @@ import os
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any, Union
 
-from batch_caption import files
+from batch_caption.storage import files
 
 # Karpathy's splits; "restval" (the COCO val2014 images outside his 5k val / 5k test)
 # is normally trained on.

@@ -17,7 +17,7 @@ Each record holds one image and all its captions:
                                   (no <start>/<end>, each cut to max_length)
     caption_lengths  int64 [n_captions]
 
-Images are stored decoded-and-resized (by `images.decode_image`, the job's own decode),
+Images are stored decoded-and-resized (by `images.decoding.decode_image`, the job's own decode),
 so training sees exactly the pixels the job will feed the model.
 """
 

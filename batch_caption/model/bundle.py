@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from batch_caption import files
 from batch_caption.model.config import DecodeConfig, ModelConfig
 from batch_caption.model.vocab import Vocabulary
+from batch_caption.storage import files
 
 if TYPE_CHECKING:  # annotations only: this module imports no TensorFlow
     from batch_caption.model.network import CaptionModel

@@ -21,9 +21,9 @@ import tempfile
 import keras
 from keras import layers, ops
 
-from batch_caption import files
 from batch_caption.model import efficientnet_lite
 from batch_caption.model.config import DECODERS, ENCODERS, ModelConfig
+from batch_caption.storage import files
 
 
 def build_backbone(config: ModelConfig, load_weights: bool = True) -> keras.Model:

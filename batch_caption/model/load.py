@@ -11,12 +11,12 @@ import dataclasses
 import os
 import tempfile
 
-from batch_caption import files
 from batch_caption.model.bundle import WEIGHTS, BundleError, read_bundle
 from batch_caption.model.captioner import Captioner
 from batch_caption.model.config import DecodeConfig, ModelConfig
 from batch_caption.model.network import CaptionModel, build_model
 from batch_caption.model.vocab import Vocabulary
+from batch_caption.storage import files
 
 
 @dataclasses.dataclass(frozen=True)

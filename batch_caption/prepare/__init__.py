@@ -29,7 +29,7 @@ from typing import Any
 
 import apache_beam as beam
 
-from batch_caption import cli, files, gcs, records
+from batch_caption import cli, records
 from batch_caption.data import tfrecord
 from batch_caption.prepare.config import PrepareConfig, check_inputs, parse
 from batch_caption.prepare.read import (
@@ -52,6 +52,7 @@ from batch_caption.prepare.write import (
     clear_output,
     write_named,
 )
+from batch_caption.storage import files, gcs
 
 __all__ = ["PrepareConfig", "build_pipeline", "check_inputs", "main", "parse", "run", "summary"]
 

@@ -14,11 +14,13 @@ import re
 import textwrap
 import time
 
-from batch_caption import cli, files, images, quiet, records
+from batch_caption import cli, quiet, records
 from batch_caption.cli import UsageError, option
-from batch_caption.core import file_reads
+from batch_caption.core import bounded_reads
 from batch_caption.data import scenes, sources
+from batch_caption.images import decoding
 from batch_caption.model.config import DECODERS, DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_SMALL_CNN_GRID, ENCODERS, ModelConfig
+from batch_caption.storage import files
 
 SOURCES = ("coco", "karpathy", "flickr8k", "synthetic")
 DEFAULT_SYNTHETIC_COUNTS = "train=4000,val=200,test=500,compositional=500"
@@ -77,7 +79,7 @@ class PrepareConfig:
                           "floats); small_cnn keeps its grid either way; recorded in dataset.json for train")
     batch_size: int = option(32, help="images per encoder call")
     max_image_pixels: int = option(100_000_000, help="decoded pixel limit per image", default_help="default 100M")
-    max_file_bytes: int = option(file_reads.DEFAULT_MAX_FILE_BYTES, help="larger files are errors",
+    max_file_bytes: int = option(bounded_reads.DEFAULT_MAX_FILE_BYTES, help="larger files are errors",
                                  default_help="default 256 MiB")
 
     def __post_init__(self):
@@ -175,8 +177,8 @@ class PrepareConfig:
         return "features" if self.precompute_features else "images"
 
     @property
-    def image_config(self) -> images.ImageConfig:
-        return images.ImageConfig(image_size=self.image_size, max_image_pixels=self.max_image_pixels)
+    def image_config(self) -> decoding.ImageConfig:
+        return decoding.ImageConfig(image_size=self.image_size, max_image_pixels=self.max_image_pixels)
 
     @property
     def model_config(self) -> ModelConfig:

@@ -20,13 +20,14 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from batch_caption import files, gcs, records
+from batch_caption import records
 from batch_caption.core.elements import ERRORS, NAMESPACE
 from batch_caption.core.read import ReadImages
 from batch_caption.data import scenes, sources
 from batch_caption.data.sources import CaptionedImage, SourceProblem
 from batch_caption.model import vocab as vocab_lib
 from batch_caption.prepare.config import PrepareConfig
+from batch_caption.storage import files, gcs
 
 __all__ = ["ERRORS", "ReadImages", "CaptionedExample", "CheckCaptions", "ComputeFeatures", "JoinCaptionsToImages",
            "ReadCaptionSource", "counter", "describe_source", "make_synthetic", "source_tasks"]

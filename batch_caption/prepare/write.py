@@ -25,12 +25,12 @@ from typing import Any
 
 import apache_beam as beam
 
-from batch_caption import files, gcs
 from batch_caption.data import tfrecord
 from batch_caption.model import vocab as vocab_lib
 from batch_caption.model.config import ENCODERS
 from batch_caption.prepare.config import PrepareConfig
 from batch_caption.prepare.read import CaptionedExample, counter
+from batch_caption.storage import files, gcs
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -18,7 +18,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from batch_caption import cli, files
+from batch_caption import cli
+from batch_caption.storage import files
 
 PROG = "python -m batch_caption.training.average_checkpoints"
 

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from batch_caption import files
+from batch_caption.storage import files
 from batch_caption.cli import UsageError  # noqa: F401  (re-exported: raised by TrainConfig)
 from batch_caption.cli import flag_error, option
 from batch_caption.cli import require as need

@@ -18,7 +18,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from batch_caption import cli, files, quiet
+from batch_caption import cli, quiet
+from batch_caption.storage import files
 
 PROG = "python -m batch_caption.training.convert_lite0"
 BACKBONE_FILE = "backbone.weights.h5"

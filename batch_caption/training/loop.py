@@ -35,7 +35,7 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
-from batch_caption import files
+from batch_caption.storage import files
 from batch_caption.model.bundle import save_bundle
 from batch_caption.model.attend_and_tell import attention_penalty
 from batch_caption.model.network import build_model

@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Mapping
 
-from batch_caption import files
+from batch_caption.storage import files
 from batch_caption.data.tfrecord import INFO_NAME, VOCAB_NAME, DatasetInfo
 from batch_caption.model.config import (DECODERS, DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_SMALL_CNN_GRID, ENCODERS,
                                         ModelConfig)

@@ -36,9 +36,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from batch_caption import cli, files, quiet
+from batch_caption import cli, quiet
 from batch_caption.cli import require as need
 from batch_caption.model.bundle import WEIGHT_DTYPES
+from batch_caption.storage import files
 from batch_caption.training.cider import CiderD, is_word, read_references
 from batch_caption.training.config import EXIT_PREEMPTED
 

@@ -17,11 +17,11 @@ from apache_beam.utils.windowed_value import WindowedValue
 from helpers import special_files, varied_images, within
 from PIL import Image
 
-from batch_caption import images
 from batch_caption.core.elements import FileData, SourceFile, as_source
 from batch_caption.core.read import HashFileFn, ReadDecodeFn, split_by_size
 from batch_caption.core.readahead import ReadAheadFn
-from batch_caption.job import ERRORS, ReadImages
+from batch_caption.images import decoding
+from batch_caption.pipeline import ERRORS, ReadImages
 
 
 def test_a_decode_error_is_kept_without_a_reference_cycle(tmp_path):
@@ -30,13 +30,13 @@ def test_a_decode_error_is_kept_without_a_reference_cycle(tmp_path):
     # GC frees, and not at all if a first model load has the GC off and freezes.
     path = tmp_path / "broken.jpg"
     path.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 200)
-    fn = ReadDecodeFn(images.ImageConfig(image_size=8), 1 << 20, "r", threads=0)
+    fn = ReadDecodeFn(decoding.ImageConfig(image_size=8), 1 << 20, "r", threads=0)
     fn.setup()
     enabled = gc.isenabled()
     gc.disable()
     try:
         read = fn._work(str(path))
-        assert isinstance(read.error, images.ImageDecodeError)
+        assert isinstance(read.error, decoding.ImageDecodeError)
         alive = weakref.ref(read.error)
         del read
         assert alive() is None  # freed by reference counting alone
@@ -78,7 +78,7 @@ def test_decoding_ahead_in_threads_keeps_order_windows_and_errors():
     files = [_file_data(f"img{i}", data) for i, data in enumerate(buf)]
     files.insert(2, _file_data("broken", b"not an image at all"))
     files.insert(5, _file_data("empty", b""))
-    config = images.ImageConfig(image_size=16)
+    config = decoding.ImageConfig(image_size=16)
     inline = [_summary(o) for o in _run_bundle(ReadDecodeFn(config, 1 << 20, "r", threads=0), files)]
     # lookahead 3 < 8 files: outputs leave both from process and from finish_bundle.
     ahead = [_summary(o) for o in _run_bundle(ReadDecodeFn(config, 1 << 20, "r", threads=2, lookahead=3), files)]
@@ -91,7 +91,7 @@ def test_decoding_ahead_in_threads_keeps_order_windows_and_errors():
 
 
 def test_a_bug_while_decoding_ahead_fails_the_bundle():
-    fn = ReadDecodeFn(images.ImageConfig(image_size=16), 1 << 20, "r", threads=1, lookahead=4)
+    fn = ReadDecodeFn(decoding.ImageConfig(image_size=16), 1 << 20, "r", threads=1, lookahead=4)
     bad = FileData((SourceFile("x"),), "text, not bytes", "0" * 64)  # TypeError: a bug, not data
     with pytest.raises(TypeError):
         _run_bundle(fn, [bad])
@@ -112,7 +112,7 @@ def test_decoding_ahead_gives_each_window_its_own_output():
             | beam.Create([(i, f) for i, f in enumerate(files)])
             | beam.Map(lambda kv: beam.window.TimestampedValue(kv[1], kv[0]))
             | beam.WindowInto(beam.window.SlidingWindows(size=2, period=1))  # 2 windows each
-            | beam.ParDo(ReadDecodeFn(images.ImageConfig(image_size=8), 1 << 20, "r", threads=2, lookahead=2))
+            | beam.ParDo(ReadDecodeFn(decoding.ImageConfig(image_size=8), 1 << 20, "r", threads=2, lookahead=2))
             | beam.ParDo(Where())
         )
         assert_that(decoded, equal_to([(f"img{i}", float(start)) for i in range(4) for start in (i - 1, i)]))
@@ -138,7 +138,7 @@ def test_dedupe_shuffles_hashes_not_bytes_and_reads_each_content_once(tmp_path):
     hashed = [o.value for o in _run_bundle(HashFileFn(1 << 20, "r"), [SourceFile(paths[0])])]
     assert hashed[0].data is None and hashed[0].sha256 == hashlib.sha256(data.getvalue()).hexdigest()
 
-    config = images.ImageConfig(image_size=32)
+    config = decoding.ImageConfig(image_size=32)
     with BeamTestPipeline() as p:
         out = p | beam.Create([SourceFile(x) for x in paths]) | ReadImages(config, 1 << 20, "r", dedupe=True)
         examples = out["images"] | beam.Map(lambda e: (sorted(s.path for s in e.sources), e.size_bytes, e.pixels.shape))
@@ -170,7 +170,7 @@ def test_reading_gives_every_path_an_image_an_error_or_a_skip(tmp_path, dedupe, 
         SourceFile(str(tmp_path / "missing.png"), sizes[3]) if sized else str(tmp_path / "missing.png"),
     ]
     with BeamTestPipeline() as p:
-        out = p | beam.Create(files) | ReadImages(images.ImageConfig(image_size=8), limit, "r", dedupe=dedupe)
+        out = p | beam.Create(files) | ReadImages(decoding.ImageConfig(image_size=8), limit, "r", dedupe=dedupe)
         assert_that(out["images"] | beam.Map(lambda e: (e.path, e.size_bytes, e.sha256, e.pixels.shape)),
                     equal_to([(files[0].path, len(small), hashlib.sha256(small).hexdigest(), (8, 8, 3))]),
                     label="images")
@@ -187,7 +187,7 @@ def test_many_read_threads_decode_at_most_max_decodes_at_once(monkeypatch):
     import time
 
     lock, now, peak = threading.Lock(), [0], [0]
-    decode = images.decode_image
+    decode = decoding.decode_image
 
     def slow_decode(data, config):
         with lock:
@@ -198,11 +198,11 @@ def test_many_read_threads_decode_at_most_max_decodes_at_once(monkeypatch):
             now[0] -= 1
         return decode(data, config)
 
-    monkeypatch.setattr(images, "decode_image", slow_decode)
+    monkeypatch.setattr(decoding, "decode_image", slow_decode)
     b = io.BytesIO()
     Image.fromarray(varied_images(1, 20, seed=3)[0]).save(b, format="PNG")
     files = [_file_data(f"img{i}", b.getvalue()) for i in range(12)]
-    fn = ReadDecodeFn(images.ImageConfig(image_size=8), 1 << 20, "r", threads=6, lookahead=12, max_decodes=2)
+    fn = ReadDecodeFn(decoding.ImageConfig(image_size=8), 1 << 20, "r", threads=6, lookahead=12, max_decodes=2)
     out = _run_bundle(fn, files)
     assert [o.value.path for o in out] == [f.sources[0].path for f in files]
     assert peak[0] == 2
@@ -215,7 +215,7 @@ def test_fifos_devices_and_sockets_from_a_list_are_read_errors_not_hangs(tmp_pat
 
     def read():
         with BeamTestPipeline() as p:
-            out = p | beam.Create(paths) | ReadImages(images.ImageConfig(image_size=8), 1 << 20, "r", dedupe=dedupe)
+            out = p | beam.Create(paths) | ReadImages(decoding.ImageConfig(image_size=8), 1 << 20, "r", dedupe=dedupe)
             assert_that(out["images"], equal_to([]), label="images")
             assert_that(out[ERRORS] | beam.Map(lambda r: (r["path"], r["stage"], r["error"], r["message"].split(" is ")[-1])),
                         equal_to([(paths[0], "read", "NotARegularFile", "a FIFO (named pipe); not read"),
