@@ -33,3 +33,30 @@ def test_content_accuracy_in_the_report_is_reproduced_and_meets_the_target(split
     correct = [F.check_caption(text, scene.to_facts()).correct for text, scene in zip(texts, test)]
     assert sum(correct) == report["n_correct"]
     assert report["n_correct"] / report["n"] >= target
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(MODEL, "EVALUATION.json")), reason="no scenes model installed")
+def test_bleu_4_and_cider_d_in_the_report_are_reproduced_through_the_job_and_evaluate_commands(tmp_path):
+    """The report's test BLEU-4 and CIDEr-D, again from the two commands a user runs: the
+    job over the rendered test split's files, then evaluate on its output."""
+    import subprocess
+    import sys
+
+    report = json.load(open(os.path.join(MODEL, "EVALUATION.json")))["test"]
+    size = json.load(open(os.path.join(MODEL, "config.json")))["image_size"]
+    data = tmp_path / "data"
+    scenes.write_dataset(data, {"test": report["counts"]["n_images"]}, 0, scenes.SceneConfig(image_size=size))
+
+    def command(*argv):
+        done = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    command("batch_caption.run", "--model", "scenes", "--input", str(data / "images" / "test"),
+            "--output", str(tmp_path / "out"), "--run_id", "test")
+    command("batch_caption.evaluate", "--captions", str(tmp_path / "out" / "run=test"),
+            "--references", str(data / "captions_test.json"), "--metrics", "bleu,cider",
+            "--output", str(tmp_path / "eval.json"))
+    got = json.load(open(tmp_path / "eval.json"))
+    assert got["counts"]["n_scored"] == report["counts"]["n_scored"]
+    for metric in ("BLEU-4", "CIDEr-D"):
+        assert got["metrics"][metric] == pytest.approx(report["metrics"][metric], abs=1e-6), metric
