@@ -181,6 +181,7 @@ def test_job_with_a_compiled_model_never_imports_tensorflow(tmp_path):
 
 def test_a_change_to_the_model_code_compiles_anew(monkeypatch):
     before = lite.compiled_path("b", DecodeConfig())
-    assert lite.graph_code_digest() == lite.graph_code_digest()  # computed once, stable
+    digest = lite.graph_code_digest()
+    assert len(digest) == 64 and lite.graph_code_digest() == digest  # computed once, stable
     monkeypatch.setattr(lite, "_graph_code", "other code")
     assert lite.compiled_path("b", DecodeConfig()) != before
