@@ -220,9 +220,12 @@ def add_corpus_flag(parser, extra_help: str = "") -> None:
                              "photos" + extra_help)
 
 
-def by_flag(corpus: str, n: int, size: int = 256) -> list[str]:
-    """--corpus value -> the paths of n images: small scenes of `size` px, or 12 MP photos."""
-    return small_images(n, size) if corpus == "small" else large_photos(n)
+def by_flag(corpus: str, n: int, size: int = 256, root: str | None = None) -> list[str]:
+    """--corpus value -> the paths of n images: small scenes of `size` px, 640x480 web
+    photos ("web", for the scripts that offer it) or 12 MP photos ("large")."""
+    if corpus == "small":
+        return small_images(n, size, root)
+    return web_photos(n, root) if corpus == "web" else large_photos(n, root)
 
 
 def main(argv=None) -> int:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,7 @@ import threading
 import time
 
 import _common as c
-from corpora import large_photos, small_images, web_photos
+from corpora import by_flag
 
 
 def _rss_tree_kib(root: int) -> int:
@@ -115,22 +116,10 @@ def measure_process(cmd: list[str], log: str, interval: float, package_root: str
     }
 
 
-def _corpus(args, n: int) -> str:
-    if args.corpus == "web":
-        paths = web_photos(n, root=args.root)
-    elif args.corpus == "large":
-        paths = large_photos(n, root=args.root)
-    else:
-        paths = small_images(n, size=args.image_px, root=args.root)
-    return os.path.dirname(paths[0])
-
-
 def _fit(points: list[tuple[float, float]]) -> dict:
     """Least squares y = fixed + slope * x over (x, y) points."""
-    n = len(points)
-    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
-    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
-    return {"fixed_mib": my - slope * mx, "slope_mib_per_batch_image": slope}
+    slope, fixed = statistics.linear_regression(*zip(*points))
+    return {"fixed_mib": fixed, "slope_mib_per_batch_image": slope}
 
 
 def main(argv=None) -> int:
@@ -177,7 +166,7 @@ def main(argv=None) -> int:
     results: dict[str, dict[str, dict]] = {v: {} for v in variants}
     try:
         for n in sizes:
-            corpus = _corpus(args, n)
+            corpus = os.path.dirname(by_flag(args.corpus, n, args.image_px, args.root)[0])
             for tree, root in trees.items():
                 for label in flag_sets:
                     for b in batch_sizes or [None]:

@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     base_extra = extra if args.baseline_job_args is None else shlex.split(args.baseline_job_args)
     inputs = []
     if args.corpus != "bundled":
-        paths = corpora.web_photos(args.images) if args.corpus == "web" else corpora.by_flag(args.corpus, args.images)
+        paths = corpora.by_flag(args.corpus, args.images)
         inputs = ["--input", os.path.dirname(paths[0])]
     if args.model or args.corpus != "bundled":
         inputs += ["--model", os.path.abspath(c.model_path(args.model))]

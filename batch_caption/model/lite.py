@@ -22,6 +22,7 @@ written (atomically); a graph the converter rejects, or whose check fails, raise
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -41,7 +42,6 @@ from batch_caption.model.vocab import Vocabulary
 
 CACHE_ENV = "BATCH_CAPTION_CACHE"
 _FORMAT = 1  # bump when the compiled graph's inputs or outputs change
-_graph_code = None  # the digest of the code that builds the graph, once per process
 
 
 class CompileError(RuntimeError):
@@ -69,18 +69,16 @@ def _version(package: str) -> str:
         return "none"
 
 
+@functools.cache  # once per process
 def graph_code_digest() -> str:
     """sha256 of this package's sources (model/*.py): the code that builds the graph, so
     that a compiled file never outlives a change to the network or the search."""
-    global _graph_code
-    if _graph_code is None:
-        here = os.path.dirname(os.path.abspath(__file__))
-        digest = hashlib.sha256()
-        for name in sorted(n for n in os.listdir(here) if n.endswith(".py")):
-            with open(os.path.join(here, name), "rb") as f:
-                digest.update(name.encode() + b"\0" + f.read() + b"\0")
-        _graph_code = digest.hexdigest()
-    return _graph_code
+    here = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(here) if n.endswith(".py")):
+        with open(os.path.join(here, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read() + b"\0")
+    return digest.hexdigest()
 
 
 def compiled_path(bundle_id: str, decode: DecodeConfig) -> str:

@@ -183,5 +183,5 @@ def test_a_change_to_the_model_code_compiles_anew(monkeypatch):
     before = lite.compiled_path("b", DecodeConfig())
     digest = lite.graph_code_digest()
     assert len(digest) == 64 and lite.graph_code_digest() == digest  # computed once, stable
-    monkeypatch.setattr(lite, "_graph_code", "other code")
+    monkeypatch.setattr(lite, "graph_code_digest", lambda: "other code")
     assert lite.compiled_path("b", DecodeConfig()) != before
