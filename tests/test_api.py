@@ -88,10 +88,11 @@ def test_settings_take_every_search_flag_from_decode_config():
     fields = {f.name: f.default for f in dataclasses.fields(api.Settings)}
     assert {flag: fields.get(flag, "missing") for flag in SEARCH_FLAGS} == dict.fromkeys(SEARCH_FLAGS)
     given = dict(beam_size=5, max_caption_length=9, num_alternatives=2, length_normalization=0.0,
-                 forbid_unknown=True)
+                 forbid_unknown=True, no_repeat_ngram=3)
     assert set(given) == set(SEARCH_FLAGS)
     assert api.Settings(**given).decode_for(DecodeConfig()) == DecodeConfig(
-        beam_size=5, max_length=9, num_alternatives=2, length_normalization=0.0, forbid_unknown=True)
+        beam_size=5, max_length=9, num_alternatives=2, length_normalization=0.0, forbid_unknown=True,
+        no_repeat_ngram=3)
 
 
 def _sizeless_errors(rs):

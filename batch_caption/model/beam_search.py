@@ -46,6 +46,22 @@ class BeamSearchResult(NamedTuple):
     scores: tf.Tensor
 
 
+def _repeats(seq, t, n: int, vocab):
+    """The words that would repeat an n-gram: seq int32 [B, k, L] (tokens at positions < t
+    set), t the position being chosen -> bool [B, k, vocab], True for w when seq[t-n+1 : t]
+    + [w] equals seq[i : i+n] for some i + n <= t."""
+    shape = tf.shape(seq)
+    span = shape[2] - n + 1  # where an earlier n-gram can start
+    match = tf.broadcast_to(tf.range(span) + n <= t, [shape[0], shape[1], span])
+    for j in range(n - 1):  # its first n - 1 tokens equal the last n - 1 before t
+        last = tf.gather(seq, tf.maximum(t - n + 1 + j, 0), axis=2)[:, :, None]
+        match &= tf.equal(seq[:, :, j : j + span], last)
+    rows = tf.range(shape[0] * shape[1])[:, None] * vocab + tf.reshape(seq[:, :, n - 1 :], [shape[0] * shape[1], span])
+    hits = tf.math.unsorted_segment_sum(tf.reshape(tf.cast(match, tf.int32), [-1]), tf.reshape(rows, [-1]),
+                                        shape[0] * shape[1] * vocab)
+    return tf.reshape(hits > 0, [shape[0], shape[1], vocab])
+
+
 def beam_search(
     step_fn: StepFn,
     initial_state: Any,
@@ -59,6 +75,7 @@ def beam_search(
     pad_id: int = 0,
     min_words: int = 0,
     shared: Any = None,
+    no_repeat_ngram: int = 0,
 ) -> BeamSearchResult:
     """Finds the n-best token sequences for every row of `initial_state`.
 
@@ -78,6 +95,8 @@ def beam_search(
         that all hypotheses of an image read and `step_fn` returns unchanged (e.g. the
         image's attention cells). Such an entry keeps its [B, ...] rows, never repeated k
         times nor reordered, so step_fn sees it beside [B*k]-row entries.
+      no_repeat_ngram: n > 0 forbids a hypothesis the word that would repeat one of its
+        n-grams (its last n - 1 tokens followed by that word, seen before in it); 0 = off.
 
     Returns:
       A `BeamSearchResult`.
@@ -86,6 +105,8 @@ def beam_search(
         raise ValueError(f"need 1 <= num_results ({num_results}) <= beam_size ({beam_size})")
     if max_length < 1 or alpha < 0:
         raise ValueError(f"need max_length >= 1 and alpha >= 0, got {max_length}, {alpha}")
+    if not 0 <= no_repeat_ngram <= max_length:
+        raise ValueError(f"need 0 <= no_repeat_ngram ({no_repeat_ngram}) <= max_length ({max_length})")
     k, length = beam_size, max_length
     batch = tf.shape(tf.nest.flatten(initial_state)[0])[0]
     if shared is None:
@@ -102,6 +123,8 @@ def beam_search(
         if min_words > 0:
             too_early = tf.logical_and(t < min_words, tf.equal(tf.range(vocab), end_id))
             log_probs = tf.where(too_early, _NEG_INF, log_probs)
+        if no_repeat_ngram > 0:
+            log_probs = tf.where(_repeats(alive_seq, t, no_repeat_ngram, vocab), _NEG_INF, log_probs)
         # Each hypothesis proposes its own top-k words: [B, k, k].
         words_logp, words = tf.math.top_k(alive_logp[:, :, None] + log_probs, k=tf.minimum(k, vocab))
         per_beam = tf.shape(words)[2]

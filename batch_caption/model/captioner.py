@@ -44,6 +44,7 @@ def search_features(model: CaptionModel, features, decode: DecodeConfig) -> Beam
         alpha=decode.length_normalization,
         min_words=1,  # an empty caption is never an answer
         shared=getattr(model, "shared_state", None),
+        no_repeat_ngram=decode.no_repeat_ngram,
     )
 
 

@@ -182,6 +182,8 @@ class DecodeConfig:
         (favours short captions); 1 ranks by mean log-prob per token.
       forbid_unknown: never emit the <unk> token (words the vocabulary cut): the search
         takes the best known word there instead.
+      no_repeat_ngram: n > 0: no caption says an n-gram twice ("in front of a building in
+        front of a building" with 3); the search takes the best other word there.
     """
 
     beam_size: int = option(3, help="beam width k; 1 = greedy")
@@ -190,6 +192,7 @@ class DecodeConfig:
     length_normalization: float = option(0.7, help="alpha in score = logprob / length**alpha; 0 = raw log-prob")
     forbid_unknown: bool = option(False, help="never write <unk> (a word the vocabulary cut): the search takes "
                                   "the best known word")
+    no_repeat_ngram: int = option(0, help="never repeat an n-gram of this many tokens within a caption; 0 = off")
 
     def __post_init__(self):
         if not 1 <= self.beam_size <= MAX_BEAM_SIZE:
@@ -202,6 +205,8 @@ class DecodeConfig:
             )
         if not 0.0 <= self.length_normalization <= 2.0:
             raise ValueError(f"length_normalization must be in [0, 2], got {self.length_normalization}")
+        if not 0 <= self.no_repeat_ngram <= self.max_length:
+            raise ValueError(f"no_repeat_ngram must be in [0, max_length={self.max_length}], got {self.no_repeat_ngram}")
 
     def to_dict(self) -> dict[str, Any]:
         """What records and catalogs hold. A setting added later is left out at its

@@ -322,3 +322,26 @@ def test_a_shared_entry_stays_one_row_per_image_and_changes_nothing():
     for a, b in zip(shared, tiled):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert any(bias_rows == 3 for _, bias_rows in rows_seen)  # the shared run saw B rows of it
+
+
+def _repeats_an_ngram(seq, n):
+    grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_repeat_ngram_equals_exhaustive_search_over_captions_without_repeats(n, seed):
+    model = TinyRnn(vocab=6, seed=seed)
+    h0 = np.random.default_rng(200 + seed).normal(size=(2, 4)).astype(np.float32)
+    max_length, k = 5, 81  # 3 words: at most 3**4 = 81 alive prefixes, so the beam never prunes
+    result = run(model, h0, beam_size=k, max_length=max_length, num_results=8, alpha=0.7, no_repeat_ngram=n)
+    for b in range(2):
+        ref = [r for r in exhaustive(model, h0[b], max_length, 0.7) if not _repeats_an_ngram(r[2], n)][:8]
+        got = [c for c, s in zip(captions(result, b), result.scores.numpy()[b]) if np.isfinite(s)]
+        assert got == [s for _, _, s in ref][: len(got)] and len(got) == min(8, len(ref))
+        np.testing.assert_allclose(result.scores.numpy()[b][: len(got)], [sc for sc, _, _ in ref][: len(got)],
+                                   rtol=1e-4)
+    # Off, some of the 8 best captions do repeat: the option is what removes them.
+    plain = run(model, h0, beam_size=k, max_length=max_length, num_results=8, alpha=0.7)
+    assert any(_repeats_an_ngram(c, n) for b in range(2) for c in captions(plain, b))

@@ -35,8 +35,9 @@ def _same_search(want, got, atol=1e-4):
 
 
 @pytest.mark.parametrize("decode", [DecodeConfig(), DecodeConfig(beam_size=4, num_alternatives=2,
-                                                                 length_normalization=1.0, forbid_unknown=True)],
-                         ids=["default", "beam4_nbest2_no_unk"])
+                                                                 length_normalization=1.0, forbid_unknown=True,
+                                                                 no_repeat_ngram=2)],
+                         ids=["default", "beam4_nbest2_no_unk_no_repeat"])
 def test_compiled_graph_finds_tensorflows_captions(tiny_model, attention_model, every_step_model, tiny_vocab, decode):
     images = varied_images(6)
     for model in (tiny_model, attention_model, every_step_model):
