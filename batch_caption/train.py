@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     cli.add_flags(model, ModelConfig, unset=FROM_DATASET)
     cli.add_flags(model, TrainConfig, ["attention_penalty", "fine_tune_after_steps", "encoder_lr_multiplier"])
+    distil = p.add_argument_group("distillation")
+    cli.add_flags(distil, TrainConfig, ["teachers", "teacher_weight"])
     inp = p.add_argument_group("input pipeline")
     cli.add_flags(inp, TrainConfig, ["bucket_width", "shuffle_buffer"])
     mon = p.add_argument_group("checkpoints, evaluation, logging")

@@ -676,3 +676,82 @@ def test_application_features_must_be_made_for_the_decoder(tmp_path, made_for, d
     else:
         with pytest.raises(UsageError, match=f"made for --decoder {made_for}, not {decoder}"):
             resolve(config, spec)
+
+
+# --- distillation from --teachers -------------------------------------------------------
+def test_distillation_loss_mixes_the_reference_word_with_the_teachers_distribution():
+    from batch_caption.model.show_and_tell import caption_loss
+    from batch_caption.training.distill import distillation_loss
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 4, 6)).astype(np.float32)
+    teacher = rng.dirichlet(np.ones(6), size=(2, 4)).astype(np.float32)
+    targets = np.array([[3, 5, 2, 0], [4, 2, 0, 0]], np.int32)  # <pad> (0) after each caption's end
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    real = targets != 0
+    want = sum(-(0.7 * log_p[b, t, targets[b, t]] + 0.3 * (teacher[b, t] * log_p[b, t]).sum())
+               for b, t in zip(*np.nonzero(real)))
+    total, count = distillation_loss(targets, logits, teacher, 0.3)
+    assert float(total) == pytest.approx(want, rel=1e-5) and float(count) == real.sum()
+    # Weight 0 is the plain loss; a one-hot teacher on the references gives it at any weight.
+    plain = float(caption_loss(targets, logits)[0])
+    assert float(distillation_loss(targets, logits, teacher, 0.0)[0]) == pytest.approx(plain, rel=1e-6)
+    onehot = np.eye(6, dtype=np.float32)[targets]
+    assert float(distillation_loss(targets, logits, onehot, 0.8)[0]) == pytest.approx(plain, rel=1e-5)
+
+
+def test_a_step_with_teachers_descends_the_distillation_loss(features_dataset, encoder_weights, tmp_path):
+    """One SGD step with two --teachers == w - lr * grad of the loss against their mean
+    distribution, computed here by hand from the teachers' bundles."""
+    import keras
+
+    from batch_caption.model.load import load_bundle
+    from batch_caption.model.network import build_model
+    from batch_caption.training.distill import distillation_loss
+
+    data, _ = features_dataset
+    base = ["--data", data, "--encoder_weights", encoder_weights, "--strategy", "one_device", "--eval_every", "0",
+            "--bucket_width", "0", "--dropout", "0", *TINY]
+    teachers = [train_cli.run(base + ["--output", str(tmp_path / f"t{seed}"), "--steps", "3", "--seed", str(seed)])
+                .export_path for seed in (1, 2)]
+    lr, seed, weight = 0.5, 3, 0.4
+    result = train_cli.run(base + ["--output", str(tmp_path / "student"), "--steps", "1", "--optimizer", "sgd",
+                                   "--learning_rate", str(lr), "--lr_schedule", "constant", "--clip_norm", "0",
+                                   "--seed", str(seed), "--teachers", ",".join(teachers),
+                                   "--teacher_weight", str(weight)])
+    written = json.loads((tmp_path / "student" / "train_config.json").read_text())
+    assert written["teachers"] == teachers and written["teacher_weight"] == weight
+
+    trained = load_bundle(result.export_path).model
+    keras.utils.set_random_seed(seed)
+    model = build_model(dataclasses.replace(trained.config, encoder_weights=encoder_weights))
+    model.build_all()
+    batch = next(iter(data_input.make_dataset(_files(data, "train"), _info(data), 8, training=True, seed=seed,
+                                              bucket_width=0)))
+    inputs = {"features": batch["features"], "tokens": batch["tokens"]}
+    mean = sum(tf.nn.softmax(load_bundle(t).model(inputs)) for t in teachers) / 2
+    variables = [v for v in model.trainable_variables if not v.path.startswith("small_cnn")]
+    with tf.GradientTape() as tape:
+        loss_sum, count = distillation_loss(batch["targets"], model(inputs, training=True), mean, weight)
+        loss = loss_sum / count
+    grads = tape.gradient(loss, variables)
+    assert result.loss == pytest.approx(float(loss), rel=1e-5)
+    for v, g in zip(variables, grads):
+        got = next(w for w in trained.weights if w.path == v.path).numpy()
+        np.testing.assert_allclose(got, v.numpy() - lr * tf.convert_to_tensor(g).numpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=v.path)
+
+
+def test_teachers_that_cannot_score_the_dataset_are_refused(features_dataset, encoder_weights, tiny_bundle, tmp_path,
+                                                           capsys):
+    data, _ = features_dataset
+    base = ["--data", data, "--output", str(tmp_path / "out"), "--encoder_weights", encoder_weights]
+    assert train_cli.main(base + ["--teachers", tiny_bundle]) == 2
+    assert "has another vocabulary than the dataset" in capsys.readouterr().err
+    assert train_cli.main(base + ["--teachers", str(tmp_path / "none")]) == 2
+    assert "--teachers: " in capsys.readouterr().err
+    assert train_cli.main(base + ["--teachers", f"{tiny_bundle},{tiny_bundle}"]) == 2
+    assert "--teachers names a bundle twice" in capsys.readouterr().err
+    assert train_cli.main(base + ["--teachers", tiny_bundle, "--teacher_weight", "0"]) == 2
+    assert "--teacher_weight must be in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -61,6 +61,9 @@ class TrainConfig:
       steps: a resumed run continues up to this number.
       eval_every, eval_steps: the validation loss is over `eval_steps` batches of `eval_split`.
       attention_penalty: lambda of `attend_and_tell.attention_penalty`, added to the loss.
+      teachers, teacher_weight: word-level distillation (`training.distill`); the teachers
+        read the same inputs as the student, so preflight checks that they share its
+        vocabulary and, on a features dataset, its encoder.
       seed: a single-device CPU run is repeatable.
       bucket_width: 0 pads every batch to max_length + 1 (static shapes).
       shuffle_buffer: per input pipeline.
@@ -100,6 +103,12 @@ class TrainConfig:
     given: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     attention_penalty: float = option(0.0, help="attention decoder: weight of the doubly stochastic attention "
                                       "penalty, 0 = off")
+    teachers: tuple[str, ...] = option((), parse=lambda text: tuple(p for p in text.split(",") if p), metavar="BUNDLES",
+                                       help="distil from these trained bundles (comma-separated): the training "
+                                       "target mixes each reference word with their mean next-word distribution",
+                                       default_help="default: none, the reference words alone")
+    teacher_weight: float = option(0.5, help="with --teachers: the teachers' share of the target, the reference "
+                                   "word's is 1 - this")
     fine_tune_after_steps: int = option(0, help="second stage: CNN frozen for this many steps, trained after",
                                         default_help="default 0: from the start")
     encoder_lr_multiplier: float = option(0.1, help="CNN learning rate / decoder learning rate")
@@ -149,6 +158,8 @@ class TrainConfig:
         need(self.attention_penalty >= 0, f"--attention_penalty must be >= 0, got {self.attention_penalty}")
         need(self.attention_penalty == 0 or DECODERS[self.model.decoder].attention_maps,
              f"--attention_penalty applies to --decoder {DECODERS.which(lambda d: d.attention_maps)} only")
+        need(0 < self.teacher_weight <= 1, f"--teacher_weight must be in (0, 1], got {self.teacher_weight}")
+        need(len(set(self.teachers)) == len(self.teachers), "--teachers names a bundle twice")
         need(0 <= self.fine_tune_after_steps < self.steps,
              f"--fine_tune_after_steps must be in [0, steps={self.steps}), got {self.fine_tune_after_steps}")
         need(self.fine_tune_after_steps == 0 or self.given.get("train_encoder") is not False,

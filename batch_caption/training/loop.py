@@ -5,7 +5,8 @@ per replica before summing them, and its callbacks have no notion of a chief. Th
 `strategy.run(replica_step)` inside one `tf.function` per training stage:
 
     replica_step(batch [per-replica B], stop flag):
-        forward, loss_sum and real-token count of this replica (caption_loss)
+        forward, loss_sum and real-token count of this replica (caption_loss, or
+            distill.distillation_loss against --teachers run on the same batch)
         local gradient sums = d loss_sum / d weights
         ONE all-reduce (SUM) of [loss_sum, count, stop], the gradients, BN moving stats
         loss = global sum / global count;  grads = reduced / global count
@@ -40,6 +41,7 @@ from batch_caption.model.bundle import save_bundle
 from batch_caption.model.attend_and_tell import attention_penalty
 from batch_caption.model.network import build_model
 from batch_caption.model.show_and_tell import caption_loss
+from batch_caption.training import distill
 from batch_caption.training import input as data_input
 from batch_caption.training import optim
 from batch_caption.training.config import TrainConfig, TrainingError, UsageError
@@ -83,6 +85,7 @@ class Trainer:
         with strategy.scope():
             self._build_model()
             self._build_optimizers()
+            self.teachers = distill.Teachers(config.teachers) if config.teachers else None
             self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         objects = {"model": self.model, "optimizer": self.decoder_optimizer, "step": self.step_var}
         if self.encoder_optimizer is not None:
@@ -148,6 +151,7 @@ class Trainer:
         replicas = float(self.replicas)
         dec_opt, enc_opt = self.decoder_optimizer, self.encoder_optimizer
         penalty = self.config.attention_penalty  # TrainConfig allows it only with a decoder that has attention maps
+        teachers, teacher_weight = self.teachers, self.config.teacher_weight
 
         def replica_step(batch, stop):
             ctx = tf.distribute.get_replica_context()
@@ -157,7 +161,11 @@ class Trainer:
                     logits, alphas = model.call_with_attention(inputs, training=True)
                 else:
                     logits = model(inputs, training=True)
-                loss_sum, count = caption_loss(batch["targets"], logits)
+                if teachers is None:
+                    loss_sum, count = caption_loss(batch["targets"], logits)
+                else:
+                    loss_sum, count = distill.distillation_loss(batch["targets"], logits, teachers.probs(inputs),
+                                                                teacher_weight)
                 if penalty:  # summed like the token losses: normalised by the global token count
                     loss_sum += penalty * attention_penalty(alphas, batch["targets"])
             grads = [tf.zeros_like(v) if g is None else optim.densify(g)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from batch_caption.storage import files
 from batch_caption.data.tfrecord import INFO_NAME, VOCAB_NAME, DatasetInfo
+from batch_caption.model.bundle import BundleError, read_bundle_metadata
 from batch_caption.model.config import (DECODERS, DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_SMALL_CNN_GRID, ENCODERS,
                                         ModelConfig)
 from batch_caption.model.vocab import Vocabulary
@@ -133,7 +134,31 @@ def resolve(config: TrainConfig, spec: DatasetSpec) -> tuple[TrainConfig, list[s
         raise UsageError(str(e)) from e
     if model.encoder_weights not in (None, "imagenet") and not files.exists(model.encoder_weights):
         raise UsageError(f"--encoder_weights file {model.encoder_weights} does not exist")
+    check_teachers(config.teachers, spec)
     return dataclasses.replace(config, model=model), notes
+
+
+def check_teachers(paths: Sequence[str], spec: DatasetSpec) -> None:
+    """Refuses a --teachers bundle that cannot score the dataset's captions: one with another
+    vocabulary (its distributions would be over other words) or, on a features dataset,
+    one that reads other features than the dataset holds."""
+    info = spec.info
+    for path in paths:
+        try:
+            teacher = read_bundle_metadata(path)
+        except (BundleError, OSError) as e:
+            raise UsageError(f"--teachers: {e}") from e
+        if teacher.vocabulary != spec.vocabulary:
+            raise UsageError(f"--teachers bundle {path} has another vocabulary than the dataset "
+                             f"({len(teacher.vocabulary)} vs {len(spec.vocabulary)} tokens)")
+        config = teacher.config
+        if info.mode == "features":
+            made_for = info.source.get("decoder", DEFAULT_DECODER)
+            reads = (config.encoder, config.image_size, _features_for(config.decoder))
+            if reads != (info.encoder, info.image_size, _features_for(made_for)):
+                raise UsageError(f"--teachers bundle {path} reads {config.encoder} features at {config.image_size} px "
+                                 f"for --decoder {config.decoder}; the dataset holds {info.encoder} features at "
+                                 f"{info.image_size} px for --decoder {made_for}")
 
 
 def _features_for(decoder: str) -> str | None:
