@@ -1,7 +1,8 @@
 """Set the search settings a bundle ships with (its decode.json), in place.
 
     python -m batch_caption.training.decode_defaults --bundle DIR --beam_size 5 \\
-        --length_normalization 1.0 [--forbid_unknown] [--max_caption_length 20] [--num_alternatives 3]
+        --length_normalization 1.0 [--forbid_unknown] [--no_repeat_ngram 3] [--max_caption_length 20] \\
+        [--num_alternatives 3]
     python -m batch_caption.training.decode_defaults --bundle DIR --clear
 
 The job, the Python API and `load_captioner` search with a bundle's decode.json unless
