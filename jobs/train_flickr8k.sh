@@ -85,28 +85,28 @@ score() {  # score NAME BUNDLE SPLIT [FLAGS]: caption SPLIT's images with BUNDLE
   python -m batch_caption.evaluate --captions "$WORK/runs/run=$name" --references "$WORK/grid/references_$split.json" \
     --output "$WORK/eval/$name.json"
 }
+best() {  # best NAME...: the NAME whose WORK/eval/NAME.json has the highest CIDEr-D (ties: first by name)
+  python - "$WORK" "$@" <<'PY'
+import json, sys
+cider = {n: json.load(open(f"{sys.argv[1]}/eval/{n}.json"))["metrics"]["CIDEr-D"] for n in sys.argv[2:]}
+print(max(sorted(cider), key=cider.get))
+PY
+}
 decoders=(attention attention_seed1 distilled show_and_tell)
 for decoder in "${decoders[@]}"; do score "$decoder-val" "$WORK/$decoder/export" val; done
-kept=$(python - "$WORK" "${decoders[@]}" <<'PY'
-import json, sys
-cider = {d: json.load(open(f"{sys.argv[1]}/eval/{d}-val.json"))["metrics"]["CIDEr-D"] for d in sys.argv[2:]}
-print(max(cider, key=cider.get))
-PY
-)
+kept=$(best "${decoders[@]/%/-val}")
+kept=${kept%-val}
 
 for k in 1 2 3; do
   [ -e "$WORK/average/$kept-last$k/bundle.json" ] || python -m batch_caption.training.average_checkpoints \
     --train_dir "$WORK/$kept" --last "$k" --output "$WORK/average/$kept-last$k" --export_weights_dtype float16
   score "average-$kept-last$k-val" "$WORK/average/$kept-last$k" val
 done
-last=$(python - "$WORK" "$kept" <<'PY'
-import json, sys
-cider = {k: json.load(open(f"{sys.argv[1]}/eval/average-{sys.argv[2]}-last{k}-val.json"))["metrics"]["CIDEr-D"]
-         for k in (1, 2, 3)}
-print(max(sorted(cider), key=cider.get))
-PY
-)
+last=$(best "average-$kept-last"{1,2,3}-val)
+last=${last#"average-$kept-last"}
+last=${last%-val}
 
+declare -A search_flags  # setting name -> its search flags
 for beam in 3 5; do
   for alpha in 0.7 1.0; do
     for unknown in allowed forbidden; do
@@ -115,26 +115,20 @@ for beam in 3 5; do
         flags=(--beam_size "$beam" --length_normalization "$alpha" --no_repeat_ngram "$repeat")
         [ "$unknown" = allowed ] || { name+=-forbid_unknown; flags+=(--forbid_unknown); }
         [ "$repeat" = 0 ] || name+=-no_repeat$repeat
+        search_flags[$name]="${flags[*]}"
         score "search-$kept-last$last-$name" "$WORK/average/$kept-last$last" val "${flags[@]}"
       done
     done
   done
 done
-read -r search search_flags <<<"$(python - "$WORK" "$kept-last$last" <<'PY'
-import glob, json, os, re, sys
-prefix = f"search-{sys.argv[2]}-"
-cider = {os.path.basename(f)[len(prefix):-5]: json.load(open(f))["metrics"]["CIDEr-D"]
-         for f in glob.glob(f"{sys.argv[1]}/eval/{prefix}*.json")}
-best = max(sorted(cider), key=cider.get)
-beam, alpha, unknown, repeat = re.fullmatch(r"b(\d+)-a([\d.]+)(-forbid_unknown)?(?:-no_repeat(\d+))?", best).groups()
-print(best, f"--beam_size {beam} --length_normalization {alpha} --no_repeat_ngram {repeat or 0}"
-      + (" --forbid_unknown" if unknown else ""))
-PY
-)"
+names=("${!search_flags[@]}")
+search=$(best "${names[@]/#/search-$kept-last$last-}")
+search=${search#"search-$kept-last$last-"}
 
 rm -rf "$TARGET"
 cp -r "$WORK/average/$kept-last$last" "$TARGET"
-python -m batch_caption.training.decode_defaults --bundle "$TARGET" $search_flags
+# unquoted: the stored flags split into words
+python -m batch_caption.training.decode_defaults --bundle "$TARGET" ${search_flags[$search]}
 for decoder in "${decoders[@]}"; do score "$decoder-test" "$WORK/$decoder/export" test; done
 for split in val test; do score "shipped-$split" "$TARGET" "$split"; done  # the bundle as shipped
 python jobs/flickr8k_model_card.py --work "$WORK" --kept "$kept" --last "$last" --search "$search" --bundle "$TARGET" \
