@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from batch_caption.model import vocab as V
 from batch_caption.model.load import load_bundle
+from batch_caption.model.show_and_tell import caption_loss
 
 
 class Teachers:
@@ -37,11 +38,8 @@ class Teachers:
         self.models = [load_bundle(path).model for path in paths]
 
     def probs(self, inputs) -> tf.Tensor:
-        total = None
-        for model in self.models:
-            p = tf.nn.softmax(tf.cast(model(inputs, training=False), tf.float32))
-            total = p if total is None else total + p
-        return tf.stop_gradient(total / float(len(self.models)))
+        each = [tf.nn.softmax(tf.cast(model(inputs, training=False), tf.float32)) for model in self.models]
+        return tf.stop_gradient(tf.add_n(each) / float(len(each)))
 
 
 def distillation_loss(targets, logits, teacher_probs, weight: float):
@@ -49,11 +47,9 @@ def distillation_loss(targets, logits, teacher_probs, weight: float):
 
     targets int32 [B, T] (w1 .. wn <end>, then <pad>), logits [B, T, vocab], teacher_probs
     float32 [B, T, vocab], weight w in [0, 1]. Returns (sum of token losses, number of real
-    tokens) as `caption_loss` does; w = 0 is `caption_loss` exactly.
+    tokens) as `caption_loss` does, which gives the reference word's term.
     """
+    reference, count = caption_loss(targets, logits)
     mask = tf.cast(tf.not_equal(targets, V.PAD_ID), tf.float32)
-    log_p = tf.nn.log_softmax(tf.cast(logits, tf.float32))
-    reference = -tf.gather(log_p, targets, batch_dims=2)  # [B, T]
-    soft = -tf.reduce_sum(teacher_probs * log_p, axis=-1)  # [B, T]
-    losses = (1.0 - weight) * reference + weight * soft
-    return tf.reduce_sum(losses * mask), tf.reduce_sum(mask)
+    soft = -tf.reduce_sum(teacher_probs * tf.nn.log_softmax(tf.cast(logits, tf.float32)), axis=-1)  # [B, T]
+    return (1.0 - weight) * reference + weight * tf.reduce_sum(soft * mask), count
