@@ -14,20 +14,19 @@ import argparse
 import json
 import os
 
-DECODERS = ("attention", "attention_seed1", "distilled", "show_and_tell")  # the recipe's candidates
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 _ATTENTION = "Show, Attend and Tell (soft attention over the 7x7 grid)"
-NAMES = {"attention": _ATTENTION,
-         "attention_seed1": _ATTENTION,
-         "distilled": _ATTENTION,
-         "show_and_tell": "Show and Tell (the pooled vector beside every word)"}
-# How the model card's first paragraph names the kept decoder, where NAMES is not enough.
+# The recipe's candidate decoders: name -> (architecture, how it was trained).
+DECODERS = {
+    "attention": (_ATTENTION, "seed 0"),
+    "attention_seed1": (_ATTENTION, "seed 1"),
+    "distilled": (_ATTENTION, "seed 2, trained on the references mixed with the mean next-word distribution of the "
+                              "two attention decoders above (word-level distillation: `train --teachers ... "
+                              "--teacher_weight 0.5`)"),
+    "show_and_tell": ("Show and Tell (the pooled vector beside every word)", "seed 0"),
+}
+# How the model card's first paragraph names the kept decoder, where its architecture is not enough.
 WHAT = {"distilled": f"{_ATTENTION}, distilled from two such decoders,"}
-HOW = {"attention": "seed 0",
-       "attention_seed1": "seed 1",
-       "distilled": "seed 2, trained on the references mixed with the mean next-word distribution of the two "
-                    "attention decoders above (word-level distillation: `train --teachers ... --teacher_weight 0.5`)",
-       "show_and_tell": "seed 0"}
 
 
 def _report(work, name):
@@ -45,7 +44,7 @@ def _decode(work, name):
 
 def _compared():
     """The candidate decoders as a markdown list: name, architecture, how it was trained."""
-    return "\n".join(f"- {d}: {NAMES[d]}; {HOW[d]}." for d in DECODERS)
+    return "\n".join(f"- {d}: {architecture}; {how}." for d, (architecture, how) in DECODERS.items())
 
 
 def _table(rows):
@@ -81,7 +80,7 @@ def main():
         "decoders": {d: {s: reports[(d, s)]["metrics"] for s in ("val", "test")} for d in DECODERS},
         "choice": {"rule": "the highest CIDEr-D on the Flickr8k dev split (val), each decoder at the job's plain "
                            "search; test is not looked at", "val_CIDEr-D": val_cider, "kept": args.kept,
-                   "trained": HOW},
+                   "trained": {d: how for d, (_, how) in DECODERS.items()}},
         "average": {"rule": "the mean weights of the kept decoder's last K checkpoints (one an epoch) with the "
                             "highest CIDEr-D on dev at the job's plain search", "val_CIDEr-D": average_cider,
                     "chosen": args.last},
@@ -111,7 +110,7 @@ def main():
     card = f"""# Model card: batch_caption's Flickr8k captioner
 
 **What it is.** An image captioner: the frozen EfficientNet-Lite0 CNN (ImageNet weights)
-turns a 224x224 image into a 7x7 grid of 1280-channel features, and {WHAT.get(args.kept, NAMES[args.kept])}
+turns a 224x224 image into a 7x7 grid of 1280-channel features, and {WHAT.get(args.kept, DECODERS[args.kept][0])}
 writes the sentence with beam search. Weights are stored as float16 and computed in float32.
 
 **Data.** Flickr8k (M. Hodosh, P. Young, J. Hockenmaier, "Framing Image Description as a
